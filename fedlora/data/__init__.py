@@ -1,0 +1,1 @@
+"""Data sets shipped in packages."""

@@ -1,0 +1,21 @@
+"""User-facing errors: one line that says what is wrong and what to do.
+
+Library code raises :class:`FedloraError` for bad input (paths, files, configs); the CLI prints
+its message as a single line and exits with status 2 instead of showing a traceback.
+"""
+
+
+class FedloraError(Exception):
+    """A problem the user can fix; the message names the file/field and the fix."""
+
+
+class ConfigError(FedloraError):
+    """A configuration value is missing, malformed or out of range."""
+
+
+class DataError(FedloraError):
+    """A data file is missing or holds records that cannot be used."""
+
+
+class ModelError(FedloraError):
+    """A base model path is missing or is not a usable causal-LM folder."""
