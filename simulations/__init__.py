@@ -1,1 +1,1 @@
-"""fedlora.simulations"""
+"""fedlora.simulations: many sites on one machine, on Flower's simulation engine (Ray)."""

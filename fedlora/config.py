@@ -1,0 +1,107 @@
+"""The run configuration: one validated dataclass, read from Flower's run config or a TOML file.
+
+Keys are written with dashes on the outside (``num-server-rounds``), as in ``pyproject.toml``'s
+``[tool.flwr.app.config]`` and in ``--run-config``; fields use underscores. Unknown keys, wrong
+types and out-of-range values fail at construction with a one-line message naming the key.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from fedlora.data.drugreview import SITES
+from fedlora.errors import ConfigError
+from fedlora.lora import LoraSettings
+
+QUANTIZATIONS = ("nf4", "int8", "bf16", "fp32")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    base_model: str = "default"  # "default" (packaged SmolLM2-135M-Instruct) or a model folder
+    quantization: str = "nf4"  # how nodes load the frozen base: nf4 | int8 | bf16 | fp32
+    num_server_rounds: int = 3  # federated rounds
+    local_steps: int = 5  # optimizer steps per node per round
+    batch_size: int = 4  # examples per step
+    lr: float = 3e-4  # AdamW learning rate for the LoRA tensors
+    max_length: int = 256  # tokens per example; longer reviews are cut
+    lora_r: int = 8  # LoRA rank
+    lora_alpha: float = 16.0  # LoRA scaling numerator (update scaled by alpha / r)
+    lora_dropout: float = 0.05  # dropout on the LoRA path
+    target_modules: str = "all-linear"  # "all-linear" or comma-separated module names
+    seed: int = 0  # seeds the initial adapter and every node's sampling
+    min_nodes: int = 1  # nodes that must be connected before a round starts
+    round_timeout: float = 3600.0  # seconds to wait for replies in a round
+    output_dir: str = "runs/latest"  # where global adapters and metrics are written
+    sites: str = ",".join(SITES)  # simulation: node with partition-id i trains on the i-th site
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            want = type(f.default)
+            ok = isinstance(value, want) or (want is float and isinstance(value, int))
+            if not ok or isinstance(value, bool):
+                raise ConfigError(f"{_key(f.name)}={value!r}: expected {want.__name__}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ConfigError(f"quantization={self.quantization!r}: use one of {QUANTIZATIONS}")
+        for name in ("num_server_rounds", "local_steps", "batch_size", "min_nodes"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{_key(name)}={getattr(self, name)}: must be >= 1")
+        if not 0 < self.lr < 1:
+            raise ConfigError(f"lr={self.lr}: must be in (0, 1), e.g. 3e-4")
+        if self.max_length < 32:
+            raise ConfigError(f"max-length={self.max_length}: must be >= 32")
+        if self.round_timeout <= 0:
+            raise ConfigError(f"round-timeout={self.round_timeout}: must be > 0 seconds")
+        unknown = [s for s in self.site_names if s not in SITES]
+        if unknown or not self.site_names:
+            raise ConfigError(f"sites={self.sites!r}: use comma-separated names from {SITES}")
+        self.lora  # validates the LoRA fields
+
+    @property
+    def site_names(self) -> list[str]:
+        return [s.strip() for s in self.sites.split(",") if s.strip()]
+
+    @property
+    def lora(self) -> LoraSettings:
+        return LoraSettings(r=self.lora_r, alpha=float(self.lora_alpha),
+                            dropout=float(self.lora_dropout), target_modules=self.target_modules)
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], source: str = "config") -> RunConfig:
+        """Build from dashed keys; an unknown key fails, naming ``source`` and the known keys."""
+        known = {f.name for f in fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in values.items():
+            name = str(key).replace("-", "_")
+            if name not in known:
+                raise ConfigError(f"{source}: unknown key {key!r}; known keys: "
+                                  f"{', '.join(sorted(_key(k) for k in known))}")
+            kwargs[name] = value
+        try:
+            return cls(**kwargs)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+
+    def to_mapping(self) -> dict[str, Any]:
+        return {_key(f.name): getattr(self, f.name) for f in fields(self)}
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """Read a TOML config file, failing with the file, line and column of a syntax error."""
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: {exc}: fix the TOML syntax") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+
+
+def _key(name: str) -> str:
+    return name.replace("_", "-")

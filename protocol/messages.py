@@ -1,0 +1,128 @@
+"""Typed records on the wire: the server's round config and the client's train reply.
+
+A train message from the server carries ``arrays`` (the global adapter) and ``config`` (a
+:class:`RoundConfig`). A client's reply carries ``arrays`` (its adapter *delta*: local adapter minus
+the global one it received) and ``metrics`` (only the keys in :data:`TRAIN_METRICS`). Nothing
+else may leave a node; :meth:`TrainReply.to_content` is the only constructor of a reply.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from fedlora.protocol.adapter import WIRE_DTYPE, AdapterSpec, validate
+
+WIRE_VERSION = 1
+ARRAYS, CONFIG, METRICS = "arrays", "config", "metrics"
+NUM_EXAMPLES = "num-examples"  # the weight FedAvg-style aggregation uses
+# The whitelist of scalar metrics a client may send after training.
+TRAIN_METRICS = frozenset({NUM_EXAMPLES, "train-loss", "site-id", "wire-version",
+                           "load-seconds", "train-seconds"})
+
+
+class ProtocolError(ValueError):
+    """A message does not follow the wire format."""
+
+
+@dataclass(frozen=True)
+class RoundConfig:
+    """What the server asks of every client in one training round."""
+
+    server_round: int
+    local_steps: int
+    batch_size: int
+    lr: float
+    max_length: int
+    seed: int
+    lora_r: int
+    lora_alpha: float
+    lora_dropout: float
+    target_modules: str
+    wire_version: int = WIRE_VERSION
+
+    def to_record(self) -> ConfigRecord:
+        return ConfigRecord({f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)})
+
+    @classmethod
+    def from_record(cls, record: ConfigRecord) -> RoundConfig:
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            key = f.name.replace("_", "-")
+            if key not in record:
+                if f.name == "wire_version":
+                    continue
+                raise ProtocolError(f"round config lacks {key!r}")
+            values[f.name] = record[key]
+        config = cls(**values)
+        if config.wire_version != WIRE_VERSION:
+            raise ProtocolError(f"wire version {config.wire_version} from the server; this "
+                                f"client speaks {WIRE_VERSION}: upgrade the older side")
+        return config
+
+
+@dataclass
+class TrainReply:
+    """A client's answer to a training round: its adapter delta and whitelisted metrics."""
+
+    delta: dict[str, np.ndarray]
+    num_examples: int
+    train_loss: float
+    site_id: int = -1
+    load_seconds: float = 0.0
+    train_seconds: float = 0.0
+
+    def metrics(self) -> dict[str, float | int]:
+        return {NUM_EXAMPLES: int(self.num_examples), "train-loss": float(self.train_loss),
+                "site-id": int(self.site_id), "wire-version": WIRE_VERSION,
+                "load-seconds": float(self.load_seconds),
+                "train-seconds": float(self.train_seconds)}
+
+    def to_content(self) -> RecordDict:
+        arrays = to_array_record(self.delta)
+        metrics = self.metrics()
+        assert set(metrics) <= TRAIN_METRICS
+        return RecordDict({ARRAYS: arrays, METRICS: MetricRecord(metrics)})
+
+    @classmethod
+    def from_content(cls, content: RecordDict, spec: AdapterSpec) -> TrainReply:
+        """Parse and validate a reply; raise ProtocolError with every problem found."""
+        if set(content.keys()) != {ARRAYS, METRICS}:
+            raise ProtocolError(f"reply records {sorted(content.keys())}, expected "
+                                f"{sorted([ARRAYS, METRICS])}")
+        metrics = content.metric_records[METRICS]
+        extra = set(metrics.keys()) - TRAIN_METRICS
+        if extra:
+            raise ProtocolError(f"metrics outside the whitelist: {sorted(extra)}")
+        if metrics.get("wire-version") != WIRE_VERSION:
+            raise ProtocolError(f"wire version {metrics.get('wire-version')}, expected "
+                                f"{WIRE_VERSION}")
+        n = metrics.get(NUM_EXAMPLES)
+        if not isinstance(n, int) or n <= 0:
+            raise ProtocolError(f"{NUM_EXAMPLES}={n!r}: must be a positive integer")
+        loss = float(metrics.get("train-loss", float("nan")))
+        delta = arrays_of(content.array_records[ARRAYS])
+        try:
+            validate(delta, spec)
+        except ValueError as exc:
+            raise ProtocolError(str(exc)) from None
+        return cls(delta=delta, num_examples=n, train_loss=loss,
+                   site_id=int(metrics.get("site-id", -1)),
+                   load_seconds=float(metrics.get("load-seconds", 0.0)),
+                   train_seconds=float(metrics.get("train-seconds", 0.0)))
+
+
+def arrays_of(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in record.items()}
+
+
+def to_array_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v, dtype=WIRE_DTYPE))
+                        for k, v in sorted(arrays.items())})
+
+
+__all__ = ["ARRAYS", "CONFIG", "METRICS", "NUM_EXAMPLES", "TRAIN_METRICS", "WIRE_VERSION",
+           "ProtocolError", "RoundConfig", "TrainReply", "arrays_of", "to_array_record"]

@@ -1,0 +1,45 @@
+"""Write the global adapter as a standard PEFT adapter folder, atomically.
+
+``adapter_model.safetensors`` + ``adapter_config.json``: ``peft.PeftModel.from_pretrained(base,
+folder)`` loads it as it is. A folder is written under a temporary name and renamed into place,
+so a crash never leaves a half-written adapter behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import save_file
+
+from fedlora.lora import LoraSettings
+
+
+def save_adapter(arrays: Mapping[str, np.ndarray], folder: Path, lora: LoraSettings,
+                 base_dir: Path, metadata: Mapping[str, Any] | None = None) -> Path:
+    """Write ``arrays`` as a PEFT adapter folder at ``folder`` (replacing it atomically)."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()},
+                  tmp / "adapter_model.safetensors", metadata={"format": "pt"})
+        lora.peft_config(base_dir).save_pretrained(tmp)
+        if metadata:
+            (tmp / "fedlora.json").write_text(json.dumps(dict(metadata), indent=2))
+        if folder.exists():
+            old = folder.with_name(f".{folder.name}-old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(folder, old)
+            os.replace(tmp, folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder

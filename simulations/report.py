@@ -1,0 +1,46 @@
+"""Console output of the demo: sections, per-round tables, accuracies, the export check."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+console = Console(highlight=False)
+
+
+def section(title: str) -> None:
+    console.rule(f"[bold]{title}")
+
+
+def rounds(history: list[dict[str, Any]]) -> None:
+    sites = sorted({s for rec in history for s in rec["sites"]})
+    table = Table(title="Train loss per round (mean over local steps)")
+    table.add_column("round", justify="right")
+    for s in sites:
+        table.add_column(s, justify="right")
+    table.add_column("aggregate", justify="right", style="bold")
+    for rec in history:
+        cells = [f"{rec['sites'][s]['train-loss']:.4f}" if s in rec["sites"] else "-"
+                 for s in sites]
+        table.add_row(str(rec["round"]), *cells, f"{rec['train-loss']:.4f}")
+    console.print(table)
+
+
+def accuracy(name: str, ev: dict[str, Any]) -> None:
+    console.print(f"{name} accuracy: [bold]{ev['accuracy']:.1%}[/] on {ev['n']} held-out "
+                  f"reviews ({ev['seconds']:.0f} s); predicted {ev['predicted']}; always "
+                  f"'{ev['majority-label']}' would score {ev['majority-accuracy']:.1%}")
+
+
+def export(exp: Any, held_out: Any) -> dict[str, Any]:
+    parity = exp.parity
+    console.print(f"held-out review ({held_out.condition}, true label: {held_out.label}): "
+                  f"{held_out.text[:160]}...")
+    console.print(f"ONNX Runtime answer: [bold]{exp.answer!r}[/]")
+    console.print(f"max |logits(ONNX) - logits(PyTorch merged)| = {parity.max_abs_logits_diff:.2e}"
+                  f" (tolerance {parity.atol:.0e}); same greedy tokens: {parity.same_tokens}")
+    return {"answer": exp.answer, "true-label": held_out.label,
+            "max-abs-logits-diff": parity.max_abs_logits_diff, "atol": parity.atol,
+            "same-greedy-tokens": parity.same_tokens, "onnx-dir": str(exp.onnx_dir)}
