@@ -1,1 +1,15 @@
-"""fedlora.export"""
+"""fedlora.export: turn a trained LoRA adapter into an on-device ONNX model.
+
+The stages are separate modules, imported on demand so that ``import fedlora.export`` stays
+light (no torch, transformers, optimum or Flower at import time):
+
+- :mod:`fedlora.export.merge`: ``merge_adapter(base_dir, adapter_dir, out_dir)``, fp32 merge of a
+  PEFT LoRA adapter into its base (``merge_and_unload``), saved with the tokenizer.
+- :mod:`fedlora.export.onnx`: ``export_onnx(merged_dir, out_dir)``, one ``model.onnx`` with a KV
+  cache (optimum, ``text-generation-with-past``) and the tokenizer files beside it.
+- :mod:`fedlora.export.runtime`: ``EdgeModel``, the edge runtime (numpy, onnxruntime, tokenizers,
+  jinja2 only): chat template, full-forward logits, greedy generation with the KV cache.
+- :mod:`fedlora.export.parity`: ``check_parity(...)``, PyTorch vs ONNX logits and greedy tokens;
+  ``ParityError`` when they disagree.
+- :mod:`fedlora.export.pipeline`: ``export_adapter(...)``, all of the above with timings.
+"""

@@ -1,0 +1,72 @@
+"""Configuration validation and the CLI's one-line errors for bad input."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedlora.basemodel import check_model_dir
+from fedlora.config import RunConfig
+from fedlora.errors import ConfigError, ModelError
+
+
+def test_defaults_are_valid_and_round_trip():
+    cfg = RunConfig()
+    assert RunConfig.from_mapping(cfg.to_mapping()) == cfg
+
+
+def test_pyproject_run_config_is_a_valid_run_config():
+    import tomllib
+
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    RunConfig.from_mapping(pyproject["tool"]["flwr"]["app"]["config"], source="pyproject")
+
+
+@pytest.mark.parametrize("values, expected", [
+    ({"lr": "fast"}, "lr='fast': expected float"),
+    ({"num-server-rounds": 0}, "num-server-rounds=0: must be >= 1"),
+    ({"quantization": "int3"}, "quantization='int3'"),
+    ({"sites": "mars"}, "sites='mars'"),
+    ({"lora-r": 0}, "lora-r=0"),
+    ({"rounds": 3}, "unknown key 'rounds'"),
+    ({"local-steps": True}, "local-steps=True: expected int"),
+])
+def test_bad_values_name_the_key(values, expected):
+    with pytest.raises(ConfigError, match=expected.replace("(", r"\(")):
+        RunConfig.from_mapping(values)
+
+
+def test_model_dir_checks_name_the_problem(tmp_path: Path, tiny_model_dir: Path):
+    assert check_model_dir(tiny_model_dir) == tiny_model_dir
+    with pytest.raises(ModelError, match="does not exist"):
+        check_model_dir(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelError, match="no config.json"):
+        check_model_dir(tmp_path / "empty")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text('{"architectures": ["BertModel"]}')
+    with pytest.raises(ModelError, match="no \\*ForCausalLM"):
+        check_model_dir(tmp_path / "bad")
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fedlora.cli", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["demo", "--base-model", "/no/such/model"], "base model folder /no/such/model does not exist"),
+    (["demo", "--config", "missing.toml"], "config file missing.toml does not exist"),
+    (["demo", "--config", "bad.toml"], "bad.toml: Invalid value (at line 2, column 6)"),
+    (["demo", "--config", "wrong.toml"], "wrong.toml: lr='x': expected float"),
+    (["export", "--adapter", "no-adapter", "--base-model", "/no/model"], "does not exist"),
+])
+def test_cli_bad_input_is_one_line_not_a_traceback(tmp_path: Path, args, expected):
+    (tmp_path / "bad.toml").write_text("num-server-rounds = 2\nlr = \n")
+    (tmp_path / "wrong.toml").write_text('lr = "x"\n')
+    result = _cli(*args, cwd=tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert lines[0].startswith("fedlora: error: ") and expected in lines[0]
