@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from fedlora.prompting import Encoded, collate
+from fedlora.prompting import IGNORE, Encoded, answer_logits, collate
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,11 @@ def sample_batches(examples: Sequence[Encoded], batch_size: int, steps: int,
 
 def train_lora(model: Any, batches: Iterator[dict[str, Any]], lr: float,
                max_grad_norm: float = 1.0) -> TrainStats:
-    """One AdamW step per batch on the trainable (LoRA) parameters; returns the mean loss."""
+    """One AdamW step per batch on the trainable (LoRA) parameters; returns the mean loss.
+
+    The loss is completion-only cross-entropy on the answer tokens (the mean over all answer
+    tokens of the batch, as transformers computes it), from answer-position logits only.
+    """
     import torch
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -44,7 +48,9 @@ def train_lora(model: Any, batches: Iterator[dict[str, Any]], lr: float,
     model.train()
     start, losses = time.perf_counter(), []
     for batch in batches:
-        loss = model(**batch).loss
+        logits, targets = answer_logits(model, batch)
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
+                                                 ignore_index=IGNORE)
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"training loss became {loss.item()} at step {len(losses)}")
         loss.backward()

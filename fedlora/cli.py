@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -27,10 +28,25 @@ BaseOpt = Annotated[str | None, typer.Option("--base-model",
 _DEMO_KEYS = {"eval-samples", "export", "client-cpus"}
 
 
+class _FlowerSummaryOnly(logging.Filter):
+    """Keep Flower's warnings and errors; fedlora logs its own one line per site per round.
+
+    Flower resets its handler levels when a run starts, so this filter sits on its logger.
+    Its notice that ``run_simulation`` is deprecated is dropped: fedlora calls it on purpose
+    (the same apps also run under ``flwr run``).
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING and "is deprecated" not in record.getMessage() \
+            and "fraction_evaluate is set to 0.0" not in record.getMessage()
+
+
 def _setup_logging() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("fedlora").setLevel(logging.INFO)
-    logging.getLogger("flwr").setLevel(logging.WARNING)
+    flwr_logger = logging.getLogger("flwr")
+    flwr_logger.propagate = False  # Flower has its own console handler
+    flwr_logger.addFilter(_FlowerSummaryOnly())
     for noisy in ("transformers", "peft", "bitsandbytes", "ray"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
@@ -107,6 +123,8 @@ def main(argv: list[str] | None = None) -> None:
     from fedlora.simulations.run import offline_environment
 
     offline_environment()
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
     _setup_logging()
     try:
         cli(args=argv, standalone_mode=False)

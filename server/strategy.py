@@ -80,8 +80,8 @@ class LoraFedAvg(FedAvg):
             log.info("Round %d | site %-12s | loss %.4f | examples %4d | %.1f s", server_round,
                      name, r.train_loss, r.num_examples, r.train_seconds)
         loss = sum(r.train_loss * r.num_examples for r in accepted) / n if n else float("nan")
-        log.info("Round %d | aggregate    | loss %.4f | examples %4d | %d replies, %d dropped",
-                 server_round, loss, n, len(accepted), dropped)
+        log.info("Round %d | %-17s | loss %.4f | examples %4d | %d replies, %d dropped",
+                 server_round, "aggregate", loss, n, len(accepted), dropped)
         return {"round": server_round, "train-loss": loss, "num-examples": n,
                 "replies": len(accepted), "dropped": dropped, "sites": sites}
 

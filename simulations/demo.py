@@ -46,11 +46,14 @@ def evaluate_sample(base_dir: Path, adapter_dir: Path | None, n: int) -> dict[st
 
     reviews = load_split("test")[:n]
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.bfloat16)
-    if adapter_dir is not None:
+    if adapter_dir is None:
+        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.bfloat16)
+    else:  # merged in fp32, then run in bf16 like the base: same cost, same precision
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, adapter_dir)
+        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+        model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+        model = model.to(torch.bfloat16)
     start = time.perf_counter()
     res = label_accuracy(model, tokenizer, [r.text for r in reviews], [r.label for r in reviews],
                          LABELS)
