@@ -3,8 +3,14 @@
 Both models get the same chat-templated prompt (rendered and tokenized independently: by
 ``transformers`` on the PyTorch side, by the edge runtime's jinja2 + ``tokenizers`` on the ONNX
 side, so the prompt ids must match too). Compared are the full-prompt logits (max absolute
-difference, fp32) and the greedy continuation: PyTorch ``generate(do_sample=False)`` against
+difference) and the greedy continuation: PyTorch ``generate(do_sample=False)`` against
 :meth:`fedlora.export.runtime.EdgeModel.generate`, which decodes with the KV cache.
+
+The logits reference is the merged PyTorch model evaluated in float64: the exact function the
+fp32 export approximates. Two fp32 implementations differ by their rounding on both sides; on
+the default model (30 layers, logits up to about 38) PyTorch fp32 alone is about 7e-5 from the
+float64 result and ONNX Runtime about the same, so fp32-vs-fp32 lands around 1e-4 for reasons
+that say nothing about the export. Both other figures are reported alongside.
 """
 
 from __future__ import annotations
@@ -23,13 +29,15 @@ log = logging.getLogger(__name__)
 class ParityReport:
     """How closely the ONNX model follows the PyTorch one on one prompt."""
 
-    max_abs_logits_diff: float
+    max_abs_logits_diff: float  # ONNX Runtime vs the merged PyTorch model in float64 (gated)
     atol: float
     torch_tokens: list[int]
     onnx_tokens: list[int]
     same_tokens: bool
     prompt_tokens: int = 0
     onnx_text: str = ""
+    vs_torch_fp32: float = float("nan")  # ONNX Runtime vs PyTorch fp32 (both rounded)
+    torch_fp32_vs_fp64: float = float("nan")  # PyTorch's own fp32 rounding, for scale
 
     @property
     def ok(self) -> bool:
@@ -40,8 +48,10 @@ class ParityReport:
         tokens = ("same greedy tokens" if self.same_tokens else
                   f"greedy tokens differ from position {first} "
                   f"(torch {self.torch_tokens} vs onnx {self.onnx_tokens})")
-        return (f"max abs logits diff {self.max_abs_logits_diff:.3e} "
-                f"(atol {self.atol:.1e}) over {self.prompt_tokens} prompt tokens; {tokens}")
+        return (f"max abs logits diff {self.max_abs_logits_diff:.3e} vs PyTorch fp64 "
+                f"(atol {self.atol:.1e}) over {self.prompt_tokens} prompt tokens; {tokens} "
+                f"[vs PyTorch fp32: {self.vs_torch_fp32:.2e}; PyTorch fp32 vs fp64: "
+                f"{self.torch_fp32_vs_fp64:.2e}]")
 
 
 class ParityError(FedloraError):
@@ -56,7 +66,8 @@ class ParityError(FedloraError):
 class _TorchSide:
     prompt: str
     prompt_ids: list[int]
-    logits: Any = field(repr=False)
+    logits: Any = field(repr=False)  # fp32 model
+    logits64: Any = field(repr=False)  # the same weights evaluated in float64
     tokens: list[int] = field(default_factory=list)
 
 
@@ -92,9 +103,10 @@ def _run_torch(merged_dir: Path, messages: list[dict[str, Any]], max_new_tokens:
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
         out = model.generate(input_ids=input_ids, attention_mask=attention_mask,
                              generation_config=greedy)
+        logits64 = model.double()(input_ids=input_ids, attention_mask=attention_mask).logits
     tokens = [int(t) for t in out[0, len(prompt_ids):]]
     return _TorchSide(prompt=prompt, prompt_ids=list(prompt_ids),
-                      logits=logits.float().numpy(), tokens=tokens)
+                      logits=logits.float().numpy(), logits64=logits64.numpy(), tokens=tokens)
 
 
 def check_parity(merged_dir: Path, onnx_dir: Path, messages: list[dict[str, Any]],
@@ -129,12 +141,15 @@ def check_parity(merged_dir: Path, onnx_dir: Path, messages: list[dict[str, Any]
     if onnx_logits.shape != torch_side.logits.shape:
         raise ParityError(f"logits shapes differ: torch {torch_side.logits.shape} vs onnx "
                           f"{onnx_logits.shape}")
-    diff = float(np.max(np.abs(onnx_logits.astype(np.float64)
-                               - torch_side.logits.astype(np.float64))))
+    onnx64, torch32 = onnx_logits.astype(np.float64), torch_side.logits.astype(np.float64)
     onnx_tokens = edge.generate_ids(edge_ids, max_new_tokens)
-    report = ParityReport(max_abs_logits_diff=diff, atol=atol, torch_tokens=torch_side.tokens,
-                          onnx_tokens=onnx_tokens, same_tokens=onnx_tokens == torch_side.tokens,
-                          prompt_tokens=len(edge_ids), onnx_text=edge.decode(onnx_tokens))
+    report = ParityReport(
+        max_abs_logits_diff=float(np.max(np.abs(onnx64 - torch_side.logits64))), atol=atol,
+        torch_tokens=torch_side.tokens, onnx_tokens=onnx_tokens,
+        same_tokens=onnx_tokens == torch_side.tokens, prompt_tokens=len(edge_ids),
+        onnx_text=edge.decode(onnx_tokens),
+        vs_torch_fp32=float(np.max(np.abs(onnx64 - torch32))),
+        torch_fp32_vs_fp64=float(np.max(np.abs(torch32 - torch_side.logits64))))
     log.info("Parity: %s", report.summary())
     if not report.ok:
         raise ParityError(f"ONNX export {onnx_dir} does not match {merged_dir}: "

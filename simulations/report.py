@@ -39,8 +39,15 @@ def export(exp: Any, held_out: Any) -> dict[str, Any]:
     console.print(f"held-out review ({held_out.condition}, true label: {held_out.label}): "
                   f"{held_out.text[:160]}...")
     console.print(f"ONNX Runtime answer: [bold]{exp.answer!r}[/]")
-    console.print(f"max |logits(ONNX) - logits(PyTorch merged)| = {parity.max_abs_logits_diff:.2e}"
-                  f" (tolerance {parity.atol:.0e}); same greedy tokens: {parity.same_tokens}")
+    console.print(f"max |logits(ONNX Runtime) - logits(merged PyTorch, fp64)| = "
+                  f"[bold]{parity.max_abs_logits_diff:.2e}[/] (tolerance {parity.atol:.0e}) over "
+                  f"{parity.prompt_tokens} prompt tokens; same greedy tokens: {parity.same_tokens}")
+    console.print(f"  for scale: ONNX Runtime vs PyTorch fp32 {parity.vs_torch_fp32:.2e}; "
+                  f"PyTorch fp32 vs fp64 {parity.torch_fp32_vs_fp64:.2e} (fp32 rounding)")
+    console.print(f"  model.onnx: {exp.onnx_mib:.0f} MiB; "
+                  + ", ".join(f"{k} {v:.0f} s" for k, v in exp.seconds.items()))
     return {"answer": exp.answer, "true-label": held_out.label,
             "max-abs-logits-diff": parity.max_abs_logits_diff, "atol": parity.atol,
+            "vs-torch-fp32": parity.vs_torch_fp32,
+            "torch-fp32-vs-fp64": parity.torch_fp32_vs_fp64,
             "same-greedy-tokens": parity.same_tokens, "onnx-dir": str(exp.onnx_dir)}

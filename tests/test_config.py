@@ -70,3 +70,19 @@ def test_cli_bad_input_is_one_line_not_a_traceback(tmp_path: Path, args, expecte
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     assert lines[0].startswith("fedlora: error: ") and expected in lines[0]
+
+
+def test_flower_app_components_in_pyproject_resolve():
+    import importlib
+    import tomllib
+
+    from flwr.clientapp import ClientApp
+    from flwr.serverapp import ServerApp
+
+    app = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
+    assert app["publisher"]
+    kinds = {"serverapp": ServerApp, "clientapp": ClientApp}
+    for key, kind in kinds.items():
+        module, attr = app["components"][key].split(":")
+        assert module.startswith("fedlora.")  # never a generic top-level name
+        assert isinstance(getattr(importlib.import_module(module), attr), kind)
