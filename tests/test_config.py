@@ -20,7 +20,10 @@ def test_pyproject_run_config_is_a_valid_run_config():
     import tomllib
 
     pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
-    RunConfig.from_mapping(pyproject["tool"]["flwr"]["app"]["config"], source="pyproject")
+    app_config = pyproject["tool"]["flwr"]["app"]["config"]
+    RunConfig.from_mapping(app_config, source="pyproject")
+    # `flwr run --run-config` only overrides keys declared there: declare every one.
+    assert set(app_config) == set(RunConfig().to_mapping())
 
 
 @pytest.mark.parametrize("values, expected", [

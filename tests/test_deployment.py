@@ -1,0 +1,96 @@
+"""The Flower App on Flower's deployment engine: a real SuperLink, two SuperNodes, `flwr run`.
+
+Everything binds 127.0.0.1 on free ports; every process this test starts is stopped by its pid.
+Insecure transport here: the test checks the app wiring, not TLS.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_for_port(port: int, proc: subprocess.Popen, log: Path, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited early with {proc.returncode}:\n"
+                               f"{log.read_text()[-3000:]}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.3)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {seconds} s")
+
+
+def test_flwr_run_on_a_local_superlink_with_two_supernodes(tiny_model_dir: Path, tmp_path: Path):
+    env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr"), "FLWR_TELEMETRY_ENABLED": "0",
+           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # flower-superexec
+           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "HF_HUB_OFFLINE": "1"}
+    (tmp_path / "flwr").mkdir()
+    link_port = _free_port()
+    (tmp_path / "flwr" / "config.toml").write_text(
+        f'[superlink]\ndefault = "local-test"\n\n[superlink.local-test]\n'
+        f'address = "127.0.0.1:{link_port}"\ninsecure = true\n')
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    procs: list[subprocess.Popen] = []
+
+    def start(name: str, *args: str) -> subprocess.Popen:
+        out = (logs / f"{name}.log").open("w")
+        proc = subprocess.Popen([str(BIN / args[0]), *args[1:]], env=env, cwd=tmp_path,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        procs.append(proc)
+        return proc
+
+    try:
+        link = start("superlink", "flower-superlink", "--insecure", "--host", "127.0.0.1",
+                     "--port", str(link_port))
+        _wait_for_port(link_port, link, logs / "superlink.log")
+        for site in ("pain", "dermatology"):
+            start(f"supernode-{site}", "flower-supernode", "--insecure",
+                  "--superlink", f"127.0.0.1:{link_port}", "--host", "127.0.0.1",
+                  "--port", str(_free_port()),
+                  "--node-config", f'site="{site}" base-model="{tiny_model_dir}" '
+                                   f'quantization="bf16"')
+        out_dir = tmp_path / "run"
+        run_config = (f'num-server-rounds=2 local-steps=2 base-model="{tiny_model_dir}" '
+                      f'quantization="bf16" min-nodes=2 output-dir="{out_dir}"')
+        done = subprocess.run([str(BIN / "flwr"), "run", str(REPO), "local-test", "--stream",
+                               "--run-config", run_config], env=env, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=300)
+        node_logs = "\n".join(p.read_text()[-2000:] for p in sorted(logs.iterdir()))
+        assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:] + node_logs
+        history = [json.loads(line) for line in
+                   (out_dir / "metrics.jsonl").read_text().splitlines()]
+        assert [r["round"] for r in history] == [1, 2]
+        assert all(set(r["sites"]) == {"pain", "dermatology"} for r in history)
+        assert (out_dir / "global-adapter" / "adapter_model.safetensors").is_file()
+    finally:
+        for proc in procs:  # stop what we started, by pid (and its process group)
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
