@@ -143,3 +143,12 @@ def set_lora_state(model: Any, arrays: Mapping[str, np.ndarray]) -> None:
     bad = [k for k in result.unexpected_keys if "lora_" in k]
     if bad:
         raise ValueError(f"adapter tensors not in the model: {bad[:3]}")
+
+
+def set_trainable(model: Any, factors: str) -> None:
+    """Train the LoRA factors in ``factors`` ("AB" or "B"); freeze the others."""
+    for name, param in model.named_parameters():
+        if ".lora_A." in name:
+            param.requires_grad_("A" in factors)
+        elif ".lora_B." in name:
+            param.requires_grad_("B" in factors)

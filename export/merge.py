@@ -12,9 +12,11 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 from fedlora.basemodel import check_model_dir
 from fedlora.errors import FedloraError
+from fedlora.lora import RESIDUAL_FILE
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +58,29 @@ def _brief(exc: BaseException, limit: int = 240) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def add_residuals(model: Any, residual_file: Path) -> int:
+    """Add FedEx-LoRA's dense residuals to the matching base weights; return how many layers."""
+    import torch
+    from safetensors.torch import load_file
+
+    prefix = "base_model.model."
+    residuals = load_file(str(residual_file))
+    for key, residual in residuals.items():
+        module_name = key[len(prefix):] if key.startswith(prefix) else key
+        try:
+            weight = model.get_submodule(module_name).weight
+        except AttributeError:
+            raise FedloraError(f"{residual_file}: {key} names no layer of the base model: "
+                               f"merge it onto the base model it was trained on") from None
+        if tuple(weight.shape) != tuple(residual.shape):
+            raise FedloraError(f"{residual_file}: {key} has shape {tuple(residual.shape)}, the "
+                               f"base layer {tuple(weight.shape)}")
+        with torch.no_grad():
+            weight += residual.to(weight.dtype)
+    log.info("Added FedEx-LoRA residuals to %d layers from %s", len(residuals), residual_file)
+    return len(residuals)
+
+
 def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path) -> Path:
     """Merge the LoRA adapter in ``adapter_dir`` into ``base_dir`` (fp32) and save to ``out_dir``.
 
@@ -82,6 +107,8 @@ def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path) -> Path:
                            ) from None
     merged = peft_model.merge_and_unload()
     merged.eval()
+    if (adapter_dir / RESIDUAL_FILE).is_file():
+        add_residuals(merged, adapter_dir / RESIDUAL_FILE)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(out_dir, safe_serialization=True)

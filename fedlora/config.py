@@ -11,11 +11,14 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedlora.data.drugreview import SITES
 from fedlora.errors import ConfigError
 from fedlora.lora import LoraSettings
+
+if TYPE_CHECKING:
+    from fedlora.server.strategies import ServerOptimizer
 
 QUANTIZATIONS = ("nf4", "int8", "bf16", "fp32")
 
@@ -33,6 +36,9 @@ class RunConfig:
     lora_alpha: float = 16.0  # LoRA scaling numerator (update scaled by alpha / r)
     lora_dropout: float = 0.05  # dropout on the LoRA path
     target_modules: str = "all-linear"  # "all-linear" or comma-separated module names
+    strategy: str = "fedit"  # fedit | ffa-lora | fedsa-lora | fedex-lora (fedlora.server.strategies)
+    server_optimizer: str = "sgd"  # sgd (FedAvg) | avgm | adam | yogi, on the aggregated delta
+    server_lr: float = 0.0  # server learning rate; 0 = the optimizer's default (1 sgd/avgm, 0.01)
     seed: int = 0  # seeds the initial adapter and every node's sampling
     min_nodes: int = 1  # nodes that must be connected before a round starts
     round_timeout: float = 3600.0  # seconds to wait for replies in a round
@@ -57,10 +63,29 @@ class RunConfig:
             raise ConfigError(f"max-length={self.max_length}: must be >= 32")
         if self.round_timeout <= 0:
             raise ConfigError(f"round-timeout={self.round_timeout}: must be > 0 seconds")
+        from fedlora.server.strategies import STRATEGIES, ServerOptimizer
+
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"strategy={self.strategy!r}: use one of {sorted(STRATEGIES)}")
+        try:
+            ServerOptimizer(kind=self.server_optimizer, lr=self.server_lr or None)
+        except ValueError as exc:
+            raise ConfigError(f"server-optimizer={self.server_optimizer!r}, server-lr="
+                              f"{self.server_lr}: {exc}") from None
+        if self.strategy == "fedex-lora" and (self.server_optimizer != "sgd"
+                                              or self.server_lr not in (0.0, 1.0)):
+            raise ConfigError("strategy='fedex-lora' is exact only with server-optimizer='sgd' "
+                              "and server-lr=1: drop the server optimizer or pick another strategy")
         unknown = [s for s in self.site_names if s not in SITES]
         if unknown or not self.site_names:
             raise ConfigError(f"sites={self.sites!r}: use comma-separated names from {SITES}")
         self.lora  # validates the LoRA fields
+
+    @property
+    def optimizer(self) -> ServerOptimizer:
+        from fedlora.server.strategies import ServerOptimizer
+
+        return ServerOptimizer(kind=self.server_optimizer, lr=self.server_lr or None)
 
     @property
     def site_names(self) -> list[str]:

@@ -16,6 +16,11 @@ import numpy as np
 
 from fedlora.errors import ConfigError
 
+# FedEx-LoRA's dense residuals, beside a PEFT adapter folder: one (out, in) float32 matrix per
+# adapted layer, keyed by the layer's PEFT module name (``base_model.model.<module>``), to be
+# added to ``<module>.weight`` of the base model (the server writes it, the export reads it).
+RESIDUAL_FILE = "fedex-residual.safetensors"
+
 
 @dataclass(frozen=True)
 class LoraSettings:

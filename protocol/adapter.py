@@ -39,6 +39,19 @@ def spec_of(arrays: Mapping[str, np.ndarray]) -> AdapterSpec:
     return {k: TensorSpec(tuple(int(d) for d in v.shape)) for k, v in sorted(arrays.items())}
 
 
+def factor_of(name: str) -> str:
+    """"A" or "B" for a LoRA tensor name."""
+    match = _LORA_NAME.match(name)
+    if match is None:
+        raise ValueError(f"{name} is not a LoRA tensor name")
+    return match.group(1)
+
+
+def restrict(spec: AdapterSpec, factors: str) -> AdapterSpec:
+    """The part of ``spec`` holding the given LoRA factors ("AB", "A" or "B")."""
+    return {k: v for k, v in spec.items() if factor_of(k) in factors}
+
+
 def problems(arrays: Mapping[str, np.ndarray], spec: AdapterSpec) -> list[str]:
     """Every way ``arrays`` differ from ``spec``; empty when they match."""
     found: list[str] = []

@@ -42,7 +42,23 @@ class RoundConfig:
     lora_alpha: float
     lora_dropout: float
     target_modules: str
+    train_factors: str = "AB"  # LoRA factors nodes train: "AB", or "B" (A frozen: FFA-LoRA)
+    send_factors: str = "AB"  # factors nodes send; trained but unsent ones stay on the node
     wire_version: int = WIRE_VERSION
+
+    def __post_init__(self) -> None:
+        if self.train_factors not in ("AB", "B"):
+            raise ProtocolError(f"train-factors={self.train_factors!r}: use 'AB' or 'B'")
+        if self.send_factors not in ("AB", "A", "B") or \
+                not set(self.send_factors) <= set(self.train_factors):
+            raise ProtocolError(f"send-factors={self.send_factors!r} with train-factors="
+                                f"{self.train_factors!r}: send a non-empty subset of what is "
+                                f"trained")
+
+    @property
+    def personal_factors(self) -> str:
+        """Factors a node trains but keeps (e.g. FedSA-LoRA's B)."""
+        return "".join(f for f in self.train_factors if f not in self.send_factors)
 
     def to_record(self) -> ConfigRecord:
         return ConfigRecord({f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)})
@@ -53,8 +69,8 @@ class RoundConfig:
         for f in fields(cls):
             key = f.name.replace("_", "-")
             if key not in record:
-                if f.name == "wire_version":
-                    continue
+                if f.name in ("wire_version", "train_factors", "send_factors"):
+                    continue  # optional: their defaults apply
                 raise ProtocolError(f"round config lacks {key!r}")
             values[f.name] = record[key]
         config = cls(**values)

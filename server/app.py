@@ -23,16 +23,18 @@ from fedlora.lora import adapter_shapes, initial_adapter
 from fedlora.protocol.adapter import spec_of
 from fedlora.protocol.messages import RoundConfig, to_array_record
 from fedlora.server.checkpoint import save_adapter
+from fedlora.server.strategies import get_strategy
 from fedlora.server.strategy import LoraFedAvg
 
 log = logging.getLogger(__name__)
 
 
 def round_config(cfg: RunConfig) -> RoundConfig:
+    train, send = get_strategy(cfg.strategy).factors()
     return RoundConfig(server_round=0, local_steps=cfg.local_steps, batch_size=cfg.batch_size,
                        lr=cfg.lr, max_length=cfg.max_length, seed=cfg.seed, lora_r=cfg.lora_r,
                        lora_alpha=float(cfg.lora_alpha), lora_dropout=float(cfg.lora_dropout),
-                       target_modules=cfg.target_modules)
+                       target_modules=cfg.target_modules, train_factors=train, send_factors=send)
 
 
 def run_federation(grid: Grid, cfg: RunConfig) -> dict[str, np.ndarray]:
@@ -50,15 +52,20 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict[str, np.ndarray]:
     history = out / "metrics.jsonl"
     history.unlink(missing_ok=True)
 
-    def save(server_round: int, arrays: dict[str, np.ndarray], record: dict[str, Any]) -> None:
-        meta = {"round": server_round, "train-loss": record["train-loss"]}
-        save_adapter(arrays, out / "rounds" / f"round-{server_round:03d}", cfg.lora, base_dir,
-                     meta)
-        save_adapter(arrays, out / "global-adapter", cfg.lora, base_dir, meta)
+    def save(server_round: int, arrays: dict[str, np.ndarray],
+             residuals: dict[str, np.ndarray], record: dict[str, Any]) -> None:
+        meta = {"round": server_round, "train-loss": record["train-loss"],
+                "strategy": cfg.strategy, "server-optimizer": cfg.server_optimizer}
+        for folder in (out / "rounds" / f"round-{server_round:03d}", out / "global-adapter"):
+            save_adapter(arrays, folder, cfg.lora, base_dir, meta, residuals)
 
-    strategy = LoraFedAvg(spec=spec_of(adapter), global_adapter=adapter, history_file=history,
+    strategy = LoraFedAvg(spec=spec_of(adapter), global_adapter=adapter,
+                          aggregator=get_strategy(cfg.strategy), optimizer=cfg.optimizer,
+                          scale=cfg.lora.alpha / cfg.lora.r, history_file=history,
                           on_round=save, fraction_train=1.0, min_train_nodes=cfg.min_nodes,
                           min_available_nodes=cfg.min_nodes)
+    log.info("Strategy %s, server optimizer %s (lr %g)", cfg.strategy, cfg.server_optimizer,
+             cfg.optimizer.server_lr)
     start = time.perf_counter()
     strategy.start(grid=grid, initial_arrays=to_array_record(adapter),
                    num_rounds=cfg.num_server_rounds, timeout=cfg.round_timeout,

@@ -2,7 +2,9 @@
 
 ``adapter_model.safetensors`` + ``adapter_config.json``: ``peft.PeftModel.from_pretrained(base,
 folder)`` loads it as it is. A folder is written under a temporary name and renamed into place,
-so a crash never leaves a half-written adapter behind.
+so a crash never leaves a half-written adapter behind. FedEx-LoRA's dense residuals, when
+there are any, go beside it in ``fedex-residual.safetensors`` (keyed by layer module name);
+PEFT ignores that file and the export adds it to the base weights.
 """
 
 from __future__ import annotations
@@ -18,11 +20,12 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import save_file
 
-from fedlora.lora import LoraSettings
+from fedlora.lora import RESIDUAL_FILE, LoraSettings
 
 
 def save_adapter(arrays: Mapping[str, np.ndarray], folder: Path, lora: LoraSettings,
-                 base_dir: Path, metadata: Mapping[str, Any] | None = None) -> Path:
+                 base_dir: Path, metadata: Mapping[str, Any] | None = None,
+                 residuals: Mapping[str, np.ndarray] | None = None) -> Path:
     """Write ``arrays`` as a PEFT adapter folder at ``folder`` (replacing it atomically)."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
@@ -30,6 +33,9 @@ def save_adapter(arrays: Mapping[str, np.ndarray], folder: Path, lora: LoraSetti
         save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()},
                   tmp / "adapter_model.safetensors", metadata={"format": "pt"})
         lora.peft_config(base_dir).save_pretrained(tmp)
+        if residuals:
+            save_file({k: np.ascontiguousarray(v) for k, v in residuals.items()},
+                      tmp / RESIDUAL_FILE, metadata={"format": "pt"})
         if metadata:
             (tmp / "fedlora.json").write_text(json.dumps(dict(metadata), indent=2))
         if folder.exists():

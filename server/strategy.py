@@ -1,9 +1,12 @@
-"""LoRA-aware FedAvg on Flower's Message API: validate replies, average deltas, checkpoint.
+"""LoRA-aware aggregation on Flower's Message API: validate replies, aggregate, checkpoint.
 
-Each reply is checked against the wire format (fedlora.protocol); a bad reply (error, wrong
-names/shapes/dtypes, NaN/Inf, metrics outside the whitelist) is logged and dropped and the round
-goes on with the rest. The global adapter moves by the example-weighted mean of the deltas and is
-saved after every round. If no reply is usable, the global adapter stays unchanged.
+Each reply is checked against the wire format (fedlora.protocol), restricted to the factors the
+aggregation strategy has nodes send; a bad reply (error, wrong names/shapes/dtypes, NaN/Inf,
+metrics outside the whitelist) is logged and dropped and the round goes on with the rest. The
+strategy (fedlora.server.strategies: FedIT, FFA-LoRA, FedSA-LoRA, FedEx-LoRA) turns the
+example-weighted deltas into an aggregated delta, the server optimizer (FedAvg, FedAvgM,
+FedAdam, FedYogi) applies it, and the result is saved after every round. With no usable reply,
+or a set of replies the strategy refuses, the global adapter stays unchanged.
 """
 
 from __future__ import annotations
@@ -19,24 +22,35 @@ from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import FedAvg
 
 from fedlora.data.drugreview import SITES
-from fedlora.protocol.adapter import AdapterSpec
+from fedlora.protocol.adapter import AdapterSpec, restrict
 from fedlora.protocol.messages import ProtocolError, TrainReply, to_array_record
-from fedlora.server.aggregate import apply_delta, weighted_mean
+from fedlora.server.strategies import (ClientUpdate, FedIT, LoraAggregator, OptimizerState,
+                                       ServerOptimizer, step)
+from fedlora.server.strategies.fedex_lora import add_residuals
 
 log = logging.getLogger(__name__)
 
-RoundHook = Callable[[int, dict[str, np.ndarray], dict[str, Any]], None]
+Arrays = dict[str, np.ndarray]
+RoundHook = Callable[[int, Arrays, Arrays, dict[str, Any]], None]
 
 
 class LoraFedAvg(FedAvg):
-    """FedAvg over LoRA adapter deltas (A and B averaged separately: FedIT)."""
+    """Flower's FedAvg node sampling with LoRA-aware aggregation of adapter deltas."""
 
-    def __init__(self, spec: AdapterSpec, global_adapter: dict[str, np.ndarray],
+    def __init__(self, spec: AdapterSpec, global_adapter: Arrays,
+                 aggregator: LoraAggregator | None = None,
+                 optimizer: ServerOptimizer | None = None, scale: float = 1.0,
                  history_file: Path | None = None, on_round: RoundHook | None = None,
                  **fedavg: Any) -> None:
         super().__init__(fraction_evaluate=0.0, **fedavg)
         self.spec = spec
         self.global_adapter = global_adapter
+        self.aggregator = aggregator or FedIT()
+        self.optimizer = optimizer or ServerOptimizer()
+        self.opt_state = OptimizerState()
+        self.scale = scale  # lora_alpha / r
+        self.residuals: Arrays = {}  # FedEx-LoRA's dense corrections, summed over rounds
+        self.reply_spec = restrict(spec, self.aggregator.factors()[1])
         self.history_file = history_file
         self.on_round = on_round
 
@@ -52,7 +66,7 @@ class LoraFedAvg(FedAvg):
                 dropped += 1
                 continue
             try:
-                accepted.append(TrainReply.from_content(msg.content, self.spec))
+                accepted.append(TrainReply.from_content(msg.content, self.reply_spec))
             except (ProtocolError, KeyError) as exc:
                 log.warning("Round %d: dropped reply from node %s: %s", server_round, node, exc)
                 dropped += 1
@@ -61,8 +75,18 @@ class LoraFedAvg(FedAvg):
             log.warning("Round %d: no usable reply; the global adapter is unchanged", server_round)
             self._finish_round(server_round, record)
             return None, None
-        delta = weighted_mean([r.delta for r in accepted], [r.num_examples for r in accepted])
-        self.global_adapter = apply_delta(self.global_adapter, delta)
+        updates = [ClientUpdate(r.delta, r.num_examples) for r in accepted]
+        try:
+            result = self.aggregator.aggregate(self.global_adapter, updates, self.scale)
+        except ValueError as exc:
+            log.warning("Round %d: %s refused the replies (%s); the global adapter is unchanged",
+                        server_round, self.aggregator.name, exc)
+            self._finish_round(server_round, record)
+            return None, None
+        self.global_adapter, self.opt_state = step(self.global_adapter, result.delta,
+                                                   self.opt_state, self.optimizer)
+        if result.residuals:
+            self.residuals = add_residuals(self.residuals, result.residuals)
         self._finish_round(server_round, record)
         metrics = MetricRecord({"train-loss": record["train-loss"],
                                 "num-examples": record["num-examples"],
@@ -87,10 +111,8 @@ class LoraFedAvg(FedAvg):
 
     def _finish_round(self, server_round: int, record: dict[str, Any]) -> None:
         if self.on_round is not None:
-            self.on_round(server_round, self.global_adapter, record)
+            self.on_round(server_round, self.global_adapter, self.residuals, record)
         if self.history_file is not None:
             self.history_file.parent.mkdir(parents=True, exist_ok=True)
             with self.history_file.open("a") as fh:
                 fh.write(json.dumps(record) + "\n")
-
-

@@ -7,7 +7,7 @@ import pytest
 from flwr.app import RecordDict
 
 from fedlora.client import node as node_mod
-from fedlora.client.app import run_round
+from fedlora.client.app import PERSONAL, run_round
 from fedlora.lora import LoraSettings, adapter_shapes, initial_adapter
 from fedlora.protocol.adapter import is_lora_name
 from fedlora.protocol.messages import (ARRAYS, CONFIG, METRICS, TRAIN_METRICS, RoundConfig,
@@ -16,10 +16,12 @@ from fedlora.protocol.messages import (ARRAYS, CONFIG, METRICS, TRAIN_METRICS, R
 LORA = LoraSettings(r=4, alpha=8.0, dropout=0.0)
 
 
-def _message(global_adapter, server_round=1, lr=5e-3, steps=4) -> RecordDict:
+def _message(global_adapter, server_round=1, lr=5e-3, steps=4, train="AB",
+             send="AB") -> RecordDict:
     rc = RoundConfig(server_round=server_round, local_steps=steps, batch_size=4, lr=lr,
                      max_length=192, seed=0, lora_r=LORA.r, lora_alpha=LORA.alpha,
-                     lora_dropout=LORA.dropout, target_modules=LORA.target_modules)
+                     lora_dropout=LORA.dropout, target_modules=LORA.target_modules,
+                     train_factors=train, send_factors=send)
     return RecordDict({ARRAYS: to_array_record(global_adapter), CONFIG: rc.to_record()})
 
 
@@ -78,3 +80,38 @@ def test_node_rejects_a_global_adapter_of_the_wrong_shape(tiny_model_dir, start_
     with pytest.raises(ValueError, match="shape"):
         run_round(_message(bad), {"base-model": str(tiny_model_dir), "quantization": "bf16",
                                   "site": "pain"})
+
+
+def test_ffa_lora_round_freezes_a_and_sends_only_b(tiny_model_dir, start_adapter):
+    node = {"base-model": str(tiny_model_dir), "quantization": "bf16", "site": "pain"}
+    reply = run_round(_message(start_adapter, train="B", send="B"), node)
+    assert reply.delta and all(k.endswith("lora_B.weight") for k in reply.delta)
+    assert len(reply.delta) == len(start_adapter) // 2
+    assert any(np.abs(d).max() > 0 for d in reply.delta.values())
+    from fedlora.client.node import get_lora_state
+
+    warm = next(iter(node_mod._MODELS.values()))
+    local = get_lora_state(warm.model)
+    for k, v in start_adapter.items():  # A still equals the shared init
+        if "lora_A" in k:
+            np.testing.assert_array_equal(local[k], v)
+
+
+def test_fedsa_lora_keeps_b_on_the_node_across_rounds(tiny_model_dir, start_adapter):
+    node = {"base-model": str(tiny_model_dir), "quantization": "bf16", "site": "pain"}
+    state = RecordDict()
+    first = run_round(_message(start_adapter, train="AB", send="A"), node, state)
+    assert all(k.endswith("lora_A.weight") for k in first.delta)  # B never leaves
+    personal = {k: v.numpy() for k, v in state.array_records[PERSONAL].items()}
+    assert set(personal) == {k for k in start_adapter if "lora_B" in k}
+    assert any(np.abs(v).max() > 0 for v in personal.values())  # B trained from zero
+    # Round 2: the server's B is still zero, yet training starts from the node's own B.
+    global_2 = {k: start_adapter[k] + first.delta.get(k, 0) for k in start_adapter}
+    second = run_round(_message(global_2, server_round=2, train="AB", send="A"), node, state)
+    assert np.isfinite(second.train_loss)
+    warm = next(iter(node_mod._MODELS.values()))
+    from fedlora.client.node import get_lora_state
+
+    moved = get_lora_state(warm.model)
+    assert any(not np.array_equal(moved[k], personal[k]) for k in personal)
+    assert any(np.abs(moved[k]).max() > 0 for k in personal)

@@ -72,3 +72,25 @@ def test_export_of_the_federated_adapter_matches_pytorch(federation, tiny_model_
                           timeout=120)
     assert done.returncode == 0, done.stderr
     assert 1 <= int(done.stdout.strip()) <= 4
+
+
+@pytest.mark.parametrize("strategy, optimizer", [("ffa-lora", "adam"), ("fedsa-lora", "sgd")])
+def test_strategy_runs_on_the_simulation_engine(tiny_model_dir, tmp_path, strategy, optimizer):
+    from safetensors.numpy import load_file
+
+    from fedlora.lora import adapter_shapes, initial_adapter
+    from fedlora.simulations.run import simulate
+
+    cfg = RunConfig.from_mapping({"base-model": str(tiny_model_dir), "quantization": "bf16",
+                                  "num-server-rounds": 2, "local-steps": 2, "lr": 5e-3,
+                                  "sites": "mental,pain", "output-dir": str(tmp_path),
+                                  "strategy": strategy, "server-optimizer": optimizer})
+    result = simulate(cfg)
+    assert [r["replies"] for r in result.history] == [2, 2]
+    final = load_file(str(result.adapter_dir / "adapter_model.safetensors"))
+    init = initial_adapter(adapter_shapes(tiny_model_dir, cfg.lora), cfg.seed)
+    frozen = "lora_A" if strategy == "ffa-lora" else "lora_B"  # FFA: A shared; FedSA: B local
+    for k, v in final.items():
+        if frozen in k:
+            np.testing.assert_array_equal(v, init[k])
+    assert any(not np.array_equal(v, init[k]) for k, v in final.items() if frozen not in k)

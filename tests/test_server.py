@@ -95,3 +95,57 @@ def test_checkpoint_is_a_standard_peft_adapter(global_adapter, tiny_model_dir, t
     for k, v in trained.items():
         np.testing.assert_array_equal(loaded[k].numpy(), v)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["global-adapter"]  # no temp leftovers
+
+
+def test_ffa_lora_strategy_takes_b_only_replies_and_leaves_a(global_adapter):
+    from fedlora.server.strategies import FFALoRA
+
+    b_only = {k: v for k, v in _deltas(global_adapter, 0.1, 5).items() if "lora_B" in k}
+    strategy = LoraFedAvg(spec=spec_of(global_adapter), global_adapter=dict(global_adapter),
+                          aggregator=FFALoRA())
+    arrays, _ = strategy.aggregate_train(1, [_reply(1, b_only, 4), _reply(2, b_only, 6)])
+    got = arrays_of(arrays)
+    for k, v in global_adapter.items():
+        expected = v + b_only[k] if "lora_B" in k else v
+        np.testing.assert_allclose(got[k], expected, atol=1e-7)
+    # A full (A and B) reply does not fit FFA-LoRA's wire spec: dropped, named.
+    full = _deltas(global_adapter, 0.1, 6)
+    assert strategy.aggregate_train(2, [_reply(3, full, 4)]) == (None, None)
+
+
+def test_fedex_residuals_are_checkpointed_and_merged_exactly(global_adapter, tiny_model_dir,
+                                                             tmp_path):
+    import torch
+    from safetensors.numpy import load_file
+    from transformers import AutoModelForCausalLM
+
+    from fedlora.export.merge import merge_adapter
+    from fedlora.lora import RESIDUAL_FILE
+    from fedlora.server.strategies import FedExLoRA
+
+    scale = LORA.alpha / LORA.r
+    saved = {}
+
+    def keep(server_round, arrays, residuals, record):
+        saved["folder"] = save_adapter(arrays, tmp_path / "adapter", LORA, tiny_model_dir,
+                                       {"round": server_round}, residuals)
+
+    d1, d2 = _deltas(global_adapter, 0.2, 7), _deltas(global_adapter, 0.2, 8)
+    strategy = LoraFedAvg(spec=spec_of(global_adapter), global_adapter=dict(global_adapter),
+                          aggregator=FedExLoRA(), scale=scale, on_round=keep)
+    strategy.aggregate_train(1, [_reply(1, d1, 1), _reply(2, d2, 3)])
+    residuals = load_file(str(saved["folder"] / RESIDUAL_FILE))
+    assert len(residuals) == len(global_adapter) // 2
+
+    merged = AutoModelForCausalLM.from_pretrained(
+        merge_adapter(tiny_model_dir, saved["folder"], tmp_path / "merged"), dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    layer = "base_model.model.model.layers.1.mlp.down_proj"
+    a, b = f"{layer}.lora_A.weight", f"{layer}.lora_B.weight"
+    w0 = base.get_submodule("model.layers.1.mlp.down_proj").weight.detach().double().numpy()
+    w = merged.get_submodule("model.layers.1.mlp.down_proj").weight.detach().double().numpy()
+    # The merged weight is the base plus the example-weighted mean of the clients' updates.
+    mean_update = sum(n / 4 * scale * ((global_adapter[b] + d[b]).astype(np.float64)
+                                       @ (global_adapter[a] + d[a]).astype(np.float64))
+                      for d, n in ((d1, 1), (d2, 3)))
+    np.testing.assert_allclose(w - w0, mean_update, atol=1e-5)

@@ -129,6 +129,17 @@ class LoraAggregator(ABC):
     needs_individual_updates: ClassVar[bool]  # True: cannot run on a secure-aggregated sum
     sends_a: ClassVar[bool]  # clients train and send their A delta
     sends_b: ClassVar[bool]  # clients train and send their B delta
+    trains_a: ClassVar[bool] = True  # False: A stays frozen at the shared init (FFA-LoRA)
+
+    @classmethod
+    def factors(cls) -> tuple[str, str]:
+        """``(train, send)``: the LoRA factors nodes train and those they send ("AB", "A", "B").
+
+        A factor trained but not sent stays personal to the node (FedSA-LoRA's B).
+        """
+        train = ("A" if cls.trains_a else "") + "B"
+        send = ("A" if cls.sends_a else "") + ("B" if cls.sends_b else "")
+        return train, send
 
     def aggregate(self, global_adapter: Mapping[str, np.ndarray],
                   updates: Sequence[ClientUpdate], scale: float = 1.0) -> AggregationResult:

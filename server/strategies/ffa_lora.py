@@ -31,6 +31,7 @@ class FFALoRA(LoraAggregator):
     needs_individual_updates: ClassVar[bool] = False
     sends_a: ClassVar[bool] = False
     sends_b: ClassVar[bool] = True
+    trains_a: ClassVar[bool] = False
 
     def combine(self, global_adapter: Mapping[str, np.ndarray], pairs: Mapping[str, LayerPair],
                 updates: Sequence[ClientUpdate], scale: float) -> tuple[Arrays, Arrays]:
