@@ -14,8 +14,8 @@ from typing import Any
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedlora.client.node import (NodeSettings, get_lora_state, set_lora_state, set_trainable,
-                                 site_examples, warm_model)
+from fedlora.client.node import (NodeSettings, get_lora_state, seed_torch, set_lora_state,
+                                 set_trainable, site_examples, warm_model)
 from fedlora.client.train import sample_batches, train_lora
 from fedlora.lora import LoraSettings
 from fedlora.protocol.adapter import restrict, validate
@@ -53,6 +53,7 @@ def run_round(message_content: Any, merged: Mapping[str, Any],
         start.update(personal)
     set_lora_state(node.model, start)
     set_trainable(node.model, rc.train_factors)
+    seed_torch(rc.seed, settings.site_id, rc.server_round)  # LoRA dropout draws from it
     pad_id = node.tokenizer.pad_token_id
     batches = sample_batches(examples, rc.batch_size, rc.local_steps,
                              seed=(rc.seed, settings.site_id, rc.server_round), pad_id=pad_id)

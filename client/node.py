@@ -152,3 +152,10 @@ def set_trainable(model: Any, factors: str) -> None:
             param.requires_grad_("A" in factors)
         elif ".lora_B." in name:
             param.requires_grad_("B" in factors)
+
+
+def seed_torch(*key: int) -> None:
+    """Seed torch from a tuple (seed, site, round): a round trains the same wherever it runs."""
+    import torch
+
+    torch.manual_seed(int(np.random.SeedSequence(list(key)).generate_state(1)[0]))

@@ -40,9 +40,11 @@ class RunConfig:
     server_optimizer: str = "sgd"  # sgd (FedAvg) | avgm | adam | yogi, on the aggregated delta
     server_lr: float = 0.0  # server learning rate; 0 = the optimizer's default (1 sgd/avgm, 0.01)
     seed: int = 0  # seeds the initial adapter and every node's sampling
-    min_nodes: int = 1  # nodes that must be connected before a round starts
+    min_nodes: int = 1  # nodes needed to start a round, and usable replies to aggregate one
+    fraction_train: float = 1.0  # share of connected nodes sampled for each round
     round_timeout: float = 3600.0  # seconds to wait for replies in a round
     output_dir: str = "runs/latest"  # where global adapters and metrics are written
+    resume: bool = False  # continue the run saved in output-dir from its last completed round
     sites: str = ",".join(SITES)  # simulation: node with partition-id i trains on the i-th site
 
     def __post_init__(self) -> None:
@@ -50,7 +52,7 @@ class RunConfig:
             value = getattr(self, f.name)
             want = type(f.default)
             ok = isinstance(value, want) or (want is float and isinstance(value, int))
-            if not ok or isinstance(value, bool):
+            if not ok or (isinstance(value, bool) and want is not bool):
                 raise ConfigError(f"{_key(f.name)}={value!r}: expected {want.__name__}")
         if self.quantization not in QUANTIZATIONS:
             raise ConfigError(f"quantization={self.quantization!r}: use one of {QUANTIZATIONS}")
@@ -61,6 +63,8 @@ class RunConfig:
             raise ConfigError(f"lr={self.lr}: must be in (0, 1), e.g. 3e-4")
         if self.max_length < 32:
             raise ConfigError(f"max-length={self.max_length}: must be >= 32")
+        if not 0 < self.fraction_train <= 1:
+            raise ConfigError(f"fraction-train={self.fraction_train}: must be in (0, 1]")
         if self.round_timeout <= 0:
             raise ConfigError(f"round-timeout={self.round_timeout}: must be > 0 seconds")
         from fedlora.server.strategies import STRATEGIES, ServerOptimizer

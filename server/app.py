@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,11 +20,14 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedlora.basemodel import resolve_base_model
 from fedlora.config import RunConfig
+from fedlora.errors import ConfigError
 from fedlora.lora import adapter_shapes, initial_adapter
 from fedlora.protocol.adapter import spec_of
 from fedlora.protocol.messages import RoundConfig, to_array_record
 from fedlora.server.checkpoint import save_adapter
 from fedlora.server.strategies import get_strategy
+from fedlora.server.state import (STATE_DIR, ServerState, capture_random, check_resumable,
+                                  load_state, restore_random, save_state)
 from fedlora.server.strategy import LoraFedAvg
 
 log = logging.getLogger(__name__)
@@ -38,19 +42,48 @@ def round_config(cfg: RunConfig) -> RoundConfig:
 
 
 def run_federation(grid: Grid, cfg: RunConfig) -> dict[str, np.ndarray]:
-    """Run ``cfg.num_server_rounds`` rounds on ``grid``; return the final global adapter."""
+    """Run ``cfg.num_server_rounds`` rounds on ``grid``; return the final global adapter.
+
+    With ``resume``, the run saved in ``output-dir`` continues from its last completed round
+    (same settings required) and ends as an uninterrupted run would; otherwise a new run
+    replaces whatever an earlier run left there.
+    """
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     base_dir = resolve_base_model(cfg.base_model)
-    adapter = initial_adapter(adapter_shapes(base_dir, cfg.lora), cfg.seed)
+    shapes = adapter_shapes(base_dir, cfg.lora)
+    settings = cfg.to_mapping()
+    saved = load_state(out) if cfg.resume else None
+    if saved is not None:
+        check_resumable(saved.settings, settings, out)
+        if spec_of(saved.global_adapter) != spec_of(initial_adapter(shapes, cfg.seed)):
+            raise ConfigError(f"the adapter saved in {out} does not fit {base_dir} with these "
+                              f"LoRA settings: resume with the same model and LoRA settings")
+        adapter = saved.global_adapter
+        log.info("Resuming %s after round %d of %d", out, saved.completed_round,
+                 cfg.num_server_rounds)
+    else:
+        if cfg.resume:
+            log.warning("resume: nothing saved in %s yet; starting a new run", out)
+        _clear_run(out)
+        adapter = initial_adapter(shapes, cfg.seed)
     n_params = sum(int(v.size) for v in adapter.values())
     log.info("Global adapter: %d tensors, %d parameters (%.1f MiB fp32)", len(adapter),
              n_params, n_params * 4 / 2**20)
-    (out / "run.json").write_text(json.dumps({"config": cfg.to_mapping(),
+    (out / "run.json").write_text(json.dumps({"config": settings,
                                               "base-model-dir": str(base_dir),
                                               "adapter-parameters": n_params}, indent=2))
-    history = out / "metrics.jsonl"
-    history.unlink(missing_ok=True)
+    strategy = LoraFedAvg(spec=spec_of(adapter), global_adapter=adapter,
+                          aggregator=get_strategy(cfg.strategy), optimizer=cfg.optimizer,
+                          scale=cfg.lora.alpha / cfg.lora.r, history_file=out / "metrics.jsonl",
+                          fraction_train=cfg.fraction_train, min_train_nodes=cfg.min_nodes,
+                          min_available_nodes=cfg.min_nodes)
+    if saved is not None:
+        strategy.round_offset = saved.completed_round
+        strategy.opt_state, strategy.residuals = saved.optimizer, saved.residuals
+        strategy.history = saved.history
+        (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in saved.history))
+        restore_random(saved.python_random)
 
     def save(server_round: int, arrays: dict[str, np.ndarray],
              residuals: dict[str, np.ndarray], record: dict[str, Any]) -> None:
@@ -58,21 +91,37 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict[str, np.ndarray]:
                 "strategy": cfg.strategy, "server-optimizer": cfg.server_optimizer}
         for folder in (out / "rounds" / f"round-{server_round:03d}", out / "global-adapter"):
             save_adapter(arrays, folder, cfg.lora, base_dir, meta, residuals)
+        save_state(out, ServerState(completed_round=server_round, global_adapter=arrays,
+                                    optimizer=strategy.opt_state, residuals=residuals,
+                                    history=strategy.history, settings=settings,
+                                    python_random=capture_random()))
 
-    strategy = LoraFedAvg(spec=spec_of(adapter), global_adapter=adapter,
-                          aggregator=get_strategy(cfg.strategy), optimizer=cfg.optimizer,
-                          scale=cfg.lora.alpha / cfg.lora.r, history_file=history,
-                          on_round=save, fraction_train=1.0, min_train_nodes=cfg.min_nodes,
-                          min_available_nodes=cfg.min_nodes)
-    log.info("Strategy %s, server optimizer %s (lr %g)", cfg.strategy, cfg.server_optimizer,
-             cfg.optimizer.server_lr)
+    strategy.on_round = save
+    remaining = cfg.num_server_rounds - strategy.round_offset
+    log.info("Strategy %s, server optimizer %s (lr %g); %d rounds to run", cfg.strategy,
+             cfg.server_optimizer, cfg.optimizer.server_lr, max(remaining, 0))
+    if remaining <= 0:
+        return strategy.global_adapter
     start = time.perf_counter()
-    strategy.start(grid=grid, initial_arrays=to_array_record(adapter),
-                   num_rounds=cfg.num_server_rounds, timeout=cfg.round_timeout,
+    strategy.start(grid=grid, initial_arrays=to_array_record(strategy.global_adapter),
+                   num_rounds=remaining, timeout=cfg.round_timeout,
                    train_config=round_config(cfg).to_record())
-    log.info("Federation finished: %d rounds in %.1f s; global adapter in %s",
-             cfg.num_server_rounds, time.perf_counter() - start, out / "global-adapter")
+    log.info("Federation finished: %d rounds in %.1f s; global adapter in %s", remaining,
+             time.perf_counter() - start, out / "global-adapter")
     return strategy.global_adapter
+
+
+def _clear_run(out: Path) -> None:
+    """Remove what an earlier run left in ``out`` (a new run replaces it)."""
+    leftovers = [out / STATE_DIR, out / "rounds", out / "global-adapter", out / "metrics.jsonl"]
+    if any(p.exists() for p in leftovers):
+        log.warning("Starting a new run in %s: the earlier run there is replaced (set resume "
+                    "to continue it instead)", out)
+    for path in leftovers:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def make_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:

@@ -13,7 +13,8 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,21 +24,16 @@ from safetensors.numpy import save_file
 from fedlora.lora import RESIDUAL_FILE, LoraSettings
 
 
-def save_adapter(arrays: Mapping[str, np.ndarray], folder: Path, lora: LoraSettings,
-                 base_dir: Path, metadata: Mapping[str, Any] | None = None,
-                 residuals: Mapping[str, np.ndarray] | None = None) -> Path:
-    """Write ``arrays`` as a PEFT adapter folder at ``folder`` (replacing it atomically)."""
+@contextmanager
+def atomic_folder(folder: Path) -> Iterator[Path]:
+    """Yield a temporary folder beside ``folder``; on success it replaces ``folder`` at once.
+
+    On an exception the temporary folder is removed and ``folder`` is left as it was.
+    """
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:
-        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()},
-                  tmp / "adapter_model.safetensors", metadata={"format": "pt"})
-        lora.peft_config(base_dir).save_pretrained(tmp)
-        if residuals:
-            save_file({k: np.ascontiguousarray(v) for k, v in residuals.items()},
-                      tmp / RESIDUAL_FILE, metadata={"format": "pt"})
-        if metadata:
-            (tmp / "fedlora.json").write_text(json.dumps(dict(metadata), indent=2))
+        yield tmp
         if folder.exists():
             old = folder.with_name(f".{folder.name}-old")
             shutil.rmtree(old, ignore_errors=True)
@@ -48,4 +44,19 @@ def save_adapter(arrays: Mapping[str, np.ndarray], folder: Path, lora: LoraSetti
             os.replace(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_adapter(arrays: Mapping[str, np.ndarray], folder: Path, lora: LoraSettings,
+                 base_dir: Path, metadata: Mapping[str, Any] | None = None,
+                 residuals: Mapping[str, np.ndarray] | None = None) -> Path:
+    """Write ``arrays`` as a PEFT adapter folder at ``folder`` (replacing it atomically)."""
+    with atomic_folder(folder) as tmp:
+        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()},
+                  tmp / "adapter_model.safetensors", metadata={"format": "pt"})
+        lora.peft_config(base_dir).save_pretrained(tmp)
+        if residuals:
+            save_file({k: np.ascontiguousarray(v) for k, v in residuals.items()},
+                      tmp / RESIDUAL_FILE, metadata={"format": "pt"})
+        if metadata:
+            (tmp / "fedlora.json").write_text(json.dumps(dict(metadata), indent=2))
     return folder

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedlora.data.drugreview import SITES
@@ -52,11 +53,18 @@ class LoraFedAvg(FedAvg):
         self.residuals: Arrays = {}  # FedEx-LoRA's dense corrections, summed over rounds
         self.reply_spec = restrict(spec, self.aggregator.factors()[1])
         self.history_file = history_file
+        self.history: list[dict[str, Any]] = []  # one record per completed round
         self.on_round = on_round
+        self.round_offset = 0  # rounds completed before this start (a resumed run)
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        return super().configure_train(server_round + self.round_offset, arrays, config, grid)
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None,
                                                              MetricRecord | None]:
+        server_round += self.round_offset
         accepted: list[TrainReply] = []
         dropped = 0
         for msg in replies:
@@ -71,8 +79,11 @@ class LoraFedAvg(FedAvg):
                 log.warning("Round %d: dropped reply from node %s: %s", server_round, node, exc)
                 dropped += 1
         record = self._round_record(server_round, accepted, dropped)
-        if not accepted:
-            log.warning("Round %d: no usable reply; the global adapter is unchanged", server_round)
+        if len(accepted) < max(self.min_train_nodes, 1):
+            log.warning("Round %d: %d usable replies, fewer than the minimum %d; the global "
+                        "adapter is unchanged", server_round, len(accepted),
+                        self.min_train_nodes)
+            record["skipped"] = True
             self._finish_round(server_round, record)
             return None, None
         updates = [ClientUpdate(r.delta, r.num_examples) for r in accepted]
@@ -110,6 +121,7 @@ class LoraFedAvg(FedAvg):
                 "replies": len(accepted), "dropped": dropped, "sites": sites}
 
     def _finish_round(self, server_round: int, record: dict[str, Any]) -> None:
+        self.history.append(record)
         if self.on_round is not None:
             self.on_round(server_round, self.global_adapter, self.residuals, record)
         if self.history_file is not None:

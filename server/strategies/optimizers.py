@@ -87,7 +87,7 @@ class OptimizerState:
         """The inverse of :meth:`to_arrays`."""
         if "step" not in arrays:
             raise ValueError("optimizer state lacks 'step': was it saved with to_arrays()?")
-        return cls(int(arrays["step"]),
+        return cls(int(np.asarray(arrays["step"]).reshape(-1)[0]),  # 0-d, or (1,) on reload
                    {k[2:]: np.asarray(v, np.float64) for k, v in arrays.items()
                     if k.startswith("m/")},
                    {k[2:]: np.asarray(v, np.float64) for k, v in arrays.items()
