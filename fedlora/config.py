@@ -39,8 +39,12 @@ class RunConfig:
     strategy: str = "fedit"  # fedit | ffa-lora | fedsa-lora | fedex-lora (fedlora.server.strategies)
     server_optimizer: str = "sgd"  # sgd (FedAvg) | avgm | adam | yogi, on the aggregated delta
     server_lr: float = 0.0  # server learning rate; 0 = the optimizer's default (1 sgd/avgm, 0.01)
+    aggregation: str = "mean"  # mean (example-weighted) | median | trimmed-mean (robust, unweighted)
+    trim_fraction: float = 0.1  # trimmed-mean: share of values cut at each end per coordinate
+    clip_norm: float = 0.0  # per-client L2 bound on the delta before aggregation; 0 = off
     seed: int = 0  # seeds the initial adapter and every node's sampling
     min_nodes: int = 1  # nodes needed to start a round, and usable replies to aggregate one
+    min_available_nodes: int = 0  # nodes to wait for before sampling; 0 = min-nodes
     fraction_train: float = 1.0  # share of connected nodes sampled for each round
     round_timeout: float = 3600.0  # seconds to wait for replies in a round
     output_dir: str = "runs/latest"  # where global adapters and metrics are written
@@ -63,6 +67,8 @@ class RunConfig:
             raise ConfigError(f"lr={self.lr}: must be in (0, 1), e.g. 3e-4")
         if self.max_length < 32:
             raise ConfigError(f"max-length={self.max_length}: must be >= 32")
+        if self.min_available_nodes < 0:
+            raise ConfigError(f"min-available-nodes={self.min_available_nodes}: must be >= 0")
         if not 0 < self.fraction_train <= 1:
             raise ConfigError(f"fraction-train={self.fraction_train}: must be in (0, 1]")
         if self.round_timeout <= 0:
@@ -76,6 +82,18 @@ class RunConfig:
         except ValueError as exc:
             raise ConfigError(f"server-optimizer={self.server_optimizer!r}, server-lr="
                               f"{self.server_lr}: {exc}") from None
+        from fedlora.server.strategies import make_reducer
+
+        try:
+            make_reducer(self.aggregation, self.trim_fraction)
+        except ValueError as exc:
+            raise ConfigError(f"aggregation={self.aggregation!r}, trim-fraction="
+                              f"{self.trim_fraction}: {exc}") from None
+        if self.clip_norm < 0:
+            raise ConfigError(f"clip-norm={self.clip_norm}: must be >= 0 (0 turns it off)")
+        if self.strategy == "fedex-lora" and self.aggregation != "mean":
+            raise ConfigError("strategy='fedex-lora' is exact only for aggregation='mean': "
+                              "use fedit, ffa-lora or fedsa-lora with a robust aggregation")
         if self.strategy == "fedex-lora" and (self.server_optimizer != "sgd"
                                               or self.server_lr not in (0.0, 1.0)):
             raise ConfigError("strategy='fedex-lora' is exact only with server-optimizer='sgd' "

@@ -25,7 +25,8 @@ from fedlora.lora import adapter_shapes, initial_adapter
 from fedlora.protocol.adapter import spec_of
 from fedlora.protocol.messages import RoundConfig, to_array_record
 from fedlora.server.checkpoint import save_adapter
-from fedlora.server.strategies import get_strategy
+from fedlora.server.strategies import get_strategy, make_reducer
+from fedlora.server.report import write_report
 from fedlora.server.state import (STATE_DIR, ServerState, capture_random, check_resumable,
                                   load_state, restore_random, save_state)
 from fedlora.server.strategy import LoraFedAvg
@@ -74,10 +75,12 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict[str, np.ndarray]:
                                               "base-model-dir": str(base_dir),
                                               "adapter-parameters": n_params}, indent=2))
     strategy = LoraFedAvg(spec=spec_of(adapter), global_adapter=adapter,
-                          aggregator=get_strategy(cfg.strategy), optimizer=cfg.optimizer,
+                          aggregator=get_strategy(cfg.strategy,
+                                                  make_reducer(cfg.aggregation, cfg.trim_fraction)),
+                          optimizer=cfg.optimizer, clip_norm=cfg.clip_norm or None,
                           scale=cfg.lora.alpha / cfg.lora.r, history_file=out / "metrics.jsonl",
                           fraction_train=cfg.fraction_train, min_train_nodes=cfg.min_nodes,
-                          min_available_nodes=cfg.min_nodes)
+                          min_available_nodes=max(cfg.min_available_nodes, cfg.min_nodes))
     if saved is not None:
         strategy.round_offset = saved.completed_round
         strategy.opt_state, strategy.residuals = saved.optimizer, saved.residuals
@@ -95,6 +98,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict[str, np.ndarray]:
                                     optimizer=strategy.opt_state, residuals=residuals,
                                     history=strategy.history, settings=settings,
                                     python_random=capture_random()))
+        write_report(out, strategy.history, settings)
 
     strategy.on_round = save
     remaining = cfg.num_server_rounds - strategy.round_offset
@@ -113,7 +117,8 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict[str, np.ndarray]:
 
 def _clear_run(out: Path) -> None:
     """Remove what an earlier run left in ``out`` (a new run replaces it)."""
-    leftovers = [out / STATE_DIR, out / "rounds", out / "global-adapter", out / "metrics.jsonl"]
+    leftovers = [out / STATE_DIR, out / "rounds", out / "global-adapter", out / "metrics.jsonl",
+                 out / "report.md", out / "loss.png"]
     if any(p.exists() for p in leftovers):
         log.warning("Starting a new run in %s: the earlier run there is replaced (set resume "
                     "to continue it instead)", out)

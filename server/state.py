@@ -26,7 +26,7 @@ Arrays = dict[str, np.ndarray]
 STATE_DIR = "server-state"
 # Settings that may change between a run and its resume; every other one must match.
 RESUMABLE_KEYS = frozenset({"num-server-rounds", "round-timeout", "output-dir", "resume",
-                            "min-nodes"})
+                            "min-nodes", "min-available-nodes"})
 
 
 @dataclass

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from fedlora.data.drugreview import SITES
 from fedlora.protocol.adapter import AdapterSpec, restrict
 from fedlora.protocol.messages import ProtocolError, TrainReply, to_array_record
 from fedlora.server.strategies import (ClientUpdate, FedIT, LoraAggregator, OptimizerState,
-                                       ServerOptimizer, step)
+                                       ServerOptimizer, clip_update_norm, step)
 from fedlora.server.strategies.fedex_lora import add_residuals
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ class LoraFedAvg(FedAvg):
     def __init__(self, spec: AdapterSpec, global_adapter: Arrays,
                  aggregator: LoraAggregator | None = None,
                  optimizer: ServerOptimizer | None = None, scale: float = 1.0,
+                 clip_norm: float | None = None,
                  history_file: Path | None = None, on_round: RoundHook | None = None,
                  **fedavg: Any) -> None:
         super().__init__(fraction_evaluate=0.0, **fedavg)
@@ -50,6 +52,7 @@ class LoraFedAvg(FedAvg):
         self.optimizer = optimizer or ServerOptimizer()
         self.opt_state = OptimizerState()
         self.scale = scale  # lora_alpha / r
+        self.clip_norm = clip_norm  # per-client L2 bound on the delta; None: no clipping
         self.residuals: Arrays = {}  # FedEx-LoRA's dense corrections, summed over rounds
         self.reply_spec = restrict(spec, self.aggregator.factors()[1])
         self.history_file = history_file
@@ -59,6 +62,7 @@ class LoraFedAvg(FedAvg):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
+        self._round_started = time.monotonic()
         return super().configure_train(server_round + self.round_offset, arrays, config, grid)
 
     def aggregate_train(self, server_round: int,
@@ -87,6 +91,13 @@ class LoraFedAvg(FedAvg):
             self._finish_round(server_round, record)
             return None, None
         updates = [ClientUpdate(r.delta, r.num_examples) for r in accepted]
+        if self.clip_norm is not None:
+            clipped = [clip_update_norm(u.delta, self.clip_norm) for u in updates]
+            record["clipped"] = sum(norm > self.clip_norm for _, norm in clipped)
+            log.info("Round %d: clipped %d of %d updates to L2 norm %g", server_round,
+                     record["clipped"], len(updates), self.clip_norm)
+            updates = [ClientUpdate(d, u.num_examples)
+                       for (d, _), u in zip(clipped, updates, strict=True)]
         try:
             result = self.aggregator.aggregate(self.global_adapter, updates, self.scale)
         except ValueError as exc:
@@ -117,8 +128,11 @@ class LoraFedAvg(FedAvg):
         loss = sum(r.train_loss * r.num_examples for r in accepted) / n if n else float("nan")
         log.info("Round %d | %-17s | loss %.4f | examples %4d | %d replies, %d dropped",
                  server_round, "aggregate", loss, n, len(accepted), dropped)
+        started = getattr(self, "_round_started", None)
+        seconds = time.monotonic() - started if started is not None else float("nan")
         return {"round": server_round, "train-loss": loss, "num-examples": n,
-                "replies": len(accepted), "dropped": dropped, "sites": sites}
+                "replies": len(accepted), "dropped": dropped, "seconds": seconds,
+                "sites": sites}
 
     def _finish_round(self, server_round: int, record: dict[str, Any]) -> None:
         self.history.append(record)

@@ -13,12 +13,15 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedlora.basemodel import resolve_base_model
 from fedlora.config import RunConfig
 from fedlora.data.drugreview import load_split, split_by_site
 from fedlora.errors import DataError, FedloraError
+
+if TYPE_CHECKING:
+    from flwr.clientapp import ClientApp
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +47,12 @@ def offline_environment() -> None:
     os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning,ignore::FutureWarning")
 
 
-def simulate(cfg: RunConfig, client_cpus: float = 1.0) -> SimulationResult:
-    """Run the federation described by ``cfg`` with one virtual node per site."""
+def simulate(cfg: RunConfig, client_cpus: float = 1.0,
+             client_app: ClientApp | None = None) -> SimulationResult:
+    """Run the federation described by ``cfg`` with one virtual node per site.
+
+    ``client_app`` replaces fedlora's ClientApp (tests use it to plant slow or failing nodes).
+    """
     offline_environment()
     from flwr.simulation import run_simulation
 
@@ -60,13 +67,13 @@ def simulate(cfg: RunConfig, client_cpus: float = 1.0) -> SimulationResult:
     node_defaults = {"base-model": cfg.base_model, "quantization": cfg.quantization,
                      "sites": cfg.sites}
     n = len(cfg.site_names)
-    run_cfg = cfg.to_mapping() | {"min-nodes": n}
+    run_cfg = cfg.to_mapping() | {"min-available-nodes": n}  # every site joins round 1
     backend = {"client_resources": {"num_cpus": client_cpus, "num_gpus": 0.0},
                "init_args": {"num_cpus": max(os.cpu_count() or 1, 1),
                              "include_dashboard": False, "log_to_driver": True}}
     start = time.perf_counter()
     run_simulation(server_app=make_server_app(run_cfg),
-                   client_app=make_client_app(node_defaults), num_supernodes=n,
+                   client_app=client_app or make_client_app(node_defaults), num_supernodes=n,
                    backend_name="ray", backend_config=backend)
     seconds = time.perf_counter() - start
     out = Path(cfg.output_dir)

@@ -30,6 +30,9 @@ def test_every_site_trains_in_every_round(federation):
         assert record["num-examples"] == 153 + 148 + 90
     lines = (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["round"] for line in lines] == [1, 2]
+    report = (Path(cfg.output_dir) / "report.md").read_text()
+    assert "| 2 |" in report and "loss.png" in report
+    assert (Path(cfg.output_dir) / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_global_adapter_is_saved_each_round_and_moves(federation, tiny_model_dir):

@@ -149,3 +149,23 @@ def test_fedex_residuals_are_checkpointed_and_merged_exactly(global_adapter, tin
                                        @ (global_adapter[a] + d[a]).astype(np.float64))
                       for d, n in ((d1, 1), (d2, 3)))
     np.testing.assert_allclose(w - w0, mean_update, atol=1e-5)
+
+
+def test_untrusted_settings_clip_norms_and_take_the_median(global_adapter):
+    from fedlora.server.strategies import get_strategy, make_reducer
+
+    honest = [_deltas(global_adapter, 0.01, seed) for seed in (11, 12, 13)]
+    poisoned = {k: np.full_like(v, 1e3) for k, v in global_adapter.items()}
+    strategy = LoraFedAvg(spec=spec_of(global_adapter), global_adapter=dict(global_adapter),
+                          aggregator=get_strategy("fedit", make_reducer("median")),
+                          clip_norm=0.5)
+    replies = [_reply(i, d, 10) for i, d in enumerate(honest)] + [_reply(9, poisoned, 1000)]
+    arrays, _ = strategy.aggregate_train(1, replies)
+
+    got = arrays_of(arrays)
+    for k, v in global_adapter.items():  # the poisoned client moved nothing past the honest ones
+        lo = np.min([h[k] for h in honest], axis=0)
+        hi = np.max([h[k] for h in honest], axis=0)
+        step = got[k] - v
+        assert np.all(step >= np.minimum(lo, 0) - 1e-6) and np.all(step <= np.maximum(hi, 0) + 1e-6)
+    assert strategy.history[-1]["clipped"] >= 1

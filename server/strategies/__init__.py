@@ -16,6 +16,7 @@ from fedlora.server.strategies.fedit import FedIT
 from fedlora.server.strategies.fedsa_lora import FedSALoRA
 from fedlora.server.strategies.ffa_lora import FFALoRA
 from fedlora.server.strategies.optimizers import OptimizerState, ServerOptimizer, step
+from fedlora.server.strategies.robust import Reducer, clip_update_norm, make_reducer
 
 STRATEGIES: dict[str, type[LoraAggregator]] = {
     cls.name: cls for cls in (FedIT, FFALoRA, FedSALoRA, FedExLoRA)}
@@ -27,16 +28,17 @@ def _lookup(name: str) -> type[LoraAggregator]:
     return STRATEGIES[name]
 
 
-def get_strategy(name: str) -> LoraAggregator:
-    """A new instance of the strategy registered as ``name``."""
-    return _lookup(name)()
+def get_strategy(name: str, reducer: Reducer | None = None) -> LoraAggregator:
+    """A new instance of the strategy registered as ``name``, reducing updates with ``reducer``."""
+    return _lookup(name)(reducer)
 
 
-def needs_individual_updates(name: str) -> bool:
+def needs_individual_updates(name: str, reducer: str = "mean") -> bool:
     """True when the strategy needs each client's update (so secure aggregation must refuse it)."""
-    return _lookup(name).needs_individual_updates
+    return _lookup(name).needs_individual_updates or reducer != "mean"
 
 
 __all__ = ["STRATEGIES", "AggregationResult", "ClientUpdate", "FFALoRA", "FedExLoRA", "FedIT",
-           "FedSALoRA", "LoraAggregator", "OptimizerState", "ServerOptimizer", "get_strategy",
-           "layer_pairs", "needs_individual_updates", "step"]
+           "FedSALoRA", "LoraAggregator", "OptimizerState", "Reducer", "ServerOptimizer",
+           "clip_update_norm", "get_strategy", "layer_pairs", "make_reducer",
+           "needs_individual_updates", "step"]

@@ -21,6 +21,7 @@ from typing import ClassVar
 import numpy as np
 
 from fedlora.server.aggregate import apply_delta, weighted_mean
+from fedlora.server.strategies.robust import Reducer
 
 A_SUFFIX = ".lora_A.weight"
 B_SUFFIX = ".lora_B.weight"
@@ -130,6 +131,14 @@ class LoraAggregator(ABC):
     sends_a: ClassVar[bool]  # clients train and send their A delta
     sends_b: ClassVar[bool]  # clients train and send their B delta
     trains_a: ClassVar[bool] = True  # False: A stays frozen at the shared init (FFA-LoRA)
+
+    def __init__(self, reducer: Reducer | None = None) -> None:
+        self.reducer = reducer or Reducer()  # mean (example-weighted) | median | trimmed-mean
+
+    @property
+    def individual_updates_needed(self) -> bool:
+        """True when this instance cannot run on a secure-aggregated sum."""
+        return self.needs_individual_updates or self.reducer.needs_individual_updates
 
     @classmethod
     def factors(cls) -> tuple[str, str]:

@@ -27,6 +27,7 @@ import numpy as np
 from fedlora.server.aggregate import apply_delta
 from fedlora.server.strategies.base import (Arrays, ClientUpdate, LayerPair, LoraAggregator,
                                             mean_delta)
+from fedlora.server.strategies.robust import Reducer
 
 
 def residuals(global_adapter: Mapping[str, np.ndarray], new_global: Mapping[str, np.ndarray],
@@ -39,10 +40,12 @@ def residuals(global_adapter: Mapping[str, np.ndarray], new_global: Mapping[str,
         a0 = global_adapter[a_name].astype(np.float64)
         b0 = global_adapter[b_name].astype(np.float64)
         mean_product = np.zeros((b0.shape[0], a0.shape[1]), dtype=np.float64)
-        for u in updates:
-            a_k = a0 + u.delta[a_name].astype(np.float64)
-            b_k = b0 + u.delta[b_name].astype(np.float64)
-            mean_product += (u.num_examples / total) * (b_k @ a_k)
+        for start in range(0, len(updates), 256):  # sum_k w_k B_k A_k as one product per chunk
+            chunk = updates[start:start + 256]
+            bs = np.concatenate([(u.num_examples / total) * (b0 + u.delta[b_name])
+                                 for u in chunk], axis=1)  # (out, K r)
+            as_ = np.concatenate([a0 + u.delta[a_name] for u in chunk], axis=0)  # (K r, in)
+            mean_product += bs @ as_
         product = new_global[b_name].astype(np.float64) @ new_global[a_name].astype(np.float64)
         out[prefix] = (scale * (mean_product - product)).astype(np.float32)
     return out
@@ -65,6 +68,13 @@ class FedExLoRA(LoraAggregator):
     needs_individual_updates: ClassVar[bool] = True
     sends_a: ClassVar[bool] = True
     sends_b: ClassVar[bool] = True
+
+    def __init__(self, reducer: Reducer | None = None) -> None:
+        super().__init__(reducer)
+        if self.reducer.kind != "mean":
+            raise ValueError(f"fedex-lora's residual is exact for the example-weighted mean only "
+                             f"(aggregation {self.reducer.kind!r} would let outliers back in "
+                             f"through it): use fedit, ffa-lora or fedsa-lora with it")
 
     def combine(self, global_adapter: Mapping[str, np.ndarray], pairs: Mapping[str, LayerPair],
                 updates: Sequence[ClientUpdate], scale: float) -> tuple[Arrays, Arrays]:

@@ -19,8 +19,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from fedlora.server.strategies.base import (Arrays, ClientUpdate, LayerPair, LoraAggregator,
-                                            mean_delta)
+from fedlora.server.strategies.base import Arrays, ClientUpdate, LayerPair, LoraAggregator
 
 
 class FedIT(LoraAggregator):
@@ -33,4 +32,4 @@ class FedIT(LoraAggregator):
 
     def combine(self, global_adapter: Mapping[str, np.ndarray], pairs: Mapping[str, LayerPair],
                 updates: Sequence[ClientUpdate], scale: float) -> tuple[Arrays, Arrays]:
-        return mean_delta(updates, global_adapter), {}
+        return self.reducer(updates, list(global_adapter)), {}

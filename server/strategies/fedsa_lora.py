@@ -21,7 +21,7 @@ from typing import ClassVar
 import numpy as np
 
 from fedlora.server.strategies.base import (Arrays, ClientUpdate, LayerPair, LoraAggregator,
-                                            mean_delta, zeros_like)
+                                            zeros_like)
 
 
 class FedSALoRA(LoraAggregator):
@@ -35,5 +35,5 @@ class FedSALoRA(LoraAggregator):
     def combine(self, global_adapter: Mapping[str, np.ndarray], pairs: Mapping[str, LayerPair],
                 updates: Sequence[ClientUpdate], scale: float) -> tuple[Arrays, Arrays]:
         delta = zeros_like(global_adapter, [b for _, b in pairs.values()])
-        delta.update(mean_delta(updates, [a for a, _ in pairs.values()]))
+        delta.update(self.reducer(updates, [a for a, _ in pairs.values()]))
         return delta, {}

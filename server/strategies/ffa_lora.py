@@ -21,7 +21,7 @@ from typing import ClassVar
 import numpy as np
 
 from fedlora.server.strategies.base import (Arrays, ClientUpdate, LayerPair, LoraAggregator,
-                                            mean_delta, zeros_like)
+                                            zeros_like)
 
 
 class FFALoRA(LoraAggregator):
@@ -45,5 +45,5 @@ class FFALoRA(LoraAggregator):
                                      f"(largest |delta| {largest:.3g}); freeze lora_A on the "
                                      f"clients or choose another strategy")
         delta = zeros_like(global_adapter, a_names)
-        delta.update(mean_delta(updates, b_names))
+        delta.update(self.reducer(updates, b_names))
         return delta, {}

@@ -1,0 +1,45 @@
+"""Participation: a node that never answers costs each round its timeout, no more."""
+
+import time
+
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from fedlora.client.app import run_round
+from fedlora.client.node import NodeSettings
+from fedlora.config import RunConfig
+from fedlora.simulations.run import simulate
+
+TIMEOUT = 30.0  # covers a cold start: Ray actor, imports, model load
+HANG_SECONDS = 2 * TIMEOUT + 15  # the node answers only after both rounds are over
+
+
+def _app_with_a_hanging_site(defaults: dict, hanging_site: str) -> ClientApp:
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        merged = {**defaults, **context.run_config, **context.node_config}
+        if NodeSettings.from_config(merged).site == hanging_site:
+            time.sleep(HANG_SECONDS)
+        reply = run_round(msg.content, merged, context.state)
+        return Message(content=reply.to_content(), reply_to=msg)
+
+    return app
+
+
+def test_rounds_end_at_the_timeout_and_aggregate_who_answered(tiny_model_dir, tmp_path):
+    cfg = RunConfig.from_mapping({"base-model": str(tiny_model_dir), "quantization": "fp32",
+                                  "num-server-rounds": 2, "local-steps": 1,
+                                  "sites": "mental,pain", "round-timeout": TIMEOUT,
+                                  "min-nodes": 1, "output-dir": str(tmp_path)})
+    app = _app_with_a_hanging_site({"base-model": str(tiny_model_dir), "quantization": "fp32",
+                                    "sites": cfg.sites}, hanging_site="pain")
+    result = simulate(cfg, client_app=app)
+
+    assert [r["replies"] for r in result.history] == [1, 1]
+    assert all(set(r["sites"]) == {"mental"} for r in result.history)
+    assert not any(r.get("skipped") for r in result.history)
+    # Each round ended at its timeout: it did not wait for the hanging node.
+    for r in result.history:
+        assert TIMEOUT - 1 <= r["seconds"] <= TIMEOUT + 10, r["seconds"]
