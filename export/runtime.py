@@ -237,7 +237,7 @@ class EdgeModel:
             feed["position_ids"] = np.broadcast_to(positions, (batch, length)).copy()
         feed.update(past)
         outputs = self.session.run(self._output_names, feed)
-        by_name = dict(zip(self._output_names, outputs))
+        by_name = dict(zip(self._output_names, outputs, strict=True))
         present = {in_name: by_name[out_name] for in_name, out_name, _, _ in self._past_specs}
         return by_name["logits"], present
 

@@ -101,7 +101,7 @@ class RunConfig:
         unknown = [s for s in self.site_names if s not in SITES]
         if unknown or not self.site_names:
             raise ConfigError(f"sites={self.sites!r}: use comma-separated names from {SITES}")
-        self.lora  # validates the LoRA fields
+        _ = self.lora  # building LoraSettings validates the LoRA fields
 
     @property
     def optimizer(self) -> ServerOptimizer:
