@@ -57,7 +57,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict[str, np.ndarray]:
     saved = load_state(out) if cfg.resume else None
     if saved is not None:
         check_resumable(saved.settings, settings, out)
-        if spec_of(saved.global_adapter) != spec_of(initial_adapter(shapes, cfg.seed)):
+        if {k: tuple(v.shape) for k, v in saved.global_adapter.items()} != shapes:
             raise ConfigError(f"the adapter saved in {out} does not fit {base_dir} with these "
                               f"LoRA settings: resume with the same model and LoRA settings")
         adapter = saved.global_adapter
