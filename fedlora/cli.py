@@ -1,4 +1,4 @@
-"""The ``fedlora`` command line: demo, simulate, export, prepare-base.
+"""The ``fedlora`` command line: demo, simulate, export, prepare-base, check-data.
 
 Bad input (a wrong model path, a missing data file, a malformed config) ends with one line on
 stderr that says what to fix, and exit status 2; never a traceback.
@@ -116,6 +116,27 @@ def prepare_base() -> None:
     from fedlora.basemodel import prepare_default
 
     typer.echo(prepare_default())
+
+
+@cli.command("check-data")
+def check_data(
+        path: Annotated[Path, typer.Argument(help="a data file, or a folder of them")],
+        fmt: Annotated[str, typer.Option("--format",
+                                         help="auto | chat | pairs | csv | tsv | text")] = "auto",
+        prompt_column: Annotated[str, typer.Option(help="column with the prompt")] = "prompt",
+        response_column: Annotated[str, typer.Option(help="column with the answer")] = "response",
+        system_column: Annotated[str, typer.Option(help="column with a system prompt")] = "",
+        text_column: Annotated[str, typer.Option(help="column with plain text instead")] = "",
+        on_bad_record: Annotated[str, typer.Option(help="stop | skip")] = "stop",
+        encoding: Annotated[str, typer.Option(help="the files' text encoding")] = "utf-8") -> None:
+    """Read training data as a node would, and report what it holds or what to fix."""
+    from fedlora.data.formats import DataSpec, describe, load_examples
+
+    result = load_examples(DataSpec(
+        str(path), format=fmt, prompt_column=prompt_column, response_column=response_column,
+        system_column=system_column, text_column=text_column, on_bad_record=on_bad_record,
+        encoding=encoding))
+    typer.echo(describe(result))
 
 
 def main(argv: list[str] | None = None) -> None:

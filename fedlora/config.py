@@ -13,14 +13,14 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fedlora.client.quantization import BACKEND_NAMES as QUANTIZATIONS
 from fedlora.data.drugreview import SITES
 from fedlora.errors import ConfigError
 from fedlora.lora import LoraSettings
 
 if TYPE_CHECKING:
+    from fedlora.protocol.secagg import SecAggSettings
     from fedlora.server.strategies import ServerOptimizer
-
-QUANTIZATIONS = ("nf4", "int8", "bf16", "fp32")
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,27 @@ class RunConfig:
     lora_alpha: float = 16.0  # LoRA scaling numerator (update scaled by alpha / r)
     lora_dropout: float = 0.05  # dropout on the LoRA path
     target_modules: str = "all-linear"  # "all-linear" or comma-separated module names
+    lora_rslora: bool = False  # rank-stabilised LoRA scaling alpha / sqrt(r)
+    local_epochs: float = 0.0  # > 0: passes over each node's data per round, instead of local-steps
+    grad_accum: int = 1  # micro-batches (of batch-size) per optimizer step
+    warmup_steps: int = 0  # linear learning-rate warmup at the start of each round
+    lr_schedule: str = "constant"  # after warmup: constant | cosine | linear (decay to 0)
+    max_grad_norm: float = 1.0  # gradient clip on nodes (global L2); 0 = off
+    weight_decay: float = 0.0  # AdamW weight decay on the LoRA tensors
+    loss: str = "completion"  # completion (answer tokens only) | full (every token)
+    packing: bool = False  # pack several examples into each row of max-length tokens
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory
+    eval_fraction: float = 0.1  # share of each node's examples held out (seeded) for evaluation
+    evaluate_every: int = 1  # federated evaluation every N rounds and after the last; 0 = off
+    fraction_evaluate: float = 1.0  # share of connected nodes asked to evaluate
+    eval_labels: str = ""  # label task: comma-separated answers scored for accuracy ("" = none;
+    # the packaged drug reviews always use negative,neutral,positive)
+    central_eval: str = ""  # server-held test data: "" (off), "drugreview" or a data file/folder
+    central_eval_samples: int = 150  # central evaluation uses the first N examples
+    secure_aggregation: bool = False  # SecAgg+: the server learns only the sum of the updates
+    secagg_clip_norm: float = 10.0  # SecAgg+: nodes clip their delta to this L2 norm (reported)
+    secagg_num_shares: int = 5  # SecAgg+: shares per secret (neighbours + self); capped at nodes
+    secagg_threshold: int = 3  # SecAgg+: shares needed to reconstruct; > half the shares
     strategy: str = "fedit"  # fedit | ffa-lora | fedsa-lora | fedex-lora (fedlora.server.strategies)
     server_optimizer: str = "sgd"  # sgd (FedAvg) | avgm | adam | yogi, on the aggregated delta
     server_lr: float = 0.0  # server learning rate; 0 = the optimizer's default (1 sgd/avgm, 0.01)
@@ -65,6 +86,26 @@ class RunConfig:
                 raise ConfigError(f"{_key(name)}={getattr(self, name)}: must be >= 1")
         if not 0 < self.lr < 1:
             raise ConfigError(f"lr={self.lr}: must be in (0, 1), e.g. 3e-4")
+        from fedlora.protocol.messages import LOSSES, SCHEDULES
+
+        if self.loss not in LOSSES:
+            raise ConfigError(f"loss={self.loss!r}: use one of {LOSSES}")
+        if self.lr_schedule not in SCHEDULES:
+            raise ConfigError(f"lr-schedule={self.lr_schedule!r}: use one of {SCHEDULES}")
+        for name in ("grad_accum", "central_eval_samples"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{_key(name)}={getattr(self, name)}: must be >= 1")
+        for name in ("local_epochs", "warmup_steps", "max_grad_norm", "weight_decay",
+                     "evaluate_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{_key(name)}={getattr(self, name)}: must be >= 0")
+        if self.local_epochs == 0 and self.warmup_steps > self.local_steps:
+            raise ConfigError(f"warmup-steps={self.warmup_steps} exceeds local-steps="
+                              f"{self.local_steps}")
+        if not 0 <= self.eval_fraction < 1:
+            raise ConfigError(f"eval-fraction={self.eval_fraction}: must be in [0, 1)")
+        if not 0 < self.fraction_evaluate <= 1:
+            raise ConfigError(f"fraction-evaluate={self.fraction_evaluate}: must be in (0, 1]")
         if self.max_length < 32:
             raise ConfigError(f"max-length={self.max_length}: must be >= 32")
         if self.min_available_nodes < 0:
@@ -98,6 +139,29 @@ class RunConfig:
                                               or self.server_lr not in (0.0, 1.0)):
             raise ConfigError("strategy='fedex-lora' is exact only with server-optimizer='sgd' "
                               "and server-lr=1: drop the server optimizer or pick another strategy")
+        if self.secure_aggregation:
+            from fedlora.server.secagg import SecAggError, check_composable
+            from fedlora.server.strategies import get_strategy
+
+            try:
+                check_composable(get_strategy(self.strategy, make_reducer(self.aggregation,
+                                                                          self.trim_fraction)))
+            except SecAggError as exc:
+                raise ConfigError(f"secure-aggregation=true: {exc}") from None
+            if self.clip_norm:
+                raise ConfigError("clip-norm clips each update on the server, which secure "
+                                  "aggregation hides: set clip-norm=0 and use secagg-clip-norm")
+            if self.min_nodes < 2:
+                raise ConfigError(f"secure-aggregation=true with min-nodes={self.min_nodes}: "
+                                  f"the sum of one node's update is that update; set min-nodes "
+                                  f">= 2, or secure-aggregation=false for a single site")
+            if self.secagg_clip_norm <= 0 or self.secagg_num_shares < 2 or \
+                    not self.secagg_num_shares // 2 < self.secagg_threshold <= \
+                    self.secagg_num_shares:
+                raise ConfigError(f"secagg-clip-norm={self.secagg_clip_norm}, secagg-num-shares="
+                                  f"{self.secagg_num_shares}, secagg-threshold="
+                                  f"{self.secagg_threshold}: need clip > 0, shares >= 2 and "
+                                  f"shares/2 < threshold <= shares")
         unknown = [s for s in self.site_names if s not in SITES]
         if unknown or not self.site_names:
             raise ConfigError(f"sites={self.sites!r}: use comma-separated names from {SITES}")
@@ -109,6 +173,15 @@ class RunConfig:
 
         return ServerOptimizer(kind=self.server_optimizer, lr=self.server_lr or None)
 
+    def secagg_settings(self, nodes: int) -> SecAggSettings:
+        """SecAgg+ settings for a round with ``nodes`` sampled nodes (shares capped at nodes)."""
+        from fedlora.protocol.secagg import SecAggSettings
+
+        shares = max(2, min(self.secagg_num_shares, nodes))
+        threshold = max(min(self.secagg_threshold, shares), shares // 2 + 1)
+        return SecAggSettings(clip_norm=float(self.secagg_clip_norm), num_shares=shares,
+                              reconstruction_threshold=threshold)
+
     @property
     def site_names(self) -> list[str]:
         return [s.strip() for s in self.sites.split(",") if s.strip()]
@@ -116,7 +189,8 @@ class RunConfig:
     @property
     def lora(self) -> LoraSettings:
         return LoraSettings(r=self.lora_r, alpha=float(self.lora_alpha),
-                            dropout=float(self.lora_dropout), target_modules=self.target_modules)
+                            dropout=float(self.lora_dropout), target_modules=self.target_modules,
+                            rslora=self.lora_rslora)
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], source: str = "config") -> RunConfig:

@@ -28,6 +28,12 @@ class LoraSettings:
     alpha: float = 16.0  # scaling numerator: the update is multiplied by alpha / r
     dropout: float = 0.05  # dropout on the LoRA path during training
     target_modules: str = "all-linear"  # "all-linear" or comma-separated module names
+    rslora: bool = False  # rank-stabilised LoRA: scale by alpha / sqrt(r) (Kalajdzievski, 2023)
+
+    @property
+    def scaling(self) -> float:
+        """The factor on B @ A: alpha / r, or alpha / sqrt(r) with rsLoRA."""
+        return self.alpha / (self.r ** 0.5 if self.rslora else self.r)
 
     def __post_init__(self) -> None:
         if not isinstance(self.r, int) or self.r < 1:
@@ -47,6 +53,7 @@ class LoraSettings:
             targets = [t.strip() for t in self.target_modules.split(",") if t.strip()]
         return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
                           target_modules=targets, bias="none", task_type="CAUSAL_LM",
+                          use_rslora=self.rslora,
                           base_model_name_or_path=str(base_dir) if base_dir else None)
 
 

@@ -1,13 +1,16 @@
-"""Turn a review into a chat-templated prompt and a one-word answer, tokenized for training.
+"""The drug-review task as chat examples, and batching of tokenized rows for training.
 
-Training is completion-only: the loss covers the answer tokens (and the end-of-turn token), never
-the prompt. Over-long reviews are cut on the token level so the question and the answer always fit.
+A review becomes a one-turn chat: the question plus the review from the user, the one-word rating
+from the assistant. Tokenization (chat template, completion-only labels, cutting over-long
+examples, packing) is generic and lives in :mod:`fedlora.encoding`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+
+from fedlora.data.records import Example, Turn
 
 INSTRUCTION = ("Is the sentiment of this drug review positive, neutral or negative? "
                "Answer with one word.")
@@ -19,82 +22,70 @@ def messages(review: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": f"{INSTRUCTION}\n\nReview: {review}"}]
 
 
-def render_prompt(tokenizer: Any, review: str) -> str:
-    """The prompt text up to and including the assistant header."""
-    return str(tokenizer.apply_chat_template(messages(review), tokenize=False,
-                                             add_generation_prompt=True))
+def review_example(review: str, label: str, source: str = "drugreview") -> Example:
+    """A review and its rating as a one-turn chat example."""
+    return Example(source=source, turns=(Turn("user", messages(review)[0]["content"]),
+                                         Turn("assistant", label)))
 
 
 @dataclass
 class Encoded:
     input_ids: list[int]
-    labels: list[int]
+    labels: list[int]  # IGNORE where the loss does not look
     truncated: bool
-
-
-def encode_prompt(tokenizer: Any, review: str, max_length: int) -> tuple[list[int], bool]:
-    """Prompt token ids of at most ``max_length``, cutting the review (not the question) if needed.
-
-    Returns the ids and whether the review was cut.
-    """
-    prompt_ids = tokenizer(render_prompt(tokenizer, review), add_special_tokens=False)["input_ids"]
-    if len(prompt_ids) <= max_length:
-        return prompt_ids, False
-    review_ids = tokenizer(review, add_special_tokens=False)["input_ids"]
-    budget = max_length - (len(prompt_ids) - len(review_ids)) - 2
-    if budget < 8:
-        raise ValueError(f"max_length={max_length} leaves no room for the review: raise it")
-    review = tokenizer.decode(review_ids[:budget], skip_special_tokens=True)
-    prompt_ids = tokenizer(render_prompt(tokenizer, review), add_special_tokens=False)["input_ids"]
-    return prompt_ids[:max_length], True
-
-
-def encode_answer(tokenizer: Any, answer: str) -> list[int]:
-    return list(tokenizer(answer + END_OF_TURN, add_special_tokens=False)["input_ids"])
-
-
-def encode(tokenizer: Any, review: str, answer: str, max_length: int) -> Encoded:
-    """Tokenize prompt + answer with labels on the answer only, cutting the review if needed."""
-    answer_ids = encode_answer(tokenizer, answer)
-    prompt_ids, truncated = encode_prompt(tokenizer, review, max_length - len(answer_ids))
-    return Encoded(input_ids=prompt_ids + answer_ids,
-                   labels=[IGNORE] * len(prompt_ids) + answer_ids, truncated=truncated)
+    position_ids: list[int] | None = None  # packed rows only: restarting at 0 per example
 
 
 def collate(batch: list[Encoded], pad_id: int, side: str = "left") -> dict[str, Any]:
     """Pad a batch into tensors: input_ids, attention_mask, position_ids, labels.
 
     Left padding (the default) puts every answer at the end of its row, so the answer tokens of
-    the whole batch lie in the last few columns (see :func:`answer_logits`).
+    the whole batch lie in the last few columns (see :func:`answer_logits`). Packed rows (with
+    ``position_ids``) are padded on the right by one more "example" of pad tokens and carry no
+    attention mask: the restarting position ids alone keep examples apart.
     """
     import torch
 
     width = max(len(e.input_ids) for e in batch)
+    packed = any(e.position_ids is not None for e in batch)
+    if packed:
+        side = "right"
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
+    positions = torch.zeros((len(batch), width), dtype=torch.long)
     for i, e in enumerate(batch):
         n = len(e.input_ids)
         cols = slice(width - n, width) if side == "left" else slice(0, n)
         ids[i, cols] = torch.tensor(e.input_ids)
         labels[i, cols] = torch.tensor(e.labels)
         mask[i, cols] = 1
+        if packed:
+            own = e.position_ids if e.position_ids is not None else list(range(n))
+            positions[i] = torch.tensor(own + list(range(width - n)))
+    if packed:
+        return {"input_ids": ids, "attention_mask": None, "position_ids": positions,
+                "labels": labels, "tokens": int(mask.sum())}
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    return {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "labels": labels}
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "labels": labels,
+            "tokens": int(mask.sum())}
 
 
 def answer_logits(model: Any, batch: dict[str, Any]) -> tuple[Any, Any]:
-    """Logits and targets for the answer tokens of a left-padded completion-only batch.
+    """Logits and targets for the scored tokens of a batch.
 
-    Only the last ``k + 1`` positions (k: the longest answer) get vocabulary logits, instead of
-    every prompt token: the same loss as the full computation for a fraction of the lm_head work.
-    Returns ``(logits [b, k, vocab], targets [b, k])``; targets hold IGNORE where not scored.
+    Only positions from the first scored column on get vocabulary logits (``logits_to_keep``):
+    for a left-padded completion-only batch that is the last few columns instead of every prompt
+    token, the same loss for a fraction of the lm_head work; for full-sequence loss or packed
+    rows it is (almost) every column. Returns ``(logits [b, k, vocab], targets [b, k])``;
+    targets hold IGNORE where not scored.
     """
     labels = batch["labels"]
-    scored = labels != IGNORE
-    k = int(scored.sum(-1).max())
-    if k == 0 or bool(scored[:, : labels.shape[1] - k].any()):
-        raise ValueError("answer_logits needs left-padded, completion-only labels")
+    scored = (labels != IGNORE).any(0)
+    if not bool(scored.any()):
+        raise ValueError("the batch has no scored tokens")
+    first = int(scored.int().argmax())
+    k = labels.shape[1] - max(first, 1)  # the first token is never a target
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                position_ids=batch["position_ids"], logits_to_keep=k + 1)
+                position_ids=batch["position_ids"], logits_to_keep=k + 1, use_cache=False)
     return out.logits[:, :-1], labels[:, -k:]

@@ -8,7 +8,7 @@ else may leave a node; :meth:`TrainReply.to_content` is the only constructor of 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -21,7 +21,12 @@ ARRAYS, CONFIG, METRICS = "arrays", "config", "metrics"
 NUM_EXAMPLES = "num-examples"  # the weight FedAvg-style aggregation uses
 # The whitelist of scalar metrics a client may send after training.
 TRAIN_METRICS = frozenset({NUM_EXAMPLES, "train-loss", "site-id", "wire-version",
-                           "load-seconds", "train-seconds"})
+                           "load-seconds", "train-seconds", "train-tokens", "scored-tokens"})
+# The whitelist of scalar metrics a client may send after evaluating the global adapter.
+EVAL_METRICS = frozenset({NUM_EXAMPLES, "eval-loss", "eval-perplexity", "eval-accuracy",
+                          "eval-tokens", "site-id", "wire-version", "eval-seconds"})
+LOSSES = ("completion", "full")
+SCHEDULES = ("constant", "cosine", "linear")
 
 
 class ProtocolError(ValueError):
@@ -44,9 +49,31 @@ class RoundConfig:
     target_modules: str
     train_factors: str = "AB"  # LoRA factors nodes train: "AB", or "B" (A frozen: FFA-LoRA)
     send_factors: str = "AB"  # factors nodes send; trained but unsent ones stay on the node
+    lora_rslora: bool = False  # rank-stabilised scaling alpha / sqrt(r) (Kalajdzievski, 2023)
+    local_epochs: float = 0.0  # > 0: passes over the node's data instead of local_steps
+    grad_accum: int = 1  # micro-batches per optimizer step
+    warmup_steps: int = 0  # linear learning-rate warmup at the start of the round
+    lr_schedule: str = "constant"  # constant | cosine | linear after warmup
+    max_grad_norm: float = 1.0  # gradient clip (global L2); 0 = off
+    weight_decay: float = 0.0  # AdamW weight decay
+    loss: str = "completion"  # completion (answer tokens only) | full (every token)
+    packing: bool = False  # pack several examples into one row of max_length tokens
+    gradient_checkpointing: bool = False  # recompute activations in backward (less memory)
     wire_version: int = WIRE_VERSION
 
     def __post_init__(self) -> None:
+        for f in fields(self):
+            want = type(f.default) if f.default is not MISSING else _REQUIRED_TYPES[f.name]
+            value = getattr(self, f.name)
+            ok = isinstance(value, want) or (want is float and isinstance(value, int))
+            if not ok or (isinstance(value, bool) and want is not bool):
+                raise ProtocolError(f"round config {f.name.replace('_', '-')}={value!r}: "
+                                    f"expected {want.__name__}")
+        if self.loss not in LOSSES:
+            raise ProtocolError(f"round config loss={self.loss!r}: use one of {LOSSES}")
+        if self.lr_schedule not in SCHEDULES:
+            raise ProtocolError(f"round config lr-schedule={self.lr_schedule!r}: use one of "
+                                f"{SCHEDULES}")
         if self.train_factors not in ("AB", "B"):
             raise ProtocolError(f"train-factors={self.train_factors!r}: use 'AB' or 'B'")
         if self.send_factors not in ("AB", "A", "B") or \
@@ -69,8 +96,8 @@ class RoundConfig:
         for f in fields(cls):
             key = f.name.replace("_", "-")
             if key not in record:
-                if f.name in ("wire_version", "train_factors", "send_factors"):
-                    continue  # optional: their defaults apply
+                if f.default is not MISSING:
+                    continue  # optional: its default applies
                 raise ProtocolError(f"round config lacks {key!r}")
             values[f.name] = record[key]
         config = cls(**values)
@@ -78,6 +105,11 @@ class RoundConfig:
             raise ProtocolError(f"wire version {config.wire_version} from the server; this "
                                 f"client speaks {WIRE_VERSION}: upgrade the older side")
         return config
+
+
+_REQUIRED_TYPES = {"server_round": int, "local_steps": int, "batch_size": int, "lr": float,
+                   "max_length": int, "seed": int, "lora_r": int, "lora_alpha": float,
+                   "lora_dropout": float, "target_modules": str}
 
 
 @dataclass
@@ -90,12 +122,15 @@ class TrainReply:
     site_id: int = -1
     load_seconds: float = 0.0
     train_seconds: float = 0.0
+    train_tokens: int = 0  # tokens processed this round (no padding)
+    scored_tokens: int = 0  # tokens the loss covered
 
     def metrics(self) -> dict[str, float | int]:
         return {NUM_EXAMPLES: int(self.num_examples), "train-loss": float(self.train_loss),
                 "site-id": int(self.site_id), "wire-version": WIRE_VERSION,
                 "load-seconds": float(self.load_seconds),
-                "train-seconds": float(self.train_seconds)}
+                "train-seconds": float(self.train_seconds),
+                "train-tokens": int(self.train_tokens), "scored-tokens": int(self.scored_tokens)}
 
     def to_content(self) -> RecordDict:
         arrays = to_array_record(self.delta)
@@ -108,19 +143,7 @@ class TrainReply:
     @classmethod
     def from_content(cls, content: RecordDict, spec: AdapterSpec) -> TrainReply:
         """Parse and validate a reply; raise ProtocolError with every problem found."""
-        if set(content.keys()) != {ARRAYS, METRICS}:
-            raise ProtocolError(f"reply records {sorted(content.keys())}, expected "
-                                f"{sorted([ARRAYS, METRICS])}")
-        metrics = content.metric_records[METRICS]
-        extra = set(metrics.keys()) - TRAIN_METRICS
-        if extra:
-            raise ProtocolError(f"metrics outside the whitelist: {sorted(extra)}")
-        if metrics.get("wire-version") != WIRE_VERSION:
-            raise ProtocolError(f"wire version {metrics.get('wire-version')}, expected "
-                                f"{WIRE_VERSION}")
-        n = metrics.get(NUM_EXAMPLES)
-        if not isinstance(n, int) or n <= 0:
-            raise ProtocolError(f"{NUM_EXAMPLES}={n!r}: must be a positive integer")
+        metrics, n = checked_metrics(content, {ARRAYS, METRICS}, TRAIN_METRICS)
         loss = float(metrics.get("train-loss", float("nan")))
         delta = arrays_of(content.array_records[ARRAYS])
         try:
@@ -130,7 +153,66 @@ class TrainReply:
         return cls(delta=delta, num_examples=n, train_loss=loss,
                    site_id=int(metrics.get("site-id", -1)),
                    load_seconds=float(metrics.get("load-seconds", 0.0)),
-                   train_seconds=float(metrics.get("train-seconds", 0.0)))
+                   train_seconds=float(metrics.get("train-seconds", 0.0)),
+                   train_tokens=int(metrics.get("train-tokens", 0)),
+                   scored_tokens=int(metrics.get("scored-tokens", 0)))
+
+
+@dataclass
+class EvalReply:
+    """A client's evaluation of the global adapter on its eval split: scalars only."""
+
+    num_examples: int
+    loss: float
+    perplexity: float
+    tokens: int
+    accuracy: float | None = None  # label tasks only
+    site_id: int = -1
+    seconds: float = 0.0
+
+    def to_content(self) -> RecordDict:
+        metrics: dict[str, float | int] = {
+            NUM_EXAMPLES: int(self.num_examples), "eval-loss": float(self.loss),
+            "eval-perplexity": float(self.perplexity), "eval-tokens": int(self.tokens),
+            "site-id": int(self.site_id), "wire-version": WIRE_VERSION,
+            "eval-seconds": float(self.seconds)}
+        if self.accuracy is not None:
+            metrics["eval-accuracy"] = float(self.accuracy)
+        if not set(metrics) <= EVAL_METRICS:
+            raise ProtocolError(f"refusing to send non-whitelisted metrics "
+                                f"{sorted(set(metrics) - EVAL_METRICS)}")
+        return RecordDict({METRICS: MetricRecord(metrics)})
+
+    @classmethod
+    def from_content(cls, content: RecordDict) -> EvalReply:
+        metrics, n = checked_metrics(content, {METRICS}, EVAL_METRICS)
+        values = [float(metrics.get(k, float("nan"))) for k in ("eval-loss", "eval-perplexity")]
+        if not all(np.isfinite(values)):
+            raise ProtocolError(f"eval-loss/eval-perplexity not finite: {values}")
+        acc = metrics.get("eval-accuracy")
+        return cls(num_examples=n, loss=values[0], perplexity=values[1],
+                   tokens=int(metrics.get("eval-tokens", 0)),
+                   accuracy=None if acc is None else float(acc),
+                   site_id=int(metrics.get("site-id", -1)),
+                   seconds=float(metrics.get("eval-seconds", 0.0)))
+
+
+def checked_metrics(content: RecordDict, records: set[str],
+                    whitelist: frozenset[str]) -> tuple[MetricRecord, int]:
+    """A reply's metrics after the checks every reply passes; and its num-examples."""
+    if set(content.keys()) != records:
+        raise ProtocolError(f"reply records {sorted(content.keys())}, expected {sorted(records)}")
+    metrics = content.metric_records[METRICS]
+    extra = set(metrics.keys()) - whitelist
+    if extra:
+        raise ProtocolError(f"metrics outside the whitelist: {sorted(extra)}")
+    if metrics.get("wire-version") != WIRE_VERSION:
+        raise ProtocolError(f"wire version {metrics.get('wire-version')}, expected "
+                            f"{WIRE_VERSION}")
+    n = metrics.get(NUM_EXAMPLES)
+    if not isinstance(n, int) or n <= 0:
+        raise ProtocolError(f"{NUM_EXAMPLES}={n!r}: must be a positive integer")
+    return metrics, n
 
 
 def arrays_of(record: ArrayRecord) -> dict[str, np.ndarray]:
@@ -142,5 +224,6 @@ def to_array_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
                         for k, v in sorted(arrays.items())})
 
 
-__all__ = ["ARRAYS", "CONFIG", "METRICS", "NUM_EXAMPLES", "TRAIN_METRICS", "WIRE_VERSION",
-           "ProtocolError", "RoundConfig", "TrainReply", "arrays_of", "to_array_record"]
+__all__ = ["ARRAYS", "CONFIG", "EVAL_METRICS", "METRICS", "NUM_EXAMPLES", "TRAIN_METRICS",
+           "WIRE_VERSION", "EvalReply", "ProtocolError", "RoundConfig", "TrainReply", "arrays_of",
+           "to_array_record"]

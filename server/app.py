@@ -24,6 +24,7 @@ from fedlora.errors import ConfigError
 from fedlora.lora import adapter_shapes, initial_adapter
 from fedlora.protocol.adapter import spec_of
 from fedlora.protocol.messages import RoundConfig, to_array_record
+from fedlora.server.central import make_central_eval
 from fedlora.server.checkpoint import save_adapter
 from fedlora.server.strategies import get_strategy, make_reducer
 from fedlora.server.report import write_report
@@ -35,11 +36,17 @@ log = logging.getLogger(__name__)
 
 
 def round_config(cfg: RunConfig) -> RoundConfig:
+    """What every node is asked to do each round (the server fills in the round number)."""
     train, send = get_strategy(cfg.strategy).factors()
     return RoundConfig(server_round=0, local_steps=cfg.local_steps, batch_size=cfg.batch_size,
                        lr=cfg.lr, max_length=cfg.max_length, seed=cfg.seed, lora_r=cfg.lora_r,
                        lora_alpha=float(cfg.lora_alpha), lora_dropout=float(cfg.lora_dropout),
-                       target_modules=cfg.target_modules, train_factors=train, send_factors=send)
+                       target_modules=cfg.target_modules, train_factors=train, send_factors=send,
+                       lora_rslora=cfg.lora_rslora, local_epochs=float(cfg.local_epochs),
+                       grad_accum=cfg.grad_accum, warmup_steps=cfg.warmup_steps,
+                       lr_schedule=cfg.lr_schedule, max_grad_norm=float(cfg.max_grad_norm),
+                       weight_decay=float(cfg.weight_decay), loss=cfg.loss, packing=cfg.packing,
+                       gradient_checkpointing=cfg.gradient_checkpointing)
 
 
 def run_federation(grid: Grid, cfg: RunConfig) -> dict[str, np.ndarray]:
@@ -78,9 +85,24 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict[str, np.ndarray]:
                           aggregator=get_strategy(cfg.strategy,
                                                   make_reducer(cfg.aggregation, cfg.trim_fraction)),
                           optimizer=cfg.optimizer, clip_norm=cfg.clip_norm or None,
-                          scale=cfg.lora.alpha / cfg.lora.r, history_file=out / "metrics.jsonl",
+                          scale=cfg.lora.scaling, history_file=out / "metrics.jsonl",
                           fraction_train=cfg.fraction_train, min_train_nodes=cfg.min_nodes,
-                          min_available_nodes=max(cfg.min_available_nodes, cfg.min_nodes))
+                          min_available_nodes=max(cfg.min_available_nodes, cfg.min_nodes),
+                          fraction_evaluate=cfg.fraction_evaluate if cfg.evaluate_every else 0.0,
+                          min_evaluate_nodes=cfg.min_nodes, evaluate_every=cfg.evaluate_every,
+                          num_rounds=cfg.num_server_rounds, round_timeout=cfg.round_timeout,
+                          secagg=cfg.secagg_settings if cfg.secure_aggregation else None)
+    if cfg.secure_aggregation:
+        log.info("Secure aggregation (SecAgg+) on: nodes clip to L2 norm %g; the server learns "
+                 "only the sum of the updates", cfg.secagg_clip_norm)
+    else:
+        log.warning("Secure aggregation is OFF: the server sees every node's update. Set "
+                    "secure-aggregation=true (the deployment default) to hide them.")
+    if cfg.central_eval:
+        labels = tuple(x.strip() for x in cfg.eval_labels.split(",") if x.strip())
+        strategy.central_eval = make_central_eval(
+            base_dir, cfg.lora, cfg.central_eval, cfg.central_eval_samples, labels,
+            cfg.max_length, residuals=lambda: strategy.residuals)
     if saved is not None:
         strategy.round_offset = saved.completed_round
         strategy.opt_state, strategy.residuals = saved.optimizer, saved.residuals
@@ -90,8 +112,9 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict[str, np.ndarray]:
 
     def save(server_round: int, arrays: dict[str, np.ndarray],
              residuals: dict[str, np.ndarray], record: dict[str, Any]) -> None:
-        meta = {"round": server_round, "train-loss": record["train-loss"],
+        meta = {"round": server_round, "train-loss": record.get("train-loss", float("nan")),
                 "strategy": cfg.strategy, "server-optimizer": cfg.server_optimizer}
+        meta.update({k: v for k, v in record.items() if k.startswith(("eval-", "central-"))})
         for folder in (out / "rounds" / f"round-{server_round:03d}", out / "global-adapter"):
             save_adapter(arrays, folder, cfg.lora, base_dir, meta, residuals)
         save_state(out, ServerState(completed_round=server_round, global_adapter=arrays,
@@ -109,7 +132,8 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict[str, np.ndarray]:
     start = time.perf_counter()
     strategy.start(grid=grid, initial_arrays=to_array_record(strategy.global_adapter),
                    num_rounds=remaining, timeout=cfg.round_timeout,
-                   train_config=round_config(cfg).to_record())
+                   train_config=round_config(cfg).to_record(),
+                   evaluate_config=round_config(cfg).to_record())
     log.info("Federation finished: %d rounds in %.1f s; global adapter in %s", remaining,
              time.perf_counter() - start, out / "global-adapter")
     return strategy.global_adapter
@@ -118,7 +142,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict[str, np.ndarray]:
 def _clear_run(out: Path) -> None:
     """Remove what an earlier run left in ``out`` (a new run replaces it)."""
     leftovers = [out / STATE_DIR, out / "rounds", out / "global-adapter", out / "metrics.jsonl",
-                 out / "report.md", out / "loss.png"]
+                 out / "report.md", out / "loss.png", out / "accuracy.png"]
     if any(p.exists() for p in leftovers):
         log.warning("Starting a new run in %s: the earlier run there is replaced (set resume "
                     "to continue it instead)", out)

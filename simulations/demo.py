@@ -43,6 +43,7 @@ def evaluate_sample(base_dir: Path, adapter_dir: Path | None, n: int) -> dict[st
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from fedlora.evaluate import label_accuracy
+    from fedlora.prompting import review_example
 
     reviews = load_split("test")[:n]
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
@@ -55,8 +56,9 @@ def evaluate_sample(base_dir: Path, adapter_dir: Path | None, n: int) -> dict[st
         model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
         model = model.to(torch.bfloat16)
     start = time.perf_counter()
-    res = label_accuracy(model, tokenizer, [r.text for r in reviews], [r.label for r in reviews],
-                         LABELS)
+    examples = [review_example(r.text, r.label, f"drugreview:test:{i + 2}")
+                for i, r in enumerate(reviews)]
+    res = label_accuracy(model, tokenizer, examples, LABELS)
     majority = max(LABELS, key=lambda lab: sum(r.label == lab for r in reviews))
     return {"accuracy": res.accuracy, "n": res.n, "seconds": time.perf_counter() - start,
             "predicted": {lab: res.predictions.count(lab) for lab in LABELS},

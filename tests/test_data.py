@@ -1,4 +1,4 @@
-"""The packaged drug reviews, the site split and completion-only encoding."""
+"""The packaged drug reviews and the site split."""
 
 import zipfile
 from pathlib import Path
@@ -7,7 +7,6 @@ import pytest
 
 from fedlora.data.drugreview import LABELS, SITES, load_split, site_of, split_by_site
 from fedlora.errors import DataError
-from fedlora.prompting import IGNORE, encode
 
 
 def test_splits_have_the_documented_sizes_and_labels():
@@ -42,25 +41,3 @@ def test_missing_or_broken_data_file_names_the_file(tmp_path: Path):
         zf.writestr("drugsComTrain.tsv", "a\tb\n1\t2\n")
     with pytest.raises(DataError, match=r"wrong.zip:drugsComTrain.tsv:1: missing columns"):
         load_split("train", zip_path=wrong)
-
-
-def test_encoding_puts_loss_on_the_answer_only(tiny_model_dir: Path):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    enc = encode(tok, "It helped a lot.", "positive", max_length=256)
-    answer = [t for t in enc.labels if t != IGNORE]
-    assert tok.decode(answer) == "positive<|im_end|>"
-    assert enc.labels[: len(enc.labels) - len(answer)] == [IGNORE] * (len(enc.labels) - len(answer))
-    assert not enc.truncated
-
-
-def test_long_reviews_are_cut_but_keep_question_and_answer(tiny_model_dir: Path):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    enc = encode(tok, "terrible side effects " * 200, "negative", max_length=128)
-    assert enc.truncated and len(enc.input_ids) <= 128
-    text = tok.decode(enc.input_ids)
-    assert text.endswith("<|im_start|>assistant\nnegative<|im_end|>")
-    assert "Answer with one word." in text

@@ -17,7 +17,8 @@ def federation(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     out = tmp_path_factory.mktemp("run")
     cfg = RunConfig.from_mapping({"base-model": str(tiny_model_dir), "quantization": "nf4",
                                   "num-server-rounds": 2, "local-steps": 3, "lr": 5e-3,
-                                  "sites": "reproductive,mental,pain", "output-dir": str(out)})
+                                  "sites": "reproductive,mental,pain", "output-dir": str(out),
+                                  "central-eval": "drugreview", "central-eval-samples": 12})
     return cfg, simulate(cfg)
 
 
@@ -27,12 +28,25 @@ def test_every_site_trains_in_every_round(federation):
     for record in result.history:
         assert set(record["sites"]) == {"reproductive", "mental", "pain"}
         assert record["dropped"] == 0 and np.isfinite(record["train-loss"])
-        assert record["num-examples"] == 153 + 148 + 90
+        assert record["num-examples"] == 138 + 133 + 81  # 90 % of each site: 10 % held out
+
+
+def test_every_site_evaluates_and_the_server_evaluates_centrally(federation):
+    cfg, result = federation
+    for record in result.history:
+        assert record["eval-examples"] == 15 + 15 + 9
+        assert np.isfinite(record["eval-loss"]) and 0 <= record["eval-accuracy"] <= 1
+        assert all(0 <= s["eval-accuracy"] <= 1 for s in record["sites"].values())
+        assert 0 <= record["central-eval-accuracy"] <= 1
     lines = (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["round"] for line in lines] == [1, 2]
+    assert "eval-accuracy" in json.loads(lines[-1])
     report = (Path(cfg.output_dir) / "report.md").read_text()
-    assert "| 2 |" in report and "loss.png" in report
-    assert (Path(cfg.output_dir) / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| 2 |" in report and "loss.png" in report and "accuracy.png" in report
+    for plot in ("loss.png", "accuracy.png"):
+        assert (Path(cfg.output_dir) / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    meta = json.loads((result.adapter_dir / "fedlora.json").read_text())
+    assert meta["round"] == 2 and "eval-accuracy" in meta
 
 
 def test_global_adapter_is_saved_each_round_and_moves(federation, tiny_model_dir):
