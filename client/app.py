@@ -16,18 +16,21 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common import Error
 
 from fedlora.client.node import (NodeSettings, WarmModel, encoded_rows, get_lora_state,
                                  node_data, seed_torch, set_lora_state, set_trainable, warm_model)
+from fedlora.client.privacy import add_noise, clip_delta, noise_share_std
 from fedlora.client.secagg import handle_secagg
 from fedlora.client.train import TrainOptions, sample_batches, steps_for_epochs, train_lora
 from fedlora.errors import ConfigError, DataError, FedloraError
 from fedlora.evaluate import eval_loss, label_accuracy
 from fedlora.lora import LoraSettings
 from fedlora.protocol.adapter import restrict, validate
+from fedlora.protocol.compression import nbytes
 from fedlora.protocol.messages import (ARRAYS, CONFIG, EvalReply, ProtocolError, RoundConfig,
                                        TrainReply, arrays_of, to_array_record)
 
@@ -114,12 +117,22 @@ def run_round(message_content: Any, merged: Mapping[str, Any],
              rc.server_round, settings.site, stats.first_loss, stats.last_loss, stats.steps,
              stats.seconds, stats.tokens)
     sent = restrict(node.spec, rc.send_factors)
-    return TrainReply(delta={k: local[k] - global_adapter[k] for k in sent},
-                      num_examples=len(data.train), train_loss=stats.loss,
+    delta = {k: local[k] - global_adapter[k] for k in sent}
+    norm_before = -1.0
+    if rc.dp_noise_multiplier > 0:  # distributed DP: this node's share of the Gaussian noise
+        delta, norm_before, _ = clip_delta(delta, rc.dp_clip_norm)
+        std = noise_share_std(rc.dp_noise_multiplier, rc.dp_clip_norm,
+                              max(rc.dp_expected_clients, 1))
+        delta = add_noise(delta, std, np.random.default_rng())  # OS entropy: never predictable
+        log.info("DP: clipped the delta from L2 norm %.4f to %g and added N(0, %.3g^2) noise",
+                 norm_before, rc.dp_clip_norm, std)
+    return TrainReply(delta=delta, num_examples=len(data.train), train_loss=stats.loss,
                       site_id=settings.site_id,
                       load_seconds=node.load_seconds if first else 0.0,
                       train_seconds=stats.seconds, train_tokens=stats.tokens,
-                      scored_tokens=stats.scored_tokens)
+                      scored_tokens=stats.scored_tokens, codec=rc.codec,
+                      codec_block=rc.codec_block, bytes_received=nbytes(global_adapter),
+                      dp_norm_before_clip=norm_before)
 
 
 def run_evaluation(message_content: Any, merged: Mapping[str, Any],
@@ -181,7 +194,9 @@ def make_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
 
         def train_fn(content: RecordDict) -> tuple[Any, int, Any]:
             reply = run_round(content, merged, context.state)
-            return reply.delta, reply.num_examples, reply.metrics()
+            # Under DP every node weighs 1: one node's whole contribution is bounded by the clip.
+            weight = 1 if reply.dp_norm_before_clip >= 0 else reply.num_examples
+            return reply.delta, weight, reply.metrics()
 
         try:
             return handle_secagg(msg, context, train_fn)

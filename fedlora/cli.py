@@ -51,10 +51,15 @@ def _setup_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
-def _load(config: Path | None, overrides: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+# The demo shows the deployment posture: secure aggregation on (it needs two nodes per round).
+_DEMO_DEFAULTS = {"secure-aggregation": True, "min-nodes": 2}
+
+
+def _load(config: Path | None, overrides: dict[str, Any],
+          defaults: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
     from fedlora.config import RunConfig, read_toml
 
-    values: dict[str, Any] = read_toml(config) if config else {}
+    values: dict[str, Any] = {**(defaults or {}), **(read_toml(config) if config else {})}
     demo = {k: values.pop(k) for k in list(values) if k in _DEMO_KEYS}
     values.update({k: v for k, v in overrides.items() if v is not None})
     return RunConfig.from_mapping(values, source=str(config) if config else "options"), demo
@@ -69,7 +74,7 @@ def demo(config: ConfigOpt = None, rounds: RoundsOpt = None, output: OutputOpt =
     from fedlora.simulations.demo import DemoOptions, run_demo
 
     cfg, extra = _load(config, {"num-server-rounds": rounds, "output-dir": output,
-                                "base-model": base_model})
+                                "base-model": base_model}, _DEMO_DEFAULTS)
     opts = {k.replace("-", "_"): v for k, v in extra.items()}
     if eval_samples is not None:
         opts["eval_samples"] = eval_samples

@@ -20,13 +20,14 @@ from fedlora.lora import LoraSettings
 
 if TYPE_CHECKING:
     from fedlora.protocol.secagg import SecAggSettings
+    from fedlora.server.privacy import DpSettings
     from fedlora.server.strategies import ServerOptimizer
 
 
 @dataclass(frozen=True)
 class RunConfig:
     base_model: str = "default"  # "default" (packaged SmolLM2-135M-Instruct) or a model folder
-    quantization: str = "nf4"  # how nodes load the frozen base: nf4 | int8 | bf16 | fp32
+    quantization: str = "nf4"  # frozen base: nf4 | int8 | quanto-int4 | quanto-int8 | bf16 | fp32
     num_server_rounds: int = 3  # federated rounds
     local_steps: int = 5  # optimizer steps per node per round
     batch_size: int = 4  # examples per step
@@ -57,6 +58,12 @@ class RunConfig:
     secagg_clip_norm: float = 10.0  # SecAgg+: nodes clip their delta to this L2 norm (reported)
     secagg_num_shares: int = 5  # SecAgg+: shares per secret (neighbours + self); capped at nodes
     secagg_threshold: int = 3  # SecAgg+: shares needed to reconstruct; > half the shares
+    codec: str = "none"  # how nodes encode their delta: none | fp16 | int8 | int8-block
+    codec_block: int = 64  # int8-block: values per scale
+    dp_noise_multiplier: float = 0.0  # client-level DP: noise std on the sum = z * clip; 0 = off
+    dp_clip_norm: float = 1.0  # DP: L2 bound on each node's delta
+    dp_delta: float = 1e-5  # DP: the delta of (epsilon, delta); below 1 / number of nodes
+    dp_accountant: str = "rdp"  # DP accounting (dp-accounting): rdp | pld
     strategy: str = "fedit"  # fedit | ffa-lora | fedsa-lora | fedex-lora (fedlora.server.strategies)
     server_optimizer: str = "sgd"  # sgd (FedAvg) | avgm | adam | yogi, on the aggregated delta
     server_lr: float = 0.0  # server learning rate; 0 = the optimizer's default (1 sgd/avgm, 0.01)
@@ -155,13 +162,29 @@ class RunConfig:
                 raise ConfigError(f"secure-aggregation=true with min-nodes={self.min_nodes}: "
                                   f"the sum of one node's update is that update; set min-nodes "
                                   f">= 2, or secure-aggregation=false for a single site")
-            if self.secagg_clip_norm <= 0 or self.secagg_num_shares < 2 or \
+            if self.secagg_clip_norm <= 0 or self.secagg_num_shares < 3 or \
                     not self.secagg_num_shares // 2 < self.secagg_threshold <= \
                     self.secagg_num_shares:
                 raise ConfigError(f"secagg-clip-norm={self.secagg_clip_norm}, secagg-num-shares="
                                   f"{self.secagg_num_shares}, secagg-threshold="
-                                  f"{self.secagg_threshold}: need clip > 0, shares >= 2 and "
+                                  f"{self.secagg_threshold}: need clip > 0, shares >= 3 and "
                                   f"shares/2 < threshold <= shares")
+        from fedlora.protocol.compression import CODECS
+
+        if self.codec not in CODECS:
+            raise ConfigError(f"codec={self.codec!r}: use one of {sorted(CODECS)}")
+        if self.codec_block < 1:
+            raise ConfigError(f"codec-block={self.codec_block}: must be >= 1")
+        if self.dp_noise_multiplier < 0:
+            raise ConfigError(f"dp-noise-multiplier={self.dp_noise_multiplier}: must be >= 0")
+        if self.dp_noise_multiplier > 0:
+            _ = self.dp  # validates the DP settings
+            if self.strategy == "fedex-lora" or self.aggregation != "mean" or self.clip_norm:
+                raise ConfigError("dp-noise-multiplier > 0 needs the plain mean of clipped "
+                                  "deltas: use fedit, ffa-lora or fedsa-lora with aggregation="
+                                  "mean and clip-norm=0 (DP clips to dp-clip-norm)")
+            if self.dp_accountant not in ("rdp", "pld"):
+                raise ConfigError(f"dp-accountant={self.dp_accountant!r}: use rdp or pld")
         unknown = [s for s in self.site_names if s not in SITES]
         if unknown or not self.site_names:
             raise ConfigError(f"sites={self.sites!r}: use comma-separated names from {SITES}")
@@ -177,10 +200,22 @@ class RunConfig:
         """SecAgg+ settings for a round with ``nodes`` sampled nodes (shares capped at nodes)."""
         from fedlora.protocol.secagg import SecAggSettings
 
-        shares = max(2, min(self.secagg_num_shares, nodes))
-        threshold = max(min(self.secagg_threshold, shares), shares // 2 + 1)
+        shares = max(3, min(self.secagg_num_shares, nodes))
+        threshold = max(min(self.secagg_threshold, shares, nodes), shares // 2 + 1)
         return SecAggSettings(clip_norm=float(self.secagg_clip_norm), num_shares=shares,
                               reconstruction_threshold=threshold)
+
+    @property
+    def dp(self) -> DpSettings:
+        """Client-level DP settings; the sampling rate is fraction-train (see server/privacy)."""
+        from fedlora.server.privacy import DpSettings
+
+        try:
+            return DpSettings(noise_multiplier=float(self.dp_noise_multiplier),
+                              clip_norm=float(self.dp_clip_norm),
+                              sampling_rate=float(self.fraction_train), delta=float(self.dp_delta))
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
 
     @property
     def site_names(self) -> list[str]:

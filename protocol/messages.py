@@ -15,13 +15,15 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedlora.protocol.adapter import WIRE_DTYPE, AdapterSpec, validate
+from fedlora.protocol.compression import CODECS, CodecError, decode, encode, nbytes
 
 WIRE_VERSION = 1
 ARRAYS, CONFIG, METRICS = "arrays", "config", "metrics"
 NUM_EXAMPLES = "num-examples"  # the weight FedAvg-style aggregation uses
 # The whitelist of scalar metrics a client may send after training.
 TRAIN_METRICS = frozenset({NUM_EXAMPLES, "train-loss", "site-id", "wire-version",
-                           "load-seconds", "train-seconds", "train-tokens", "scored-tokens"})
+                           "load-seconds", "train-seconds", "train-tokens", "scored-tokens",
+                           "bytes-sent", "bytes-received", "dp-noised"})
 # The whitelist of scalar metrics a client may send after evaluating the global adapter.
 EVAL_METRICS = frozenset({NUM_EXAMPLES, "eval-loss", "eval-perplexity", "eval-accuracy",
                           "eval-tokens", "site-id", "wire-version", "eval-seconds"})
@@ -59,6 +61,11 @@ class RoundConfig:
     loss: str = "completion"  # completion (answer tokens only) | full (every token)
     packing: bool = False  # pack several examples into one row of max_length tokens
     gradient_checkpointing: bool = False  # recompute activations in backward (less memory)
+    codec: str = "none"  # how nodes encode their delta: none | fp16 | int8 | int8-block
+    codec_block: int = 64  # int8-block: values per scale
+    dp_noise_multiplier: float = 0.0  # client-level DP under secure aggregation; 0 = off
+    dp_clip_norm: float = 0.0  # DP: each node clips its delta to this L2 norm
+    dp_expected_clients: int = 0  # DP: nodes sharing the noise (each adds 1/n of its variance)
     wire_version: int = WIRE_VERSION
 
     def __post_init__(self) -> None:
@@ -71,6 +78,8 @@ class RoundConfig:
                                     f"expected {want.__name__}")
         if self.loss not in LOSSES:
             raise ProtocolError(f"round config loss={self.loss!r}: use one of {LOSSES}")
+        if self.codec not in CODECS:
+            raise ProtocolError(f"round config codec={self.codec!r}: use one of {sorted(CODECS)}")
         if self.lr_schedule not in SCHEDULES:
             raise ProtocolError(f"round config lr-schedule={self.lr_schedule!r}: use one of "
                                 f"{SCHEDULES}")
@@ -124,16 +133,30 @@ class TrainReply:
     train_seconds: float = 0.0
     train_tokens: int = 0  # tokens processed this round (no padding)
     scored_tokens: int = 0  # tokens the loss covered
+    codec: str = "none"  # wire encoding of the delta (fedlora.protocol.compression)
+    codec_block: int = 64
+    bytes_received: int = 0  # payload bytes of the global adapter this round
+    bytes_sent: int = 0  # payload bytes of the encoded delta (set by to_content)
+    dp_norm_before_clip: float = -1.0  # DP: the delta's norm before clipping (never sent)
 
     def metrics(self) -> dict[str, float | int]:
         return {NUM_EXAMPLES: int(self.num_examples), "train-loss": float(self.train_loss),
                 "site-id": int(self.site_id), "wire-version": WIRE_VERSION,
                 "load-seconds": float(self.load_seconds),
                 "train-seconds": float(self.train_seconds),
-                "train-tokens": int(self.train_tokens), "scored-tokens": int(self.scored_tokens)}
+                "train-tokens": int(self.train_tokens), "scored-tokens": int(self.scored_tokens),
+                "bytes-sent": int(self.bytes_sent), "bytes-received": int(self.bytes_received),
+                "dp-noised": int(self.dp_norm_before_clip >= 0)}
 
     def to_content(self) -> RecordDict:
-        arrays = to_array_record(self.delta)
+        if self.codec == "none":  # float32 as is (the server validates, NaN included)
+            arrays = to_array_record(self.delta)
+            self.bytes_sent = nbytes(self.delta)
+        else:
+            wire = encode(self.delta, self.codec, self.codec_block)
+            arrays = ArrayRecord({k: Array(np.ascontiguousarray(v))
+                                  for k, v in sorted(wire.items())})
+            self.bytes_sent = nbytes(wire)
         metrics = self.metrics()
         if not set(metrics) <= TRAIN_METRICS:  # a guard, not an assert: it must survive -O
             raise ProtocolError(f"refusing to send non-whitelisted metrics "
@@ -141,21 +164,26 @@ class TrainReply:
         return RecordDict({ARRAYS: arrays, METRICS: MetricRecord(metrics)})
 
     @classmethod
-    def from_content(cls, content: RecordDict, spec: AdapterSpec) -> TrainReply:
-        """Parse and validate a reply; raise ProtocolError with every problem found."""
+    def from_content(cls, content: RecordDict, spec: AdapterSpec, codec: str = "none",
+                     codec_block: int = 64) -> TrainReply:
+        """Parse, decode and validate a reply; raise ProtocolError with every problem found."""
         metrics, n = checked_metrics(content, {ARRAYS, METRICS}, TRAIN_METRICS)
         loss = float(metrics.get("train-loss", float("nan")))
-        delta = arrays_of(content.array_records[ARRAYS])
+        wire = arrays_of(content.array_records[ARRAYS])
         try:
+            delta = decode(wire, codec, spec, codec_block) if codec != "none" else wire
             validate(delta, spec)
-        except ValueError as exc:
+        except (ValueError, CodecError) as exc:
             raise ProtocolError(str(exc)) from None
         return cls(delta=delta, num_examples=n, train_loss=loss,
                    site_id=int(metrics.get("site-id", -1)),
                    load_seconds=float(metrics.get("load-seconds", 0.0)),
                    train_seconds=float(metrics.get("train-seconds", 0.0)),
                    train_tokens=int(metrics.get("train-tokens", 0)),
-                   scored_tokens=int(metrics.get("scored-tokens", 0)))
+                   scored_tokens=int(metrics.get("scored-tokens", 0)), codec=codec,
+                   codec_block=codec_block, bytes_sent=int(metrics.get("bytes-sent", 0)),
+                   bytes_received=int(metrics.get("bytes-received", 0)),
+                   dp_norm_before_clip=0.0 if metrics.get("dp-noised") else -1.0)
 
 
 @dataclass

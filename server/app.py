@@ -26,6 +26,7 @@ from fedlora.protocol.adapter import spec_of
 from fedlora.protocol.messages import RoundConfig, to_array_record
 from fedlora.server.central import make_central_eval
 from fedlora.server.checkpoint import save_adapter
+from fedlora.server.privacy import PrivacyLedger
 from fedlora.server.strategies import get_strategy, make_reducer
 from fedlora.server.report import write_report
 from fedlora.server.state import (STATE_DIR, ServerState, capture_random, check_resumable,
@@ -46,7 +47,9 @@ def round_config(cfg: RunConfig) -> RoundConfig:
                        grad_accum=cfg.grad_accum, warmup_steps=cfg.warmup_steps,
                        lr_schedule=cfg.lr_schedule, max_grad_norm=float(cfg.max_grad_norm),
                        weight_decay=float(cfg.weight_decay), loss=cfg.loss, packing=cfg.packing,
-                       gradient_checkpointing=cfg.gradient_checkpointing)
+                       gradient_checkpointing=cfg.gradient_checkpointing,
+                       codec="none" if cfg.secure_aggregation else cfg.codec,
+                       codec_block=cfg.codec_block)
 
 
 def run_federation(grid: Grid, cfg: RunConfig) -> dict[str, np.ndarray]:
@@ -81,6 +84,16 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict[str, np.ndarray]:
     (out / "run.json").write_text(json.dumps({"config": settings,
                                               "base-model-dir": str(base_dir),
                                               "adapter-parameters": n_params}, indent=2))
+    ledger = None
+    if cfg.dp_noise_multiplier > 0:
+        ledger = PrivacyLedger(cfg.dp, accountant=cfg.dp_accountant)
+        for past in saved.history if saved is not None else []:  # a resumed run's rounds
+            if "dp-noise-multiplier" in past:
+                ledger.record_round(past["round"], past["dp-noise-multiplier"],
+                                    past["dp-sampling-rate"])
+        log.info("Differential privacy on: clip %g, noise multiplier %g, sampling rate %g, "
+                 "delta %g (%s accountant)", cfg.dp_clip_norm, cfg.dp_noise_multiplier,
+                 cfg.fraction_train, cfg.dp_delta, cfg.dp_accountant)
     strategy = LoraFedAvg(spec=spec_of(adapter), global_adapter=adapter,
                           aggregator=get_strategy(cfg.strategy,
                                                   make_reducer(cfg.aggregation, cfg.trim_fraction)),
@@ -91,7 +104,9 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict[str, np.ndarray]:
                           fraction_evaluate=cfg.fraction_evaluate if cfg.evaluate_every else 0.0,
                           min_evaluate_nodes=cfg.min_nodes, evaluate_every=cfg.evaluate_every,
                           num_rounds=cfg.num_server_rounds, round_timeout=cfg.round_timeout,
-                          secagg=cfg.secagg_settings if cfg.secure_aggregation else None)
+                          secagg=cfg.secagg_settings if cfg.secure_aggregation else None,
+                          codec="none" if cfg.secure_aggregation else cfg.codec,
+                          codec_block=cfg.codec_block, dp=ledger)
     if cfg.secure_aggregation:
         log.info("Secure aggregation (SecAgg+) on: nodes clip to L2 norm %g; the server learns "
                  "only the sum of the updates", cfg.secagg_clip_norm)
@@ -114,7 +129,10 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict[str, np.ndarray]:
              residuals: dict[str, np.ndarray], record: dict[str, Any]) -> None:
         meta = {"round": server_round, "train-loss": record.get("train-loss", float("nan")),
                 "strategy": cfg.strategy, "server-optimizer": cfg.server_optimizer}
-        meta.update({k: v for k, v in record.items() if k.startswith(("eval-", "central-"))})
+        meta.update({k: v for k, v in record.items()
+                     if k.startswith(("eval-", "central-", "dp-"))})
+        if ledger is not None:
+            meta["privacy"] = ledger.summary()
         for folder in (out / "rounds" / f"round-{server_round:03d}", out / "global-adapter"):
             save_adapter(arrays, folder, cfg.lora, base_dir, meta, residuals)
         save_state(out, ServerState(completed_round=server_round, global_adapter=arrays,

@@ -21,9 +21,10 @@ def plot_loss(history: Sequence[Mapping[str, Any]], path: Path) -> Path:
     rounds = [r["round"] for r in history]
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     for site in sorted({s for r in history for s in r["sites"]}):
-        xs = [r["round"] for r in history if site in r["sites"]]
-        ys = [r["sites"][site]["train-loss"] for r in history if site in r["sites"]]
-        ax.plot(xs, ys, marker=".", linewidth=1, alpha=0.7, label=site)
+        pts = [(r["round"], r["sites"][site]["train-loss"]) for r in history
+               if "train-loss" in r["sites"].get(site, {})]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), marker=".", linewidth=1, alpha=0.7, label=site)
     ax.plot(rounds, [r.get("train-loss", math.nan) for r in history], marker="o", linewidth=2.5,
             color="black", label="aggregate (train)")
     _line(ax, history, "eval-loss", "federated eval", "tab:blue")
@@ -100,6 +101,14 @@ def summary_markdown(history: Sequence[Mapping[str, Any]], settings: Mapping[str
         lines += ["", f"Warm model: the base model loaded {len(load)} times, "
                       f"{sum(load) / len(load):.1f} s on average; a node's round of training took "
                       f"{sum(train) / len(train):.1f} s on average ({len(train)} rounds)."]
+    dp = [r for r in history if "dp-epsilon" in r]
+    if dp:
+        last = dp[-1]
+        lines += ["", f"Differential privacy (client-level, {len(dp)} rounds): epsilon "
+                      f"{last['dp-epsilon']:.3f} at delta {last['dp-delta']:g}, noise multiplier "
+                      f"{last['dp-noise-multiplier']:.3f}, sampling rate "
+                      f"{last['dp-sampling-rate']:g}. A guarantee for any one node's whole data: "
+                      f"see the README's privacy section for what it means."]
     lines += ["", "![loss per round](loss.png)", ""]
     if any("eval-accuracy" in r or "central-eval-accuracy" in r for r in history):
         lines += ["![accuracy per round](accuracy.png)", ""]

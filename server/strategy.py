@@ -17,6 +17,7 @@ saves the checkpoint and the report.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -33,6 +34,7 @@ from fedlora.data.drugreview import SITES
 from fedlora.protocol.adapter import AdapterSpec, restrict
 from fedlora.protocol.messages import EvalReply, ProtocolError, TrainReply, to_array_record
 from fedlora.protocol.secagg import CLIPPED, NORM_BEFORE_CLIP, SecAggSettings
+from fedlora.server.privacy import PrivacyLedger, effective_noise_multiplier
 from fedlora.server.secagg import (SecAggError, SecAggResult, as_client_update, check_composable,
                                    secure_weighted_sum)
 from fedlora.server.strategies import (ClientUpdate, FedIT, LoraAggregator, OptimizerState,
@@ -57,8 +59,8 @@ class LoraFedAvg(FedAvg):
                  evaluate_every: int = 0, num_rounds: int = 0,
                  central_eval: CentralEval | None = None,
                  secagg: Callable[[int], SecAggSettings] | None = None,
-                 round_timeout: float = 3600.0,
-                 **fedavg: Any) -> None:
+                 round_timeout: float = 3600.0, codec: str = "none", codec_block: int = 64,
+                 dp: PrivacyLedger | None = None, **fedavg: Any) -> None:
         super().__init__(**fedavg)
         self.spec = spec
         self.global_adapter = global_adapter
@@ -80,6 +82,11 @@ class LoraFedAvg(FedAvg):
         self.secagg = secagg  # None: plain replies; else SecAgg+ settings for n sampled nodes
         self.round_timeout = round_timeout
         self._secure_round: tuple[Grid, list[int], Any] | None = None
+        self.codec, self.codec_block = codec, codec_block  # how nodes encode their deltas
+        self.dp = dp  # client-level DP: clip + Gaussian noise, accounted round by round
+        if dp is not None and self.aggregator.individual_updates_needed:
+            raise ValueError(f"differential privacy needs a mean-type aggregation; "
+                             f"{self.aggregator.name} with {self.aggregator.reducer.kind} is not")
         if secagg is not None:
             check_composable(self.aggregator)
             if clip_norm is not None:
@@ -100,6 +107,11 @@ class LoraFedAvg(FedAvg):
         # Secure rounds take four exchanges, run from aggregate_train; Flower's loop sends none.
         messages = list(messages)
         content = messages[0].content if messages else None
+        if content is not None and self.dp is not None:  # nodes add their share of the noise
+            config = content.config_records["config"]
+            config["dp-noise-multiplier"] = float(self.dp.settings.noise_multiplier)
+            config["dp-clip-norm"] = float(self.dp.settings.clip_norm)
+            config["dp-expected-clients"] = len(messages)
         self._secure_round = (grid, [m.metadata.dst_node_id for m in messages], content)
         return []
 
@@ -119,7 +131,8 @@ class LoraFedAvg(FedAvg):
                 dropped += 1
                 continue
             try:
-                accepted.append(TrainReply.from_content(msg.content, self.reply_spec))
+                accepted.append(TrainReply.from_content(msg.content, self.reply_spec,
+                                                        self.codec, self.codec_block))
                 names.append(site_name(accepted[-1].site_id, node))
             except (ProtocolError, KeyError) as exc:
                 log.warning("Round %d: dropped reply from node %s: %s", server_round, node, exc)
@@ -137,7 +150,17 @@ class LoraFedAvg(FedAvg):
 
     def _apply(self, server_round: int, updates: list[ClientUpdate],
                record: dict[str, Any]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Clip (optional), aggregate with the strategy, step the server optimizer."""
+        """Clip (optional), aggregate with the strategy, step the server optimizer.
+
+        With DP and plain replies the server clips each delta to the DP bound, weighs every node
+        equally and adds Gaussian noise of std z * C to the sum (central DP). Under secure
+        aggregation the nodes did both; the server only accounts for the privacy spent.
+        """
+        central_dp = self.dp is not None and self.secagg is None
+        if central_dp:
+            assert self.dp is not None
+            bound = self.dp.settings.clip_norm
+            updates = [ClientUpdate(clip_update_norm(u.delta, bound)[0], 1) for u in updates]
         if self.clip_norm is not None:
             clipped = [clip_update_norm(u.delta, self.clip_norm) for u in updates]
             record["clipped"] = sum(norm > self.clip_norm for _, norm in clipped)
@@ -152,7 +175,20 @@ class LoraFedAvg(FedAvg):
                         server_round, self.aggregator.name, exc)
             self._finish_round(server_round, record)
             return None, None
-        self.global_adapter, self.opt_state = step(self.global_adapter, result.delta,
+        delta = result.delta
+        if central_dp:
+            assert self.dp is not None
+            rng = np.random.default_rng()  # OS entropy: DP noise must not be predictable
+            std = self.dp.settings.noise_std / len(updates)  # noise on the sum, of the mean
+            delta = {k: (v + rng.normal(0.0, std, v.shape)).astype(v.dtype)
+                     for k, v in delta.items()}
+        if self.dp is not None:
+            z = self.dp.settings.noise_multiplier
+            if not central_dp:
+                expected = int(record.get("asked", len(updates)))
+                z = effective_noise_multiplier(z, expected, int(record["replies"]))
+            record.update(self.dp.record_round(server_round, noise_multiplier=z).metrics())
+        self.global_adapter, self.opt_state = step(self.global_adapter, delta,
                                                    self.opt_state, self.optimizer)
         if result.residuals:
             self.residuals = add_residuals(self.residuals, result.residuals)
@@ -173,7 +209,7 @@ class LoraFedAvg(FedAvg):
         if grid is not None and nodes:
             try:
                 result = secure_weighted_sum(
-                    grid, nodes, content, self.secagg(len(nodes)),
+                    grid, nodes, content, self._secagg_settings(len(nodes)),
                     {k: v.shape for k, v in self.reply_spec.items()},
                     timeout=self.round_timeout, group_id=str(server_round))
             except SecAggError as exc:
@@ -195,6 +231,23 @@ class LoraFedAvg(FedAvg):
             return None, None
         return self._apply(server_round, [as_client_update(result, self.global_adapter)], record)
 
+    def _secagg_settings(self, nodes: int) -> SecAggSettings:
+        """The round's SecAgg+ settings; with DP the clip also covers each node's noise share."""
+        assert self.secagg is not None
+        settings = self.secagg(nodes)
+        if self.dp is None:
+            return settings
+        dp = self.dp.settings
+        values = sum(int(np.prod(v.shape)) for v in self.reply_spec.values())
+        share = dp.noise_std / np.sqrt(nodes)
+        # |clipped delta + noise| <= C + |noise|; |noise| concentrates at share * sqrt(values).
+        needed = dp.clip_norm + share * (np.sqrt(values) + 10.0)
+        if needed > settings.clip_norm:
+            log.info("SecAgg clip raised from %g to %.4g to hold the DP noise shares",
+                     settings.clip_norm, needed)
+            settings = dataclasses.replace(settings, clip_norm=float(needed))
+        return settings
+
     def _secure_record(self, server_round: int, result: SecAggResult | None,
                        asked: int) -> dict[str, Any]:
         """The round record from the scalars nodes sent beside their masked vectors."""
@@ -208,7 +261,8 @@ class LoraFedAvg(FedAvg):
                            "train-seconds": float(m.get("train-seconds", 0.0)),
                            "load-seconds": float(m.get("load-seconds", 0.0)),
                            "norm-before-clip": float(m.get(NORM_BEFORE_CLIP, float("nan"))),
-                           "clipped": bool(m.get(CLIPPED, 0))}
+                           "clipped": bool(m.get(CLIPPED, 0)),
+                           "dp-noised": bool(m.get("dp-noised", 0))}
             losses.append((sites[name]["train-loss"], n))
         n = sum(w for _, w in losses)
         loss = sum(v * w for v, w in losses) / n if n else float("nan")
@@ -218,7 +272,7 @@ class LoraFedAvg(FedAvg):
             "replies": len(result.contributors) if result else 0,
             "dropped": asked - (len(result.contributors) if result else 0),
             "seconds": time.monotonic() - started if started is not None else float("nan"),
-            "sites": sites, "secure-aggregation": True}
+            "sites": sites, "secure-aggregation": True, "asked": asked}
         if result is not None:
             record.update({"secagg-clipped": result.num_clipped,
                            "secagg-tolerance": result.tolerance,
@@ -284,7 +338,8 @@ class LoraFedAvg(FedAvg):
         for name, r in zip(names, accepted, strict=True):
             sites[name] = {"train-loss": r.train_loss, "num-examples": r.num_examples,
                            "train-seconds": r.train_seconds, "load-seconds": r.load_seconds,
-                           "train-tokens": r.train_tokens}
+                           "train-tokens": r.train_tokens, "bytes-sent": r.bytes_sent,
+                           "bytes-received": r.bytes_received}
             log.info("Round %d | site %-12s | loss %.4f | examples %4d | %.1f s", server_round,
                      name, r.train_loss, r.num_examples, r.train_seconds)
         loss = sum(r.train_loss * r.num_examples for r in accepted) / n if n else float("nan")
@@ -294,7 +349,8 @@ class LoraFedAvg(FedAvg):
         seconds = time.monotonic() - started if started is not None else float("nan")
         return {"round": server_round, "train-loss": loss, "num-examples": n,
                 "replies": len(accepted), "dropped": dropped, "seconds": seconds,
-                "sites": sites}
+                "sites": sites, "bytes-sent": sum(r.bytes_sent for r in accepted),
+                "bytes-received": sum(r.bytes_received for r in accepted)}
 
     def _finish_round(self, server_round: int, record: dict[str, Any]) -> None:
         """Training is done; the round completes now, or after its evaluation."""

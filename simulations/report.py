@@ -16,16 +16,27 @@ def section(title: str) -> None:
 
 def rounds(history: list[dict[str, Any]]) -> None:
     sites = sorted({s for rec in history for s in rec["sites"]})
-    table = Table(title="Train loss per round (mean over local steps)")
+    table = Table(title="Train loss per round (mean over local steps); federated eval accuracy")
     table.add_column("round", justify="right")
     for s in sites:
         table.add_column(s, justify="right")
     table.add_column("aggregate", justify="right", style="bold")
+    table.add_column("eval acc.", justify="right")
     for rec in history:
-        cells = [f"{rec['sites'][s]['train-loss']:.4f}" if s in rec["sites"] else "-"
-                 for s in sites]
-        table.add_row(str(rec["round"]), *cells, f"{rec['train-loss']:.4f}")
+        cells = [f"{rec['sites'][s]['train-loss']:.4f}" if "train-loss" in rec["sites"].get(s, {})
+                 else "-" for s in sites]
+        acc = f"{rec['eval-accuracy']:.1%}" if "eval-accuracy" in rec else "-"
+        table.add_row(str(rec["round"]), *cells, f"{rec.get('train-loss', float('nan')):.4f}", acc)
     console.print(table)
+    secure = [rec for rec in history if rec.get("secure-aggregation")]
+    if secure:
+        seconds = [rec["secagg-seconds"]["total"] for rec in secure if "secagg-seconds" in rec]
+        console.print(f"secure aggregation (SecAgg+): {len(secure)} rounds, the server saw sums "
+                      f"only; {sum(r.get('secagg-clipped', 0) for r in secure)} updates clipped; "
+                      f"{sum(seconds) / max(len(seconds), 1):.1f} s per round incl. training")
+    if "dp-epsilon" in history[-1]:
+        console.print(f"differential privacy: epsilon {history[-1]['dp-epsilon']:.3f} at delta "
+                      f"{history[-1]['dp-delta']:g}")
 
 
 def accuracy(name: str, ev: dict[str, Any]) -> None:

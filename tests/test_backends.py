@@ -41,7 +41,7 @@ def _train(model_dir: Path, name: str, steps: int = 8) -> tuple[list[float], obj
         optimizer.zero_grad()
         losses.append(loss.item())
     # B starts at zero, so A gets no gradient in step 1; after that every LoRA tensor must move.
-    assert all(not torch.equal(a, p) for a, p in zip(before, trainable))
+    assert all(not torch.equal(a, p) for a, p in zip(before, trainable, strict=True))
     return losses, model
 
 

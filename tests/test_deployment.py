@@ -79,8 +79,9 @@ def test_flwr_run_on_a_local_superlink_with_two_supernodes(tiny_model_dir: Path,
                               capture_output=True, text=True, timeout=300)
         node_logs = "\n".join(p.read_text()[-2000:] for p in sorted(logs.iterdir()))
         assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:] + node_logs
-        history = [json.loads(line) for line in
-                   (out_dir / "metrics.jsonl").read_text().splitlines()]
+        metrics = out_dir / "metrics.jsonl"
+        assert metrics.is_file(), done.stdout[-6000:] + node_logs
+        history = [json.loads(line) for line in metrics.read_text().splitlines()]
         assert [r["round"] for r in history] == [1, 2]
         assert all(set(r["sites"]) == {"pain", "dermatology"} for r in history)
         assert (out_dir / "global-adapter" / "adapter_model.safetensors").is_file()

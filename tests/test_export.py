@@ -146,12 +146,12 @@ def test_edge_model_kv_cache_matches_full_recompute_and_stops_at_eos(
 
     # Execute
     cached = edge.generate_ids(prompt_ids, max_new_tokens=8)
-    edge.eos_token_ids = [cached[2]]
+    edge.eos_token_ids = [cached[-1]]  # generation must stop at its first occurrence
     stopped = edge.generate_ids(prompt_ids, max_new_tokens=8)
 
     # Assert
     assert cached == recomputed
-    assert stopped == cached[:3]
+    assert stopped == cached[:cached.index(cached[-1]) + 1]
 
 
 def test_edge_runtime_runs_without_torch_or_transformers(exported: ExportReport) -> None:

@@ -45,3 +45,22 @@ def test_secure_aggregation_refuses_strategies_that_need_each_update():
                   {"clip-norm": 1.0}, {"min-nodes": 1}):
         with pytest.raises(ConfigError, match="secure-aggregation|secure aggregation"):
             RunConfig.from_mapping({"secure-aggregation": True, "min-nodes": 2, **extra})
+
+
+def test_secagg_settings_fit_the_nodes_of_the_round():
+    cfg = RunConfig.from_mapping({"secure-aggregation": True, "min-nodes": 2})
+    for nodes in (2, 3, 5, 40):
+        settings = cfg.secagg_settings(nodes)
+        assert settings.reconstruction_threshold <= nodes
+        assert settings.reconstruction_threshold > settings.num_shares // 2
+    assert cfg.secagg_settings(40).num_shares == 5
+
+
+def test_report_survives_a_round_whose_training_was_skipped(tmp_path):
+    from fedlora.server.report import write_report
+
+    history = [{"round": 1, "skipped": True, "num-examples": 0, "replies": 0, "dropped": 2,
+                "sites": {"pain": {"eval-loss": 1.0, "eval-accuracy": 0.5}},
+                "eval-loss": 1.0, "eval-accuracy": 0.5}]
+    text = write_report(tmp_path, history, {"strategy": "fedit"}).read_text()
+    assert "skipped" in text and (tmp_path / "accuracy.png").is_file()
