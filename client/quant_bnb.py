@@ -74,5 +74,25 @@ def load(model_dir: Path, device: str, compute_dtype: torch.dtype, variant: str)
         config = BitsAndBytesConfig(load_in_8bit=True)
         logging.getLogger("bitsandbytes.autograd._functions").addFilter(_DROP_FP16_CAST_NOTICE)
         log.info("bitsandbytes int8: activations are cast to fp16 for each int8 matmul")
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=compute_dtype, device_map=device,
-                                                quantization_config=config)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=compute_dtype,
+                                                 device_map=device, quantization_config=config)
+    if variant == "nf4":
+        _keep_training_layout(model)
+    return model
+
+
+def _keep_training_layout(model: Any) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights for its CPU inference kernel.
+
+    bitsandbytes 0.50, on CPUs with AVX512-BF16, repacks a Linear4bit weight in place the first
+    time the layer runs in eval mode without gradients, and never unpacks it when training
+    resumes: training after an evaluation then learns on garbage (default model, 5 steps: mean
+    loss 17 instead of 1.6; tests/test_nf4_eval_then_train.py). A node evaluates and trains the
+    same warm model, so the repacking is switched off; evaluation uses the training kernels.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit) and \
+                getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
