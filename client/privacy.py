@@ -13,9 +13,9 @@ This assumes ``n``, the number of honest clients whose shares reach the sum, is 
 advance (e.g. the number sampled, or min-nodes to be safe). If fewer answer, or some are
 dishonest and skip their share, the sum carries less noise than promised: the server must
 account for the achieved multiplier, ``z * sqrt(actual / expected)``
-(:func:`effective_noise_multiplier`). Strictly, under add/remove-one-client the client being
-protected may be the one missing, so only the *others'* shares protect it: a conservative
-ledger passes ``actual - 1`` (with 10 contributors, 5% less z).
+(``fedlora.server.privacy.effective_noise_multiplier``). Strictly, under add/remove-one-client
+the client being protected may be the one missing, so only the *others'* shares protect it: a
+conservative ledger passes ``actual - 1`` (with 10 contributors, 5% less z).
 
 Order on a node: clip, then add noise, then encode (:mod:`fedlora.protocol.compression`).
 Quantizing a noised share is post-processing of that share, but with secure aggregation the sum
@@ -85,17 +85,4 @@ def noise_share_std(noise_multiplier: float, clip_norm: float, expected_clients:
     return noise_multiplier * clip_norm / math.sqrt(expected_clients)
 
 
-def effective_noise_multiplier(noise_multiplier: float, expected: int, actual: int) -> float:
-    """The multiplier achieved when ``actual`` of ``expected`` clients add their share.
-
-    Shares sized for ``expected`` clients (:func:`noise_share_std`) sum, over ``actual`` of
-    them, to std ``z * C * sqrt(actual / expected)``: the ledger must account with
-    ``z * sqrt(actual / expected)``, which is below ``z`` when fewer answer than expected.
-    """
-    if expected < 1 or actual < 0:
-        raise ValueError(f"expected={expected}, actual={actual}: need expected >= 1, actual >= 0")
-    return noise_multiplier * math.sqrt(actual / expected)
-
-
-__all__ = ["add_noise", "clip_delta", "effective_noise_multiplier", "global_norm",
-           "noise_share_std"]
+__all__ = ["add_noise", "clip_delta", "global_norm", "noise_share_std"]

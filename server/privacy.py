@@ -22,7 +22,7 @@ node keeps. It holds under these assumptions:
 - Each client's contribution to the sum is its clipped delta, unweighted (a weight such as its
   number of examples would raise the sensitivity above ``C``); the noise on the sum really has
   std ``z * C`` (under distributed noise: as many honest contributors as promised, see
-  :func:`fedlora.client.privacy.effective_noise_multiplier`, and record what was achieved).
+  :func:`effective_noise_multiplier`, and record what was achieved).
 - Only rounds whose aggregate is released (applied to the global adapter) are recorded; a round
   skipped for lack of replies releases nothing.
 
@@ -102,8 +102,8 @@ def _key(name: str) -> str:
 def effective_noise_multiplier(noise_multiplier: float, expected: int, actual: int) -> float:
     """Noise multiplier achieved when ``actual`` of ``expected`` clients add their share.
 
-    Same formula as :func:`fedlora.client.privacy.effective_noise_multiplier` (the server
-    does not import client code): ``z * sqrt(actual / expected)``.
+    Shares sized for ``expected`` clients (``fedlora.client.privacy.noise_share_std``) sum,
+    over ``actual`` of them, to std ``z * C * sqrt(actual / expected)``.
     """
     if expected < 1 or actual < 0:
         raise ValueError(f"expected={expected}, actual={actual}: need expected >= 1, actual >= 0")
