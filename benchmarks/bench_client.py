@@ -36,6 +36,7 @@ batches. A backend for which not even one step per run fits is skipped, and the 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -108,6 +109,7 @@ class Result:
 
 # ---- worker: one (backend, loop) in its own process ------------------------------------------
 
+
 def _peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
@@ -119,8 +121,12 @@ class Timed:
     every batch handed out is a finished step. Stopping early raises StopIteration in the loop:
     ``train_lora`` lets it escape, a ``for`` loop ends."""
 
-    def __init__(self, batches: Iterator[dict[str, Any]], max_seconds: float,
-                 counts: Callable[[dict[str, Any]], tuple[int, int]]) -> None:
+    def __init__(
+        self,
+        batches: Iterator[dict[str, Any]],
+        max_seconds: float,
+        counts: Callable[[dict[str, Any]], tuple[int, int]],
+    ) -> None:
         self.batches, self.max_seconds, self.counts = batches, max_seconds, counts
         self.steps = self.tokens = self.scored = 0
         self.start = self.cpu = self.seconds = self.cpu_seconds = 0.0
@@ -136,8 +142,11 @@ class Timed:
             raise StopIteration
         batch = next(self.batches)
         tokens, scored = self.counts(batch)
-        self.steps, self.tokens, self.scored = self.steps + 1, self.tokens + tokens, \
-            self.scored + scored
+        self.steps, self.tokens, self.scored = (
+            self.steps + 1,
+            self.tokens + tokens,
+            self.scored + scored,
+        )
         return batch
 
     def stop(self) -> None:
@@ -153,8 +162,10 @@ def _order(n_rows: int, count: int, pad_id: int) -> list[list[int]]:
     from fedlora.prompting import Encoded
 
     marks = [Encoded([i], [i], False) for i in range(n_rows)]
-    return [b["input_ids"][:, 0].tolist()
-            for b in sample_batches(marks, BATCH_SIZE, count, seed=(0,), pad_id=pad_id)]
+    return [
+        b["input_ids"][:, 0].tolist()
+        for b in sample_batches(marks, BATCH_SIZE, count, seed=(0,), pad_id=pad_id)
+    ]
 
 
 def _bare_batch(rows: Sequence[Any], pad_id: int) -> dict[str, Any]:
@@ -197,8 +208,10 @@ def bare_loop(model: Any, rows: Sequence[Any], pad_id: int, job: Job) -> tuple[T
         optimizer.zero_grad()
         return float(loss.item())
 
-    batches = (_bare_batch([rows[i] for i in take], pad_id)
-               for take in _order(len(rows), 1 + job.steps, pad_id))
+    batches = (
+        _bare_batch([rows[i] for i in take], pad_id)
+        for take in _order(len(rows), 1 + job.steps, pad_id)
+    )
     step(next(batches))  # warmup
     timer = Timed(batches, job.max_seconds, _bare_counts)
     losses = [step(batch) for batch in timer]
@@ -214,10 +227,8 @@ def fedlora_loop(model: Any, rows: Sequence[Any], pad_id: int, job: Job) -> tupl
     train_lora(model, batches, TrainOptions(lr=LR, steps=1))  # warmup: the first batch
     timer = Timed(batches, job.max_seconds, _fedlora_counts)
     loss = float("nan")
-    try:
+    with contextlib.suppress(StopIteration):  # stopped early by the time budget
         loss = train_lora(model, timer, TrainOptions(lr=LR, steps=job.steps)).loss
-    except StopIteration:  # stopped early by the time budget
-        pass
     timer.stop()
     return timer, loss
 
@@ -267,14 +278,16 @@ def worker(job: Job) -> Result:
 
 # ---- driver --------------------------------------------------------------------------------
 
+
 def run_job(job: Job) -> Result:
     """``job`` in a fresh interpreter (clean peak RSS); its result comes back as JSON."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(asdict(job))]
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "TRANSFORMERS_VERBOSITY": "error"}
     started = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
-                              timeout=JOB_TIMEOUT_S)
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, env=env, timeout=JOB_TIMEOUT_S, check=False
+        )
     except subprocess.TimeoutExpired:
         return Result(job, error=f"timed out after {JOB_TIMEOUT_S} s")
     lines = [x for x in proc.stdout.splitlines() if x.startswith("{")]
@@ -300,8 +313,9 @@ def groups(backends: Sequence[str]) -> list[list[Job]]:
     return out
 
 
-def time_share(remaining_s: float, runs_left: int, group_runs: int, overhead_s: float,
-               step_s: float) -> float | None:
+def time_share(
+    remaining_s: float, runs_left: int, group_runs: int, overhead_s: float, step_s: float
+) -> float | None:
     """Seconds of timed steps for each run of the next group: a fair share of the remaining
     budget (``remaining_s / runs_left``) less a run's overhead (interpreter, loading, warmup);
     a tiny value (one step) if that is not even one step but the group fits with one step
@@ -316,14 +330,15 @@ def _describe(r: Result) -> str:
     what = f"{r.job.backend:<12} {r.job.loop:<8}{' packed' if r.job.packing else '':<7}"
     if r.error:
         return f"  {what} {r.error}"
-    return (f"  {what} {r.steps} steps {r.seconds:6.1f} s {r.tok_s:5.0f} tok/s "
-            f"(CPU use {r.cpu_use:4.0%})  peak {r.peak_mib:5.0f} MiB  loss "
-            f"{'-' if r.loss != r.loss else f'{r.loss:.3f}'}  "
-            f"[run {r.extra['wall']:.0f} s, load avg {os.getloadavg()[0]:.1f}]")
+    return (
+        f"  {what} {r.steps} steps {r.seconds:6.1f} s {r.tok_s:5.0f} tok/s "
+        f"(CPU use {r.cpu_use:4.0%})  peak {r.peak_mib:5.0f} MiB  loss "
+        f"{'-' if r.loss != r.loss else f'{r.loss:.3f}'}  "
+        f"[run {r.extra['wall']:.0f} s, load avg {os.getloadavg()[0]:.1f}]"
+    )
 
 
-def measure(backends: Sequence[str], steps: int, budget_s: float,
-            threads: int = 0) -> list[Result]:
+def measure(backends: Sequence[str], steps: int, budget_s: float, threads: int = 0) -> list[Result]:
     todo = groups(backends)
     runs_left = sum(len(g) for g in todo)
     overheads, step_times = [FIRST_OVERHEAD_S], [FIRST_STEP_S]
@@ -332,15 +347,21 @@ def measure(backends: Sequence[str], steps: int, budget_s: float,
     for group in todo:
         share: float | None = 0.0
         if budget_s > 0:
-            share = time_share(budget_s - (time.perf_counter() - start), runs_left, len(group),
-                               statistics.median(overheads), statistics.median(step_times))
+            share = time_share(
+                budget_s - (time.perf_counter() - start),
+                runs_left,
+                len(group),
+                statistics.median(overheads),
+                statistics.median(step_times),
+            )
         runs_left -= len(group)
         first: Result | None = None
         for job in group:
             job.steps, job.threads = steps, threads
             if share is None:
-                results.append(Result(job, error=f"skipped: over the time budget "
-                                                 f"(--budget-s {budget_s:.0f})"))
+                results.append(
+                    Result(job, error=f"skipped: over the time budget (--budget-s {budget_s:.0f})")
+                )
             else:
                 if first is None or first.error:
                     job.max_seconds = share
@@ -356,80 +377,104 @@ def measure(backends: Sequence[str], steps: int, budget_s: float,
     return results
 
 
-def _find(results: Sequence[Result], backend: str, loop: str,
-          packing: bool = False) -> Result | None:
-    return next((r for r in results if r.job.backend == backend and r.job.loop == loop
-                 and r.job.packing == packing), None)
+def _find(
+    results: Sequence[Result], backend: str, loop: str, packing: bool = False
+) -> Result | None:
+    return next(
+        (
+            r
+            for r in results
+            if r.job.backend == backend and r.job.loop == loop and r.job.packing == packing
+        ),
+        None,
+    )
 
 
 def backend_table(results: Sequence[Result]) -> str:
-    lines = ["| backend | steps | fedlora tok/s | bare tok/s | ratio | fedlora peak MiB | "
-             "bare peak MiB | load peak MiB | CPU use fedlora / bare | note |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    lines = [
+        "| backend | steps | fedlora tok/s | bare tok/s | ratio | fedlora peak MiB | "
+        "bare peak MiB | load peak MiB | CPU use fedlora / bare | note |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
     for name in dict.fromkeys(r.job.backend for r in results):
         fed, bare = _find(results, name, "fedlora"), _find(results, name, "bare")
         assert fed is not None and bare is not None
         if fed.error or bare.error:
-            lines.append(f"| {name} | - | - | - | - | - | - | - | - | "
-                         f"{fed.error or bare.error} |")
+            lines.append(f"| {name} | - | - | - | - | - | - | - | - | {fed.error or bare.error} |")
             continue
         steps = str(fed.steps) if fed.steps == bare.steps else f"{fed.steps} / {bare.steps}"
         notes = [] if fed.steps == bare.steps else ["steps differ (budget)"]
         if min(fed.cpu_use, bare.cpu_use) < BUSY_CPU_USE:
             notes.append("other work took the CPUs: ratio unreliable")
-        lines.append(f"| {name} | {steps} | {fed.tok_s:.0f} | {bare.tok_s:.0f} | "
-                     f"{fed.tok_s / bare.tok_s:.2f}x | {fed.peak_mib:.0f} | "
-                     f"{bare.peak_mib:.0f} | {max(fed.load_mib, bare.load_mib):.0f} | "
-                     f"{fed.cpu_use:.0%} / {bare.cpu_use:.0%} | {'; '.join(notes)} |")
+        lines.append(
+            f"| {name} | {steps} | {fed.tok_s:.0f} | {bare.tok_s:.0f} | "
+            f"{fed.tok_s / bare.tok_s:.2f}x | {fed.peak_mib:.0f} | "
+            f"{bare.peak_mib:.0f} | {max(fed.load_mib, bare.load_mib):.0f} | "
+            f"{fed.cpu_use:.0%} / {bare.cpu_use:.0%} | {'; '.join(notes)} |"
+        )
     return "\n".join(lines)
 
 
 def useful_table(results: Sequence[Result]) -> str:
-    picks = [("fedlora, completion-only", _find(results, DEFAULT_BACKEND, "fedlora")),
-             ("fedlora, completion-only + packing",
-              _find(results, DEFAULT_BACKEND, "fedlora", packing=True)),
-             ("bare peft + transformers", _find(results, DEFAULT_BACKEND, "bare"))]
+    picks = [
+        ("fedlora, completion-only", _find(results, DEFAULT_BACKEND, "fedlora")),
+        (
+            "fedlora, completion-only + packing",
+            _find(results, DEFAULT_BACKEND, "fedlora", packing=True),
+        ),
+        ("bare peft + transformers", _find(results, DEFAULT_BACKEND, "bare")),
+    ]
     rows = [(label, r) for label, r in picks if r is not None and not r.error]
     if not rows:
         return ""
     bare = picks[2][1] if picks[2][1] is not None and not picks[2][1].error else None
-    lines = [f"| {DEFAULT_BACKEND}: loop | steps | rows | tokens/step | useful tokens/step | "
-             f"tok/s | useful tok/s | useful x bare | peak MiB |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"| {DEFAULT_BACKEND}: loop | steps | rows | tokens/step | useful tokens/step | "
+        f"tok/s | useful tok/s | useful x bare | peak MiB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for label, r in rows:
         ratio = f"{r.useful_s / bare.useful_s:.2f}x" if bare else "-"
-        lines.append(f"| {label} | {r.steps} | {r.rows} | {r.tokens / r.steps:.0f} | "
-                     f"{r.scored / r.steps:.1f} | {r.tok_s:.0f} | {r.useful_s:.2f} | "
-                     f"{ratio} | {r.peak_mib:.0f} |")
+        lines.append(
+            f"| {label} | {r.steps} | {r.rows} | {r.tokens / r.steps:.0f} | "
+            f"{r.scored / r.steps:.1f} | {r.tok_s:.0f} | {r.useful_s:.2f} | "
+            f"{ratio} | {r.peak_mib:.0f} |"
+        )
     return "\n".join(lines)
 
 
 def report(results: Sequence[Result], elapsed: float, loads: Sequence[float]) -> None:
     ok = [r for r in results if not r.error]
     threads = sorted({int(r.extra["threads"]) for r in ok})
-    print(f"\ntok/s: non-padding tokens of the timed steps / their wall time. ratio: fedlora "
-          f"tok/s / bare tok/s on the same rows in the same batches (>= 1.00x: fedlora is not "
-          f"slower). CPU use: CPU time / (wall time x threads) of the timed steps, about 100% on "
-          f"an idle machine; below {BUSY_CPU_USE:.0%} other work took the cores and the row is "
-          f"marked. "
-          f"Peak MiB: ru_maxrss of the run's process; load peak: after loading base + LoRA, "
-          f"before training. Torch threads {threads}, {os.cpu_count()} CPUs shared with other "
-          f"work (1-min load average {loads[0]:.1f} at the start, {loads[1]:.1f} at the end): "
-          f"timings are noisy.\n")
+    print(
+        f"\ntok/s: non-padding tokens of the timed steps / their wall time. ratio: fedlora "
+        f"tok/s / bare tok/s on the same rows in the same batches (>= 1.00x: fedlora is not "
+        f"slower). CPU use: CPU time / (wall time x threads) of the timed steps, about 100% on "
+        f"an idle machine; below {BUSY_CPU_USE:.0%} other work took the cores and the row is "
+        f"marked. "
+        f"Peak MiB: ru_maxrss of the run's process; load peak: after loading base + LoRA, "
+        f"before training. Torch threads {threads}, {os.cpu_count()} CPUs shared with other "
+        f"work (1-min load average {loads[0]:.1f} at the start, {loads[1]:.1f} at the end): "
+        f"timings are noisy.\n"
+    )
     print(backend_table(results))
     useful = useful_table(results)
     if useful:
         packed = _find(ok, DEFAULT_BACKEND, "fedlora", packing=True)
         plain = _find(ok, DEFAULT_BACKEND, "fedlora")
-        print("\nUseful tokens: the scored (response) tokens, here the one-word rating and its "
-              "end-of-turn tokens; the bare loop computes logits for every token, fedlora only "
-              "from the first scored column on.")
+        print(
+            "\nUseful tokens: the scored (response) tokens, here the one-word rating and its "
+            "end-of-turn tokens; the bare loop computes logits for every token, fedlora only "
+            "from the first scored column on."
+        )
         if packed and plain:
-            print(f"Packing: {packed.examples} examples into {packed.rows} rows of at most "
-                  f"{MAX_LENGTH} tokens = {packed.examples / packed.rows:.2f} examples per row "
-                  f"({packed.tokens / packed.steps / BATCH_SIZE:.0f} tokens per row in these "
-                  f"batches; an unpacked row is one example, "
-                  f"{plain.tokens / plain.steps / BATCH_SIZE:.0f} tokens on average).")
+            print(
+                f"Packing: {packed.examples} examples into {packed.rows} rows of at most "
+                f"{MAX_LENGTH} tokens = {packed.examples / packed.rows:.2f} examples per row "
+                f"({packed.tokens / packed.steps / BATCH_SIZE:.0f} tokens per row in these "
+                f"batches; an unpacked row is one example, "
+                f"{plain.tokens / plain.steps / BATCH_SIZE:.0f} tokens on average)."
+            )
         print(f"\n{useful}")
     print(f"\nTotal {elapsed:.0f} s for {len(results)} runs.")
     fed, bare = _find(ok, DEFAULT_BACKEND, "fedlora"), _find(ok, DEFAULT_BACKEND, "bare")
@@ -439,20 +484,37 @@ def report(results: Sequence[Result], elapsed: float, loads: Sequence[float]) ->
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--backends", default="",
-                        help="comma-separated backends (default: all of "
-                             "fedlora.client.quantization.BACKEND_NAMES)")
-    parser.add_argument("--steps", type=int, default=None,
-                        help=f"timed steps per run at most, after one warmup step (default "
-                             f"{MAX_STEPS}; the budget may stop a run earlier)")
-    parser.add_argument("--quick", action="store_true",
-                        help=f"backends {','.join(QUICK_BACKENDS)}, {QUICK_STEPS} timed steps")
-    parser.add_argument("--budget-s", type=float, default=BUDGET_S,
-                        help=f"seconds for all runs (default {BUDGET_S:.0f}): each backend's "
-                             f"runs get a fair share of what is left; 0 = no budget")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch threads per run (default: torch's own, one per core); 1 "
-                             "suffers less when other work shares the cores")
+    parser.add_argument(
+        "--backends",
+        default="",
+        help="comma-separated backends (default: all of fedlora.client.quantization.BACKEND_NAMES)",
+    )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help=f"timed steps per run at most, after one warmup step (default "
+        f"{MAX_STEPS}; the budget may stop a run earlier)",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"backends {','.join(QUICK_BACKENDS)}, {QUICK_STEPS} timed steps",
+    )
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=BUDGET_S,
+        help=f"seconds for all runs (default {BUDGET_S:.0f}): each backend's "
+        f"runs get a fair share of what is left; 0 = no budget",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads per run (default: torch's own, one per core); 1 "
+        "suffers less when other work shares the cores",
+    )
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -463,16 +525,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from fedlora.client.quantization import BACKEND_NAMES
 
-    backends = [b.strip() for b in args.backends.split(",") if b.strip()] or \
-        list(QUICK_BACKENDS if args.quick else BACKEND_NAMES)
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()] or list(
+        QUICK_BACKENDS if args.quick else BACKEND_NAMES
+    )
     unknown = [b for b in backends if b not in BACKEND_NAMES]
     if unknown:
         parser.error(f"unknown backends {unknown}: use {', '.join(BACKEND_NAMES)}")
     steps = args.steps or (QUICK_STEPS if args.quick else MAX_STEPS)
-    print(f"Client training: SmolLM2-135M-Instruct + LoRA r=8 (all linear layers, dropout 0.05), "
-          f"site {SITE!r}, batch {BATCH_SIZE}, max-length {MAX_LENGTH}, completion-only loss, "
-          f"lr {LR}. Each run in its own process: 1 warmup step (not timed), then up to {steps} "
-          f"timed steps within a budget of {args.budget_s:.0f} s for all runs.", flush=True)
+    print(
+        f"Client training: SmolLM2-135M-Instruct + LoRA r=8 (all linear layers, dropout 0.05), "
+        f"site {SITE!r}, batch {BATCH_SIZE}, max-length {MAX_LENGTH}, completion-only loss, "
+        f"lr {LR}. Each run in its own process: 1 warmup step (not timed), then up to {steps} "
+        f"timed steps within a budget of {args.budget_s:.0f} s for all runs.",
+        flush=True,
+    )
     load_start = os.getloadavg()[0]
     start = time.perf_counter()
     results = measure(backends, steps, args.budget_s, args.threads)

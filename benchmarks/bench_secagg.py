@@ -73,6 +73,7 @@ def weight_of(pid: int) -> int:
 
 # ---- the default adapter and the full model -------------------------------------------
 
+
 def default_model() -> tuple[dict[str, tuple[int, ...]], int]:
     """``(adapter shapes, full model parameters)`` of the default model.
 
@@ -90,7 +91,7 @@ def default_model() -> tuple[dict[str, tuple[int, ...]], int]:
     params = 0
     for path in sorted(base.glob("*.safetensors")):
         with safe_open(str(path), "np") as fh:
-            params += sum(math.prod(fh.get_slice(k).get_shape()) for k in fh.keys())
+            params += sum(math.prod(fh.get_slice(k).get_shape()) for k in fh)
     return adapter_shapes(base, LoraSettings()), params
 
 
@@ -103,9 +104,14 @@ def sent_shapes(shapes: Mapping[str, tuple[int, ...]], factors: str) -> dict[str
 def simulation_backend() -> dict[str, Any]:
     """What ``fedlora.simulations.run.simulate`` gives Ray (one CPU per node, all CPUs), with
     the nodes' logs kept out of the report."""
-    return {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-            "init_args": {"num_cpus": max(os.cpu_count() or 1, 1), "include_dashboard": False,
-                          "log_to_driver": False}}
+    return {
+        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+        "init_args": {
+            "num_cpus": max(os.cpu_count() or 1, 1),
+            "include_dashboard": False,
+            "log_to_driver": False,
+        },
+    }
 
 
 def wait_for_nodes(grid: Any, n: int) -> list[int]:
@@ -118,6 +124,7 @@ def wait_for_nodes(grid: Any, n: int) -> list[int]:
 
 
 # ---- (2) the aggregation step alone -----------------------------------------------------
+
 
 @dataclass
 class AggRow:
@@ -151,29 +158,34 @@ def fixed_update_app(shapes: Mapping[str, tuple[int, ...]]) -> Any:
         factors = str(content.config_records["config"]["bench-factors"])
         if (pid, factors) not in cache:
             rng = np.random.default_rng(1000 + pid)
-            full = {k: rng.normal(0.0, DELTA_STD, s).astype(np.float32)
-                    for k, s in sorted(shapes.items())}
+            full = {
+                k: rng.normal(0.0, DELTA_STD, s).astype(np.float32)
+                for k, s in sorted(shapes.items())
+            }
             cache[(pid, factors)] = {k: full[k] for k in sent_shapes(shapes, factors)}
         return cache[(pid, factors)]
 
     @app.train()
     def plain(msg: Message, context: Context) -> Message:
         pid = int(context.node_config["partition-id"])
-        reply = TrainReply(delta=update(pid, msg.content), num_examples=weight_of(pid),
-                           train_loss=0.0)
+        reply = TrainReply(
+            delta=update(pid, msg.content), num_examples=weight_of(pid), train_loss=0.0
+        )
         return Message(content=reply.to_content(), reply_to=msg)
 
     @app.train("secagg")
     def secure(msg: Message, context: Context) -> Message:
         pid = int(context.node_config["partition-id"])
-        return handle_secagg(msg, context,
-                             lambda content: (update(pid, content), weight_of(pid), {}))
+        return handle_secagg(
+            msg, context, lambda content: (update(pid, content), weight_of(pid), {})
+        )
 
     return app
 
 
-def aggregation_runs(grid: Any, n: int, shapes: Mapping[str, tuple[int, ...]],
-                     reps: int) -> list[AggRow]:
+def aggregation_runs(
+    grid: Any, n: int, shapes: Mapping[str, tuple[int, ...]], reps: int
+) -> list[AggRow]:
     """The ServerApp body of (2): plain and secure aggregation, alternating, per factor set."""
     from flwr.app import ConfigRecord, Message, RecordDict
 
@@ -195,36 +207,54 @@ def aggregation_runs(grid: Any, n: int, shapes: Mapping[str, tuple[int, ...]],
         values = sum(int(np.prod(s.shape)) for s in spec.values())
         plain, secure = AggRow(factors, "plain", values), AggRow(factors, "secure", values)
         for rep in range(reps + 1):  # run 0 warms up: fills every node's cached update
-            content = RecordDict({"arrays": to_array_record(glob), "config": ConfigRecord(
-                {"server-round": rep + 1, "bench-factors": factors})})
+            content = RecordDict(
+                {
+                    "arrays": to_array_record(glob),
+                    "config": ConfigRecord({"server-round": rep + 1, "bench-factors": factors}),
+                }
+            )
             new: dict[str, dict[str, np.ndarray]] = {}
             for mode in ("plain", "secure") if rep % 2 == 0 else ("secure", "plain"):
                 start = time.perf_counter()
                 if mode == "plain":
-                    msgs = [Message(content=RecordDict(dict(content)), dst_node_id=node,
-                                    message_type="train") for node in nodes]
+                    msgs = [
+                        Message(
+                            content=RecordDict(dict(content)),
+                            dst_node_id=node,
+                            message_type="train",
+                        )
+                        for node in nodes
+                    ]
                     replies = list(grid.send_and_receive(msgs, timeout=TIMEOUT_S))
                     bad = [r.error.reason for r in replies if r.has_error()]
                     if bad or len(replies) != len(nodes):
-                        raise RuntimeError(f"plain aggregation: {len(replies)} replies, "
-                                           f"errors {bad[:2]}")
+                        raise RuntimeError(
+                            f"plain aggregation: {len(replies)} replies, errors {bad[:2]}"
+                        )
                     ups = [TrainReply.from_content(r.content, spec) for r in replies]
-                    new[mode] = agg.aggregate(glob, [ClientUpdate(u.delta, u.num_examples)
-                                                     for u in ups], scale).new_global
+                    new[mode] = agg.aggregate(
+                        glob, [ClientUpdate(u.delta, u.num_examples) for u in ups], scale
+                    ).new_global
                     seconds = time.perf_counter() - start
                     plain.up = statistics.fmean(record_bytes(r.content) for r in replies)
                     plain.down = record_bytes(msgs[0].content)
                     row = plain
                 else:
-                    res = secure_weighted_sum(grid, nodes, content, settings,
-                                              {k: v.shape for k, v in spec.items()},
-                                              timeout=TIMEOUT_S)
-                    new[mode] = agg.aggregate(glob, [as_client_update(res, glob)],
-                                              scale).new_global
+                    res = secure_weighted_sum(
+                        grid,
+                        nodes,
+                        content,
+                        settings,
+                        {k: v.shape for k, v in spec.items()},
+                        timeout=TIMEOUT_S,
+                    )
+                    new[mode] = agg.aggregate(glob, [as_client_update(res, glob)], scale).new_global
                     seconds = time.perf_counter() - start
                     if len(res.contributors) != len(nodes):
-                        raise RuntimeError(f"secure aggregation: {len(res.contributors)} of "
-                                           f"{len(nodes)} nodes in the sum")
+                        raise RuntimeError(
+                            f"secure aggregation: {len(res.contributors)} of "
+                            f"{len(nodes)} nodes in the sum"
+                        )
                     secure.up = sum(res.bytes_received.values()) / len(nodes)
                     secure.down = sum(res.bytes_sent.values()) / len(nodes)
                     secure.tolerance = res.tolerance
@@ -235,8 +265,10 @@ def aggregation_runs(grid: Any, n: int, shapes: Mapping[str, tuple[int, ...]],
                     row.seconds.append(seconds)
                 warm = " (warm-up)" if not rep else ""
                 note(f"aggregation {factors:>2} {mode:<6} run {rep}{warm}: {seconds:.2f} s")
-            secure.max_diff = max(float(np.abs(new["secure"][k].astype(np.float64)
-                                               - new["plain"][k]).max()) for k in glob)
+            secure.max_diff = max(
+                float(np.abs(new["secure"][k].astype(np.float64) - new["plain"][k]).max())
+                for k in glob
+            )
         rows += [plain, secure]
     return rows
 
@@ -256,14 +288,20 @@ def run_aggregation(n: int, shapes: Mapping[str, tuple[int, ...]], reps: int) ->
         except BaseException:  # noqa: BLE001 - reported below, not lost in Flower's thread
             out["error"] = traceback.format_exc()
 
-    run_simulation(server_app=app, client_app=fixed_update_app(shapes), num_supernodes=n,
-                   backend_name="ray", backend_config=simulation_backend())
+    run_simulation(
+        server_app=app,
+        client_app=fixed_update_app(shapes),
+        num_supernodes=n,
+        backend_name="ray",
+        backend_config=simulation_backend(),
+    )
     if "error" in out or "rows" not in out:
         raise RuntimeError(f"aggregation simulation failed:\n{out.get('error', 'no result')}")
     return out["rows"]
 
 
 # ---- (1) whole rounds with training ------------------------------------------------------
+
 
 @dataclass
 class RoundRow:
@@ -287,9 +325,16 @@ def round_row(mode: str, call_s: float, rec: Mapping[str, Any]) -> RoundRow:
     else:  # sums of what each client reported
         replies = max(int(rec.get("replies", 1)), 1)
         up, down = rec["bytes-sent"] / replies, rec["bytes-received"] / replies
-    return RoundRow(mode, float(rec["seconds"]), call_s,
-                    statistics.fmean(train) if train else float("nan"), up, down,
-                    dict(rec.get("secagg-seconds", {})), int(rec.get("secagg-clipped", 0)))
+    return RoundRow(
+        mode,
+        float(rec["seconds"]),
+        call_s,
+        statistics.fmean(train) if train else float("nan"),
+        up,
+        down,
+        dict(rec.get("secagg-seconds", {})),
+        int(rec.get("secagg-clipped", 0)),
+    )
 
 
 def run_rounds(n: int, steps: int, pairs: int, workdir: Path) -> list[RoundRow]:
@@ -306,17 +351,28 @@ def run_rounds(n: int, steps: int, pairs: int, workdir: Path) -> list[RoundRow]:
     sites = ",".join((SITES * (n // len(SITES) + 1))[:n])
 
     def cfg(label: str, secure: bool, local_steps: int, batch_size: int) -> RunConfig:
-        return RunConfig.from_mapping({
-            **DEMO, "local-steps": local_steps, "batch-size": batch_size,
-            "num-server-rounds": 1, "sites": sites,
-            "min-nodes": 2, "min-available-nodes": n, "evaluate-every": 0,
-            "secure-aggregation": secure, "output-dir": str(workdir / label)})
+        return RunConfig.from_mapping(
+            {
+                **DEMO,
+                "local-steps": local_steps,
+                "batch-size": batch_size,
+                "num-server-rounds": 1,
+                "sites": sites,
+                "min-nodes": 2,
+                "min-available-nodes": n,
+                "evaluate-every": 0,
+                "secure-aggregation": secure,
+                "output-dir": str(workdir / label),
+            }
+        )
 
     plan = [("warm-up", cfg("warm-up", False, 1, 1))]  # loads the model, tokenizes the data
     for i in range(pairs):
         order = ("plain", "secure") if i % 2 == 0 else ("secure", "plain")
-        plan += [(mode, cfg(f"{mode}-{i}", mode == "secure", steps, DEMO["batch-size"]))
-                 for mode in order]
+        plan += [
+            (mode, cfg(f"{mode}-{i}", mode == "secure", steps, DEMO["batch-size"]))
+            for mode in order
+        ]
     resolve_base_model(plan[0][1].base_model)  # prepared once, before any node starts
     out: dict[str, Any] = {"rows": []}
     app = ServerApp()
@@ -328,26 +384,32 @@ def run_rounds(n: int, steps: int, pairs: int, workdir: Path) -> list[RoundRow]:
                 start = time.perf_counter()
                 run_federation(grid, c)
                 call_s = time.perf_counter() - start
-                rec = json.loads((Path(c.output_dir) / "metrics.jsonl").read_text()
-                                 .splitlines()[0])
+                rec = json.loads((Path(c.output_dir) / "metrics.jsonl").read_text().splitlines()[0])
                 if rec.get("skipped") or rec.get("replies") != n:
-                    raise RuntimeError(f"{mode} round: {rec.get('replies')} of {n} replies "
-                                       f"({rec.get('secagg-error', 'see the log')})")
+                    raise RuntimeError(
+                        f"{mode} round: {rec.get('replies')} of {n} replies "
+                        f"({rec.get('secagg-error', 'see the log')})"
+                    )
                 out["rows"].append(round_row(mode, call_s, rec))
                 note(f"{mode} round: {rec['seconds']:.1f} s (call {call_s:.1f} s)")
         except BaseException:  # noqa: BLE001 - reported below, not lost in Flower's thread
             out["error"] = traceback.format_exc()
 
-    node_defaults = {"base-model": "default", "quantization": DEMO["quantization"],
-                     "sites": sites}
-    run_simulation(server_app=app, client_app=make_client_app(node_defaults),
-                   num_supernodes=n, backend_name="ray", backend_config=simulation_backend())
+    node_defaults = {"base-model": "default", "quantization": DEMO["quantization"], "sites": sites}
+    run_simulation(
+        server_app=app,
+        client_app=make_client_app(node_defaults),
+        num_supernodes=n,
+        backend_name="ray",
+        backend_config=simulation_backend(),
+    )
     if "error" in out:
         raise RuntimeError(f"round simulation failed:\n{out['error']}")
     return out["rows"]
 
 
 # ---- (3) bytes ---------------------------------------------------------------------------
+
 
 @dataclass
 class BytesRow:
@@ -356,18 +418,23 @@ class BytesRow:
     down: float
 
 
-def bytes_rows(shapes: Mapping[str, tuple[int, ...]], full_params: int,
-               agg: Sequence[AggRow]) -> list[BytesRow]:
+def bytes_rows(
+    shapes: Mapping[str, tuple[int, ...]], full_params: int, agg: Sequence[AggRow]
+) -> list[BytesRow]:
     from fedlora.protocol.compression import encode, nbytes
 
     rng = np.random.default_rng(0)
     delta = {k: rng.normal(0.0, DELTA_STD, s).astype(np.float32) for k, s in shapes.items()}
     down = nbytes(delta)  # every round the server sends the whole global adapter, fp32
     b_only = {k: delta[k] for k in sent_shapes(shapes, "B")}
-    rows = [BytesRow("full model, fp32 (baseline)", 4 * full_params, 4 * full_params),
-            BytesRow("FedIT A+B, fp32", nbytes(encode(delta, "none")), down)]
-    rows += [BytesRow(f"FFA-LoRA B, {codec}", nbytes(encode(b_only, codec)), down)
-             for codec in CODEC_ROWS]
+    rows = [
+        BytesRow("full model, fp32 (baseline)", 4 * full_params, 4 * full_params),
+        BytesRow("FedIT A+B, fp32", nbytes(encode(delta, "none")), down),
+    ]
+    rows += [
+        BytesRow(f"FFA-LoRA B, {codec}", nbytes(encode(b_only, codec)), down)
+        for codec in CODEC_ROWS
+    ]
     for r in agg:
         if r.mode == "secure":
             name = "FedIT A+B" if r.factors == "AB" else "FFA-LoRA B"
@@ -377,9 +444,15 @@ def bytes_rows(shapes: Mapping[str, tuple[int, ...]], full_params: int,
 
 # ---- report ------------------------------------------------------------------------------
 
+
 def fmt_stages(stages: Mapping[str, float]) -> str:
-    short = {"setup": "setup", "share-keys": "keys", "collect-masked-vectors": "collect",
-             "unmask": "unmask", "reconstruct": "(reconstruct"}
+    short = {
+        "setup": "setup",
+        "share-keys": "keys",
+        "collect-masked-vectors": "collect",
+        "unmask": "unmask",
+        "reconstruct": "(reconstruct",
+    }
     parts = [f"{short[k]} {stages[k]:.2f}" for k in short if k in stages]
     return ", ".join(parts) + (")" if "reconstruct" in stages else "")
 
@@ -394,133 +467,202 @@ def load_average() -> str:
     return f"{one:.2f} / {five:.2f} / {fifteen:.2f} (1/5/15 min) on {os.cpu_count()} CPUs"
 
 
-def report_rounds(n: int, steps: int, rounds: Sequence[RoundRow],
-                  agg_overhead: float) -> tuple[float, float]:
+def report_rounds(
+    n: int, steps: int, rounds: Sequence[RoundRow], agg_overhead: float
+) -> tuple[float, float]:
     """Table (1); return ``(measured ratio, load-independent estimate)`` of secure / plain."""
     warm = [r for r in rounds if r.mode == "warm-up"]
     timed = {m: [r for r in rounds if r.mode == m] for m in ("plain", "secure")}
-    print(f"\n1. Round wall time, {n} clients, training included: nf4 base, {steps} local "
-          f"steps x batch {DEMO['batch-size']}, FedIT (A+B), default SecAgg+ settings")
+    print(
+        f"\n1. Round wall time, {n} clients, training included: nf4 base, {steps} local "
+        f"steps x batch {DEMO['batch-size']}, FedIT (A+B), default SecAgg+ settings"
+    )
     if warm:
-        print(f"   (a warm-up round of 1 step of batch 1 came first, not counted: "
-              f"{warm[0].round_s:.1f} s; it loads the base model once per Ray actor)")
-    head = (f"{'mode':<7} {'round s':>8} {'call s':>7} {'x plain':>8} {'train s/client':>15} "
-            f"{'load':>5} {'up MB/client':>13} {'down MB/client':>15}  secure stages (s)")
+        print(
+            f"   (a warm-up round of 1 step of batch 1 came first, not counted: "
+            f"{warm[0].round_s:.1f} s; it loads the base model once per Ray actor)"
+        )
+    head = (
+        f"{'mode':<7} {'round s':>8} {'call s':>7} {'x plain':>8} {'train s/client':>15} "
+        f"{'load':>5} {'up MB/client':>13} {'down MB/client':>15}  secure stages (s)"
+    )
     print(head + "\n" + "-" * len(head))
     plain_s = statistics.median(r.round_s for r in timed["plain"])
     secure_s = statistics.median(r.round_s for r in timed["secure"])
     for r in timed["plain"] + timed["secure"]:
-        print(f"{r.mode:<7} {r.round_s:>8.1f} {r.call_s:>7.1f} {r.round_s / plain_s:>8.3f} "
-              f"{r.train_s:>15.1f} {r.load:>5.1f} {r.up / MB:>13.2f} {r.down / MB:>15.2f}  "
-              f"{fmt_stages(r.stages) if r.stages else '-'}")
-    print(f"round s: the run's round timer (send -> all replies, or -> the secure sum); call s: "
-          f"the whole run_federation call; train s/client: mean of the per-site entries the "
-          f"history keeps (it keys sites by name: {min(n, len(SITES))} of the {n} clients "
-          f"here); load: 1-min load average when the round ended.")
+        print(
+            f"{r.mode:<7} {r.round_s:>8.1f} {r.call_s:>7.1f} {r.round_s / plain_s:>8.3f} "
+            f"{r.train_s:>15.1f} {r.load:>5.1f} {r.up / MB:>13.2f} {r.down / MB:>15.2f}  "
+            f"{fmt_stages(r.stages) if r.stages else '-'}"
+        )
+    print(
+        f"round s: the run's round timer (send -> all replies, or -> the secure sum); call s: "
+        f"the whole run_federation call; train s/client: mean of the per-site entries the "
+        f"history keeps (it keys sites by name: {min(n, len(SITES))} of the {n} clients "
+        f"here); load: 1-min load average when the round ended."
+    )
     train = {m: statistics.median(r.train_s for r in timed[m]) for m in timed}
-    print(f"Both rounds do the same training (round 1 of a fresh run: same adapter, same seeded "
-          f"batches): train s/client plain {train['plain']:.1f}, secure {train['secure']:.1f}; "
-          f"a difference there is the machine's load, not SecAgg.")
-    beyond = statistics.median(r.stages.get("total", 0.0) - r.stages.get("setup", 0.0)
-                               for r in timed["secure"])
-    print(f"Secure protocol after the training stage (keys, collect, unmask, reconstruct, "
-          f"decode): {beyond:.2f} s = {100 * beyond / plain_s:.1f}% of the plain round.")
+    print(
+        f"Both rounds do the same training (round 1 of a fresh run: same adapter, same seeded "
+        f"batches): train s/client plain {train['plain']:.1f}, secure {train['secure']:.1f}; "
+        f"a difference there is the machine's load, not SecAgg."
+    )
+    beyond = statistics.median(
+        r.stages.get("total", 0.0) - r.stages.get("setup", 0.0) for r in timed["secure"]
+    )
+    print(
+        f"Secure protocol after the training stage (keys, collect, unmask, reconstruct, "
+        f"decode): {beyond:.2f} s = {100 * beyond / plain_s:.1f}% of the plain round."
+    )
     estimate = (plain_s + agg_overhead) / plain_s
-    print(f"Load-independent estimate: plain round + the secure - plain cost of the aggregation "
-          f"step in (2) ({agg_overhead:+.2f} s, A+B) = {estimate:.3f}x.")
-    call_ratio = (statistics.median(r.call_s for r in timed["secure"])
-                  / statistics.median(r.call_s for r in timed["plain"]))
-    print(f"Measured, median of {len(timed['plain'])} round(s) each: plain {plain_s:.1f} s, "
-          f"secure {secure_s:.1f} s, ratio {secure_s / plain_s:.3f} (whole calls: "
-          f"{call_ratio:.3f}).")
+    print(
+        f"Load-independent estimate: plain round + the secure - plain cost of the aggregation "
+        f"step in (2) ({agg_overhead:+.2f} s, A+B) = {estimate:.3f}x."
+    )
+    call_ratio = statistics.median(r.call_s for r in timed["secure"]) / statistics.median(
+        r.call_s for r in timed["plain"]
+    )
+    print(
+        f"Measured, median of {len(timed['plain'])} round(s) each: plain {plain_s:.1f} s, "
+        f"secure {secure_s:.1f} s, ratio {secure_s / plain_s:.3f} (whole calls: "
+        f"{call_ratio:.3f})."
+    )
     return secure_s / plain_s, estimate
 
 
 def report_aggregation(n: int, agg: Sequence[AggRow]) -> None:
-    print(f"\n2. The aggregation step alone ({n} clients, fixed updates, no training): send, "
-          f"collect, average, apply")
-    head = (f"{'factors':<8} {'mode':<7} {'values/client':>13} {'median s':>9} {'runs':>4} "
-            f"{'x plain':>8} {'up MB/client':>13} {'down MB/client':>15}  secure stages (s)")
+    print(
+        f"\n2. The aggregation step alone ({n} clients, fixed updates, no training): send, "
+        f"collect, average, apply"
+    )
+    head = (
+        f"{'factors':<8} {'mode':<7} {'values/client':>13} {'median s':>9} {'runs':>4} "
+        f"{'x plain':>8} {'up MB/client':>13} {'down MB/client':>15}  secure stages (s)"
+    )
     print(head + "\n" + "-" * len(head))
     for r in agg:
         base = next(p for p in agg if p.factors == r.factors and p.mode == "plain")
         stages = fmt_stages(median_stages(r.stages)) if r.stages else "-"
         label = "A+B" if r.factors == "AB" else "B only"
-        print(f"{label:<8} {r.mode:<7} {r.values:>13,} {r.median:>9.2f} {len(r.seconds):>4} "
-              f"{r.median / base.median:>8.2f} {r.up / MB:>13.2f} {r.down / MB:>15.2f}  {stages}")
+        print(
+            f"{label:<8} {r.mode:<7} {r.values:>13,} {r.median:>9.2f} {len(r.seconds):>4} "
+            f"{r.median / base.median:>8.2f} {r.up / MB:>13.2f} {r.down / MB:>15.2f}  {stages}"
+        )
     for r in agg:
         if r.mode == "secure":
-            print(f"secure {'A+B' if r.factors == 'AB' else 'B only'}: new global adapter "
-                  f"within {r.max_diff:.2e} of the plain one (SecAgg tolerance "
-                  f"{r.tolerance:.2e}, plus float32 rounding)")
+            print(
+                f"secure {'A+B' if r.factors == 'AB' else 'B only'}: new global adapter "
+                f"within {r.max_diff:.2e} of the plain one (SecAgg tolerance "
+                f"{r.tolerance:.2e}, plus float32 rounding)"
+            )
 
 
 def report_bytes(byt: Sequence[BytesRow], b_values: int) -> tuple[float, float]:
     """Table (3); return FFA-LoRA + int8's ``(upload, round-trip)`` x fewer bytes."""
     print("\n3. Communication per client per round vs sending the full fp32 model each way")
-    head = (f"{'what travels':<36} {'up bytes':>13} {'down bytes':>13} {'up x fewer':>11} "
-            f"{'up+down x fewer':>16}")
+    head = (
+        f"{'what travels':<36} {'up bytes':>13} {'down bytes':>13} {'up x fewer':>11} "
+        f"{'up+down x fewer':>16}"
+    )
     print(head + "\n" + "-" * len(head))
     full = byt[0]
     for r in byt:
-        print(f"{r.label:<36} {r.up:>13,.0f} {r.down:>13,.0f} {full.up / r.up:>11.1f} "
-              f"{(full.up + full.down) / (r.up + r.down):>16.1f}")
-    print("Plain rows: codec payloads (what nodes report as bytes-sent; int8 adds one float32 "
-          "scale per tensor, int8-block one per 64 values). Download: the global adapter, A "
-          "and B in fp32, for every strategy and codec (codecs compress uploads only). Secure "
-          "rows: measured in (2), all four stages (masked vectors are uint64 of 1 + values).")
+        print(
+            f"{r.label:<36} {r.up:>13,.0f} {r.down:>13,.0f} {full.up / r.up:>11.1f} "
+            f"{(full.up + full.down) / (r.up + r.down):>16.1f}"
+        )
+    print(
+        "Plain rows: codec payloads (what nodes report as bytes-sent; int8 adds one float32 "
+        "scale per tensor, int8-block one per 64 values). Download: the global adapter, A "
+        "and B in fp32, for every strategy and codec (codecs compress uploads only). Secure "
+        "rows: measured in (2), all four stages (masked vectors are uint64 of 1 + values)."
+    )
     int8 = next(r for r in byt if r.label == "FFA-LoRA B, int8")
-    print(f"If the server sent FFA-LoRA nodes B only (A is frozen and seeded), int8 B both ways "
-          f"would be {(full.up + full.down) / (2 * int8.up):.0f}x fewer round-trip bytes, fp32 B "
-          f"down + int8 B up {(full.up + full.down) / (int8.up + 4 * b_values):.0f}x "
-          f"(what-if: not implemented).")
+    print(
+        f"If the server sent FFA-LoRA nodes B only (A is frozen and seeded), int8 B both ways "
+        f"would be {(full.up + full.down) / (2 * int8.up):.0f}x fewer round-trip bytes, fp32 B "
+        f"down + int8 B up {(full.up + full.down) / (int8.up + 4 * b_values):.0f}x "
+        f"(what-if: not implemented)."
+    )
     return full.up / int8.up, (full.up + full.down) / (int8.up + int8.down)
 
 
-def report(n: int, steps: int, rounds: Sequence[RoundRow], agg: Sequence[AggRow],
-           byt: Sequence[BytesRow], shapes: Mapping[str, tuple[int, ...]], full_params: int,
-           elapsed: float, loads: Sequence[str]) -> float:
+def report(
+    n: int,
+    steps: int,
+    rounds: Sequence[RoundRow],
+    agg: Sequence[AggRow],
+    byt: Sequence[BytesRow],
+    shapes: Mapping[str, tuple[int, ...]],
+    full_params: int,
+    elapsed: float,
+    loads: Sequence[str],
+) -> float:
     """Print the three tables and the goals; return the measured secure / plain ratio."""
     all_values = sum(int(np.prod(s)) for s in shapes.values())
     b_values = sum(int(np.prod(s)) for s in sent_shapes(shapes, "B").values())
-    print(f"Adapter: SmolLM2-135M (default), LoRA r=8 on all linear layers: {len(shapes)} "
-          f"tensors, {all_values:,} float32 ({b_values:,} in B); full model {full_params:,} "
-          f"parameters = {4 * full_params / MB:.1f} MB fp32.")
-    print(f"{n} clients; Ray runs {min(n, os.cpu_count() or 1)} at a time (1 CPU each). "
-          f"Load average: {'; '.join(loads)}.")
+    print(
+        f"Adapter: SmolLM2-135M (default), LoRA r=8 on all linear layers: {len(shapes)} "
+        f"tensors, {all_values:,} float32 ({b_values:,} in B); full model {full_params:,} "
+        f"parameters = {4 * full_params / MB:.1f} MB fp32."
+    )
+    print(
+        f"{n} clients; Ray runs {min(n, os.cpu_count() or 1)} at a time (1 CPU each). "
+        f"Load average: {'; '.join(loads)}."
+    )
     by = {(r.factors, r.mode): r.median for r in agg}
     ratio, estimate = report_rounds(n, steps, rounds, by[("AB", "secure")] - by[("AB", "plain")])
     report_aggregation(n, agg)
     up_x, rt_x = report_bytes(byt, b_values)
     ok = {True: "met", False: "MISSED"}
     print("\nGoals")
-    print(f"- secure <= {GOAL_TIME_RATIO}x plain round time: measured {ratio:.3f}x -> "
-          f"{ok[ratio <= GOAL_TIME_RATIO]}; load-independent estimate {estimate:.3f}x -> "
-          f"{ok[estimate <= GOAL_TIME_RATIO]}")
-    print(f"- >= {GOAL_BYTES_RATIO:.0f}x fewer bytes than the full fp32 model (FFA-LoRA + int8): "
-          f"upload {up_x:.0f}x -> {ok[up_x >= GOAL_BYTES_RATIO]}; upload + download {rt_x:.0f}x "
-          f"-> {ok[rt_x >= GOAL_BYTES_RATIO]} (the download is the fp32 A+B adapter)")
+    print(
+        f"- secure <= {GOAL_TIME_RATIO}x plain round time: measured {ratio:.3f}x -> "
+        f"{ok[ratio <= GOAL_TIME_RATIO]}; load-independent estimate {estimate:.3f}x -> "
+        f"{ok[estimate <= GOAL_TIME_RATIO]}"
+    )
+    print(
+        f"- >= {GOAL_BYTES_RATIO:.0f}x fewer bytes than the full fp32 model (FFA-LoRA + int8): "
+        f"upload {up_x:.0f}x -> {ok[up_x >= GOAL_BYTES_RATIO]}; upload + download {rt_x:.0f}x "
+        f"-> {ok[rt_x >= GOAL_BYTES_RATIO]} (the download is the fp32 A+B adapter)"
+    )
     print(f"Total {elapsed:.0f} s.")
     return ratio
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="4 clients, 1 local step, 1 aggregation run: a fast check")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="4 clients, 1 local step, 1 aggregation run: a fast check",
+    )
     parser.add_argument("--clients", type=int, default=10, help="simulated clients (default 10)")
-    parser.add_argument("--local-steps", type=int, default=DEMO["local-steps"],
-                        help="local steps per round in (1) (default 5, the demo's)")
-    parser.add_argument("--rounds", type=int, default=1,
-                        help="plain/secure round pairs in (1), alternating order (default 1)")
-    parser.add_argument("--reps", type=int, default=3,
-                        help="timed runs per row in (2), after one warm-up (default 3)")
+    parser.add_argument(
+        "--local-steps",
+        type=int,
+        default=DEMO["local-steps"],
+        help="local steps per round in (1) (default 5, the demo's)",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="plain/secure round pairs in (1), alternating order (default 1)",
+    )
+    parser.add_argument(
+        "--reps",
+        type=int,
+        default=3,
+        help="timed runs per row in (2), after one warm-up (default 3)",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.clients, args.local_steps, args.reps = 4, 1, 1
     if args.clients < 3 or args.local_steps < 1 or args.rounds < 1 or args.reps < 1:
-        parser.error("need --clients >= 3 (SecAgg+ threshold) and positive --local-steps, "
-                     "--rounds, --reps")
+        parser.error(
+            "need --clients >= 3 (SecAgg+ threshold) and positive --local-steps, --rounds, --reps"
+        )
 
     from fedlora.simulations.run import offline_environment
 
@@ -531,16 +673,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     note(f"(2) aggregation alone: {args.clients} clients, {args.reps} timed runs per row")
     agg = run_aggregation(args.clients, shapes, args.reps)
     loads.append(f"after (2) {load_average()}")
-    note(f"(1) rounds with training: {args.clients} clients, {args.local_steps} local steps, "
-         f"{args.rounds} plain/secure pair(s)")
+    note(
+        f"(1) rounds with training: {args.clients} clients, {args.local_steps} local steps, "
+        f"{args.rounds} plain/secure pair(s)"
+    )
     with tempfile.TemporaryDirectory(prefix="bench-secagg-") as tmp:
         rounds = run_rounds(args.clients, args.local_steps, args.rounds, Path(tmp))
     loads.append(f"end {load_average()}")
-    ratio = report(args.clients, args.local_steps, rounds, agg,
-                   bytes_rows(shapes, full_params, agg), shapes, full_params,
-                   time.perf_counter() - start, loads)
-    print(f"secure / plain round time ({args.clients} clients, training included): {ratio:.2f}x",
-          flush=True)
+    ratio = report(
+        args.clients,
+        args.local_steps,
+        rounds,
+        agg,
+        bytes_rows(shapes, full_params, agg),
+        shapes,
+        full_params,
+        time.perf_counter() - start,
+        loads,
+    )
+    print(
+        f"secure / plain round time ({args.clients} clients, training included): {ratio:.2f}x",
+        flush=True,
+    )
     return 0
 
 

@@ -41,10 +41,15 @@ from fedlora.server.strategies.robust import Reducer
 MIB = 2.0**20
 # SmolLM2-135M: (module, in_features, out_features) of the seven linear layers in each block.
 SMOLLM2_LAYERS = 30
-SMOLLM2_MODULES = (("self_attn.q_proj", 576, 576), ("self_attn.k_proj", 576, 192),
-                   ("self_attn.v_proj", 576, 192), ("self_attn.o_proj", 576, 576),
-                   ("mlp.gate_proj", 576, 1536), ("mlp.up_proj", 576, 1536),
-                   ("mlp.down_proj", 1536, 576))
+SMOLLM2_MODULES = (
+    ("self_attn.q_proj", 576, 576),
+    ("self_attn.k_proj", 576, 192),
+    ("self_attn.v_proj", 576, 192),
+    ("self_attn.o_proj", 576, 576),
+    ("mlp.gate_proj", 576, 1536),
+    ("mlp.up_proj", 576, 1536),
+    ("mlp.down_proj", 1536, 576),
+)
 MAX_REPEATS = {10: 3, 100: 3}  # timed runs per step; 1 at larger client counts
 REPEAT_BUDGET_S = 5.0  # stop repeating a step once its runs took this long
 LONG_STEP_S = 20.0  # a step slower than this under tracemalloc is not run again
@@ -56,8 +61,13 @@ class RobustFedIT(FedIT):
     def __init__(self, reducer: Reducer) -> None:
         self.reducer = reducer
 
-    def combine(self, global_adapter: Mapping[str, np.ndarray], pairs: Mapping[str, LayerPair],
-                updates: Sequence[ClientUpdate], scale: float) -> tuple[Arrays, Arrays]:
+    def combine(
+        self,
+        global_adapter: Mapping[str, np.ndarray],
+        pairs: Mapping[str, LayerPair],
+        updates: Sequence[ClientUpdate],
+        scale: float,
+    ) -> tuple[Arrays, Arrays]:
         return self.reducer(updates, global_adapter), {}
 
 
@@ -80,8 +90,9 @@ def model_shapes(model_dir: Path, rank: int) -> dict[str, tuple[int, int]]:
     return {k: (int(v[0]), int(v[1])) for k, v in shapes.items()}
 
 
-def random_adapter(shapes: Mapping[str, tuple[int, int]], rng: np.random.Generator,
-                   std: float) -> Arrays:
+def random_adapter(
+    shapes: Mapping[str, tuple[int, int]], rng: np.random.Generator, std: float
+) -> Arrays:
     return {k: rng.normal(0.0, std, v).astype(np.float32) for k, v in sorted(shapes.items())}
 
 
@@ -119,8 +130,7 @@ def measure(step: Callable[[], object], max_repeats: int) -> tuple[float, int, f
     if traced_s > LONG_STEP_S:
         return traced_s, 0, peak / MIB
     times: list[float] = []
-    while not times or (len(times) < max_repeats
-                        and traced_s + sum(times) < REPEAT_BUDGET_S):
+    while not times or (len(times) < max_repeats and traced_s + sum(times) < REPEAT_BUDGET_S):
         start = time.perf_counter()
         result = step()
         times.append(time.perf_counter() - start)
@@ -143,8 +153,13 @@ def sent_names(agg: LoraAggregator, glob: Arrays) -> list[str]:
     return names
 
 
-def run(shapes: Mapping[str, tuple[int, int]], client_counts: Sequence[int], pool_size: int,
-        max_seconds: float, only: Sequence[str] | None) -> list[Row]:
+def run(
+    shapes: Mapping[str, tuple[int, int]],
+    client_counts: Sequence[int],
+    pool_size: int,
+    max_seconds: float,
+    only: Sequence[str] | None,
+) -> list[Row]:
     rng = np.random.default_rng(0)
     glob = random_adapter(shapes, rng, 0.02)
     pool = [random_adapter(shapes, rng, 1e-3) for _ in range(pool_size)]
@@ -163,14 +178,17 @@ def run(shapes: Mapping[str, tuple[int, int]], client_counts: Sequence[int], poo
                 seen_n, seen_s = last[name]
                 projected = seen_s * n / seen_n
                 if projected > max_seconds:
-                    row.note = (f"skipped: projected {projected:.0f} s from {seen_n} clients "
-                                f"(> --max-seconds {max_seconds:.0f})")
+                    row.note = (
+                        f"skipped: projected {projected:.0f} s from {seen_n} clients "
+                        f"(> --max-seconds {max_seconds:.0f})"
+                    )
                     rows.append(row)
                     print(f"  {name:<18} {n:>5} clients: {row.note}", file=sys.stderr)
                     continue
             row.seconds, row.runs, row.peak_mib = measure(
                 lambda u=updates, a=agg: a.aggregate(glob, u, scale),  # type: ignore[misc]
-                MAX_REPEATS.get(n, 1))
+                MAX_REPEATS.get(n, 1),
+            )
             last[name] = (n, row.seconds)
             if row.runs == 0:
                 row.note = "1 run, under tracemalloc"
@@ -178,26 +196,35 @@ def run(shapes: Mapping[str, tuple[int, int]], client_counts: Sequence[int], poo
                 k = math.floor(agg.reducer.trim_fraction * n)
                 row.note = "; ".join(filter(None, [row.note, f"trim {k} per end"]))
             rows.append(row)
-            print(f"  {name:<18} {n:>5} clients: {row.seconds:.3f} s "
-                  f"({row.runs or 'traced'} runs), peak {row.peak_mib:.0f} MiB", file=sys.stderr)
+            print(
+                f"  {name:<18} {n:>5} clients: {row.seconds:.3f} s "
+                f"({row.runs or 'traced'} runs), peak {row.peak_mib:.0f} MiB",
+                file=sys.stderr,
+            )
     return rows
 
 
 def table(rows: Sequence[Row]) -> str:
     base = {r.clients: r.seconds for r in rows if r.strategy == "fedit" and r.seconds}
     order = {name: k for k, name in enumerate(dict.fromkeys(r.strategy for r in rows))}
-    head = (f"{'strategy':<18} {'clients':>7} {'input MiB':>10} {'seconds':>9} {'runs':>4} "
-            f"{'x fedit':>8} {'MiB/s':>8} {'peak MiB':>9}  note")
+    head = (
+        f"{'strategy':<18} {'clients':>7} {'input MiB':>10} {'seconds':>9} {'runs':>4} "
+        f"{'x fedit':>8} {'MiB/s':>8} {'peak MiB':>9}  note"
+    )
     lines = [head, "-" * len(head)]
     for r in sorted(rows, key=lambda r: (r.clients, order[r.strategy])):
         if r.seconds is None:
-            lines.append(f"{r.strategy:<18} {r.clients:>7} {r.input_mib:>10.1f} {'-':>9} "
-                         f"{'-':>4} {'-':>8} {'-':>8} {'-':>9}  {r.note}")
+            lines.append(
+                f"{r.strategy:<18} {r.clients:>7} {r.input_mib:>10.1f} {'-':>9} "
+                f"{'-':>4} {'-':>8} {'-':>8} {'-':>9}  {r.note}"
+            )
             continue
         ratio = f"{r.seconds / base[r.clients]:.2f}" if r.clients in base else "-"
-        lines.append(f"{r.strategy:<18} {r.clients:>7} {r.input_mib:>10.1f} {r.seconds:>9.3f} "
-                     f"{r.runs or 1:>4} {ratio:>8} {r.input_mib / r.seconds:>8.0f} "
-                     f"{r.peak_mib:>9.1f}  {r.note}")
+        lines.append(
+            f"{r.strategy:<18} {r.clients:>7} {r.input_mib:>10.1f} {r.seconds:>9.3f} "
+            f"{r.runs or 1:>4} {ratio:>8} {r.input_mib / r.seconds:>8.0f} "
+            f"{r.peak_mib:>9.1f}  {r.note}"
+        )
     return "\n".join(lines)
 
 
@@ -205,8 +232,10 @@ def summary(rows: Sequence[Row], elapsed: float) -> str:
     top = max(r.clients for r in rows)
     done = [r for r in rows if r.clients == top and r.seconds is not None]
     skipped = [f"{r.strategy}@{r.clients}" for r in rows if r.seconds is None]
-    parts = [f"at {top} clients: " + ", ".join(f"{r.strategy} {r.seconds:.2f} s / "
-                                                f"{r.peak_mib:.0f} MiB" for r in done)]
+    parts = [
+        f"at {top} clients: "
+        + ", ".join(f"{r.strategy} {r.seconds:.2f} s / {r.peak_mib:.0f} MiB" for r in done)
+    ]
     if skipped:
         parts.append("skipped " + ", ".join(skipped))
     return f"Summary: {'; '.join(parts)}; total {elapsed:.0f} s."
@@ -214,18 +243,35 @@ def summary(rows: Sequence[Row], elapsed: float) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--clients", default="10,100,1000",
-                        help="comma-separated client counts (default 10,100,1000)")
+    parser.add_argument(
+        "--clients",
+        default="10,100,1000",
+        help="comma-separated client counts (default 10,100,1000)",
+    )
     parser.add_argument("--quick", action="store_true", help="10 and 100 clients only")
-    parser.add_argument("--strategies", default="",
-                        help="comma-separated subset of the rows (default: all)")
-    parser.add_argument("--pool", type=int, default=20,
-                        help="distinct random deltas the clients cycle through (default 20)")
-    parser.add_argument("--max-seconds", type=float, default=120.0,
-                        help="skip a step whose projected time exceeds this (default 120)")
-    parser.add_argument("--from-model", type=Path, default=None, metavar="DIR",
-                        help="take the adapter shapes from this model's config (needs torch, "
-                             "transformers, peft) instead of the default model's")
+    parser.add_argument(
+        "--strategies", default="", help="comma-separated subset of the rows (default: all)"
+    )
+    parser.add_argument(
+        "--pool",
+        type=int,
+        default=20,
+        help="distinct random deltas the clients cycle through (default 20)",
+    )
+    parser.add_argument(
+        "--max-seconds",
+        type=float,
+        default=120.0,
+        help="skip a step whose projected time exceeds this (default 120)",
+    )
+    parser.add_argument(
+        "--from-model",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="take the adapter shapes from this model's config (needs torch, "
+        "transformers, peft) instead of the default model's",
+    )
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank (default 8)")
     args = parser.parse_args(argv)
     counts = [10, 100] if args.quick else [int(c) for c in args.clients.split(",") if c.strip()]
@@ -233,18 +279,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--clients needs positive counts and --pool a positive size")
     only = [s.strip() for s in args.strategies.split(",") if s.strip()] or None
 
-    shapes = model_shapes(args.from_model, args.rank) if args.from_model \
-        else default_shapes(args.rank)
+    shapes = (
+        model_shapes(args.from_model, args.rank) if args.from_model else default_shapes(args.rank)
+    )
     params = sum(a * b for a, b in shapes.values())
     source = args.from_model or "SmolLM2-135M (default, shapes built in)"
-    print(f"Adapter: {source}, r={args.rank}: {len(shapes)} tensors, {params:,} parameters, "
-          f"{params * 4 / MIB:.2f} MiB fp32")
-    print(f"Clients cycle through a pool of {args.pool} distinct random deltas (every update is "
-          f"aggregated; only {args.pool} are held in memory).")
-    print(f"Time: median of 1-{max(MAX_REPEATS.values())} runs without tracemalloc (more while "
-          f"under {REPEAT_BUDGET_S:.0f} s, 1 above {max(MAX_REPEATS)} clients; a step over "
-          f"{LONG_STEP_S:.0f} s under tracemalloc is timed by that run). Peak MiB: tracemalloc, "
-          f"allocated by the step beyond its inputs. x fedit: time over FedIT's, same run.")
+    print(
+        f"Adapter: {source}, r={args.rank}: {len(shapes)} tensors, {params:,} parameters, "
+        f"{params * 4 / MIB:.2f} MiB fp32"
+    )
+    print(
+        f"Clients cycle through a pool of {args.pool} distinct random deltas (every update is "
+        f"aggregated; only {args.pool} are held in memory)."
+    )
+    print(
+        f"Time: median of 1-{max(MAX_REPEATS.values())} runs without tracemalloc (more while "
+        f"under {REPEAT_BUDGET_S:.0f} s, 1 above {max(MAX_REPEATS)} clients; a step over "
+        f"{LONG_STEP_S:.0f} s under tracemalloc is timed by that run). Peak MiB: tracemalloc, "
+        f"allocated by the step beyond its inputs. x fedit: time over FedIT's, same run."
+    )
     start = time.perf_counter()
     rows = run(shapes, counts, args.pool, args.max_seconds, only)
     elapsed = time.perf_counter() - start

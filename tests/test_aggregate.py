@@ -26,12 +26,15 @@ def test_apply_delta_adds_in_place_of_names():
     np.testing.assert_array_equal(out["a"], [1.5, 0.0])
 
 
-@pytest.mark.parametrize("updates, weights", [
-    ([], []),
-    ([{"a": np.zeros(2)}], [0]),
-    ([{"a": np.zeros(2)}, {"b": np.zeros(2)}], [1, 1]),
-    ([{"a": np.zeros(2)}], [1, 2]),
-])
+@pytest.mark.parametrize(
+    "updates, weights",
+    [
+        ([], []),
+        ([{"a": np.zeros(2)}], [0]),
+        ([{"a": np.zeros(2)}, {"b": np.zeros(2)}], [1, 1]),
+        ([{"a": np.zeros(2)}], [1, 2]),
+    ],
+)
 def test_inconsistent_inputs_raise(updates, weights):
     with pytest.raises(ValueError):
         weighted_mean(updates, weights)

@@ -29,8 +29,9 @@ def _train(model_dir: Path, name: str, steps: int = 8) -> tuple[list[float], obj
     model = get_peft_model(base, LoraSettings(r=4, alpha=8.0, dropout=0.0).peft_config(model_dir))
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-2)
-    batch = torch.randint(0, model.config.vocab_size, (4, 32),
-                          generator=torch.Generator().manual_seed(0))
+    batch = torch.randint(
+        0, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0)
+    )
     before = [p.detach().clone() for p in trainable]
     losses = []
     for _ in range(steps):
@@ -93,10 +94,12 @@ def test_compute_dtype_is_bf16_only_where_native(monkeypatch):
 
 
 def test_run_config_names_the_backends_without_importing_torch():
-    code = ("import sys, fedlora.config as c; "
-            "print('torch' in sys.modules, ','.join(c.QUANTIZATIONS))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True).stdout.split()
+    code = (
+        "import sys, fedlora.config as c; print('torch' in sys.modules, ','.join(c.QUANTIZATIONS))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()
 
     assert out == ["False", ",".join(BACKEND_NAMES)]
 

@@ -10,18 +10,33 @@ from fedlora.client import node as node_mod
 from fedlora.client.app import PERSONAL, run_round
 from fedlora.lora import LoraSettings, adapter_shapes, initial_adapter
 from fedlora.protocol.adapter import is_lora_name
-from fedlora.protocol.messages import (ARRAYS, CONFIG, METRICS, TRAIN_METRICS, RoundConfig,
-                                       to_array_record)
+from fedlora.protocol.messages import (
+    ARRAYS,
+    CONFIG,
+    METRICS,
+    TRAIN_METRICS,
+    RoundConfig,
+    to_array_record,
+)
 
 LORA = LoraSettings(r=4, alpha=8.0, dropout=0.0)
 
 
-def _message(global_adapter, server_round=1, lr=5e-3, steps=4, train="AB",
-             send="AB") -> RecordDict:
-    rc = RoundConfig(server_round=server_round, local_steps=steps, batch_size=4, lr=lr,
-                     max_length=192, seed=0, lora_r=LORA.r, lora_alpha=LORA.alpha,
-                     lora_dropout=LORA.dropout, target_modules=LORA.target_modules,
-                     train_factors=train, send_factors=send)
+def _message(global_adapter, server_round=1, lr=5e-3, steps=4, train="AB", send="AB") -> RecordDict:
+    rc = RoundConfig(
+        server_round=server_round,
+        local_steps=steps,
+        batch_size=4,
+        lr=lr,
+        max_length=192,
+        seed=0,
+        lora_r=LORA.r,
+        lora_alpha=LORA.alpha,
+        lora_dropout=LORA.dropout,
+        target_modules=LORA.target_modules,
+        train_factors=train,
+        send_factors=send,
+    )
     return RecordDict({ARRAYS: to_array_record(global_adapter), CONFIG: rc.to_record()})
 
 
@@ -31,8 +46,9 @@ def start_adapter(tiny_model_dir: Path):
 
 
 @pytest.mark.parametrize("quantization", ["nf4", "bf16", "fp32"])
-def test_round_trains_and_reply_holds_only_the_adapter_delta(tiny_model_dir, start_adapter,
-                                                             quantization):
+def test_round_trains_and_reply_holds_only_the_adapter_delta(
+    tiny_model_dir, start_adapter, quantization
+):
     node = {"base-model": str(tiny_model_dir), "quantization": quantization, "site": "pain"}
     reply = run_round(_message(start_adapter), node)
     content = reply.to_content()
@@ -42,8 +58,9 @@ def test_round_trains_and_reply_holds_only_the_adapter_delta(tiny_model_dir, sta
     assert set(content.keys()) == {ARRAYS, METRICS}
     arrays = {k: v.numpy() for k, v in content.array_records[ARRAYS].items()}
     assert set(arrays) == set(start_adapter) and all(is_lora_name(k) for k in arrays)
-    assert all(a.dtype == np.float32 and a.shape == start_adapter[k].shape
-               for k, a in arrays.items())
+    assert all(
+        a.dtype == np.float32 and a.shape == start_adapter[k].shape for k, a in arrays.items()
+    )
     assert set(content.metric_records[METRICS]) <= TRAIN_METRICS
     assert all(isinstance(v, int | float) for v in content.metric_records[METRICS].values())
     assert reply.num_examples == 81 and np.isfinite(reply.train_loss)
@@ -78,8 +95,10 @@ def test_node_rejects_a_global_adapter_of_the_wrong_shape(tiny_model_dir, start_
     name = next(iter(bad))
     bad[name] = np.zeros((1, 1), np.float32)
     with pytest.raises(ValueError, match="shape"):
-        run_round(_message(bad), {"base-model": str(tiny_model_dir), "quantization": "bf16",
-                                  "site": "pain"})
+        run_round(
+            _message(bad),
+            {"base-model": str(tiny_model_dir), "quantization": "bf16", "site": "pain"},
+        )
 
 
 def test_ffa_lora_round_freezes_a_and_sends_only_b(tiny_model_dir, start_adapter):

@@ -13,8 +13,7 @@ import pytest
 from flwr.app import Array, ArrayRecord
 
 from fedlora.protocol.adapter import spec_of
-from fedlora.protocol.compression import (CODECS, SCALE_SUFFIX, CodecError, decode, encode,
-                                          nbytes)
+from fedlora.protocol.compression import CODECS, SCALE_SUFFIX, CodecError, decode, encode, nbytes
 
 A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
 B = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
@@ -24,8 +23,10 @@ FULL_MODEL_PARAMS = 134_515_008  # SmolLM2-135M, tied embeddings (538 MB model.s
 
 def delta(seed: int = 0, outlier: float | None = None) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    out = {A: rng.normal(0, 1e-3, (8, 576)).astype(np.float32),
-           B: rng.normal(0, 1e-3, (576, 8)).astype(np.float32)}
+    out = {
+        A: rng.normal(0, 1e-3, (8, 576)).astype(np.float32),
+        B: rng.normal(0, 1e-3, (576, 8)).astype(np.float32),
+    }
     if outlier is not None:
         out[A][3, 100] = outlier
         out[B][7, 2] = -outlier
@@ -46,10 +47,11 @@ def block_scales(x: np.ndarray, block: int) -> np.ndarray:
     flat = x.reshape(-1).astype(np.float64)
     pad = np.concatenate([flat, np.zeros((-flat.size) % block)]).reshape(-1, block)
     per_block = np.abs(pad).max(axis=1) / 127
-    return np.repeat(per_block, block)[:flat.size].reshape(x.shape)
+    return np.repeat(per_block, block)[: flat.size].reshape(x.shape)
 
 
 # ---- round trips -------------------------------------------------------------------------------
+
 
 def test_none_is_exact():
     arrays = delta()
@@ -79,8 +81,7 @@ def test_int8_error_within_half_scale(codec):
         err = np.abs(back[k].astype(np.float64) - x)
         assert (err <= scale / 2 * (1 + 1e-6) + np.abs(x) * 2.0**-23).all(), k
         assert wire[k].dtype == np.int8 and wire[k + SCALE_SUFFIX].dtype == np.float32
-        np.testing.assert_allclose(wire[k + SCALE_SUFFIX].max(), np.abs(x).max() / 127,
-                                   rtol=1e-6)
+        np.testing.assert_allclose(wire[k + SCALE_SUFFIX].max(), np.abs(x).max() / 127, rtol=1e-6)
 
 
 def test_blockwise_is_tighter_than_per_tensor_with_outliers():
@@ -99,8 +100,16 @@ def test_blockwise_is_tighter_than_per_tensor_with_outliers():
 
 
 @pytest.mark.parametrize("codec", list(CODECS))
-@pytest.mark.parametrize("values", [np.zeros((4, 3)), np.full((4, 3), -0.25), np.zeros((0, 8)),
-                                    np.array([[7e-4]]), np.array([[3.0, -3.0]])])
+@pytest.mark.parametrize(
+    "values",
+    [
+        np.zeros((4, 3)),
+        np.full((4, 3), -0.25),
+        np.zeros((0, 8)),
+        np.array([[7e-4]]),
+        np.array([[3.0, -3.0]]),
+    ],
+)
 def test_zeros_constant_and_tiny_tensors_round_trip_exactly(codec, values):
     # int8 stores +-max|x| as q = +-127 (exact but for the float32 rounding of max|x| / 127 and
     # its product); zeros get scale 0; fp16 holds these values but 7e-4
@@ -122,6 +131,7 @@ def test_block_size_sets_scale_count_and_last_block_may_be_short():
 
 
 # ---- stochastic rounding -----------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("codec", LOSSY)
 def test_stochastic_rounding_is_unbiased(codec):
@@ -153,6 +163,7 @@ def test_stochastic_rounding_is_reproducible_with_a_seed():
 
 # ---- sizes -------------------------------------------------------------------------------------
 
+
 def test_payload_sizes():
     arrays = delta()  # 2 tensors x 4608 values
     n = 2 * 4608
@@ -169,10 +180,15 @@ def smollm2_adapter_shapes(r: int = 8) -> dict[str, tuple[int, ...]]:
     Checked against fedlora.lora.adapter_shapes on the real model in the slow test below.
     """
     hidden, inter, kv = 576, 1536, 192
-    modules = {"self_attn.q_proj": (hidden, hidden), "self_attn.k_proj": (hidden, kv),
-               "self_attn.v_proj": (hidden, kv), "self_attn.o_proj": (hidden, hidden),
-               "mlp.gate_proj": (hidden, inter), "mlp.up_proj": (hidden, inter),
-               "mlp.down_proj": (inter, hidden)}
+    modules = {
+        "self_attn.q_proj": (hidden, hidden),
+        "self_attn.k_proj": (hidden, kv),
+        "self_attn.v_proj": (hidden, kv),
+        "self_attn.o_proj": (hidden, hidden),
+        "mlp.gate_proj": (hidden, inter),
+        "mlp.up_proj": (hidden, inter),
+        "mlp.down_proj": (inter, hidden),
+    }
     shapes = {}
     for layer in range(30):
         for module, (fan_in, fan_out) in modules.items():
@@ -186,8 +202,11 @@ def byte_table(shapes: dict[str, tuple[int, ...]]) -> dict[tuple[str, str], int]
     rng = np.random.default_rng(0)
     arrays = {k: rng.normal(0, 1e-3, s).astype(np.float32) for k, s in shapes.items()}
     b_only = {k: v for k, v in arrays.items() if ".lora_B." in k}
-    return {(factors, codec): nbytes(encode(part, codec))
-            for factors, part in (("AB", arrays), ("B", b_only)) for codec in CODECS}
+    return {
+        (factors, codec): nbytes(encode(part, codec))
+        for factors, part in (("AB", arrays), ("B", b_only))
+        for codec in CODECS
+    }
 
 
 def test_default_adapter_bytes_meet_the_400x_goal():
@@ -211,11 +230,11 @@ def test_hand_built_shapes_match_the_default_model():
     from fedlora.basemodel import resolve_base_model
     from fedlora.lora import LoraSettings, adapter_shapes
 
-    assert adapter_shapes(resolve_base_model("default"), LoraSettings()) == \
-        smollm2_adapter_shapes()
+    assert adapter_shapes(resolve_base_model("default"), LoraSettings()) == smollm2_adapter_shapes()
 
 
 # ---- on the wire -------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("codec", list(CODECS))
 def test_wire_tensors_survive_a_flower_array_record(codec):
@@ -232,30 +251,66 @@ def test_wire_tensors_survive_a_flower_array_record(codec):
 EA, EB = re.escape(A), re.escape(B)  # tensor names as regular expressions
 
 
-@pytest.mark.parametrize("codec, mutate, pattern", [
-    ("int8", lambda w: w.pop(A + SCALE_SUFFIX), f"{EA}: scale tensor {EA}::scale missing"),
-    ("int8", lambda w: w.pop(B), f"{EB}: payload missing"),
-    ("int8", lambda w: w.update({"extra": np.zeros(2, np.int8)}), "unexpected wire tensor extra"),
-    ("fp16", lambda w: w.update({A + SCALE_SUFFIX: np.ones(1, np.float32)}),
-     f"unexpected wire tensor {EA}::scale"),
-    ("int8", lambda w: w.update({A: w[A].astype(np.float32)}),
-     f"{EA}: payload dtype float32, expected int8"),
-    ("fp16", lambda w: w.update({B: w[B].astype(np.float32)}),
-     f"{EB}: payload dtype float32, expected float16"),
-    ("int8", lambda w: w.update({A: w[A].reshape(576, 8)}),
-     rf"{EA}: payload shape \(576, 8\), expected \(8, 576\)"),
-    ("int8", lambda w: w.update({A + SCALE_SUFFIX: np.ones(1, np.float64)}),
-     f"{EA}: scale dtype float64, expected float32"),
-    ("int8-block", lambda w: w.update({B + SCALE_SUFFIX: w[B + SCALE_SUFFIX][:-1]}),
-     rf"{EB}: scale shape \(71,\), expected \(72,\) \(block 64\)"),
-    ("int8", lambda w: w[A + SCALE_SUFFIX].__setitem__(0, np.nan), f"{EA}: scale holds NaN or Inf"),
-    ("int8-block", lambda w: w[B + SCALE_SUFFIX].__setitem__(3, np.inf),
-     f"{EB}: scale holds NaN or Inf"),
-    ("int8", lambda w: w[A + SCALE_SUFFIX].__setitem__(0, -1.0), f"{EA}: scale holds a negative"),
-    ("int8", lambda w: w[A].__setitem__((0, 0), -128), f"{EA}: payload holds -128"),
-    ("fp16", lambda w: w[A].__setitem__((0, 0), np.inf), f"{EA}: payload holds NaN or Inf"),
-    ("none", lambda w: w[B].__setitem__((0, 0), np.nan), f"{EB}: payload holds NaN or Inf"),
-])
+@pytest.mark.parametrize(
+    "codec, mutate, pattern",
+    [
+        ("int8", lambda w: w.pop(A + SCALE_SUFFIX), f"{EA}: scale tensor {EA}::scale missing"),
+        ("int8", lambda w: w.pop(B), f"{EB}: payload missing"),
+        (
+            "int8",
+            lambda w: w.update({"extra": np.zeros(2, np.int8)}),
+            "unexpected wire tensor extra",
+        ),
+        (
+            "fp16",
+            lambda w: w.update({A + SCALE_SUFFIX: np.ones(1, np.float32)}),
+            f"unexpected wire tensor {EA}::scale",
+        ),
+        (
+            "int8",
+            lambda w: w.update({A: w[A].astype(np.float32)}),
+            f"{EA}: payload dtype float32, expected int8",
+        ),
+        (
+            "fp16",
+            lambda w: w.update({B: w[B].astype(np.float32)}),
+            f"{EB}: payload dtype float32, expected float16",
+        ),
+        (
+            "int8",
+            lambda w: w.update({A: w[A].reshape(576, 8)}),
+            rf"{EA}: payload shape \(576, 8\), expected \(8, 576\)",
+        ),
+        (
+            "int8",
+            lambda w: w.update({A + SCALE_SUFFIX: np.ones(1, np.float64)}),
+            f"{EA}: scale dtype float64, expected float32",
+        ),
+        (
+            "int8-block",
+            lambda w: w.update({B + SCALE_SUFFIX: w[B + SCALE_SUFFIX][:-1]}),
+            rf"{EB}: scale shape \(71,\), expected \(72,\) \(block 64\)",
+        ),
+        (
+            "int8",
+            lambda w: w[A + SCALE_SUFFIX].__setitem__(0, np.nan),
+            f"{EA}: scale holds NaN or Inf",
+        ),
+        (
+            "int8-block",
+            lambda w: w[B + SCALE_SUFFIX].__setitem__(3, np.inf),
+            f"{EB}: scale holds NaN or Inf",
+        ),
+        (
+            "int8",
+            lambda w: w[A + SCALE_SUFFIX].__setitem__(0, -1.0),
+            f"{EA}: scale holds a negative",
+        ),
+        ("int8", lambda w: w[A].__setitem__((0, 0), -128), f"{EA}: payload holds -128"),
+        ("fp16", lambda w: w[A].__setitem__((0, 0), np.inf), f"{EA}: payload holds NaN or Inf"),
+        ("none", lambda w: w[B].__setitem__((0, 0), np.nan), f"{EB}: payload holds NaN or Inf"),
+    ],
+)
 def test_malformed_wire_is_rejected_with_the_tensor_named(codec, mutate, pattern):
     wire = encode(delta(), codec)
     mutate(wire)

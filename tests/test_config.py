@@ -26,15 +26,18 @@ def test_pyproject_run_config_is_a_valid_run_config():
     assert set(app_config) == set(RunConfig().to_mapping())
 
 
-@pytest.mark.parametrize("values, expected", [
-    ({"lr": "fast"}, "lr='fast': expected float"),
-    ({"num-server-rounds": 0}, "num-server-rounds=0: must be >= 1"),
-    ({"quantization": "int3"}, "quantization='int3'"),
-    ({"sites": "mars"}, "sites='mars'"),
-    ({"lora-r": 0}, "lora-r=0"),
-    ({"rounds": 3}, "unknown key 'rounds'"),
-    ({"local-steps": True}, "local-steps=True: expected int"),
-])
+@pytest.mark.parametrize(
+    "values, expected",
+    [
+        ({"lr": "fast"}, "lr='fast': expected float"),
+        ({"num-server-rounds": 0}, "num-server-rounds=0: must be >= 1"),
+        ({"quantization": "int3"}, "quantization='int3'"),
+        ({"sites": "mars"}, "sites='mars'"),
+        ({"lora-r": 0}, "lora-r=0"),
+        ({"rounds": 3}, "unknown key 'rounds'"),
+        ({"local-steps": True}, "local-steps=True: expected int"),
+    ],
+)
 def test_bad_values_name_the_key(values, expected):
     with pytest.raises(ConfigError, match=expected.replace("(", r"\(")):
         RunConfig.from_mapping(values)
@@ -54,17 +57,29 @@ def test_model_dir_checks_name_the_problem(tmp_path: Path, tiny_model_dir: Path)
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fedlora.cli", *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "fedlora.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
 
 
-@pytest.mark.parametrize("args, expected", [
-    (["demo", "--base-model", "/no/such/model"], "base model folder /no/such/model does not exist"),
-    (["demo", "--config", "missing.toml"], "config file missing.toml does not exist"),
-    (["demo", "--config", "bad.toml"], "bad.toml: Invalid value (at line 2, column 6)"),
-    (["demo", "--config", "wrong.toml"], "wrong.toml: lr='x': expected float"),
-    (["export", "--adapter", "no-adapter", "--base-model", "/no/model"], "does not exist"),
-])
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (
+            ["demo", "--base-model", "/no/such/model"],
+            "base model folder /no/such/model does not exist",
+        ),
+        (["demo", "--config", "missing.toml"], "config file missing.toml does not exist"),
+        (["demo", "--config", "bad.toml"], "bad.toml: Invalid value (at line 2, column 6)"),
+        (["demo", "--config", "wrong.toml"], "wrong.toml: lr='x': expected float"),
+        (["export", "--adapter", "no-adapter", "--base-model", "/no/model"], "does not exist"),
+    ],
+)
 def test_cli_bad_input_is_one_line_not_a_traceback(tmp_path: Path, args, expected):
     (tmp_path / "bad.toml").write_text("num-server-rounds = 2\nlr = \n")
     (tmp_path / "wrong.toml").write_text('lr = "x"\n')
@@ -82,7 +97,9 @@ def test_flower_app_components_in_pyproject_resolve():
     from flwr.clientapp import ClientApp
     from flwr.serverapp import ServerApp
 
-    app = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
+    app = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["tool"]["flwr"][
+        "app"
+    ]
     assert app["publisher"]
     kinds = {"serverapp": ServerApp, "clientapp": ClientApp}
     for key, kind in kinds.items():

@@ -15,15 +15,24 @@ def federation(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     from fedlora.simulations.run import simulate
 
     out = tmp_path_factory.mktemp("run")
-    cfg = RunConfig.from_mapping({"base-model": str(tiny_model_dir), "quantization": "nf4",
-                                  "num-server-rounds": 2, "local-steps": 3, "lr": 5e-3,
-                                  "sites": "reproductive,mental,pain", "output-dir": str(out),
-                                  "central-eval": "drugreview", "central-eval-samples": 12})
+    cfg = RunConfig.from_mapping(
+        {
+            "base-model": str(tiny_model_dir),
+            "quantization": "nf4",
+            "num-server-rounds": 2,
+            "local-steps": 3,
+            "lr": 5e-3,
+            "sites": "reproductive,mental,pain",
+            "output-dir": str(out),
+            "central-eval": "drugreview",
+            "central-eval-samples": 12,
+        }
+    )
     return cfg, simulate(cfg)
 
 
 def test_every_site_trains_in_every_round(federation):
-    cfg, result = federation
+    _cfg, result = federation
     assert [r["round"] for r in result.history] == [1, 2]
     for record in result.history:
         assert set(record["sites"]) == {"reproductive", "mental", "pain"}
@@ -76,17 +85,25 @@ def test_export_of_the_federated_adapter_matches_pytorch(federation, tiny_model_
     from fedlora.export.pipeline import export_adapter
 
     _, result = federation
-    report = export_adapter(tiny_model_dir, result.adapter_dir, tmp_path / "export",
-                            messages("It worked and I had no side effects."), max_new_tokens=8)
+    report = export_adapter(
+        tiny_model_dir,
+        result.adapter_dir,
+        tmp_path / "export",
+        messages("It worked and I had no side effects."),
+        max_new_tokens=8,
+    )
     assert report.parity.max_abs_logits_diff <= 1e-4
     assert report.parity.same_tokens
     # The edge runtime answers from the exported folder in a process without torch.
-    code = ("import sys; from fedlora.export.runtime import EdgeModel; "
-            f"m = EdgeModel({str(report.onnx_dir)!r}); "
-            "r = m.generate([{'role': 'user', 'content': 'Review: fine.'}], max_new_tokens=4); "
-            "assert 'torch' not in sys.modules; print(len(r.token_ids))")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=120)
+    code = (
+        "import sys; from fedlora.export.runtime import EdgeModel; "
+        f"m = EdgeModel({str(report.onnx_dir)!r}); "
+        "r = m.generate([{'role': 'user', 'content': 'Review: fine.'}], max_new_tokens=4); "
+        "assert 'torch' not in sys.modules; print(len(r.token_ids))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
     assert done.returncode == 0, done.stderr
     assert 1 <= int(done.stdout.strip()) <= 4
 
@@ -98,10 +115,19 @@ def test_strategy_runs_on_the_simulation_engine(tiny_model_dir, tmp_path, strate
     from fedlora.lora import adapter_shapes, initial_adapter
     from fedlora.simulations.run import simulate
 
-    cfg = RunConfig.from_mapping({"base-model": str(tiny_model_dir), "quantization": "bf16",
-                                  "num-server-rounds": 2, "local-steps": 2, "lr": 5e-3,
-                                  "sites": "mental,pain", "output-dir": str(tmp_path),
-                                  "strategy": strategy, "server-optimizer": optimizer})
+    cfg = RunConfig.from_mapping(
+        {
+            "base-model": str(tiny_model_dir),
+            "quantization": "bf16",
+            "num-server-rounds": 2,
+            "local-steps": 2,
+            "lr": 5e-3,
+            "sites": "mental,pain",
+            "output-dir": str(tmp_path),
+            "strategy": strategy,
+            "server-optimizer": optimizer,
+        }
+    )
     result = simulate(cfg)
     assert [r["replies"] for r in result.history] == [2, 2]
     final = load_file(str(result.adapter_dir / "adapter_model.safetensors"))

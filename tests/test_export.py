@@ -35,8 +35,9 @@ def _make_adapter(base_dir: Path, out: Path, r: int, b_scale: float, seed: int =
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0,
-                                                  target_modules="all-linear"))
+    peft_model = get_peft_model(
+        model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules="all-linear")
+    )
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
@@ -62,21 +63,30 @@ def _torch_logits(model: object, ids: list[int]) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def adapter_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _make_adapter(tiny_model_dir, tmp_path_factory.mktemp("adapter") / "lora",
-                         r=4, b_scale=B_SCALE)
+    return _make_adapter(
+        tiny_model_dir, tmp_path_factory.mktemp("adapter") / "lora", r=4, b_scale=B_SCALE
+    )
 
 
 @pytest.fixture(scope="module")
-def exported(tiny_model_dir: Path, adapter_dir: Path,
-             tmp_path_factory: pytest.TempPathFactory) -> ExportReport:
+def exported(
+    tiny_model_dir: Path, adapter_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> ExportReport:
     from fedlora.export.pipeline import export_adapter
 
-    return export_adapter(tiny_model_dir, adapter_dir, tmp_path_factory.mktemp("export"),
-                          messages(REVIEW), max_new_tokens=16, atol=1e-4)
+    return export_adapter(
+        tiny_model_dir,
+        adapter_dir,
+        tmp_path_factory.mktemp("export"),
+        messages(REVIEW),
+        max_new_tokens=16,
+        atol=1e-4,
+    )
 
 
 def test_merged_model_equals_unmerged_adapter_and_differs_from_base(
-        tiny_model_dir: Path, adapter_dir: Path, tmp_path: Path) -> None:
+    tiny_model_dir: Path, adapter_dir: Path, tmp_path: Path
+) -> None:
     # Prepare
     import torch
     from peft import PeftModel
@@ -86,10 +96,11 @@ def test_merged_model_equals_unmerged_adapter_and_differs_from_base(
 
     ids = _prompt_ids(tiny_model_dir)
     base_logits = _torch_logits(
-        AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval(), ids)
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval(), ids
+    )
     unmerged = PeftModel.from_pretrained(
-        AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32),
-        adapter_dir).eval()
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), adapter_dir
+    ).eval()
     unmerged_logits = _torch_logits(unmerged, ids)
 
     # Execute
@@ -115,8 +126,13 @@ def test_export_adapter_writes_onnx_that_matches_pytorch(exported: ExportReport)
 
     # Assert
     assert report.onnx_file.is_file()
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                 "config.json", "generation_config.json"):
+    for name in (
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "config.json",
+        "generation_config.json",
+    ):
         assert (report.onnx_dir / name).is_file(), name
     assert "chat_template" in json.loads((report.onnx_dir / "tokenizer_config.json").read_text())
     assert (report.merged_dir / "model.safetensors").is_file()
@@ -133,7 +149,8 @@ def test_export_adapter_writes_onnx_that_matches_pytorch(exported: ExportReport)
 
 
 def test_edge_model_kv_cache_matches_full_recompute_and_stops_at_eos(
-        exported: ExportReport) -> None:
+    exported: ExportReport,
+) -> None:
     # Prepare
     from fedlora.export.runtime import EdgeModel
 
@@ -151,7 +168,7 @@ def test_edge_model_kv_cache_matches_full_recompute_and_stops_at_eos(
 
     # Assert
     assert cached == recomputed
-    assert stopped == cached[:cached.index(cached[-1]) + 1]
+    assert stopped == cached[: cached.index(cached[-1]) + 1]
 
 
 def test_edge_runtime_runs_without_torch_or_transformers(exported: ExportReport) -> None:
@@ -168,8 +185,13 @@ def test_edge_runtime_runs_without_torch_or_transformers(exported: ExportReport)
     expected = messages(REVIEW)[0]["content"]
 
     # Execute
-    proc = subprocess.run([sys.executable, "-c", script, str(exported.onnx_dir), expected],
-                          capture_output=True, text=True, timeout=120, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(exported.onnx_dir), expected],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
 
     # Assert
     assert proc.returncode == 0, proc.stderr
@@ -181,22 +203,28 @@ def test_edge_runtime_runs_without_torch_or_transformers(exported: ExportReport)
 
 
 def test_edge_chat_template_matches_transformers(
-        tiny_model_dir: Path, exported: ExportReport) -> None:
+    tiny_model_dir: Path, exported: ExportReport
+) -> None:
     # Prepare
     from transformers import AutoTokenizer
 
     from fedlora.export.runtime import EdgeModel
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    chat = [{"role": "system", "content": "Be brief."}, *messages(REVIEW),
-            {"role": "assistant", "content": "positive"}, {"role": "user", "content": "Why?"}]
+    chat = [
+        {"role": "system", "content": "Be brief."},
+        *messages(REVIEW),
+        {"role": "assistant", "content": "positive"},
+        {"role": "user", "content": "Why?"},
+    ]
 
     # Execute
     rendered = EdgeModel(exported.onnx_dir).render(chat, add_generation_prompt=True)
 
     # Assert
-    assert rendered == tokenizer.apply_chat_template(chat, tokenize=False,
-                                                     add_generation_prompt=True)
+    assert rendered == tokenizer.apply_chat_template(
+        chat, tokenize=False, add_generation_prompt=True
+    )
 
 
 def test_missing_adapter_folder_is_a_clear_error(tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -217,7 +245,8 @@ def test_missing_adapter_folder_is_a_clear_error(tiny_model_dir: Path, tmp_path:
 
 
 def test_adapter_for_another_base_is_a_clear_error(
-        tiny_model_dir: Path, adapter_dir: Path, tmp_path: Path) -> None:
+    tiny_model_dir: Path, adapter_dir: Path, tmp_path: Path
+) -> None:
     # Prepare: a base of another width (hidden 32) with the tiny model's tokenizer.
     import shutil
 
@@ -231,8 +260,12 @@ def test_adapter_for_another_base_is_a_clear_error(
     config.hidden_size, config.intermediate_size, config.head_dim = 32, 64, 8
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(other)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                 "chat_template.jinja"):
+    for name in (
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "chat_template.jinja",
+    ):
         if (tiny_model_dir / name).is_file():
             shutil.copy(tiny_model_dir / name, other / name)
 
@@ -264,7 +297,8 @@ def test_parity_error_when_tolerance_is_zero(exported: ExportReport) -> None:
 
 
 def test_parity_error_when_onnx_is_a_different_model(
-        tiny_model_dir: Path, exported: ExportReport) -> None:
+    tiny_model_dir: Path, exported: ExportReport
+) -> None:
     # Prepare: compare the base model against the ONNX export of base + adapter.
     from fedlora.export.parity import ParityError, check_parity
 
@@ -289,12 +323,15 @@ def test_real_default_model_exports_with_parity(tmp_path: Path) -> None:
     adapter = _make_adapter(base_dir, tmp_path / "lora", r=8, b_scale=0.0)
 
     # Execute
-    report = export_adapter(base_dir, adapter, tmp_path / "export", messages(REVIEW),
-                            max_new_tokens=16, atol=1e-4)
+    report = export_adapter(
+        base_dir, adapter, tmp_path / "export", messages(REVIEW), max_new_tokens=16, atol=1e-4
+    )
 
     # Assert
-    print(f"\nSmolLM2 export: {report.parity.summary()}; {report.onnx_mib:.0f} MiB; "
-          f"{ {k: round(v, 1) for k, v in report.seconds.items()} }; answer {report.answer!r}")
+    print(
+        f"\nSmolLM2 export: {report.parity.summary()}; {report.onnx_mib:.0f} MiB; "
+        f"{ {k: round(v, 1) for k, v in report.seconds.items()} }; answer {report.answer!r}"
+    )
     assert report.onnx_file.is_file()
     assert report.parity.max_abs_logits_diff <= 1e-4
     assert report.parity.same_tokens

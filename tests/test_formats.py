@@ -8,13 +8,20 @@ import pytest
 from typer.testing import CliRunner
 
 from fedlora.cli import cli, main
-from fedlora.data.formats import (DataSpec, Example, LoadResult, Turn, load_examples,
-                                  train_eval_split)
+from fedlora.data.formats import (
+    DataSpec,
+    Example,
+    LoadResult,
+    Turn,
+    load_examples,
+    train_eval_split,
+)
 from fedlora.errors import ConfigError, DataError
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
-CHAT = ('{"messages": [{"role": "user", "content": "Hi"}, '
-        '{"role": "assistant", "content": "Hello"}]}')
+CHAT = (
+    '{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}'
+)
 
 
 def _write(folder: Path, name: str, content: str | bytes) -> Path:
@@ -33,6 +40,7 @@ def _sources(result: LoadResult) -> list[str]:
 
 # ---- every form loads --------------------------------------------------------------------------
 
+
 def test_chat_jsonl_keeps_turns_and_names_each_record_by_line():
     # Execute
     result = load_examples(DataSpec(str(FIXTURES / "chat.jsonl")))
@@ -47,24 +55,32 @@ def test_chat_jsonl_keeps_turns_and_names_each_record_by_line():
 
 def test_pairs_jsonl_with_custom_columns_and_an_optional_system_column():
     # Prepare
-    spec = DataSpec(str(FIXTURES / "pairs.jsonl"), format="pairs", prompt_column="question",
-                    response_column="answer", system_column="persona")
+    spec = DataSpec(
+        str(FIXTURES / "pairs.jsonl"),
+        format="pairs",
+        prompt_column="question",
+        response_column="answer",
+        system_column="persona",
+    )
 
     # Execute
     first, second = load_examples(spec).examples
 
     # Assert: an empty system field means no system turn
-    assert first.turns == (Turn("system", "You answer pharmacy questions."),
-                           Turn("user", "What does q.d. mean on a prescription?"),
-                           Turn("assistant", "Once a day."))
+    assert first.turns == (
+        Turn("system", "You answer pharmacy questions."),
+        Turn("user", "What does q.d. mean on a prescription?"),
+        Turn("assistant", "Once a day."),
+    )
     assert [t.role for t in second.turns] == ["user", "assistant"]
     assert second.source.endswith("pairs.jsonl:2")
 
 
 def test_csv_with_a_column_mapping_names_the_line_where_a_multiline_record_starts():
     # Execute
-    result = load_examples(DataSpec(str(FIXTURES / "qa.csv"), prompt_column="question",
-                                    response_column="answer"))
+    result = load_examples(
+        DataSpec(str(FIXTURES / "qa.csv"), prompt_column="question", response_column="answer")
+    )
 
     # Assert: the header is line 1; record 2 spans lines 3-4; record 3 starts on line 5
     assert _sources(result) == ["qa.csv:2", "qa.csv:3", "qa.csv:5"]
@@ -93,8 +109,11 @@ def test_a_folder_reads_every_supported_file_recursively_in_sorted_order_without
 
     # Assert: .hidden/, .ignored.txt and readme.rst are not read
     root = FIXTURES / "mixed"
-    assert result.files == [str(root / "a_chat.jsonl"), str(root / "b_qa.tsv"),
-                            str(root / "notes" / "guide.md")]
+    assert result.files == [
+        str(root / "a_chat.jsonl"),
+        str(root / "b_qa.tsv"),
+        str(root / "notes" / "guide.md"),
+    ]
     kinds = [ex.kind for ex in result.examples]
     assert kinds == ["chat"] * 5 + ["text"] * 2
     assert result.examples[-1].source == f"{root / 'notes' / 'guide.md'}:3"
@@ -115,8 +134,12 @@ def test_a_text_column_makes_csv_and_jsonl_rows_plain_text(tmp_path: Path):
 
 def test_a_json_file_may_hold_one_array_whose_items_are_named_by_their_first_line(tmp_path: Path):
     # Prepare
-    path = _write(tmp_path, "a.json", '[\n  {"prompt": "a", "response": "b"},\n  {\n'
-                                      '    "prompt": "c",\n    "response": "d"\n  }\n]\n')
+    path = _write(
+        tmp_path,
+        "a.json",
+        '[\n  {"prompt": "a", "response": "b"},\n  {\n'
+        '    "prompt": "c",\n    "response": "d"\n  }\n]\n',
+    )
 
     # Execute
     result = load_examples(DataSpec(str(path)))
@@ -143,47 +166,119 @@ def test_an_explicit_format_reads_a_file_whatever_its_name(tmp_path: Path):
 # ---- every bad record is named -----------------------------------------------------------------
 
 BAD_CASES = [
-    ("a.jsonl", CHAT + '\n{"messages": [{"role": "user", "content": "x"}\n', {}, "a.jsonl:2",
-     "not valid JSON (Expecting ',' delimiter at column 47): fix or delete the line"),
-    ("a.jsonl", '{"prompt": "q", "answer": "a"}\n', {}, "a.jsonl:1",
-     "missing field 'response' (the record has: prompt, answer): add it, or set response-column"),
-    ("a.jsonl", '{"messages": [{"role": "user", "content": "x"}, {"role": "bot", "content": "y"}]}',
-     {}, "a.jsonl:1", "message 2 has role 'bot': use system, user or assistant"),
-    ("a.jsonl", '\n\n{"messages": [{"role": "user", "content": "x"}]}\n', {}, "a.jsonl:3",
-     "the conversation does not end with an assistant message: nothing to learn from it"),
-    ("a.jsonl", '{"messages": [{"role": "user", "content": "x"}, '
-                '{"role": "assistant", "content": "  "}]}', {}, "a.jsonl:1",
-     "message 2 content is empty"),
-    ("a.jsonl", '{"messages": [{"role": "user", "content": 42}, '
-                '{"role": "assistant", "content": "y"}]}', {}, "a.jsonl:1",
-     "message 1 content is a number, not text"),
-    ("a.jsonl", '{"messages": [{"role": "user", "content": "x"}, {"role": "system", "content": '
-                '"s"}, {"role": "assistant", "content": "y"}]}', {}, "a.jsonl:1",
-     "message 2 is a system message: only the first message may be one"),
+    (
+        "a.jsonl",
+        CHAT + '\n{"messages": [{"role": "user", "content": "x"}\n',
+        {},
+        "a.jsonl:2",
+        "not valid JSON (Expecting ',' delimiter at column 47): fix or delete the line",
+    ),
+    (
+        "a.jsonl",
+        '{"prompt": "q", "answer": "a"}\n',
+        {},
+        "a.jsonl:1",
+        "missing field 'response' (the record has: prompt, answer): add it, or set response-column",
+    ),
+    (
+        "a.jsonl",
+        '{"messages": [{"role": "user", "content": "x"}, {"role": "bot", "content": "y"}]}',
+        {},
+        "a.jsonl:1",
+        "message 2 has role 'bot': use system, user or assistant",
+    ),
+    (
+        "a.jsonl",
+        '\n\n{"messages": [{"role": "user", "content": "x"}]}\n',
+        {},
+        "a.jsonl:3",
+        "the conversation does not end with an assistant message: nothing to learn from it",
+    ),
+    (
+        "a.jsonl",
+        '{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "  "}]}',
+        {},
+        "a.jsonl:1",
+        "message 2 content is empty",
+    ),
+    (
+        "a.jsonl",
+        '{"messages": [{"role": "user", "content": 42}, {"role": "assistant", "content": "y"}]}',
+        {},
+        "a.jsonl:1",
+        "message 1 content is a number, not text",
+    ),
+    (
+        "a.jsonl",
+        '{"messages": [{"role": "user", "content": "x"}, {"role": "system", "content": '
+        '"s"}, {"role": "assistant", "content": "y"}]}',
+        {},
+        "a.jsonl:1",
+        "message 2 is a system message: only the first message may be one",
+    ),
     ("a.jsonl", '{"messages": "hi"}', {}, "a.jsonl:1", "'messages' is text, not a list"),
-    ("a.jsonl", '[1, 2]', {}, "a.jsonl:1", "the record is a list, not a JSON object"),
-    ("a.jsonl", '{"prompt": "q", "response": 7}', {}, "a.jsonl:1",
-     "'response' is a number, not text"),
-    ("a.jsonl", '{"prompt": "q", "response": "a"}', {"format": "chat"}, "a.jsonl:1",
-     "missing field 'messages'"),
-    ("a.csv", "prompt,answer\nq,a\n", {}, "a.csv:1",
-     "the header has no column 'response' (columns: prompt, answer): set response-column"),
-    ("a.csv", "prompt,response\nq,a\nHello, how are you,Fine\n", {}, "a.csv:3",
-     "the row has 3 cells, the header has 2: quote cells that contain commas"),
-    ("a.csv", 'prompt,response\n\nq,"never\nclosed\n', {}, "a.csv:3",
-     "not valid CSV (unexpected end of data): a quote opened in this record is never closed"),
-    ("a.csv", 'prompt,response\nq,"x"y\nq2,a2\n', {}, "a.csv:2",
-     "not valid CSV (',' expected after '\"'): quote a cell that holds quotes"),
-    ("a.csv", "prompt,response\nq,\n", {}, "a.csv:2",
-     "'response' is empty: fill it in or delete the record"),
+    ("a.jsonl", "[1, 2]", {}, "a.jsonl:1", "the record is a list, not a JSON object"),
+    (
+        "a.jsonl",
+        '{"prompt": "q", "response": 7}',
+        {},
+        "a.jsonl:1",
+        "'response' is a number, not text",
+    ),
+    (
+        "a.jsonl",
+        '{"prompt": "q", "response": "a"}',
+        {"format": "chat"},
+        "a.jsonl:1",
+        "missing field 'messages'",
+    ),
+    (
+        "a.csv",
+        "prompt,answer\nq,a\n",
+        {},
+        "a.csv:1",
+        "the header has no column 'response' (columns: prompt, answer): set response-column",
+    ),
+    (
+        "a.csv",
+        "prompt,response\nq,a\nHello, how are you,Fine\n",
+        {},
+        "a.csv:3",
+        "the row has 3 cells, the header has 2: quote cells that contain commas",
+    ),
+    (
+        "a.csv",
+        'prompt,response\n\nq,"never\nclosed\n',
+        {},
+        "a.csv:3",
+        "not valid CSV (unexpected end of data): a quote opened in this record is never closed",
+    ),
+    (
+        "a.csv",
+        'prompt,response\nq,"x"y\nq2,a2\n',
+        {},
+        "a.csv:2",
+        "not valid CSV (',' expected after '\"'): quote a cell that holds quotes",
+    ),
+    (
+        "a.csv",
+        "prompt,response\nq,\n",
+        {},
+        "a.csv:2",
+        "'response' is empty: fill it in or delete the record",
+    ),
     ("a.tsv", "prompt\tresponse\nq\n", {}, "a.tsv:2", "the row has 1 cells, the header has 2"),
 ]
 
 
-@pytest.mark.parametrize("name, content, options, where, gist", BAD_CASES,
-                         ids=[f"{c[0]}-{i}" for i, c in enumerate(BAD_CASES)])
-def test_a_bad_record_is_named_by_file_line_with_what_to_do(tmp_path: Path, name, content,
-                                                            options, where, gist):
+@pytest.mark.parametrize(
+    "name, content, options, where, gist",
+    BAD_CASES,
+    ids=[f"{c[0]}-{i}" for i, c in enumerate(BAD_CASES)],
+)
+def test_a_bad_record_is_named_by_file_line_with_what_to_do(
+    tmp_path: Path, name, content, options, where, gist
+):
     # Prepare
     path = _write(tmp_path, name, content)
 
@@ -233,14 +328,22 @@ def test_skip_drops_bad_records_and_returns_each_with_its_line(tmp_path: Path):
     assert _sources(result) == ["a.jsonl:1", "a.jsonl:3"]
     assert len(result.skipped) == 2
     assert result.skipped[0].startswith(f"{path}:2: not valid JSON")
-    assert result.skipped[1] == f"{path}:4: 'messages' is empty: add the conversation or delete " \
-                                "the line"
+    assert (
+        result.skipped[1] == f"{path}:4: 'messages' is empty: add the conversation or delete "
+        "the line"
+    )
 
 
-@pytest.mark.parametrize("csv_text, problem", [
-    ("question,response\nq,a\n", r"a\.csv:1: the header has no column 'prompt'"),
-    ('prompt,response\nq,a\nq,"open\nq,a\n', r"a\.csv:3: not valid CSV \(unexpected end of data"),
-])
+@pytest.mark.parametrize(
+    "csv_text, problem",
+    [
+        ("question,response\nq,a\n", r"a\.csv:1: the header has no column 'prompt'"),
+        (
+            'prompt,response\nq,a\nq,"open\nq,a\n',
+            r"a\.csv:3: not valid CSV \(unexpected end of data",
+        ),
+    ],
+)
 def test_skip_does_not_drop_a_file_it_cannot_read_to_the_end(tmp_path: Path, csv_text, problem):
     _write(tmp_path, "a.csv", csv_text)
     _write(tmp_path, "b.jsonl", CHAT)
@@ -258,6 +361,7 @@ def test_skip_with_nothing_left_names_the_path(tmp_path: Path):
 
 # ---- files and paths ---------------------------------------------------------------------------
 
+
 def test_a_file_in_another_encoding_names_the_line_where_decoding_fails(tmp_path: Path):
     # Prepare: "é" in cp1252 on line 3
     path = _write(tmp_path, "a.csv", "prompt,response\nq,a\nq,caf\xe9\n".encode("cp1252"))
@@ -267,8 +371,10 @@ def test_a_file_in_another_encoding_names_the_line_where_decoding_fails(tmp_path
         load_examples(DataSpec(str(path)))
 
     # Assert: named, and readable once the encoding is set
-    assert f"{path}:3: not valid utf-8 (byte 0xe9 at column 6): re-save the file as UTF-8, " \
-           "or set encoding" in str(caught.value)
+    assert (
+        f"{path}:3: not valid utf-8 (byte 0xe9 at column 6): re-save the file as UTF-8, "
+        "or set encoding" in str(caught.value)
+    )
     result = load_examples(DataSpec(str(path), encoding="cp1252"))
     assert result.examples[1].turns[1].content == "café"
 
@@ -281,8 +387,10 @@ def test_a_utf16_file_is_recognised_in_the_message(tmp_path: Path):
     assert len(load_examples(DataSpec(str(path), encoding="utf-16")).examples) == 1
 
 
-@pytest.mark.parametrize("name, content", [("a.jsonl", ""), ("a.jsonl", "\n  \n"),
-                                           ("a.txt", "\n\n"), ("a.csv", "prompt,response\n")])
+@pytest.mark.parametrize(
+    "name, content",
+    [("a.jsonl", ""), ("a.jsonl", "\n  \n"), ("a.txt", "\n\n"), ("a.csv", "prompt,response\n")],
+)
 def test_a_file_without_records_is_an_error_naming_it(tmp_path: Path, name, content):
     path = _write(tmp_path, name, content)
 
@@ -302,23 +410,27 @@ def test_a_folder_without_supported_files_names_the_folder_and_the_extensions(tm
     with pytest.raises(DataError) as caught:
         load_examples(DataSpec(str(tmp_path)))
 
-    assert str(caught.value).startswith(f"{tmp_path}: the folder holds no .csv, .json, .jsonl, "
-                                        ".md, .tsv, .txt files")
+    assert str(caught.value).startswith(
+        f"{tmp_path}: the folder holds no .csv, .json, .jsonl, .md, .tsv, .txt files"
+    )
     with pytest.raises(DataError, match="holds no .csv files"):
         load_examples(DataSpec(str(FIXTURES / "mixed"), format="csv"))
 
 
-@pytest.mark.parametrize("options, key", [
-    ({"format": "xml"}, "format='xml'"),
-    ({"on_bad_record": "ignore"}, "on-bad-record='ignore'"),
-    ({"encoding": "utf9"}, "encoding='utf9'"),
-    ({"prompt_column": " "}, "prompt-column is empty"),
-    ({"response_column": "prompt"}, "prompt-column and response-column"),
-    ({"format": "chat", "text_column": "body"}, "format=chat"),
-    ({"text_column": "body", "system_column": "sys"}, "text-column and system-column"),
-    ({"path": ""}, "path is empty"),
-    ({"prompt_column": 3}, "prompt-column=3: expected text"),
-])
+@pytest.mark.parametrize(
+    "options, key",
+    [
+        ({"format": "xml"}, "format='xml'"),
+        ({"on_bad_record": "ignore"}, "on-bad-record='ignore'"),
+        ({"encoding": "utf9"}, "encoding='utf9'"),
+        ({"prompt_column": " "}, "prompt-column is empty"),
+        ({"response_column": "prompt"}, "prompt-column and response-column"),
+        ({"format": "chat", "text_column": "body"}, "format=chat"),
+        ({"text_column": "body", "system_column": "sys"}, "text-column and system-column"),
+        ({"path": ""}, "path is empty"),
+        ({"prompt_column": 3}, "prompt-column=3: expected text"),
+    ],
+)
 def test_a_bad_spec_fails_at_construction_naming_the_setting(options, key):
     with pytest.raises(ConfigError, match=key):
         DataSpec(**{"path": "data", **options})
@@ -336,6 +448,7 @@ def test_an_example_is_either_chat_or_text():
 
 
 # ---- train / eval split ------------------------------------------------------------------------
+
 
 def _examples(n: int) -> list[Example]:
     return [Example(source=f"a.txt:{i}", text=f"doc {i}") for i in range(n)]
@@ -359,9 +472,18 @@ def test_split_is_deterministic_disjoint_complete_ordered_and_seed_dependent():
     assert other[1] != held
 
 
-@pytest.mark.parametrize("n, fraction, n_eval", [
-    (10, 0.0, 0), (10, 0.25, 2), (2, 0.1, 1), (1, 0.5, 0), (0, 0.5, 0), (3, 0.9, 2), (7, 0.5, 4),
-])
+@pytest.mark.parametrize(
+    "n, fraction, n_eval",
+    [
+        (10, 0.0, 0),
+        (10, 0.25, 2),
+        (2, 0.1, 1),
+        (1, 0.5, 0),
+        (0, 0.5, 0),
+        (3, 0.9, 2),
+        (7, 0.5, 4),
+    ],
+)
 def test_split_sizes(n, fraction, n_eval):
     train, held = train_eval_split(_examples(n), fraction, seed=0)
 
@@ -375,6 +497,7 @@ def test_split_rejects_a_fraction_outside_zero_one(fraction):
 
 
 # ---- fedlora check-data ------------------------------------------------------------------------
+
 
 def test_check_data_prints_files_and_examples_by_kind():
     # Execute
@@ -392,8 +515,19 @@ def test_check_data_with_skip_shows_the_first_problems(tmp_path: Path):
     path = _write(tmp_path, "a.csv", "q,a\nfine,yes\nbroken\n")
 
     # Execute
-    result = CliRunner().invoke(cli, ["check-data", str(path), "--prompt-column", "q",
-                                      "--response-column", "a", "--on-bad-record", "skip"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "check-data",
+            str(path),
+            "--prompt-column",
+            "q",
+            "--response-column",
+            "a",
+            "--on-bad-record",
+            "skip",
+        ],
+    )
 
     # Assert
     assert result.exit_code == 0, result.output
@@ -401,8 +535,9 @@ def test_check_data_with_skip_shows_the_first_problems(tmp_path: Path):
     assert f"skipped:\n  {path}:3: the row has 1 cells" in result.output
 
 
-def test_check_data_reports_bad_data_as_one_error_and_exit_status_2(tmp_path: Path, capsys,
-                                                                  monkeypatch):
+def test_check_data_reports_bad_data_as_one_error_and_exit_status_2(
+    tmp_path: Path, capsys, monkeypatch
+):
     # Prepare: keep main() from changing this process's logging and environment
     monkeypatch.setattr("fedlora.cli._setup_logging", lambda: None)
     monkeypatch.setattr("fedlora.simulations.run.offline_environment", lambda: None)

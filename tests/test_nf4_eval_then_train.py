@@ -23,8 +23,9 @@ def _gradients(model, batch) -> dict[str, torch.Tensor]:
     model.train()
     model.zero_grad()
     logits, targets = answer_logits(model, batch)
-    torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
-                                      ignore_index=-100).backward()
+    torch.nn.functional.cross_entropy(
+        logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100
+    ).backward()
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 

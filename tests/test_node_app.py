@@ -18,29 +18,58 @@ from fedlora.client.app import DATA_FAILED, REFUSED, make_client_app
 from fedlora.client.node import NodeSettings, encoded_rows, node_data, warm_model
 from fedlora.lora import LoraSettings, adapter_shapes, initial_adapter
 from fedlora.protocol.adapter import is_lora_name
-from fedlora.protocol.messages import (ARRAYS, CONFIG, EVAL_METRICS, METRICS, TRAIN_METRICS,
-                                       EvalReply, RoundConfig, to_array_record)
+from fedlora.protocol.messages import (
+    ARRAYS,
+    CONFIG,
+    EVAL_METRICS,
+    METRICS,
+    TRAIN_METRICS,
+    EvalReply,
+    RoundConfig,
+    to_array_record,
+)
 
 LORA = LoraSettings(r=4, alpha=8.0, dropout=0.0)
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
 
 
 def _content(adapter, **overrides) -> RecordDict:
-    values = dict(server_round=1, local_steps=3, batch_size=4, lr=5e-3, max_length=192, seed=0,
-                  lora_r=LORA.r, lora_alpha=LORA.alpha, lora_dropout=LORA.dropout,
-                  target_modules=LORA.target_modules)
+    values = dict(
+        server_round=1,
+        local_steps=3,
+        batch_size=4,
+        lr=5e-3,
+        max_length=192,
+        seed=0,
+        lora_r=LORA.r,
+        lora_alpha=LORA.alpha,
+        lora_dropout=LORA.dropout,
+        target_modules=LORA.target_modules,
+    )
     values.update(overrides)
-    return RecordDict({ARRAYS: to_array_record(adapter),
-                       CONFIG: RoundConfig(**values).to_record()})
+    return RecordDict({ARRAYS: to_array_record(adapter), CONFIG: RoundConfig(**values).to_record()})
 
 
 def _call(app, content: RecordDict, kind: str, node_config: dict, state=None) -> Message:
-    meta = Metadata(run_id=1, message_id="m1", src_node_id=0, dst_node_id=1,
-                    reply_to_message_id="", group_id="1", created_at=time.time(), ttl=3600.0,
-                    message_type=kind)
+    meta = Metadata(
+        run_id=1,
+        message_id="m1",
+        src_node_id=0,
+        dst_node_id=1,
+        reply_to_message_id="",
+        group_id="1",
+        created_at=time.time(),
+        ttl=3600.0,
+        message_type=kind,
+    )
     msg = Message(content=content, metadata=meta)
-    context = Context(run_id=1, node_id=1, node_config=node_config,
-                      state=state if state is not None else RecordDict(), run_config={})
+    context = Context(
+        run_id=1,
+        node_id=1,
+        node_config=node_config,
+        state=state if state is not None else RecordDict(),
+        run_config={},
+    )
     return app(msg, context)
 
 
@@ -61,8 +90,13 @@ def test_evaluate_reply_holds_whitelisted_metrics_with_accuracy(tiny_model_dir, 
 
 
 def test_node_trains_on_its_own_jsonl_data(tiny_model_dir, start_adapter):
-    node = {"base-model": str(tiny_model_dir), "quantization": "bf16",
-            "data-path": str(FIXTURES / "chat.jsonl"), "site": "clinic-a", "eval-fraction": 0.0}
+    node = {
+        "base-model": str(tiny_model_dir),
+        "quantization": "bf16",
+        "data-path": str(FIXTURES / "chat.jsonl"),
+        "site": "clinic-a",
+        "eval-fraction": 0.0,
+    }
     reply = _call(make_client_app(), _content(start_adapter), "train", node)
     assert not reply.has_error(), reply.error
     metrics = reply.content.metric_records[METRICS]
@@ -70,8 +104,12 @@ def test_node_trains_on_its_own_jsonl_data(tiny_model_dir, start_adapter):
 
 
 def test_round_beyond_the_node_limits_is_refused_with_a_reason(tiny_model_dir, start_adapter):
-    node = {"base-model": str(tiny_model_dir), "quantization": "bf16", "site": "pain",
-            "max-local-steps": 2}
+    node = {
+        "base-model": str(tiny_model_dir),
+        "quantization": "bf16",
+        "site": "pain",
+        "max-local-steps": 2,
+    }
     reply = _call(make_client_app(), _content(start_adapter, local_steps=5), "train", node)
     assert reply.has_error() and reply.error.code == REFUSED
     assert "max-local-steps=2" in reply.error.reason
@@ -86,12 +124,17 @@ def test_round_config_the_node_cannot_parse_is_refused(tiny_model_dir, start_ada
     assert "loss='contrastive'" in reply.error.reason
 
 
-def test_bad_node_data_is_reported_without_its_details(tiny_model_dir, start_adapter,
-                                                       tmp_path: Path):
+def test_bad_node_data_is_reported_without_its_details(
+    tiny_model_dir, start_adapter, tmp_path: Path
+):
     secret = tmp_path / "patients.jsonl"
     secret.write_text('{"prompt": "Patient Jane Roe, 54, HIV positive"}\n')
-    node = {"base-model": str(tiny_model_dir), "quantization": "bf16", "site": "x",
-            "data-path": str(secret)}
+    node = {
+        "base-model": str(tiny_model_dir),
+        "quantization": "bf16",
+        "site": "x",
+        "data-path": str(secret),
+    }
     reply = _call(make_client_app(), _content(start_adapter), "train", node)
     assert reply.has_error() and reply.error.code == DATA_FAILED
     assert "Jane" not in reply.error.reason and "patients" not in reply.error.reason
@@ -101,15 +144,18 @@ def test_privacy_guard_every_outbound_message_of_a_round(tiny_model_dir, start_a
     # Prepare: a node with its private reviews; every reply it sends in a round is captured.
     node = {"base-model": str(tiny_model_dir), "quantization": "bf16", "site": "dermatology"}
     app, state = make_client_app(), RecordDict()
-    sent = [_call(app, _content(start_adapter), "train", node, state),
-            _call(app, _content(start_adapter, server_round=1), "evaluate", node, state)]
+    sent = [
+        _call(app, _content(start_adapter), "train", node, state),
+        _call(app, _content(start_adapter, server_round=1), "evaluate", node, state),
+    ]
     settings = NodeSettings.from_config(node)
     warm = warm_model(settings, LORA)
     data = node_data(settings)
     rows = encoded_rows(data, "train", warm.tokenizer, 192, "completion", False)
     texts = [t.content for ex in data.train + data.eval for t in ex.turns]
-    base = {k: v.detach().float().numpy() for k, v in warm.model.named_parameters()
-            if "lora_" not in k}
+    base = {
+        k: v.detach().float().numpy() for k, v in warm.model.named_parameters() if "lora_" not in k
+    }
 
     for reply in sent:
         assert not reply.has_error(), reply.error
@@ -127,8 +173,9 @@ def test_privacy_guard_every_outbound_message_of_a_round(tiny_model_dir, start_a
             for name, array in arrays.items():
                 assert array.dtype == np.float32 and array.shape == start_adapter[name].shape
                 # No base weight is sent, whole or as a slice of matching shape.
-                assert not any(w.shape == array.shape and np.allclose(w, array)
-                               for w in base.values())
+                assert not any(
+                    w.shape == array.shape and np.allclose(w, array) for w in base.values()
+                )
         # The bytes on the wire: no text of any example, no run of token ids of one.
         wire = message_to_proto(reply).SerializeToString()
         for text in texts:

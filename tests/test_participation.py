@@ -29,12 +29,22 @@ def _app_with_a_hanging_site(defaults: dict, hanging_site: str) -> ClientApp:
 
 
 def test_rounds_end_at_the_timeout_and_aggregate_who_answered(tiny_model_dir, tmp_path):
-    cfg = RunConfig.from_mapping({"base-model": str(tiny_model_dir), "quantization": "fp32",
-                                  "num-server-rounds": 2, "local-steps": 1,
-                                  "sites": "mental,pain", "round-timeout": TIMEOUT,
-                                  "min-nodes": 1, "output-dir": str(tmp_path)})
-    app = _app_with_a_hanging_site({"base-model": str(tiny_model_dir), "quantization": "fp32",
-                                    "sites": cfg.sites}, hanging_site="pain")
+    cfg = RunConfig.from_mapping(
+        {
+            "base-model": str(tiny_model_dir),
+            "quantization": "fp32",
+            "num-server-rounds": 2,
+            "local-steps": 1,
+            "sites": "mental,pain",
+            "round-timeout": TIMEOUT,
+            "min-nodes": 1,
+            "output-dir": str(tmp_path),
+        }
+    )
+    app = _app_with_a_hanging_site(
+        {"base-model": str(tiny_model_dir), "quantization": "fp32", "sites": cfg.sites},
+        hanging_site="pain",
+    )
     result = simulate(cfg, client_app=app)
 
     assert [r["replies"] for r in result.history] == [1, 1]

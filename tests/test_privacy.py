@@ -4,6 +4,7 @@ Reference values come from dp-accounting used directly in each test (the library
 reference implementation); tolerance 1e-9 absolute on epsilon.
 """
 
+import itertools
 import json
 import logging
 import math
@@ -31,16 +32,21 @@ def reference_rdp(z: float, q: float, rounds: int, delta: float) -> tuple[float,
 
 # ---- the ledger --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("z, q, rounds, delta", [
-    (1.0, 0.5, 5, 1e-5),  # the case where dp-accounting's series fail for fractional orders
-    (1.1, 0.1, 20, 1e-5),
-    (0.8, 1.0, 3, 1e-6),  # every client every round: no subsampling
-    (2.0, 0.01, 50, 1e-5),
-])
+
+@pytest.mark.parametrize(
+    "z, q, rounds, delta",
+    [
+        (1.0, 0.5, 5, 1e-5),  # the case where dp-accounting's series fail for fractional orders
+        (1.1, 0.1, 20, 1e-5),
+        (0.8, 1.0, 3, 1e-6),  # every client every round: no subsampling
+        (2.0, 0.01, 50, 1e-5),
+    ],
+)
 def test_epsilon_matches_rdp_accountant(z, q, rounds, delta):
     # Prepare
-    ledger = PrivacyLedger(DpSettings(noise_multiplier=z, clip_norm=1.0, sampling_rate=q,
-                                      delta=delta))
+    ledger = PrivacyLedger(
+        DpSettings(noise_multiplier=z, clip_norm=1.0, sampling_rate=q, delta=delta)
+    )
     # Execute
     records = [ledger.record_round(r) for r in range(1, rounds + 1)]
     # Assert: cumulative after each round and the round alone, as the library computes them
@@ -70,7 +76,7 @@ def test_cumulative_epsilon_grows_and_round_epsilon_follows_the_noise():
     zs = [1.2, 1.2, 0.9, 1.2, 2.0, 1.2]  # e.g. fewer contributors in round 3
     records = [ledger.record_round(r, noise_multiplier=z) for r, z in enumerate(zs, start=1)]
     cumulative = [r.epsilon for r in records]
-    assert all(b > a for a, b in zip(cumulative, cumulative[1:], strict=False))
+    assert all(b > a for a, b in itertools.pairwise(cumulative))
     assert records[2].epsilon_round > records[0].epsilon_round > records[4].epsilon_round
     assert ledger.epsilon == cumulative[-1]
     # the mixed sequence is accounted as exactly these events
@@ -106,7 +112,7 @@ def test_ledger_round_trips_through_json_and_resumes(accountant, rounds):
     # Assert: the same records, and the same epsilon as the uninterrupted run (the replay
     # composes equal rounds at once: PLD agrees to ~1e-9, RDP to ~1e-15)
     assert resumed.settings == settings and resumed.accountant == accountant
-    assert resumed.records[:rounds // 2] == first.records
+    assert resumed.records[: rounds // 2] == first.records
     assert resumed.epsilon == pytest.approx(whole.epsilon, rel=1e-8)
     assert [r.epsilon_round for r in resumed.records] == [r.epsilon_round for r in whole.records]
     assert PrivacyLedger.from_dict(resumed.to_dict()).to_dict() == resumed.to_dict()
@@ -123,8 +129,14 @@ def test_metrics_and_summary():
     ledger = PrivacyLedger(DpSettings(1.0, 2.0, sampling_rate=0.5))
     record = ledger.record_round(1)
     metrics = record.metrics()
-    assert set(metrics) == {"dp-epsilon", "dp-epsilon-round", "dp-delta", "dp-noise-multiplier",
-                            "dp-sampling-rate", "dp-rdp-order"}
+    assert set(metrics) == {
+        "dp-epsilon",
+        "dp-epsilon-round",
+        "dp-delta",
+        "dp-noise-multiplier",
+        "dp-sampling-rate",
+        "dp-rdp-order",
+    }
     assert all(isinstance(v, float) for v in metrics.values())
     summary = ledger.summary()
     assert summary["epsilon"] == record.epsilon and summary["rounds"] == 1
@@ -140,18 +152,21 @@ def test_convergence_warnings_of_the_library_are_silenced(caplog):
     assert not logging.getLogger("absl").filters  # the filter is removed afterwards
 
 
-@pytest.mark.parametrize("kwargs, field", [
-    ({"noise_multiplier": 0.0}, "dp-noise-multiplier"),
-    ({"noise_multiplier": -1.0}, "dp-noise-multiplier"),
-    ({"noise_multiplier": float("nan")}, "dp-noise-multiplier"),
-    ({"clip_norm": 0.0}, "dp-clip-norm"),
-    ({"clip_norm": True}, "dp-clip-norm"),
-    ({"sampling_rate": 0.0}, "dp-sampling-rate"),
-    ({"sampling_rate": 1.5}, "dp-sampling-rate"),
-    ({"delta": 0.0}, "dp-delta"),
-    ({"delta": 1.0}, "dp-delta"),
-    ({"delta": "1e-5"}, "dp-delta"),
-])
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"noise_multiplier": 0.0}, "dp-noise-multiplier"),
+        ({"noise_multiplier": -1.0}, "dp-noise-multiplier"),
+        ({"noise_multiplier": float("nan")}, "dp-noise-multiplier"),
+        ({"clip_norm": 0.0}, "dp-clip-norm"),
+        ({"clip_norm": True}, "dp-clip-norm"),
+        ({"sampling_rate": 0.0}, "dp-sampling-rate"),
+        ({"sampling_rate": 1.5}, "dp-sampling-rate"),
+        ({"delta": 0.0}, "dp-delta"),
+        ({"delta": 1.0}, "dp-delta"),
+        ({"delta": "1e-5"}, "dp-delta"),
+    ],
+)
 def test_invalid_settings_name_the_field(kwargs, field):
     values = {"noise_multiplier": 1.0, "clip_norm": 1.0, "sampling_rate": 0.5} | kwargs
     with pytest.raises(ConfigError, match=f"^{field}="):
@@ -162,10 +177,13 @@ def test_invalid_settings_name_the_field(kwargs, field):
 
 # ---- clipping and noise ------------------------------------------------------------------------
 
+
 def delta(scale: float = 1.0, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    return {A: (rng.normal(0, scale, (8, 64))).astype(np.float32),
-            B: (rng.normal(0, scale, (64, 8))).astype(np.float32)}
+    return {
+        A: (rng.normal(0, scale, (8, 64))).astype(np.float32),
+        B: (rng.normal(0, scale, (64, 8))).astype(np.float32),
+    }
 
 
 @pytest.mark.parametrize("clip", [1e-3, 0.5, 3.0, 31.0])

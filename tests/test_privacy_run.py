@@ -26,11 +26,20 @@ def _epsilon(z: float, q: float, rounds: int, delta: float) -> float:
 def test_central_dp_with_int8_ffa_lora_reports_the_accountants_epsilon(tiny_model_dir, tmp_path):
     from fedlora.simulations.run import simulate
 
-    cfg = RunConfig.from_mapping({**BASE, "base-model": str(tiny_model_dir),
-                                  "num-server-rounds": 2, "sites": "mental,pain",
-                                  "output-dir": str(tmp_path), "strategy": "ffa-lora",
-                                  "codec": "int8", "dp-noise-multiplier": 1.3,
-                                  "dp-clip-norm": 0.5, "dp-delta": 1e-4})
+    cfg = RunConfig.from_mapping(
+        {
+            **BASE,
+            "base-model": str(tiny_model_dir),
+            "num-server-rounds": 2,
+            "sites": "mental,pain",
+            "output-dir": str(tmp_path),
+            "strategy": "ffa-lora",
+            "codec": "int8",
+            "dp-noise-multiplier": 1.3,
+            "dp-clip-norm": 0.5,
+            "dp-delta": 1e-4,
+        }
+    )
     result = simulate(cfg)
     for n, record in enumerate(result.history, start=1):
         assert record["dp-epsilon"] == pytest.approx(_epsilon(1.3, 1.0, n, 1e-4), rel=1e-9)
@@ -45,12 +54,21 @@ def test_central_dp_with_int8_ffa_lora_reports_the_accountants_epsilon(tiny_mode
 def test_distributed_dp_under_secure_aggregation_reports_epsilon(tiny_model_dir, tmp_path):
     from fedlora.simulations.run import simulate
 
-    cfg = RunConfig.from_mapping({**BASE, "base-model": str(tiny_model_dir),
-                                  "num-server-rounds": 1, "sites": "reproductive,mental,pain",
-                                  "min-nodes": 2, "output-dir": str(tmp_path),
-                                  "secure-aggregation": True, "secagg-num-shares": 3,
-                                  "secagg-threshold": 2, "dp-noise-multiplier": 0.8,
-                                  "dp-clip-norm": 0.5})
+    cfg = RunConfig.from_mapping(
+        {
+            **BASE,
+            "base-model": str(tiny_model_dir),
+            "num-server-rounds": 1,
+            "sites": "reproductive,mental,pain",
+            "min-nodes": 2,
+            "output-dir": str(tmp_path),
+            "secure-aggregation": True,
+            "secagg-num-shares": 3,
+            "secagg-threshold": 2,
+            "dp-noise-multiplier": 0.8,
+            "dp-clip-norm": 0.5,
+        }
+    )
     record = simulate(cfg).history[0]
     assert record["secure-aggregation"] and record["replies"] == 3
     # Each node clipped its own delta and added its share of the noise before masking.

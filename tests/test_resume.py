@@ -14,10 +14,19 @@ from fedlora.simulations.run import simulate
 
 
 def _cfg(model: Path, out: Path, rounds: int, **extra) -> RunConfig:
-    return RunConfig.from_mapping({"base-model": str(model), "quantization": "fp32",
-                                   "num-server-rounds": rounds, "local-steps": 2, "lr": 5e-3,
-                                   "sites": "mental,pain", "server-optimizer": "adam",
-                                   "output-dir": str(out), **extra})
+    return RunConfig.from_mapping(
+        {
+            "base-model": str(model),
+            "quantization": "fp32",
+            "num-server-rounds": rounds,
+            "local-steps": 2,
+            "lr": 5e-3,
+            "sites": "mental,pain",
+            "server-optimizer": "adam",
+            "output-dir": str(out),
+            **extra,
+        }
+    )
 
 
 def _final(out: Path) -> dict:
@@ -43,13 +52,16 @@ def test_resumed_run_ends_like_an_uninterrupted_one(tiny_model_dir, tmp_path):
 
 def test_resume_refuses_changed_settings(tmp_path):
     with pytest.raises(ConfigError, match="lr was 0.001, now 0.002"):
-        check_resumable({"lr": 0.001, "num-server-rounds": 2},
-                        {"lr": 0.002, "num-server-rounds": 3}, tmp_path)
-    check_resumable({"lr": 0.001, "num-server-rounds": 2},
-                    {"lr": 0.001, "num-server-rounds": 5}, tmp_path)  # more rounds is fine
+        check_resumable(
+            {"lr": 0.001, "num-server-rounds": 2}, {"lr": 0.002, "num-server-rounds": 3}, tmp_path
+        )
+    check_resumable(
+        {"lr": 0.001, "num-server-rounds": 2}, {"lr": 0.001, "num-server-rounds": 5}, tmp_path
+    )  # more rounds is fine
 
 
 def test_single_site_run_completes(tiny_model_dir, tmp_path):
-    result = simulate(_cfg(tiny_model_dir, tmp_path, 2, sites="dermatology",
-                           **{"server-optimizer": "sgd"}))
+    result = simulate(
+        _cfg(tiny_model_dir, tmp_path, 2, sites="dermatology", **{"server-optimizer": "sgd"})
+    )
     assert [r["replies"] for r in result.history] == [1, 1]

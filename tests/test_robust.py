@@ -13,8 +13,14 @@ import pytest
 
 from fedlora.server.strategies import ClientUpdate, FedIT
 from fedlora.server.strategies.base import mean_delta
-from fedlora.server.strategies.robust import (REDUCERS, Reducer, clip_update_norm,
-                                              coordinate_median, make_reducer, trimmed_mean)
+from fedlora.server.strategies.robust import (
+    REDUCERS,
+    Reducer,
+    clip_update_norm,
+    coordinate_median,
+    make_reducer,
+    trimmed_mean,
+)
 
 A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
 B = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
@@ -31,6 +37,7 @@ def deltas_of(rows: list[list[float]]) -> list[dict[str, np.ndarray]]:
 
 # ---- coordinate-wise median and trimmed mean -----------------------------------------------
 
+
 def test_median_matches_hand_computation_odd_and_even():
     # Prepare
     odd = deltas_of([[1, 5, -2, 0], [3, 4, -1, 0], [2, 6, -3, 9]])
@@ -46,8 +53,9 @@ def test_median_matches_hand_computation_odd_and_even():
 
 def test_trimmed_mean_matches_hand_computation():
     # Prepare: n = 5, trim_fraction 0.2 -> k = 1 value cut at each end of each coordinate
-    deltas = deltas_of([[1, 10, 0, -4], [2, 20, 0, -1], [3, 30, 0, -2], [4, 40, 0, -3],
-                        [100, -50, 7, -5]])
+    deltas = deltas_of(
+        [[1, 10, 0, -4], [2, 20, 0, -1], [3, 30, 0, -2], [4, 40, 0, -3], [100, -50, 7, -5]]
+    )
     # Execute
     out = trimmed_mean(deltas, 0.2)
     # Assert: mean of the middle three values per coordinate
@@ -57,8 +65,10 @@ def test_trimmed_mean_matches_hand_computation():
 
 def test_trimmed_mean_keeps_tensor_shapes_and_names():
     # Prepare: 2-D tensors, k = floor(0.25 * 4) = 1
-    deltas = [{A: np.full((2, 3), v, np.float32), B: np.full((4, 2), -v, np.float32)}
-              for v in (1.0, 2.0, 3.0, 10.0)]
+    deltas = [
+        {A: np.full((2, 3), v, np.float32), B: np.full((4, 2), -v, np.float32)}
+        for v in (1.0, 2.0, 3.0, 10.0)
+    ]
     # Execute
     out = trimmed_mean(deltas, 0.25)
     # Assert: middle two of (1, 2, 3, 10) average to 2.5
@@ -76,10 +86,16 @@ def test_zero_trim_fraction_is_the_unweighted_mean():
 
 def test_one_poisoned_client_moves_the_mean_but_not_the_robust_statistics():
     # Prepare: four honest clients near 1, one sending huge values
-    honest = deltas_of([[0.9, -1.0, 1.1, 0.0], [1.0, -1.1, 0.9, 0.1],
-                        [1.1, -0.9, 1.0, -0.1], [1.05, -1.05, 0.95, 0.05]])
+    honest = deltas_of(
+        [
+            [0.9, -1.0, 1.1, 0.0],
+            [1.0, -1.1, 0.9, 0.1],
+            [1.1, -0.9, 1.0, -0.1],
+            [1.05, -1.05, 0.95, 0.05],
+        ]
+    )
     poisoned = {"w": arr(1e6, -1e6, 1e6, 1e6)}
-    deltas = honest + [poisoned]
+    deltas = [*honest, poisoned]
     low = np.min([d["w"] for d in honest], axis=0)
     high = np.max([d["w"] for d in honest], axis=0)
     updates = [ClientUpdate(d, 10) for d in deltas]
@@ -95,8 +111,10 @@ def test_one_poisoned_client_moves_the_mean_but_not_the_robust_statistics():
 
 def test_identical_updates_give_that_update_under_every_reducer():
     # Prepare
-    update = {A: np.array([[0.1, -0.2, 0.3], [1e-8, 4.0, -5.5]], np.float32),
-              B: np.array([[0.25], [-0.75]], np.float32)}
+    update = {
+        A: np.array([[0.1, -0.2, 0.3], [1e-8, 4.0, -5.5]], np.float32),
+        B: np.array([[0.25], [-0.75]], np.float32),
+    }
     updates = [ClientUpdate(update, n) for n in (3, 1, 7, 2, 5)]
     # Execute
     results = {kind: make_reducer(kind, trim_fraction=0.2)(updates, [A, B]) for kind in REDUCERS}
@@ -110,9 +128,16 @@ def test_identical_updates_give_that_update_under_every_reducer():
 def test_mean_reducer_is_the_current_example_weighted_mean():
     # Prepare
     rng = np.random.default_rng(0)
-    updates = [ClientUpdate({A: rng.normal(size=(2, 3)).astype(np.float32),
-                             B: rng.normal(size=(4, 2)).astype(np.float32)}, n)
-               for n in (10, 30, 60)]
+    updates = [
+        ClientUpdate(
+            {
+                A: rng.normal(size=(2, 3)).astype(np.float32),
+                B: rng.normal(size=(4, 2)).astype(np.float32),
+            },
+            n,
+        )
+        for n in (10, 30, 60)
+    ]
     # Execute
     out = make_reducer("mean")(updates, [B, A])
     # Assert: bit for bit what the strategies compute today
@@ -143,8 +168,10 @@ def test_a_reducer_plugs_into_a_strategy_through_aggregate():
             return make_reducer("median")(updates, global_adapter), {}
 
     glob = {A: np.zeros((1, 2), np.float32), B: np.ones((2, 1), np.float32)}
-    updates = [ClientUpdate({A: arr(v, -v).reshape(1, 2), B: arr(v, v).reshape(2, 1)}, 1)
-               for v in (1.0, 2.0, 1e6)]
+    updates = [
+        ClientUpdate({A: arr(v, -v).reshape(1, 2), B: arr(v, v).reshape(2, 1)}, 1)
+        for v in (1.0, 2.0, 1e6)
+    ]
     # Execute
     result = MedianFedIT().aggregate(glob, updates)
     # Assert
@@ -161,6 +188,7 @@ def test_trimmed_mean_that_cuts_nothing_warns(caplog: pytest.LogCaptureFixture):
 
 # ---- norm clipping ------------------------------------------------------------------------
 
+
 def test_clip_below_the_bound_leaves_the_update_bit_identical():
     # Prepare: norm sqrt(9 + 16) = 5
     delta = {A: arr(3, 0).reshape(1, 2), B: arr(0, 4).reshape(2, 1)}
@@ -176,8 +204,10 @@ def test_clip_below_the_bound_leaves_the_update_bit_identical():
 def test_clip_above_the_bound_scales_to_max_norm_and_keeps_the_direction():
     # Prepare
     rng = np.random.default_rng(1)
-    delta = {A: rng.normal(size=(2, 3)).astype(np.float32),
-             B: rng.normal(size=(4, 2)).astype(np.float32)}
+    delta = {
+        A: rng.normal(size=(2, 3)).astype(np.float32),
+        B: rng.normal(size=(4, 2)).astype(np.float32),
+    }
     flat = np.concatenate([delta[A].ravel(), delta[B].ravel()]).astype(np.float64)
     # Execute
     clipped, norm = clip_update_norm(delta, max_norm=0.5)
@@ -190,6 +220,7 @@ def test_clip_above_the_bound_scales_to_max_norm_and_keeps_the_direction():
 
 
 # ---- invalid parameters and inputs ---------------------------------------------------------
+
 
 @pytest.mark.parametrize("max_norm", [0.0, -1.0, float("inf"), float("nan")])
 def test_clip_refuses_a_bad_bound(max_norm: float):
@@ -216,11 +247,14 @@ def test_unknown_reducer_names_the_choices():
         Reducer("mode")
 
 
-@pytest.mark.parametrize("deltas, match", [
-    ([], "no updates"),
-    ([{"w": arr(1, 2)}, {"v": arr(1, 2)}], "other tensor names"),
-    ([{"w": arr(1, 2)}, {"w": arr(1, 2, 3)}], r"w has shape \(3,\), update 0 \(2,\)"),
-])
+@pytest.mark.parametrize(
+    "deltas, match",
+    [
+        ([], "no updates"),
+        ([{"w": arr(1, 2)}, {"v": arr(1, 2)}], "other tensor names"),
+        ([{"w": arr(1, 2)}, {"w": arr(1, 2, 3)}], r"w has shape \(3,\), update 0 \(2,\)"),
+    ],
+)
 def test_inconsistent_updates_raise(deltas: list[dict[str, np.ndarray]], match: str):
     with pytest.raises(ValueError, match=match):
         coordinate_median(deltas)

@@ -15,8 +15,11 @@ from fedlora.encoding import encode_example, pack, prompt_and_answers
 from fedlora.evaluate import eval_loss, label_scores
 from fedlora.prompting import IGNORE, answer_logits, collate, review_example
 
-REVIEWS = ["It worked well and I feel great.", "Awful, I could not sleep for a week " * 3,
-           "No change at all."]
+REVIEWS = [
+    "It worked well and I feel great.",
+    "Awful, I could not sleep for a week " * 3,
+    "No change at all.",
+]
 ANSWERS = ["positive", "negative", "neutral"]
 
 
@@ -26,8 +29,9 @@ def encode(tok, review, answer, max_length):
 
 def _loss(model, rows, pad_id):
     logits, targets = answer_logits(model, collate(rows, pad_id))
-    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(),
-                                             ignore_index=IGNORE, reduction="sum").item()
+    return torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum"
+    ).item()
 
 
 @pytest.fixture(scope="module")
@@ -43,11 +47,17 @@ def test_answer_only_loss_equals_the_full_sequence_loss(model_and_tokenizer):
     model, tok = model_and_tokenizer
     batch = [encode(tok, r, a, 256) for r, a in zip(REVIEWS, ANSWERS, strict=True)]
     with torch.no_grad():
-        reference = model(**{k: v for k, v in collate(batch, tok.pad_token_id, "right").items()
-                             if k not in ("position_ids", "tokens")}).loss
+        reference = model(
+            **{
+                k: v
+                for k, v in collate(batch, tok.pad_token_id, "right").items()
+                if k not in ("position_ids", "tokens")
+            }
+        ).loss
         logits, targets = answer_logits(model, collate(batch, tok.pad_token_id))
-        fast = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(),
-                                                 ignore_index=IGNORE)
+        fast = torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE
+        )
     assert abs(fast.item() - reference.item()) < 1e-5, (fast.item(), reference.item())
 
 
@@ -58,8 +68,11 @@ def test_answer_logits_gives_the_same_loss_for_right_padded_batches(model_and_to
     with torch.no_grad():
         for side in ("left", "right"):
             logits, targets = answer_logits(model, collate(batch, tok.pad_token_id, side))
-            losses.append(torch.nn.functional.cross_entropy(
-                logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE).item())
+            losses.append(
+                torch.nn.functional.cross_entropy(
+                    logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE
+                ).item()
+            )
     assert abs(losses[0] - losses[1]) < 1e-5, losses
 
 
@@ -88,8 +101,9 @@ def test_packed_rows_give_the_same_loss_as_separate_rows(model_and_tokenizer):
     rows = [encode(tok, r, a, 256) for r, a in zip(REVIEWS, ANSWERS, strict=True)]
     packed = pack(rows, max_length=512)
     assert len(packed) < len(rows) and packed[0].position_ids.count(0) >= 2
-    leaky = [type(p)(p.input_ids, p.labels, p.truncated, list(range(len(p.input_ids))))
-             for p in packed]  # same rows, positions not restarted: examples see each other
+    leaky = [
+        type(p)(p.input_ids, p.labels, p.truncated, list(range(len(p.input_ids)))) for p in packed
+    ]  # same rows, positions not restarted: examples see each other
     with torch.no_grad():
         separate = _loss(model, rows, tok.pad_token_id)
         together = _loss(model, packed, tok.pad_token_id)
@@ -110,9 +124,16 @@ def test_full_loss_scores_every_token_and_completion_only_the_answer(model_and_t
 
 def test_multi_turn_chat_scores_every_assistant_turn(model_and_tokenizer):
     _, tok = model_and_tokenizer
-    ex = Example("chat.jsonl:1", turns=(Turn("system", "Be brief."), Turn("user", "Hi"),
-                                        Turn("assistant", "Hello."), Turn("user", "Dose?"),
-                                        Turn("assistant", "Ask your doctor.")))
+    ex = Example(
+        "chat.jsonl:1",
+        turns=(
+            Turn("system", "Be brief."),
+            Turn("user", "Hi"),
+            Turn("assistant", "Hello."),
+            Turn("user", "Dose?"),
+            Turn("assistant", "Ask your doctor."),
+        ),
+    )
     enc = encode_example(tok, ex, 256)[0]
     scored = tok.decode([t for t in enc.labels if t != IGNORE])
     assert "Hello." in scored and "Ask your doctor." in scored

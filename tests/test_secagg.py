@@ -15,8 +15,16 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
-from flwr.app import (Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord,
-                      RecordDict)
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
 from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
 from flwr.serverapp import Grid
@@ -25,11 +33,25 @@ from flwr.supercore.task_identity import TaskIdentity
 from fedlora.client.secagg import SecAggProtocolError, handle_secagg
 from fedlora.errors import ConfigError
 from fedlora.protocol import secagg_crypto as crypto
-from fedlora.protocol.secagg import (Key, SecAggSettings, Stage, clip_l2, decode_sum, flatten,
-                                     quantize, unflatten, weighted_vector)
+from fedlora.protocol.secagg import (
+    Key,
+    SecAggSettings,
+    Stage,
+    clip_l2,
+    decode_sum,
+    flatten,
+    quantize,
+    unflatten,
+    weighted_vector,
+)
 from fedlora.server import secagg_stages
-from fedlora.server.secagg import (SecAggError, SecAggResult, as_client_update, check_composable,
-                                   secure_weighted_sum)
+from fedlora.server.secagg import (
+    SecAggError,
+    SecAggResult,
+    as_client_update,
+    check_composable,
+    secure_weighted_sum,
+)
 from fedlora.server.secagg_stages import neighbour_graph
 from fedlora.server.strategies import ClientUpdate, FedExLoRA, FedIT, FFALoRA, Reducer
 
@@ -57,8 +79,9 @@ def plain_mean(pids: list[int], clip_norm: float | None = None) -> dict[str, np.
 
 
 def max_diff(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
-    return max(float(np.abs(np.asarray(a[k], np.float64).ravel() - b[k].ravel()).max())
-               for k in SPEC)
+    return max(
+        float(np.abs(np.asarray(a[k], np.float64).ravel() - b[k].ravel()).max()) for k in SPEC
+    )
 
 
 def train_fn_for(pid: int) -> Callable[[RecordDict], tuple]:
@@ -92,32 +115,38 @@ class InProcessGrid(Grid):
 
     def __init__(self, app: ClientApp, num_nodes: int) -> None:
         self.app = app
-        self.contexts = {100 + 7 * p: Context(run_id=1, node_id=100 + 7 * p,
-                                              node_config={"partition-id": p},
-                                              state=RecordDict(), run_config={})
-                         for p in range(num_nodes)}
+        self.contexts = {
+            100 + 7 * p: Context(
+                run_id=1,
+                node_id=100 + 7 * p,
+                node_config={"partition-id": p},
+                state=RecordDict(),
+                run_config={},
+            )
+            for p in range(num_nodes)
+        }
         self.received: list[Message] = []
 
-    def set_run(self, run) -> None:  # noqa: ANN001
+    def set_run(self, run) -> None:
         pass
 
     @property
-    def run(self):  # noqa: ANN201
+    def run(self):
         raise NotImplementedError
 
-    def create_message(self, *args, **kwargs) -> Message:  # noqa: ANN002, ANN003
+    def create_message(self, *args, **kwargs) -> Message:
         raise NotImplementedError
 
     def get_node_ids(self) -> list[int]:
         return list(self.contexts)
 
-    def push_messages(self, messages):  # noqa: ANN001, ANN201
+    def push_messages(self, messages):
         raise NotImplementedError
 
-    def pull_messages(self, message_ids):  # noqa: ANN001, ANN201
+    def pull_messages(self, message_ids):
         raise NotImplementedError
 
-    def send_and_receive(self, messages, *, timeout=None) -> list[Message]:  # noqa: ANN001
+    def send_and_receive(self, messages, *, timeout=None) -> list[Message]:
         replies = []
         for msg in messages:
             msg.metadata.__dict__["_message_id"] = str(uuid.uuid4())
@@ -142,8 +171,9 @@ def task_identity():
     TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
 
 
-def run_in_process(num_nodes: int, settings: SecAggSettings = SETTINGS,
-                   drop_at: dict[int, str] | None = None):
+def run_in_process(
+    num_nodes: int, settings: SecAggSettings = SETTINGS, drop_at: dict[int, str] | None = None
+):
     grid = InProcessGrid(secagg_client_app(drop_at), num_nodes)
     content = RecordDict({"config": ConfigRecord({"server-round": 1})})
     result = secure_weighted_sum(grid, grid.get_node_ids(), content, settings, SPEC, timeout=5)
@@ -151,6 +181,7 @@ def run_in_process(num_nodes: int, settings: SecAggSettings = SETTINGS,
 
 
 # ---- settings, encoding, crypto (pure) ---------------------------------------------------
+
 
 def test_settings_refuse_what_would_break_privacy_or_precision():
     with pytest.raises(ConfigError, match="exceed half"):
@@ -171,8 +202,9 @@ def test_overflow_is_checked_for_the_number_of_clients():
     with pytest.raises(ConfigError, match="lower quantization_bits to 19"):
         s.check_overflow(n + 1)
     with pytest.raises(ConfigError, match="overflow"):  # caught before any message is sent
-        secure_weighted_sum(InProcessGrid(ClientApp(), 2), list(range(n + 1)),
-                            RecordDict(), s, SPEC)
+        secure_weighted_sum(
+            InProcessGrid(ClientApp(), 2), list(range(n + 1)), RecordDict(), s, SPEC
+        )
 
 
 def test_quantized_weighted_mean_is_within_the_stated_tolerance():
@@ -180,8 +212,15 @@ def test_quantized_weighted_mean_is_within_the_stated_tolerance():
     s = SecAggSettings(clip_norm=80.0, quantization_bits=12, modulus_bits=40, max_weight=100)
     pids = [0, 1, 2, 3]
     # Execute: encode each update, add them as the server would (mod 2**bits), decode
-    total = sum(weighted_vector(quantize(clip_l2(flatten(client_update(p), SPEC), 80.0)[0], s),
-                                WEIGHTS[p], s) for p in pids) % 2**40
+    total = (
+        sum(
+            weighted_vector(
+                quantize(clip_l2(flatten(client_update(p), SPEC), 80.0)[0], s), WEIGHTS[p], s
+            )
+            for p in pids
+        )
+        % 2**40
+    )
     summed, weight = decode_sum(np.asarray(total, dtype=np.uint64), s, SPEC)
     # Assert: exact weights, mean within C / (2**bits - 1); deterministic rounding
     assert weight == sum(WEIGHTS[p] for p in pids)
@@ -248,12 +287,20 @@ def test_a_mean_strategy_on_the_secure_mean_equals_it_on_the_individual_updates(
     rng = np.random.default_rng(0)
     names = {"base_model.model.l.lora_A.weight": (2, 6), "base_model.model.l.lora_B.weight": (5, 2)}
     glob = {k: rng.normal(size=s).astype(np.float32) for k, s in names.items()}
-    ups = [ClientUpdate({k: rng.normal(size=s).astype(np.float32) for k, s in names.items()}, w)
-           for w in (3, 5, 8)]
-    result = SecAggResult(weighted_sum={k: sum(u.num_examples * u.delta[k].astype(np.float64)
-                                                for u in ups) for k in names},
-                          total_weight=16, contributors=(1, 2, 3), dropped=(), metrics={},
-                          seconds={})
+    ups = [
+        ClientUpdate({k: rng.normal(size=s).astype(np.float32) for k, s in names.items()}, w)
+        for w in (3, 5, 8)
+    ]
+    result = SecAggResult(
+        weighted_sum={
+            k: sum(u.num_examples * u.delta[k].astype(np.float64) for u in ups) for k in names
+        },
+        total_weight=16,
+        contributors=(1, 2, 3),
+        dropped=(),
+        metrics={},
+        seconds={},
+    )
     # Execute
     secure = FedIT().aggregate(glob, [as_client_update(result, glob)]).new_global
     plain = FedIT().aggregate(glob, ups).new_global
@@ -263,8 +310,9 @@ def test_a_mean_strategy_on_the_secure_mean_equals_it_on_the_individual_updates(
 
 # ---- the protocol in process ------------------------------------------------------------
 
+
 def test_secure_mean_matches_the_plain_mean_and_reports_clipping():
-    grid, result = run_in_process(5)
+    _grid, result = run_in_process(5)
     assert result.dropped == () and result.total_weight == sum(WEIGHTS[:5])
     assert max_diff(result.mean(), plain_mean(list(range(5)))) <= result.tolerance
     assert result.num_clipped == 0
@@ -279,7 +327,7 @@ def test_secure_mean_matches_the_plain_mean_and_reports_clipping():
 
 
 def test_two_of_five_vanishing_after_masking_are_recovered():
-    grid, result = run_in_process(5, drop_at={1: Stage.UNMASK, 3: Stage.UNMASK})
+    _grid, result = run_in_process(5, drop_at={1: Stage.UNMASK, 3: Stage.UNMASK})
     assert len(result.contributors) == 5  # their masked vectors count: recovered from shares
     assert max_diff(result.mean(), plain_mean(list(range(5)))) <= result.tolerance
 
@@ -310,7 +358,7 @@ def test_server_never_holds_an_individual_update(monkeypatch):
     sessions: list[secagg_stages.Session] = []
     original = secagg_stages.Session
 
-    def spy_session(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    def spy_session(*args, **kwargs):
         sessions.append(original(*args, **kwargs))
         return sessions[-1]
 
@@ -320,37 +368,45 @@ def test_server_never_holds_an_individual_update(monkeypatch):
     assert sum(a.size == 1 + 380 for a in received) == 4  # the masked vectors, all inspected
     assert_no_individual_update(received, range(5), uncorrelated=True)
     stored = [v for v in vars(sessions[0]).values() if isinstance(v, np.ndarray)]
-    assert_no_individual_update(stored + [flatten(result.weighted_sum, SPEC)], range(5))
+    assert_no_individual_update([*stored, flatten(result.weighted_sum, SPEC)], range(5))
 
 
 def test_client_refuses_out_of_order_stages():
     grid = InProcessGrid(secagg_client_app(), 1)
     node, ctx = next(iter(grid.contexts.items()))
 
-    def stage_msg(stage: str, **fields) -> Message:  # noqa: ANN003
+    def stage_msg(stage: str, **fields) -> Message:
         cfg = ConfigRecord({Key.STAGE: stage, Key.SESSION: "s1", **fields})
-        return Message(RecordDict({Key.CONFIG: cfg}), dst_node_id=node,
-                       message_type="train.secagg")
+        return Message(RecordDict({Key.CONFIG: cfg}), dst_node_id=node, message_type="train.secagg")
 
     with pytest.raises(SecAggProtocolError, match="without a setup"):
-        handle_secagg(stage_msg(Stage.UNMASK, **{Key.ALIVE: [node], Key.DROPPED: []}), ctx,
-                      train_fn_for(0))
-    setup = stage_msg(Stage.SETUP, **SETTINGS.to_record(), **{
-        Key.NAMES: sorted(SPEC), Key.SIZES: [math.prod(SPEC[k]) for k in sorted(SPEC)]})
+        handle_secagg(
+            stage_msg(Stage.UNMASK, **{Key.ALIVE: [node], Key.DROPPED: []}), ctx, train_fn_for(0)
+        )
+    setup = stage_msg(
+        Stage.SETUP,
+        **SETTINGS.to_record(),
+        **{Key.NAMES: sorted(SPEC), Key.SIZES: [math.prod(SPEC[k]) for k in sorted(SPEC)]},
+    )
     reply = handle_secagg(setup, ctx, train_fn_for(0))
-    assert set(reply.content.config_records[Key.CONFIG]) == {Key.C_PK, Key.S_PK, Key.STAGE,
-                                                             Key.SESSION}
+    assert set(reply.content.config_records[Key.CONFIG]) == {
+        Key.C_PK,
+        Key.S_PK,
+        Key.STAGE,
+        Key.SESSION,
+    }
     assert not reply.content.array_records  # nothing but public keys leaves at setup
     with pytest.raises(SecAggProtocolError, match="expected stage 'share-keys'"):
-        handle_secagg(stage_msg(Stage.COLLECT, **{Key.SRCS: [], Key.CIPHERTEXTS: []}), ctx,
-                      train_fn_for(0))
+        handle_secagg(
+            stage_msg(Stage.COLLECT, **{Key.SRCS: [], Key.CIPHERTEXTS: []}), ctx, train_fn_for(0)
+        )
     assert "fedlora.secagg" not in ctx.state.config_records  # secrets wiped on refusal
 
 
 def test_a_server_asking_for_both_shares_of_a_node_gets_none(monkeypatch):
     exchange = secagg_stages.exchange
 
-    def lying_exchange(grid, session, stage, contents, timeout):  # noqa: ANN001, ANN202
+    def lying_exchange(grid, session, stage, contents, timeout):
         if stage == Stage.UNMASK:  # claim every alive neighbour dropped, too
             for content in contents.values():
                 cfg = content.config_records[Key.CONFIG]
@@ -367,16 +423,23 @@ def test_a_server_asking_for_both_shares_of_a_node_gets_none(monkeypatch):
 
 # ---- helpers for the spy ----------------------------------------------------------------
 
+
 def arrays_in(content: RecordDict) -> list[np.ndarray]:
     out = [a.numpy() for rec in content.array_records.values() for a in rec.values()]
     for rec in list(content.config_records.values()) + list(content.metric_records.values()):
-        out += [np.asarray(v) for v in rec.values()
-                if isinstance(v, list) and v and isinstance(v[0], int | float)]
+        out += [
+            np.asarray(v)
+            for v in rec.values()
+            if isinstance(v, list) and v and isinstance(v[0], int | float)
+        ]
     return out
 
 
-def assert_no_individual_update(held: list[np.ndarray], pids,  # noqa: ANN001
-                                uncorrelated: bool = False) -> None:
+def assert_no_individual_update(
+    held: list[np.ndarray],
+    pids,
+    uncorrelated: bool = False,
+) -> None:
     """No array the server held is one client's update in any encoding (nor correlates with it,
     for what came over the wire: a sum of several updates does correlate with each of them)."""
     forms = []
@@ -424,11 +487,11 @@ def oracle_client_app() -> ClientApp:
         def __init__(self, pid: int) -> None:
             self.pid = pid
 
-        def fit(self, parameters, config):  # noqa: ANN001, ANN201
+        def fit(self, parameters, config):
             update = client_update(self.pid)
             return [update[k] for k in sorted(SPEC)], WEIGHTS[self.pid], {}
 
-    def client_fn(context: Context):  # noqa: ANN202
+    def client_fn(context: Context):
         return FixedClient(int(context.node_config["partition-id"])).to_client()
 
     app = secagg_client_app()
@@ -440,15 +503,20 @@ def oracle_client_app() -> ClientApp:
     @app.query("plain")  # a plain round, for timing only
     def plain(msg: Message, context: Context) -> Message:
         pid = int(context.node_config["partition-id"])
-        return Message(RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in
-                                                          client_update(pid).items()}),
-                                   "metrics": MetricRecord({"num-examples": WEIGHTS[pid]})}),
-                       reply_to=msg)
+        return Message(
+            RecordDict(
+                {
+                    "arrays": ArrayRecord({k: Array(v) for k, v in client_update(pid).items()}),
+                    "metrics": MetricRecord({"num-examples": WEIGHTS[pid]}),
+                }
+            ),
+            reply_to=msg,
+        )
 
     return app
 
 
-def oracle_server_app(out: dict):  # noqa: ANN201
+def oracle_server_app(out: dict):
     from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
     from flwr.server import LegacyContext, ServerConfig
     from flwr.server.strategy import FedAvg
@@ -456,7 +524,7 @@ def oracle_server_app(out: dict):  # noqa: ANN201
     from flwr.serverapp import ServerApp
 
     class CapturingFedAvg(FedAvg):
-        def aggregate_fit(self, server_round, results, failures):  # noqa: ANN001, ANN201
+        def aggregate_fit(self, server_round, results, failures):
             params, metrics = super().aggregate_fit(server_round, results, failures)
             out["legacy"] = parameters_to_ndarrays(params)
             return params, metrics
@@ -479,45 +547,57 @@ def oracle_server_app(out: dict):  # noqa: ANN201
             start = time.perf_counter()
             replies = grid.send_and_receive(
                 [Message(RecordDict(), dst_node_id=n, message_type="query.plain") for n in nodes],
-                timeout=STAGE_TIMEOUT)
+                timeout=STAGE_TIMEOUT,
+            )
             assert len([r for r in replies if not r.has_error()]) == NUM_RAY_NODES
             out["plain-seconds"] = time.perf_counter() - start
         # 2. Flower's legacy SecAgg+.
         strategy = CapturingFedAvg(
-            fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=NUM_RAY_NODES,
+            fraction_fit=1.0,
+            fraction_evaluate=0.0,
+            min_fit_clients=NUM_RAY_NODES,
             min_available_clients=NUM_RAY_NODES,
-            initial_parameters=ndarrays_to_parameters([np.zeros(SPEC[k], np.float32)
-                                                       for k in sorted(SPEC)]))
+            initial_parameters=ndarrays_to_parameters(
+                [np.zeros(SPEC[k], np.float32) for k in sorted(SPEC)]
+            ),
+        )
         start = time.perf_counter()
-        DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(
-            num_shares=NUM_RAY_NODES, reconstruction_threshold=3, max_weight=LEGACY_MAX_WEIGHT,
-            timeout=STAGE_TIMEOUT))(grid, LegacyContext(context=context,
-                                                        config=ServerConfig(num_rounds=1),
-                                                        strategy=strategy))
+        DefaultWorkflow(
+            fit_workflow=SecAggPlusWorkflow(
+                num_shares=NUM_RAY_NODES,
+                reconstruction_threshold=3,
+                max_weight=LEGACY_MAX_WEIGHT,
+                timeout=STAGE_TIMEOUT,
+            )
+        )(
+            grid,
+            LegacyContext(context=context, config=ServerConfig(num_rounds=1), strategy=strategy),
+        )
         out["legacy-seconds"] = time.perf_counter() - start
         # 3. fedlora's SecAgg+, every reply to the server recorded.
         received: list[Message] = []
         send_and_receive = grid.send_and_receive
 
-        def spy(messages, *, timeout=None):  # noqa: ANN001, ANN202
+        def spy(messages, *, timeout=None):
             replies = list(send_and_receive(messages, timeout=timeout))
             received.extend(replies)
             return replies
 
         grid.send_and_receive = spy  # type: ignore[method-assign]
         train = RecordDict({"config": ConfigRecord({"server-round": 1})})
-        out["secure"] = secure_weighted_sum(grid, nodes, train, SETTINGS, SPEC,
-                                            timeout=STAGE_TIMEOUT)
+        out["secure"] = secure_weighted_sum(
+            grid, nodes, train, SETTINGS, SPEC, timeout=STAGE_TIMEOUT
+        )
         grid.send_and_receive = send_and_receive  # type: ignore[method-assign]
         out["received"] = [a for m in received if not m.has_error() for a in arrays_in(m.content)]
         # 4. Dropouts after masking (n=5, threshold 3): two are recovered, three fail the round.
         for name, pids in (("two-drop", [1, 3]), ("three-drop", [0, 2, 4])):
             plan = ConfigRecord({"pids": pids, "at": [Stage.UNMASK] * len(pids)})
-            content = RecordDict({"config": ConfigRecord({"server-round": 2}),
-                                  "test-drop": plan})
+            content = RecordDict({"config": ConfigRecord({"server-round": 2}), "test-drop": plan})
             try:
-                out[name] = secure_weighted_sum(grid, nodes, content, SETTINGS, SPEC,
-                                                timeout=STAGE_TIMEOUT)
+                out[name] = secure_weighted_sum(
+                    grid, nodes, content, SETTINGS, SPEC, timeout=STAGE_TIMEOUT
+                )
             except SecAggError as exc:
                 out[name] = exc
 
@@ -532,11 +612,18 @@ def federation() -> dict:
     from flwr.simulation import run_simulation
 
     out: dict = {}
-    backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-               "init_args": {"num_cpus": 2, "include_dashboard": False, "log_to_driver": True}}
+    backend = {
+        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+        "init_args": {"num_cpus": 2, "include_dashboard": False, "log_to_driver": True},
+    }
     start = time.perf_counter()
-    run_simulation(server_app=oracle_server_app(out), client_app=oracle_client_app(),
-                   num_supernodes=NUM_RAY_NODES, backend_name="ray", backend_config=backend)
+    run_simulation(
+        server_app=oracle_server_app(out),
+        client_app=oracle_client_app(),
+        num_supernodes=NUM_RAY_NODES,
+        backend_name="ray",
+        backend_config=backend,
+    )
     out["simulation-seconds"] = time.perf_counter() - start
     assert "error" not in out, out["error"]
     return out
@@ -552,10 +639,12 @@ def test_oracle_legacy_secaggplus_and_fedlora_agree_with_the_plain_mean(federati
     assert max_diff(legacy, plain) <= legacy_bound(pids)
     assert max_diff(secure, legacy) <= SETTINGS.tolerance + legacy_bound(pids)
     assert federation["secure"].total_weight == sum(WEIGHTS[:NUM_RAY_NODES])
-    print(f"\nsecure {federation['secure'].seconds['total']:.2f} s, legacy SecAgg+ "
-          f"{federation['legacy-seconds']:.2f} s, plain round {federation['plain-seconds']:.2f} s"
-          f"; max error secure {max_diff(secure, plain):.2e} (bound {SETTINGS.tolerance:.2e}), "
-          f"legacy {max_diff(legacy, plain):.2e} (bound {legacy_bound(pids):.2e})")
+    print(
+        f"\nsecure {federation['secure'].seconds['total']:.2f} s, legacy SecAgg+ "
+        f"{federation['legacy-seconds']:.2f} s, plain round {federation['plain-seconds']:.2f} s"
+        f"; max error secure {max_diff(secure, plain):.2e} (bound {SETTINGS.tolerance:.2e}), "
+        f"legacy {max_diff(legacy, plain):.2e} (bound {legacy_bound(pids):.2e})"
+    )
 
 
 def test_server_receives_only_masked_vectors_in_simulation(federation):

@@ -18,11 +18,23 @@ from fedlora.errors import ConfigError
 def _run(tiny_model_dir: Path, out: Path, secure: bool):
     from fedlora.simulations.run import simulate
 
-    cfg = RunConfig.from_mapping({
-        "base-model": str(tiny_model_dir), "quantization": "bf16", "num-server-rounds": 1,
-        "local-steps": 2, "lr": 5e-3, "sites": "reproductive,mental,pain", "min-nodes": 2,
-        "output-dir": str(out), "secure-aggregation": secure, "evaluate-every": 0,
-        "secagg-num-shares": 3, "secagg-threshold": 2, "secagg-clip-norm": 50.0})
+    cfg = RunConfig.from_mapping(
+        {
+            "base-model": str(tiny_model_dir),
+            "quantization": "bf16",
+            "num-server-rounds": 1,
+            "local-steps": 2,
+            "lr": 5e-3,
+            "sites": "reproductive,mental,pain",
+            "min-nodes": 2,
+            "output-dir": str(out),
+            "secure-aggregation": secure,
+            "evaluate-every": 0,
+            "secagg-num-shares": 3,
+            "secagg-threshold": 2,
+            "secagg-clip-norm": 50.0,
+        }
+    )
     return simulate(cfg)
 
 
@@ -41,8 +53,12 @@ def test_secure_round_gives_the_plain_global_adapter(tiny_model_dir, tmp_path):
 
 
 def test_secure_aggregation_refuses_strategies_that_need_each_update():
-    for extra in ({"strategy": "fedex-lora"}, {"aggregation": "median"},
-                  {"clip-norm": 1.0}, {"min-nodes": 1}):
+    for extra in (
+        {"strategy": "fedex-lora"},
+        {"aggregation": "median"},
+        {"clip-norm": 1.0},
+        {"min-nodes": 1},
+    ):
         with pytest.raises(ConfigError, match="secure-aggregation|secure aggregation"):
             RunConfig.from_mapping({"secure-aggregation": True, "min-nodes": 2, **extra})
 
@@ -59,8 +75,17 @@ def test_secagg_settings_fit_the_nodes_of_the_round():
 def test_report_survives_a_round_whose_training_was_skipped(tmp_path):
     from fedlora.server.report import write_report
 
-    history = [{"round": 1, "skipped": True, "num-examples": 0, "replies": 0, "dropped": 2,
-                "sites": {"pain": {"eval-loss": 1.0, "eval-accuracy": 0.5}},
-                "eval-loss": 1.0, "eval-accuracy": 0.5}]
+    history = [
+        {
+            "round": 1,
+            "skipped": True,
+            "num-examples": 0,
+            "replies": 0,
+            "dropped": 2,
+            "sites": {"pain": {"eval-loss": 1.0, "eval-accuracy": 0.5}},
+            "eval-loss": 1.0,
+            "eval-accuracy": 0.5,
+        }
+    ]
     text = write_report(tmp_path, history, {"strategy": "fedit"}).read_text()
     assert "skipped" in text and (tmp_path / "accuracy.png").is_file()

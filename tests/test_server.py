@@ -18,9 +18,17 @@ LORA = LoraSettings(r=4, alpha=8.0, dropout=0.0)
 
 
 def _meta(node: int) -> Metadata:
-    return Metadata(run_id=1, message_id="", src_node_id=node, dst_node_id=0,
-                    reply_to_message_id="m", group_id="1", created_at=time.time(), ttl=60.0,
-                    message_type="train")
+    return Metadata(
+        run_id=1,
+        message_id="",
+        src_node_id=node,
+        dst_node_id=0,
+        reply_to_message_id="m",
+        group_id="1",
+        created_at=time.time(),
+        ttl=60.0,
+        message_type="train",
+    )
 
 
 def _reply(node: int, delta, n: int, loss: float = 1.0) -> Message:
@@ -35,8 +43,10 @@ def global_adapter(tiny_model_dir: Path):
 
 def _deltas(global_adapter, scale: float, seed: int):
     rng = np.random.default_rng(seed)
-    return {k: (scale * rng.standard_normal(v.shape)).astype(np.float32)
-            for k, v in global_adapter.items()}
+    return {
+        k: (scale * rng.standard_normal(v.shape)).astype(np.float32)
+        for k, v in global_adapter.items()
+    }
 
 
 def test_bad_replies_are_dropped_and_the_round_completes(global_adapter, tmp_path):
@@ -47,12 +57,20 @@ def test_bad_replies_are_dropped_and_the_round_completes(global_adapter, tmp_pat
     wrong[next(iter(wrong))] = np.zeros((3, 3), np.float32)
     failed = Message(error=Error(code=0, reason="node crashed"), metadata=_meta(9))
     history = tmp_path / "metrics.jsonl"
-    strategy = LoraFedAvg(spec=spec_of(global_adapter), global_adapter=dict(global_adapter),
-                          history_file=history)
+    strategy = LoraFedAvg(
+        spec=spec_of(global_adapter), global_adapter=dict(global_adapter), history_file=history
+    )
 
     arrays, metrics = strategy.aggregate_train(
-        1, [_reply(1, d1, 10, 2.0), _reply(2, nan, 50), _reply(3, d2, 30, 1.0),
-            _reply(4, wrong, 50), failed])
+        1,
+        [
+            _reply(1, d1, 10, 2.0),
+            _reply(2, nan, 50),
+            _reply(3, d2, 30, 1.0),
+            _reply(4, wrong, 50),
+            failed,
+        ],
+    )
 
     assert arrays is not None and metrics is not None
     got = arrays_of(arrays)
@@ -84,8 +102,7 @@ def test_checkpoint_is_a_standard_peft_adapter(global_adapter, tiny_model_dir, t
     from transformers import AutoModelForCausalLM
 
     trained = {k: v + 0.01 for k, v in global_adapter.items()}
-    folder = save_adapter(trained, tmp_path / "global-adapter", LORA, tiny_model_dir,
-                          {"round": 1})
+    folder = save_adapter(trained, tmp_path / "global-adapter", LORA, tiny_model_dir, {"round": 1})
     save_adapter(trained, folder, LORA, tiny_model_dir)  # replacing in place works too
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
@@ -101,8 +118,9 @@ def test_ffa_lora_strategy_takes_b_only_replies_and_leaves_a(global_adapter):
     from fedlora.server.strategies import FFALoRA
 
     b_only = {k: v for k, v in _deltas(global_adapter, 0.1, 5).items() if "lora_B" in k}
-    strategy = LoraFedAvg(spec=spec_of(global_adapter), global_adapter=dict(global_adapter),
-                          aggregator=FFALoRA())
+    strategy = LoraFedAvg(
+        spec=spec_of(global_adapter), global_adapter=dict(global_adapter), aggregator=FFALoRA()
+    )
     arrays, _ = strategy.aggregate_train(1, [_reply(1, b_only, 4), _reply(2, b_only, 6)])
     got = arrays_of(arrays)
     for k, v in global_adapter.items():
@@ -113,8 +131,9 @@ def test_ffa_lora_strategy_takes_b_only_replies_and_leaves_a(global_adapter):
     assert strategy.aggregate_train(2, [_reply(3, full, 4)]) == (None, None)
 
 
-def test_fedex_residuals_are_checkpointed_and_merged_exactly(global_adapter, tiny_model_dir,
-                                                             tmp_path):
+def test_fedex_residuals_are_checkpointed_and_merged_exactly(
+    global_adapter, tiny_model_dir, tmp_path
+):
     import torch
     from safetensors.numpy import load_file
     from transformers import AutoModelForCausalLM
@@ -127,27 +146,41 @@ def test_fedex_residuals_are_checkpointed_and_merged_exactly(global_adapter, tin
     saved = {}
 
     def keep(server_round, arrays, residuals, record):
-        saved["folder"] = save_adapter(arrays, tmp_path / "adapter", LORA, tiny_model_dir,
-                                       {"round": server_round}, residuals)
+        saved["folder"] = save_adapter(
+            arrays, tmp_path / "adapter", LORA, tiny_model_dir, {"round": server_round}, residuals
+        )
 
     d1, d2 = _deltas(global_adapter, 0.2, 7), _deltas(global_adapter, 0.2, 8)
-    strategy = LoraFedAvg(spec=spec_of(global_adapter), global_adapter=dict(global_adapter),
-                          aggregator=FedExLoRA(), scale=scale, on_round=keep)
+    strategy = LoraFedAvg(
+        spec=spec_of(global_adapter),
+        global_adapter=dict(global_adapter),
+        aggregator=FedExLoRA(),
+        scale=scale,
+        on_round=keep,
+    )
     strategy.aggregate_train(1, [_reply(1, d1, 1), _reply(2, d2, 3)])
     residuals = load_file(str(saved["folder"] / RESIDUAL_FILE))
     assert len(residuals) == len(global_adapter) // 2
 
     merged = AutoModelForCausalLM.from_pretrained(
-        merge_adapter(tiny_model_dir, saved["folder"], tmp_path / "merged"), dtype=torch.float32)
+        merge_adapter(tiny_model_dir, saved["folder"], tmp_path / "merged"), dtype=torch.float32
+    )
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     layer = "base_model.model.model.layers.1.mlp.down_proj"
     a, b = f"{layer}.lora_A.weight", f"{layer}.lora_B.weight"
     w0 = base.get_submodule("model.layers.1.mlp.down_proj").weight.detach().double().numpy()
     w = merged.get_submodule("model.layers.1.mlp.down_proj").weight.detach().double().numpy()
     # The merged weight is the base plus the example-weighted mean of the clients' updates.
-    mean_update = sum(n / 4 * scale * ((global_adapter[b] + d[b]).astype(np.float64)
-                                       @ (global_adapter[a] + d[a]).astype(np.float64))
-                      for d, n in ((d1, 1), (d2, 3)))
+    mean_update = sum(
+        n
+        / 4
+        * scale
+        * (
+            (global_adapter[b] + d[b]).astype(np.float64)
+            @ (global_adapter[a] + d[a]).astype(np.float64)
+        )
+        for d, n in ((d1, 1), (d2, 3))
+    )
     np.testing.assert_allclose(w - w0, mean_update, atol=1e-5)
 
 
@@ -156,9 +189,12 @@ def test_untrusted_settings_clip_norms_and_take_the_median(global_adapter):
 
     honest = [_deltas(global_adapter, 0.01, seed) for seed in (11, 12, 13)]
     poisoned = {k: np.full_like(v, 1e3) for k, v in global_adapter.items()}
-    strategy = LoraFedAvg(spec=spec_of(global_adapter), global_adapter=dict(global_adapter),
-                          aggregator=get_strategy("fedit", make_reducer("median")),
-                          clip_norm=0.5)
+    strategy = LoraFedAvg(
+        spec=spec_of(global_adapter),
+        global_adapter=dict(global_adapter),
+        aggregator=get_strategy("fedit", make_reducer("median")),
+        clip_norm=0.5,
+    )
     replies = [_reply(i, d, 10) for i, d in enumerate(honest)] + [_reply(9, poisoned, 1000)]
     arrays, _ = strategy.aggregate_train(1, replies)
 

@@ -12,8 +12,16 @@ import numpy as np
 import pytest
 
 from fedlora.server.aggregate import apply_delta
-from fedlora.server.strategies import (STRATEGIES, ClientUpdate, OptimizerState, ServerOptimizer,
-                                       get_strategy, layer_pairs, needs_individual_updates, step)
+from fedlora.server.strategies import (
+    STRATEGIES,
+    ClientUpdate,
+    OptimizerState,
+    ServerOptimizer,
+    get_strategy,
+    layer_pairs,
+    needs_individual_updates,
+    step,
+)
 from fedlora.server.strategies.fedex_lora import add_residuals
 
 Q = "base_model.model.model.layers.0.self_attn.q_proj"
@@ -41,8 +49,9 @@ def make_global(seed: int = 0) -> dict[str, np.ndarray]:
     return out
 
 
-def make_updates(glob: dict[str, np.ndarray], freeze_a: bool = False,
-                 seed: int = 1) -> list[ClientUpdate]:
+def make_updates(
+    glob: dict[str, np.ndarray], freeze_a: bool = False, seed: int = 1
+) -> list[ClientUpdate]:
     rng = np.random.default_rng(seed)
     updates = []
     for n in EXAMPLES:
@@ -53,8 +62,9 @@ def make_updates(glob: dict[str, np.ndarray], freeze_a: bool = False,
     return updates
 
 
-def mean_of_client_products(glob: dict[str, np.ndarray], updates: list[ClientUpdate],
-                            prefix: str) -> np.ndarray:
+def mean_of_client_products(
+    glob: dict[str, np.ndarray], updates: list[ClientUpdate], prefix: str
+) -> np.ndarray:
     """sum_k w_k * scale * B_k @ A_k, in float64, from the clients' full factors."""
     total = sum(u.num_examples for u in updates)
     out = np.zeros(SHAPES[prefix])
@@ -71,16 +81,20 @@ def effective_update(adapter: dict[str, np.ndarray], prefix: str) -> np.ndarray:
 
 # ---- layer pairing and validation --------------------------------------------------------------
 
+
 def test_layer_pairs_groups_factors_by_module_prefix():
     pairs = layer_pairs(make_global())
     assert pairs == {Q: (a(Q), b(Q)), V: (a(V), b(V))}
 
 
-@pytest.mark.parametrize("names, match", [
-    ([a(Q), b(Q), a(V)], "lora_A.weight has no partner .*lora_B.weight"),
-    ([a(Q), b(Q), b(V)], "lora_B.weight has no partner .*lora_A.weight"),
-    ([a(Q), b(Q), f"{V}.weight"], "not a LoRA factor"),
-])
+@pytest.mark.parametrize(
+    "names, match",
+    [
+        ([a(Q), b(Q), a(V)], "lora_A.weight has no partner .*lora_B.weight"),
+        ([a(Q), b(Q), b(V)], "lora_B.weight has no partner .*lora_A.weight"),
+        ([a(Q), b(Q), f"{V}.weight"], "not a LoRA factor"),
+    ],
+)
 def test_unpaired_or_foreign_names_raise(names, match):
     with pytest.raises(ValueError, match=match):
         layer_pairs(names)
@@ -118,6 +132,7 @@ def test_missing_and_unknown_tensors_and_no_updates_raise():
 
 # ---- exactness: FFA-LoRA and FedEx-LoRA reproduce the mean of scale * B_k @ A_k; FedIT not ----
 
+
 def test_ffa_lora_is_the_mean_of_client_products():
     # Prepare
     glob = make_global()
@@ -126,9 +141,12 @@ def test_ffa_lora_is_the_mean_of_client_products():
     result = get_strategy("ffa-lora").aggregate(glob, updates, SCALE)
     # Assert: within 1e-6, no residual, A untouched
     for prefix in SHAPES:
-        np.testing.assert_allclose(effective_update(result.new_global, prefix),
-                                   mean_of_client_products(glob, updates, prefix),
-                                   rtol=0, atol=EXACT_ATOL)
+        np.testing.assert_allclose(
+            effective_update(result.new_global, prefix),
+            mean_of_client_products(glob, updates, prefix),
+            rtol=0,
+            atol=EXACT_ATOL,
+        )
         np.testing.assert_array_equal(result.new_global[a(prefix)], glob[a(prefix)])
     assert result.residuals == {}
 
@@ -147,7 +165,10 @@ def test_fedex_lora_with_residual_is_the_mean_of_client_products():
         assert result.residuals[prefix].dtype == np.float32
         np.testing.assert_allclose(
             effective_update(result.new_global, prefix) + result.residuals[prefix],
-            mean_of_client_products(glob, updates, prefix), rtol=0, atol=EXACT_ATOL)
+            mean_of_client_products(glob, updates, prefix),
+            rtol=0,
+            atol=EXACT_ATOL,
+        )
 
 
 def test_fedit_misses_the_mean_of_client_products():
@@ -157,13 +178,23 @@ def test_fedit_misses_the_mean_of_client_products():
     # Execute
     result = get_strategy("fedit").aggregate(glob, updates, SCALE)
     # Assert: the gap mean(B)mean(A) vs mean(BA) is far above float rounding
-    gap = max(float(np.max(np.abs(effective_update(result.new_global, p)
-                                  - mean_of_client_products(glob, updates, p)))) for p in SHAPES)
+    gap = max(
+        float(
+            np.max(
+                np.abs(
+                    effective_update(result.new_global, p)
+                    - mean_of_client_products(glob, updates, p)
+                )
+            )
+        )
+        for p in SHAPES
+    )
     assert gap > 1e-2, f"FedIT's largest gap to the exact mean update is only {gap:.3g}"
     assert result.residuals == {}
 
 
 # ---- what each strategy moves ------------------------------------------------------------------
+
 
 def test_fedsa_lora_averages_a_and_keeps_the_global_b():
     # Prepare: clients send B deltas too; the server must ignore them
@@ -173,8 +204,9 @@ def test_fedsa_lora_averages_a_and_keeps_the_global_b():
     result = get_strategy("fedsa-lora").aggregate(glob, updates, SCALE)
     # Assert: A = example-weighted mean (1e-6), B bit-identical to the global one
     for prefix in SHAPES:
-        want_a = glob[a(prefix)] + sum(n / 100 * u.delta[a(prefix)]
-                                       for n, u in zip(EXAMPLES, updates, strict=True))
+        want_a = glob[a(prefix)] + sum(
+            n / 100 * u.delta[a(prefix)] for n, u in zip(EXAMPLES, updates, strict=True)
+        )
         np.testing.assert_allclose(result.new_global[a(prefix)], want_a, rtol=0, atol=1e-6)
         np.testing.assert_array_equal(result.new_global[b(prefix)], glob[b(prefix)])
 
@@ -201,8 +233,12 @@ def test_ffa_lora_rejects_a_changed_a_naming_the_tensor():
         get_strategy("ffa-lora").aggregate(glob, updates, SCALE)
 
 
-KINDS = [ServerOptimizer("sgd"), ServerOptimizer("avgm"), ServerOptimizer("adam"),
-         ServerOptimizer("yogi")]
+KINDS = [
+    ServerOptimizer("sgd"),
+    ServerOptimizer("avgm"),
+    ServerOptimizer("adam"),
+    ServerOptimizer("yogi"),
+]
 
 
 @pytest.mark.parametrize("cfg", KINDS, ids=lambda c: c.kind)
@@ -319,12 +355,15 @@ def test_optimizer_state_round_trips_through_arrays():
     np.testing.assert_array_equal(back.v["w"], state.v["w"])
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"kind": "adagrad"}, "choose one of sgd, avgm, adam, yogi"),
-    ({"kind": "adam", "lr": 0.0}, "positive"),
-    ({"beta2": 1.0}, r"\[0, 1\)"),
-    ({"kind": "yogi", "tau": -1.0}, "small positive"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"kind": "adagrad"}, "choose one of sgd, avgm, adam, yogi"),
+        ({"kind": "adam", "lr": 0.0}, "positive"),
+        ({"beta2": 1.0}, r"\[0, 1\)"),
+        ({"kind": "yogi", "tau": -1.0}, "small positive"),
+    ],
+)
 def test_server_optimizer_config_is_validated(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ServerOptimizer(**kwargs)
@@ -339,6 +378,7 @@ def test_optimizer_rejects_state_of_another_adapter():
 
 # ---- registry ----------------------------------------------------------------------------------
 
+
 def test_registry_flags_strategies_needing_individual_updates():
     assert needs_individual_updates("fedex-lora") is True
     for name in ("fedit", "ffa-lora", "fedsa-lora"):
@@ -349,7 +389,9 @@ def test_registry_flags_strategies_needing_individual_updates():
 
 
 def test_strategies_import_neither_torch_nor_flwr():
-    code = ("import sys, fedlora.server.strategies; "
-            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'flwr'}))")
+    code = (
+        "import sys, fedlora.server.strategies; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'flwr'}))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -14,8 +14,12 @@ from fedlora.lora import LoraSettings, adapter_shapes, initial_adapter
 from fedlora.prompting import review_example
 
 LORA = LoraSettings(r=4, alpha=8.0, dropout=0.0)
-REVIEWS = [("It worked well and I feel great.", "positive"), ("Awful side effects.", "negative"),
-           ("No change at all.", "neutral"), ("Better sleep, less anxiety.", "positive")]
+REVIEWS = [
+    ("It worked well and I feel great.", "positive"),
+    ("Awful side effects.", "negative"),
+    ("No change at all.", "neutral"),
+    ("Better sleep, less anxiety.", "positive"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +40,9 @@ def _train(setup, batch_size: int, **options) -> dict[str, np.ndarray]:
     model, tok, start, rows = setup
     set_lora_state(model, start)
     opts = TrainOptions(lr=1e-2, **options)
-    batches = sample_batches(rows, batch_size, opts.steps * opts.grad_accum, seed=(0,),
-                             pad_id=tok.pad_token_id)
+    batches = sample_batches(
+        rows, batch_size, opts.steps * opts.grad_accum, seed=(0,), pad_id=tok.pad_token_id
+    )
     stats = train_lora(model, batches, opts)
     assert np.isfinite(stats.loss) and stats.scored_tokens > 0
     return get_lora_state(model)

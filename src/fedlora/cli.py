@@ -1,0 +1,209 @@
+"""The ``fedlora`` command line: demo, simulate, export, prepare-base, check-data.
+
+Bad input (a wrong model path, a missing data file, a malformed config) ends with one line on
+stderr that says what to fix, and exit status 2; never a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from fedlora.errors import ConfigError, FedloraError
+
+cli = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Federated LoRA fine-tuning on quantized bases, exported to ONNX.",
+)
+
+ConfigOpt = Annotated[
+    Path | None, typer.Option("--config", "-c", help="TOML file with run settings (dashed keys)")
+]
+RoundsOpt = Annotated[int | None, typer.Option("--rounds", help="federated rounds")]
+OutputOpt = Annotated[str | None, typer.Option("--output", "-o", help="output folder")]
+BaseOpt = Annotated[
+    str | None, typer.Option("--base-model", help="'default' or a local model folder")
+]
+_DEMO_KEYS = {"eval-samples", "export", "client-cpus"}
+
+
+class _FlowerSummaryOnly(logging.Filter):
+    """Keep Flower's warnings and errors; fedlora logs its own one line per site per round.
+
+    Flower resets its handler levels when a run starts, so this filter sits on its logger.
+    Its notice that ``run_simulation`` is deprecated is dropped: fedlora calls it on purpose
+    (the same apps also run under ``flwr run``).
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return (
+            record.levelno >= logging.WARNING
+            and "is deprecated" not in record.getMessage()
+            and "fraction_evaluate is set to 0.0" not in record.getMessage()
+        )
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("fedlora").setLevel(logging.INFO)
+    flwr_logger = logging.getLogger("flwr")
+    flwr_logger.propagate = False  # Flower has its own console handler
+    flwr_logger.addFilter(_FlowerSummaryOnly())
+    for noisy in ("transformers", "peft", "bitsandbytes", "ray"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+# The demo shows the deployment posture: secure aggregation on (it needs two nodes per round).
+_DEMO_DEFAULTS = {"secure-aggregation": True, "min-nodes": 2}
+
+
+def _load(
+    config: Path | None, overrides: dict[str, Any], defaults: dict[str, Any] | None = None
+) -> tuple[Any, dict[str, Any]]:
+    from fedlora.config import RunConfig, read_toml
+
+    values: dict[str, Any] = {**(defaults or {}), **(read_toml(config) if config else {})}
+    demo = {k: values.pop(k) for k in list(values) if k in _DEMO_KEYS}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return RunConfig.from_mapping(values, source=str(config) if config else "options"), demo
+
+
+@cli.command()
+def demo(
+    config: ConfigOpt = None,
+    rounds: RoundsOpt = None,
+    output: OutputOpt = "runs/demo",
+    base_model: BaseOpt = None,
+    eval_samples: Annotated[int | None, typer.Option(help="held-out reviews")] = None,
+    export: Annotated[bool, typer.Option(help="export to ONNX at the end")] = True,
+) -> None:
+    """Simulated sites fine-tune the default model; evaluate; export to ONNX."""
+    from fedlora.simulations.demo import DemoOptions, run_demo
+
+    cfg, extra = _load(
+        config,
+        {"num-server-rounds": rounds, "output-dir": output, "base-model": base_model},
+        _DEMO_DEFAULTS,
+    )
+    opts = {k.replace("-", "_"): v for k, v in extra.items()}
+    if eval_samples is not None:
+        opts["eval_samples"] = eval_samples
+    opts.setdefault("export", export)
+    try:
+        options = DemoOptions(**opts)
+    except TypeError as exc:
+        raise ConfigError(f"{config}: {exc}") from None
+    run_demo(cfg, options)
+
+
+@cli.command()
+def simulate(
+    config: ConfigOpt = None,
+    rounds: RoundsOpt = None,
+    output: OutputOpt = None,
+    base_model: BaseOpt = None,
+) -> None:
+    """Run only the federation on the simulation engine."""
+    from fedlora.simulations import report
+    from fedlora.simulations.run import simulate as run_sim
+
+    cfg, _ = _load(
+        config, {"num-server-rounds": rounds, "output-dir": output, "base-model": base_model}
+    )
+    report.rounds(run_sim(cfg).history)
+
+
+@cli.command()
+def export(
+    adapter: Annotated[Path, typer.Option(help="PEFT adapter folder")],
+    output: Annotated[Path, typer.Option("--output", "-o")] = Path("runs/export"),
+    base_model: BaseOpt = "default",
+) -> None:
+    """Merge an adapter into the base, export to ONNX, check parity, answer one review."""
+    from fedlora.basemodel import resolve_base_model
+    from fedlora.data.drugreview import load_split
+    from fedlora.export.pipeline import export_adapter
+    from fedlora.prompting import messages
+    from fedlora.simulations import report
+
+    review = load_split("test")[-1]
+    exp = export_adapter(
+        resolve_base_model(base_model or "default"), adapter, output, messages(review.text)
+    )
+    report.export(exp, review)
+
+
+@cli.command("prepare-base")
+def prepare_base() -> None:
+    """De-quantize the packaged default model into the cache (done on first use anyway)."""
+    from fedlora.basemodel import prepare_default
+
+    typer.echo(prepare_default())
+
+
+@cli.command("check-data")
+def check_data(
+    path: Annotated[Path, typer.Argument(help="a data file, or a folder of them")],
+    fmt: Annotated[
+        str, typer.Option("--format", help="auto | chat | pairs | csv | tsv | text")
+    ] = "auto",
+    prompt_column: Annotated[str, typer.Option(help="column with the prompt")] = "prompt",
+    response_column: Annotated[str, typer.Option(help="column with the answer")] = "response",
+    system_column: Annotated[str, typer.Option(help="column with a system prompt")] = "",
+    text_column: Annotated[str, typer.Option(help="column with plain text instead")] = "",
+    on_bad_record: Annotated[str, typer.Option(help="stop | skip")] = "stop",
+    encoding: Annotated[str, typer.Option(help="the files' text encoding")] = "utf-8",
+) -> None:
+    """Read training data as a node would, and report what it holds or what to fix."""
+    from fedlora.data.formats import DataSpec, describe, load_examples
+
+    result = load_examples(
+        DataSpec(
+            str(path),
+            format=fmt,
+            prompt_column=prompt_column,
+            response_column=response_column,
+            system_column=system_column,
+            text_column=text_column,
+            on_bad_record=on_bad_record,
+            encoding=encoding,
+        )
+    )
+    typer.echo(describe(result))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: user errors become one line on stderr and exit status 2."""
+    from fedlora.simulations.run import offline_environment
+
+    offline_environment()
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    _setup_logging()
+    try:
+        cli(args=argv, standalone_mode=False)
+    except FedloraError as exc:
+        print(f"fedlora: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except typer.Exit as exc:
+        raise SystemExit(exc.exit_code) from None
+    except Exception as exc:  # click usage errors
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            raise SystemExit(exc.exit_code) from None
+        if isinstance(exc, click.exceptions.Abort):
+            raise SystemExit(130) from None
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,312 @@
+"""The Flower ClientApp: train the global adapter on a node's private data, or evaluate it.
+
+Settings merge, later winning: defaults given to :func:`make_client_app`, the run config, the node
+config (``--node-config 'data-path="/data/notes.jsonl" base-model="/models/x"'`` in deployment;
+Flower sets ``partition-id`` in simulation). A train reply holds the adapter delta and
+whitelisted metrics only; an evaluate reply holds whitelisted metrics only. A round the node
+cannot honour (a round config it cannot parse, or one beyond the node's limits) is answered with
+an error reply that says why; problems with the node's own data are reported to the server
+without their details, which stay in the node's log.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from flwr.app import Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.common import Error
+
+from fedlora.client.node import (
+    NodeSettings,
+    WarmModel,
+    encoded_rows,
+    get_lora_state,
+    node_data,
+    seed_torch,
+    set_lora_state,
+    set_trainable,
+    warm_model,
+)
+from fedlora.client.privacy import add_noise, clip_delta, noise_share_std
+from fedlora.client.secagg import handle_secagg
+from fedlora.client.train import TrainOptions, sample_batches, steps_for_epochs, train_lora
+from fedlora.errors import ConfigError, DataError, FedloraError
+from fedlora.evaluate import eval_loss, label_accuracy
+from fedlora.lora import LoraSettings
+from fedlora.protocol.adapter import restrict, validate
+from fedlora.protocol.compression import nbytes
+from fedlora.protocol.messages import (
+    ARRAYS,
+    CONFIG,
+    EvalReply,
+    ProtocolError,
+    RoundConfig,
+    TrainReply,
+    arrays_of,
+    to_array_record,
+)
+
+log = logging.getLogger(__name__)
+
+PERSONAL = "fedlora.personal-lora"  # node state: trained factors that never leave the node
+REFUSED, DATA_FAILED = 4001, 4002  # error codes of replies the server logs and drops
+
+
+class RoundRefused(FedloraError):
+    """The node cannot honour the round config it was sent."""
+
+
+def round_settings(content: Any, settings: NodeSettings) -> tuple[RoundConfig, LoraSettings]:
+    """Parse the server's round config and check it against the node's limits."""
+    try:
+        rc = RoundConfig.from_record(content[CONFIG])
+        lora = LoraSettings(
+            r=rc.lora_r,
+            alpha=float(rc.lora_alpha),
+            dropout=float(rc.lora_dropout),
+            target_modules=rc.target_modules,
+            rslora=rc.lora_rslora,
+        )
+    except (ProtocolError, ConfigError, KeyError) as exc:
+        raise RoundRefused(f"round config not accepted: {exc}") from None
+    if (
+        settings.max_local_steps
+        and rc.local_epochs == 0
+        and rc.local_steps * rc.grad_accum > settings.max_local_steps
+    ):
+        raise RoundRefused(
+            f"local-steps={rc.local_steps} x grad-accum={rc.grad_accum} exceeds "
+            f"this node's max-local-steps={settings.max_local_steps}"
+        )
+    if settings.max_batch_size and rc.batch_size > settings.max_batch_size:
+        raise RoundRefused(
+            f"batch-size={rc.batch_size} exceeds this node's max-batch-size="
+            f"{settings.max_batch_size}"
+        )
+    return rc, lora
+
+
+def load_adapter(
+    node: WarmModel, content: Any, rc: RoundConfig, state: RecordDict | None
+) -> dict[str, Any]:
+    """Put the global adapter (plus this node's personal factors) into the warm model."""
+    global_adapter = arrays_of(content[ARRAYS])
+    validate(global_adapter, node.spec)  # the node checks what the server sends, too
+    start = dict(global_adapter)
+    personal_spec = restrict(node.spec, rc.personal_factors) if rc.personal_factors else {}
+    if personal_spec and state is not None and PERSONAL in state.array_records:
+        personal = arrays_of(state.array_records[PERSONAL])
+        validate(personal, personal_spec)
+        start.update(personal)
+    set_lora_state(node.model, start)
+    return global_adapter
+
+
+def run_round(
+    message_content: Any, merged: Mapping[str, Any], state: RecordDict | None = None
+) -> TrainReply:
+    """Train on the global adapter in ``message_content`` and return the reply to send.
+
+    The round config says which LoRA factors to train and which to send. A factor that is not
+    trained is frozen at the global value (FFA-LoRA's A); one that is trained but not sent is
+    personal: it is restored from, and saved back to, the node's ``state`` (FedSA-LoRA's B).
+    """
+    settings = NodeSettings.from_config(merged)
+    rc, lora = round_settings(message_content, settings)
+    node = warm_model(settings, lora)
+    first = node.rounds_served == 0
+    data = node_data(settings)
+    rows = encoded_rows(data, "train", node.tokenizer, rc.max_length, rc.loss, rc.packing)
+    steps = (
+        rc.local_steps
+        if rc.local_epochs == 0
+        else steps_for_epochs(len(rows), rc.local_epochs, rc.batch_size, rc.grad_accum)
+    )
+    if settings.max_local_steps and steps * rc.grad_accum > settings.max_local_steps:
+        raise RoundRefused(
+            f"{rc.local_epochs} local epochs = {steps} steps exceed this node's "
+            f"max-local-steps={settings.max_local_steps}"
+        )
+    options = TrainOptions(
+        lr=rc.lr,
+        steps=steps,
+        grad_accum=rc.grad_accum,
+        warmup_steps=min(rc.warmup_steps, steps),
+        schedule=rc.lr_schedule,
+        max_grad_norm=rc.max_grad_norm,
+        weight_decay=rc.weight_decay,
+        gradient_checkpointing=rc.gradient_checkpointing,
+    )
+    global_adapter = load_adapter(node, message_content, rc, state)
+    set_trainable(node.model, rc.train_factors)
+    seed_torch(rc.seed, settings.seed_id, rc.server_round)  # LoRA dropout draws from it
+    batches = sample_batches(
+        rows,
+        rc.batch_size,
+        steps * rc.grad_accum,
+        seed=(rc.seed, settings.seed_id, rc.server_round),
+        pad_id=node.tokenizer.pad_token_id,
+    )
+    stats = train_lora(node.model, batches, options)
+    local = get_lora_state(node.model)
+    node.rounds_served += 1
+    personal_spec = restrict(node.spec, rc.personal_factors) if rc.personal_factors else {}
+    if personal_spec and state is not None:
+        state[PERSONAL] = to_array_record({k: local[k] for k in personal_spec})
+    log.info(
+        "Round %d site %s: loss %.4f -> %.4f over %d steps in %.1f s (%d tokens)",
+        rc.server_round,
+        settings.site,
+        stats.first_loss,
+        stats.last_loss,
+        stats.steps,
+        stats.seconds,
+        stats.tokens,
+    )
+    sent = restrict(node.spec, rc.send_factors)
+    delta = {k: local[k] - global_adapter[k] for k in sent}
+    norm_before = -1.0
+    if rc.dp_noise_multiplier > 0:  # distributed DP: this node's share of the Gaussian noise
+        delta, norm_before, _ = clip_delta(delta, rc.dp_clip_norm)
+        std = noise_share_std(
+            rc.dp_noise_multiplier, rc.dp_clip_norm, max(rc.dp_expected_clients, 1)
+        )
+        delta = add_noise(delta, std, np.random.default_rng())  # OS entropy: never predictable
+        log.info(
+            "DP: clipped the delta from L2 norm %.4f to %g and added N(0, %.3g^2) noise",
+            norm_before,
+            rc.dp_clip_norm,
+            std,
+        )
+    return TrainReply(
+        delta=delta,
+        num_examples=len(data.train),
+        train_loss=stats.loss,
+        site_id=settings.site_id,
+        load_seconds=node.load_seconds if first else 0.0,
+        train_seconds=stats.seconds,
+        train_tokens=stats.tokens,
+        scored_tokens=stats.scored_tokens,
+        codec=rc.codec,
+        codec_block=rc.codec_block,
+        bytes_received=nbytes(global_adapter),
+        dp_norm_before_clip=norm_before,
+    )
+
+
+def run_evaluation(
+    message_content: Any, merged: Mapping[str, Any], state: RecordDict | None = None
+) -> EvalReply:
+    """Evaluate the global adapter (plus personal factors) on the node's eval split."""
+    start = time.perf_counter()
+    settings = NodeSettings.from_config(merged)
+    rc, lora = round_settings(message_content, settings)
+    node = warm_model(settings, lora)
+    data = node_data(settings)
+    if not data.eval:
+        raise DataError("no eval split: eval-fraction is 0 or the node has one example")
+    load_adapter(node, message_content, rc, state)
+    rows = encoded_rows(data, "eval", node.tokenizer, rc.max_length, rc.loss, False)
+    pad_id = node.tokenizer.pad_token_id
+    loss = eval_loss(node.model, rows, pad_id, per_batch=rc.batch_size * 2)
+    accuracy = None
+    labelled = [
+        ex
+        for ex in data.eval
+        if ex.kind == "chat" and ex.turns[-1].content.strip() in settings.labels
+    ]
+    if settings.labels and labelled:
+        accuracy = label_accuracy(
+            node.model,
+            node.tokenizer,
+            labelled,
+            settings.labels,
+            rc.max_length,
+            per_batch=rc.batch_size * 2,
+        ).accuracy
+    reply = EvalReply(
+        num_examples=len(data.eval),
+        loss=loss.loss,
+        perplexity=loss.perplexity,
+        tokens=loss.tokens,
+        accuracy=accuracy,
+        site_id=settings.site_id,
+        seconds=time.perf_counter() - start,
+    )
+    log.info(
+        "Round %d site %s: eval loss %.4f, perplexity %.2f, accuracy %s (%d examples)",
+        rc.server_round,
+        settings.site,
+        reply.loss,
+        reply.perplexity,
+        "n/a" if accuracy is None else f"{accuracy:.3f}",
+        reply.num_examples,
+    )
+    return reply
+
+
+def _answer(msg: Message, work: Any) -> Message:
+    """Run ``work()`` and wrap its reply; refusals and data problems become error replies."""
+    try:
+        return Message(content=work().to_content(), reply_to=msg)
+    except RoundRefused as exc:
+        log.warning("Refusing round: %s", exc)
+        return Message(error=Error(code=REFUSED, reason=str(exc)), reply_to=msg)
+    except DataError as exc:  # the details name private files and records: keep them here
+        log.error("Node data problem: %s", exc)
+        return Message(
+            error=Error(
+                code=DATA_FAILED, reason="the node's data could not be used; see the node's log"
+            ),
+            reply_to=msg,
+        )
+
+
+def make_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
+    base = dict(defaults or {})
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        merged = {**base, **context.run_config, **context.node_config}
+        return _answer(msg, lambda: run_round(msg.content, merged, context.state))
+
+    @app.train("secagg")
+    def secure_train(msg: Message, context: Context) -> Message:
+        """SecAgg+ stages: the node trains in the first, then sends only masked sums."""
+        merged = {**base, **context.run_config, **context.node_config}
+
+        def train_fn(content: RecordDict) -> tuple[Any, int, Any]:
+            reply = run_round(content, merged, context.state)
+            # Under DP every node weighs 1: one node's whole contribution is bounded by the clip.
+            weight = 1 if reply.dp_norm_before_clip >= 0 else reply.num_examples
+            return reply.delta, weight, reply.metrics()
+
+        try:
+            return handle_secagg(msg, context, train_fn)
+        except RoundRefused as exc:
+            log.warning("Refusing round: %s", exc)
+            return Message(error=Error(code=REFUSED, reason=str(exc)), reply_to=msg)
+        except DataError as exc:
+            log.error("Node data problem: %s", exc)
+            return Message(
+                error=Error(
+                    code=DATA_FAILED, reason="the node's data could not be used; see the node's log"
+                ),
+                reply_to=msg,
+            )
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        merged = {**base, **context.run_config, **context.node_config}
+        return _answer(msg, lambda: run_evaluation(msg.content, merged, context.state))
+
+    return app
+
+
+app = make_client_app()

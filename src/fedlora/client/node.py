@@ -1,0 +1,279 @@
+"""A node's warm state: base model + LoRA loaded once per process, and the node's private data.
+
+Flower calls the ClientApp once per message; the base model stays in a module-level cache so a
+second round in the same process only swaps adapter weights (no reload). The data is read,
+validated, split (train/eval, seeded) and tokenized once per process too.
+
+A node's data is either a ``data-path`` (a file or folder in any format of
+:mod:`fedlora.data.formats`) or, by default, one site of the packaged drug reviews.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from fedlora.basemodel import resolve_base_model
+from fedlora.data.drugreview import LABELS, SITES, load_split, split_by_site
+from fedlora.data.formats import DataSpec, describe, load_examples, train_eval_split
+from fedlora.data.records import Example
+from fedlora.encoding import EncodeReport, encode_examples, pack
+from fedlora.errors import ConfigError, DataError
+from fedlora.lora import LoraSettings
+from fedlora.prompting import Encoded, review_example
+from fedlora.protocol.adapter import AdapterSpec, spec_of
+
+log = logging.getLogger(__name__)
+
+# Node-config keys that describe a node's own data (they never leave the node).
+DATA_KEYS = {
+    "data-path": "path",
+    "data-format": "format",
+    "prompt-column": "prompt_column",
+    "response-column": "response_column",
+    "system-column": "system_column",
+    "text-column": "text_column",
+    "on-bad-record": "on_bad_record",
+    "data-encoding": "encoding",
+}
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """Node-local settings: which base model, how to load it, which private data, and limits."""
+
+    base_model: str
+    quantization: str
+    site: str  # a name for reports; one of SITES selects that packaged drug-review site
+    data: DataSpec | None = None  # the node's own data; None = the packaged site
+    eval_fraction: float = 0.1  # share of examples held out for evaluation (seeded split)
+    eval_labels: tuple[str, ...] = ()  # label task: answers scored for accuracy
+    seed: int = 0  # seeds the train/eval split
+    max_local_steps: int = 0  # the node refuses rounds asking for more steps; 0 = no limit
+    max_batch_size: int = 0  # the node refuses rounds asking for larger batches; 0 = no limit
+
+    @property
+    def site_id(self) -> int:
+        return SITES.index(self.site) if self.site in SITES else -1
+
+    @property
+    def seed_id(self) -> int:
+        """A non-negative number for seeding this node's sampling: the site index, or a hash."""
+        return self.site_id if self.site_id >= 0 else zlib.crc32(self.site.encode()) + len(SITES)
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return self.eval_labels or (LABELS if self.data is None else ())
+
+    @classmethod
+    def from_config(cls, merged: Mapping[str, Any]) -> NodeSettings:
+        """From run config overlaid by node config (``site``, or ``partition-id`` in simulation)."""
+        data = None
+        if merged.get("data-path"):
+            data = DataSpec(
+                **{attr: merged[key] for key, attr in DATA_KEYS.items() if key in merged}
+            )
+        site = merged.get("site")
+        if site is None and data is None:
+            sites = [s.strip() for s in str(merged.get("sites", ",".join(SITES))).split(",")]
+            pid = int(merged.get("partition-id", 0))
+            if pid >= len(sites):
+                raise ConfigError(
+                    f"partition-id {pid} has no site: sites={sites}; run at most "
+                    f"{len(sites)} nodes or list more sites"
+                )
+            site = sites[pid]
+        if data is None and site not in SITES:
+            raise ConfigError(f"site={site!r}: use one of {SITES}, or give data-path")
+        labels = tuple(
+            x.strip() for x in str(merged.get("eval-labels", "")).split(",") if x.strip()
+        )
+        try:
+            return cls(
+                base_model=str(merged.get("base-model", "default")),
+                quantization=str(merged.get("quantization", "nf4")),
+                site=str(site or "node"),
+                data=data,
+                eval_fraction=float(merged.get("eval-fraction", 0.1)),
+                eval_labels=labels,
+                seed=int(merged.get("seed", 0)),
+                max_local_steps=int(merged.get("max-local-steps", 0)),
+                max_batch_size=int(merged.get("max-batch-size", 0)),
+            )
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"node settings: {exc}") from None
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.eval_fraction < 1:
+            raise ConfigError(f"eval-fraction={self.eval_fraction}: must be in [0, 1)")
+
+
+@dataclass
+class WarmModel:
+    model: Any  # peft model over the frozen base
+    tokenizer: Any
+    spec: AdapterSpec  # names and shapes of the LoRA tensors
+    load_seconds: float
+    rounds_served: int = 0
+
+
+@dataclass
+class NodeData:
+    """A node's examples, split once (seeded) into train and eval."""
+
+    train: list[Example]
+    eval: list[Example]
+    skipped: int = 0  # bad records dropped (on-bad-record=skip)
+    encoded: dict[tuple[Any, ...], tuple[list[Encoded], EncodeReport]] = field(default_factory=dict)
+
+
+_MODELS: dict[tuple[Any, ...], WarmModel] = {}
+_DATA: dict[tuple[Any, ...], NodeData] = {}
+_LOADS = [0]
+
+
+def warm_model(settings: NodeSettings, lora: LoraSettings) -> WarmModel:
+    """The cached base + LoRA for these settings, loaded on first use.
+
+    The key leaves out the site: in simulation one process serves different sites in turn, and
+    only the data changes between them.
+    """
+    key = (settings.base_model, settings.quantization, lora)
+    if key not in _MODELS:
+        _MODELS.clear()  # one base model per process: free the old one before loading another
+        _MODELS[key] = _load_model(settings, lora)
+    return _MODELS[key]
+
+
+def node_data(settings: NodeSettings) -> NodeData:
+    """The node's examples, read, validated and split once per process."""
+    key = (settings.data, settings.site, settings.eval_fraction, settings.seed)
+    if key not in _DATA:
+        if settings.data is not None:
+            result = load_examples(settings.data)
+            log.info("Node data: %s", describe(result))
+            examples, skipped = result.examples, len(result.skipped)
+        else:
+            examples, skipped = site_examples(settings.site), 0
+        train, held_out = train_eval_split(examples, settings.eval_fraction, settings.seed)
+        if not train:
+            raise DataError(
+                f"{settings.data.path if settings.data else settings.site}: no "
+                f"training examples left after the eval split"
+            )
+        _DATA[key] = NodeData(train=train, eval=held_out, skipped=skipped)
+    return _DATA[key]
+
+
+def encoded_rows(
+    data: NodeData, part: str, tokenizer: Any, max_length: int, loss: str, packing: bool
+) -> list[Encoded]:
+    """``data.train`` or ``data.eval`` tokenized (and packed), cached per settings."""
+    key = (part, id(tokenizer), max_length, loss, packing)
+    if key not in data.encoded:
+        examples = data.train if part == "train" else data.eval
+        rows, report = encode_examples(tokenizer, examples, max_length, loss)
+        if report.truncated or report.dropped:
+            log.info(
+                "%s split: %d of %d examples cut to max-length=%d, %d dropped with nothing "
+                "to learn left (first: %s)",
+                part,
+                report.truncated,
+                report.examples,
+                max_length,
+                report.dropped,
+                report.dropped_sources[:3],
+            )
+        if part == "train" and not rows:
+            raise DataError(f"no training example fits max-length={max_length}: raise it")
+        data.encoded[key] = (pack(rows, max_length) if packing else rows, report)
+    return data.encoded[key][0]
+
+
+def site_examples(site: str) -> list[Example]:
+    """A packaged drug-review site as chat examples (review + question -> rating)."""
+    reviews = split_by_site(load_split("train"))[site]
+    if not reviews:
+        raise DataError(f"site {site!r} has no training reviews")
+    return [
+        review_example(r.text, r.label, f"drugreview:train:{site}:{i}")
+        for i, r in enumerate(reviews)
+    ]
+
+
+def loads_so_far() -> int:
+    """How many times this process has loaded a base model."""
+    return _LOADS[0]
+
+
+def _load_model(settings: NodeSettings, lora: LoraSettings) -> WarmModel:
+    from peft import get_peft_model
+    from transformers import AutoTokenizer
+
+    from fedlora.client.quantization import load_base
+
+    start = time.perf_counter()
+    base_dir = resolve_base_model(settings.base_model)
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = get_peft_model(load_base(base_dir, settings.quantization), lora.peft_config(base_dir))
+    _LOADS[0] += 1
+    warm = WarmModel(
+        model=model,
+        tokenizer=tokenizer,
+        spec=spec_of(get_lora_state(model)),
+        load_seconds=time.perf_counter() - start,
+    )
+    log.info(
+        "Base %s (%s) + LoRA r=%d ready in %.1f s: %d LoRA tensors",
+        base_dir.name,
+        settings.quantization,
+        lora.r,
+        warm.load_seconds,
+        len(warm.spec),
+    )
+    return warm
+
+
+def get_lora_state(model: Any) -> dict[str, np.ndarray]:
+    """The LoRA tensors under their PEFT file names, as float32 numpy arrays."""
+    from peft import get_peft_model_state_dict
+
+    return {
+        k: v.detach().float().cpu().numpy() for k, v in get_peft_model_state_dict(model).items()
+    }
+
+
+def set_lora_state(model: Any, arrays: Mapping[str, np.ndarray]) -> None:
+    import torch
+    from peft import set_peft_model_state_dict
+
+    result = set_peft_model_state_dict(
+        model, {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}
+    )
+    bad = [k for k in result.unexpected_keys if "lora_" in k]
+    if bad:
+        raise ValueError(f"adapter tensors not in the model: {bad[:3]}")
+
+
+def set_trainable(model: Any, factors: str) -> None:
+    """Train the LoRA factors in ``factors`` ("AB" or "B"); freeze the others."""
+    for name, param in model.named_parameters():
+        if ".lora_A." in name:
+            param.requires_grad_("A" in factors)
+        elif ".lora_B." in name:
+            param.requires_grad_("B" in factors)
+
+
+def seed_torch(*key: int) -> None:
+    """Seed torch from a tuple (seed, site, round): a round trains the same wherever it runs."""
+    import torch
+
+    torch.manual_seed(int(np.random.SeedSequence(list(key)).generate_state(1)[0]))

@@ -1,0 +1,92 @@
+"""Client side of client-level DP: clip the whole delta, add (a share of) Gaussian noise.
+
+DP-FedAvg (McMahan, Ramage, Talwar & Zhang, ICLR 2018, arXiv:1710.06963): a client's update
+is clipped to global L2 norm ``C`` over all the tensors it sends (for FFA-LoRA, the B factors
+only), so adding or removing one client moves the sum of updates by at most ``C``; Gaussian
+noise of std ``z * C`` on that sum then makes the released aggregates (epsilon, delta)-DP per
+client (accounting and its assumptions: :mod:`fedlora.server.privacy`).
+
+Without secure aggregation the server adds that noise to the sum. With secure aggregation it
+only ever sees the sum, so the clients add it, each a share of std ``z * C / sqrt(n)``
+(:func:`noise_share_std`): independent Gaussian shares of ``n`` clients sum to std ``z * C``.
+This assumes ``n``, the number of honest clients whose shares reach the sum, is known in
+advance (e.g. the number sampled, or min-nodes to be safe). If fewer answer, or some are
+dishonest and skip their share, the sum carries less noise than promised: the server must
+account for the achieved multiplier, ``z * sqrt(actual / expected)``
+(``fedlora.server.privacy.effective_noise_multiplier``). Strictly, under add/remove-one-client
+the client being protected may be the one missing, so only the *others'* shares protect it: a
+conservative ledger passes ``actual - 1`` (with 10 contributors, 5% less z).
+
+Order on a node: clip, then add noise, then encode (:mod:`fedlora.protocol.compression`).
+Quantizing a noised share is post-processing of that share, but with secure aggregation the sum
+of quantized shares is not exactly Gaussian; the rounding error (at most half a step a value) is
+not accounted for. Numpy only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import numpy as np
+
+Arrays = dict[str, np.ndarray]
+
+# Clip a hair below C so that rounding the scaled float64 values to float32 (relative error
+# <= 2^-24 a value) cannot push the norm over C.
+_CLIP_MARGIN = 1.0 - 2.0**-22
+
+
+def global_norm(delta: Mapping[str, np.ndarray]) -> float:
+    """L2 norm over every tensor of ``delta`` together, accumulated in float64."""
+    return math.sqrt(
+        sum(
+            float(np.dot(a.reshape(-1).astype(np.float64), a.reshape(-1).astype(np.float64)))
+            for a in delta.values()
+        )
+    )
+
+
+def clip_delta(delta: Mapping[str, np.ndarray], clip_norm: float) -> tuple[Arrays, float, float]:
+    """``(clipped, norm_before, scale)``: ``delta`` scaled to global L2 norm at most ``clip_norm``.
+
+    ``scale`` is 1 when the norm is within the bound (copies of the tensors are returned), else
+    ``clip_norm / norm`` times a factor ``1 - 2^-22`` that keeps the float32 result's norm at or
+    below ``clip_norm``. Each tensor keeps its dtype.
+    """
+    if not (math.isfinite(clip_norm) and clip_norm > 0):
+        raise ValueError(
+            f"clip_norm={clip_norm}: must be a positive, finite L2 bound (the run's dp-clip-norm)"
+        )
+    norm = global_norm(delta)
+    if not math.isfinite(norm):
+        raise ValueError("the delta holds NaN or Inf: it cannot be clipped; drop this update")
+    scale = 1.0 if norm <= clip_norm else clip_norm / norm * _CLIP_MARGIN
+    clipped = {k: (a.astype(np.float64) * scale).astype(a.dtype) for k, a in delta.items()}
+    return clipped, norm, scale
+
+
+def add_noise(delta: Mapping[str, np.ndarray], std: float, rng: np.random.Generator) -> Arrays:
+    """``delta`` plus independent N(0, std^2) noise on every value (tensors in sorted order)."""
+    if not (math.isfinite(std) and std >= 0):
+        raise ValueError(f"std={std}: noise standard deviation must be finite and >= 0")
+    out: Arrays = {}
+    for name in sorted(delta):
+        a = delta[name]
+        noise = rng.standard_normal(a.shape) * std
+        out[name] = (a.astype(np.float64) + noise).astype(a.dtype)
+    return out
+
+
+def noise_share_std(noise_multiplier: float, clip_norm: float, expected_clients: int) -> float:
+    """Each client's noise std so that the sum over ``expected_clients`` has std z * C."""
+    if expected_clients < 1:
+        raise ValueError(f"expected_clients={expected_clients}: must be >= 1")
+    if noise_multiplier < 0 or clip_norm <= 0:
+        raise ValueError(
+            f"noise_multiplier={noise_multiplier}, clip_norm={clip_norm}: need z >= 0 and C > 0"
+        )
+    return noise_multiplier * clip_norm / math.sqrt(expected_clients)
+
+
+__all__ = ["add_noise", "clip_delta", "global_norm", "noise_share_std"]

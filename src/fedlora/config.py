@@ -1,0 +1,303 @@
+"""The run configuration: one validated dataclass, read from Flower's run config or a TOML file.
+
+Keys are written with dashes on the outside (``num-server-rounds``), as in ``pyproject.toml``'s
+``[tool.flwr.app.config]`` and in ``--run-config``; fields use underscores. Unknown keys, wrong
+types and out-of-range values fail at construction with a one-line message naming the key.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fedlora.client.quantization import BACKEND_NAMES as QUANTIZATIONS
+from fedlora.data.drugreview import SITES
+from fedlora.errors import ConfigError
+from fedlora.lora import LoraSettings
+
+if TYPE_CHECKING:
+    from fedlora.protocol.secagg import SecAggSettings
+    from fedlora.server.privacy import DpSettings
+    from fedlora.server.strategies import ServerOptimizer
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    base_model: str = "default"  # "default" (packaged SmolLM2-135M-Instruct) or a model folder
+    quantization: str = "nf4"  # frozen base: nf4 | int8 | quanto-int4 | quanto-int8 | bf16 | fp32
+    num_server_rounds: int = 3  # federated rounds
+    local_steps: int = 5  # optimizer steps per node per round
+    batch_size: int = 4  # examples per step
+    lr: float = 3e-4  # AdamW learning rate for the LoRA tensors
+    max_length: int = 256  # tokens per example; longer reviews are cut
+    lora_r: int = 8  # LoRA rank
+    lora_alpha: float = 16.0  # LoRA scaling numerator (update scaled by alpha / r)
+    lora_dropout: float = 0.05  # dropout on the LoRA path
+    target_modules: str = "all-linear"  # "all-linear" or comma-separated module names
+    lora_rslora: bool = False  # rank-stabilised LoRA scaling alpha / sqrt(r)
+    local_epochs: float = 0.0  # > 0: passes over each node's data per round, instead of local-steps
+    grad_accum: int = 1  # micro-batches (of batch-size) per optimizer step
+    warmup_steps: int = 0  # linear learning-rate warmup at the start of each round
+    lr_schedule: str = "constant"  # after warmup: constant | cosine | linear (decay to 0)
+    max_grad_norm: float = 1.0  # gradient clip on nodes (global L2); 0 = off
+    weight_decay: float = 0.0  # AdamW weight decay on the LoRA tensors
+    loss: str = "completion"  # completion (answer tokens only) | full (every token)
+    packing: bool = False  # pack several examples into each row of max-length tokens
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory
+    eval_fraction: float = 0.1  # share of each node's examples held out (seeded) for evaluation
+    evaluate_every: int = 1  # federated evaluation every N rounds and after the last; 0 = off
+    fraction_evaluate: float = 1.0  # share of connected nodes asked to evaluate
+    eval_labels: str = ""  # label task: comma-separated answers scored for accuracy ("" = none;
+    # the packaged drug reviews always use negative,neutral,positive)
+    central_eval: str = ""  # server-held test data: "" (off), "drugreview" or a data file/folder
+    central_eval_samples: int = 150  # central evaluation uses the first N examples
+    secure_aggregation: bool = False  # SecAgg+: the server learns only the sum of the updates
+    secagg_clip_norm: float = 10.0  # SecAgg+: nodes clip their delta to this L2 norm (reported)
+    secagg_num_shares: int = 5  # SecAgg+: shares per secret (neighbours + self); capped at nodes
+    secagg_threshold: int = 3  # SecAgg+: shares needed to reconstruct; > half the shares
+    codec: str = "none"  # how nodes encode their delta: none | fp16 | int8 | int8-block
+    codec_block: int = 64  # int8-block: values per scale
+    dp_noise_multiplier: float = 0.0  # client-level DP: noise std on the sum = z * clip; 0 = off
+    dp_clip_norm: float = 1.0  # DP: L2 bound on each node's delta
+    dp_delta: float = 1e-5  # DP: the delta of (epsilon, delta); below 1 / number of nodes
+    dp_accountant: str = "rdp"  # DP accounting (dp-accounting): rdp | pld
+    strategy: str = (
+        "fedit"  # fedit | ffa-lora | fedsa-lora | fedex-lora (fedlora.server.strategies)
+    )
+    server_optimizer: str = "sgd"  # sgd (FedAvg) | avgm | adam | yogi, on the aggregated delta
+    server_lr: float = 0.0  # server learning rate; 0 = the optimizer's default (1 sgd/avgm, 0.01)
+    aggregation: str = (
+        "mean"  # mean (example-weighted) | median | trimmed-mean (robust, unweighted)
+    )
+    trim_fraction: float = 0.1  # trimmed-mean: share of values cut at each end per coordinate
+    clip_norm: float = 0.0  # per-client L2 bound on the delta before aggregation; 0 = off
+    seed: int = 0  # seeds the initial adapter and every node's sampling
+    min_nodes: int = 1  # nodes needed to start a round, and usable replies to aggregate one
+    min_available_nodes: int = 0  # nodes to wait for before sampling; 0 = min-nodes
+    fraction_train: float = 1.0  # share of connected nodes sampled for each round
+    round_timeout: float = 3600.0  # seconds to wait for replies in a round
+    output_dir: str = "runs/latest"  # where global adapters and metrics are written
+    resume: bool = False  # continue the run saved in output-dir from its last completed round
+    sites: str = ",".join(SITES)  # simulation: node with partition-id i trains on the i-th site
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            want = type(f.default)
+            ok = isinstance(value, want) or (want is float and isinstance(value, int))
+            if not ok or (isinstance(value, bool) and want is not bool):
+                raise ConfigError(f"{_key(f.name)}={value!r}: expected {want.__name__}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ConfigError(f"quantization={self.quantization!r}: use one of {QUANTIZATIONS}")
+        for name in ("num_server_rounds", "local_steps", "batch_size", "min_nodes"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{_key(name)}={getattr(self, name)}: must be >= 1")
+        if not 0 < self.lr < 1:
+            raise ConfigError(f"lr={self.lr}: must be in (0, 1), e.g. 3e-4")
+        from fedlora.protocol.messages import LOSSES, SCHEDULES
+
+        if self.loss not in LOSSES:
+            raise ConfigError(f"loss={self.loss!r}: use one of {LOSSES}")
+        if self.lr_schedule not in SCHEDULES:
+            raise ConfigError(f"lr-schedule={self.lr_schedule!r}: use one of {SCHEDULES}")
+        for name in ("grad_accum", "central_eval_samples"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{_key(name)}={getattr(self, name)}: must be >= 1")
+        for name in (
+            "local_epochs",
+            "warmup_steps",
+            "max_grad_norm",
+            "weight_decay",
+            "evaluate_every",
+        ):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{_key(name)}={getattr(self, name)}: must be >= 0")
+        if self.local_epochs == 0 and self.warmup_steps > self.local_steps:
+            raise ConfigError(
+                f"warmup-steps={self.warmup_steps} exceeds local-steps={self.local_steps}"
+            )
+        if not 0 <= self.eval_fraction < 1:
+            raise ConfigError(f"eval-fraction={self.eval_fraction}: must be in [0, 1)")
+        if not 0 < self.fraction_evaluate <= 1:
+            raise ConfigError(f"fraction-evaluate={self.fraction_evaluate}: must be in (0, 1]")
+        if self.max_length < 32:
+            raise ConfigError(f"max-length={self.max_length}: must be >= 32")
+        if self.min_available_nodes < 0:
+            raise ConfigError(f"min-available-nodes={self.min_available_nodes}: must be >= 0")
+        if not 0 < self.fraction_train <= 1:
+            raise ConfigError(f"fraction-train={self.fraction_train}: must be in (0, 1]")
+        if self.round_timeout <= 0:
+            raise ConfigError(f"round-timeout={self.round_timeout}: must be > 0 seconds")
+        from fedlora.server.strategies import STRATEGIES, ServerOptimizer
+
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"strategy={self.strategy!r}: use one of {sorted(STRATEGIES)}")
+        try:
+            ServerOptimizer(kind=self.server_optimizer, lr=self.server_lr or None)
+        except ValueError as exc:
+            raise ConfigError(
+                f"server-optimizer={self.server_optimizer!r}, server-lr={self.server_lr}: {exc}"
+            ) from None
+        from fedlora.server.strategies import make_reducer
+
+        try:
+            make_reducer(self.aggregation, self.trim_fraction)
+        except ValueError as exc:
+            raise ConfigError(
+                f"aggregation={self.aggregation!r}, trim-fraction={self.trim_fraction}: {exc}"
+            ) from None
+        if self.clip_norm < 0:
+            raise ConfigError(f"clip-norm={self.clip_norm}: must be >= 0 (0 turns it off)")
+        if self.strategy == "fedex-lora" and self.aggregation != "mean":
+            raise ConfigError(
+                "strategy='fedex-lora' is exact only for aggregation='mean': "
+                "use fedit, ffa-lora or fedsa-lora with a robust aggregation"
+            )
+        if self.strategy == "fedex-lora" and (
+            self.server_optimizer != "sgd" or self.server_lr not in (0.0, 1.0)
+        ):
+            raise ConfigError(
+                "strategy='fedex-lora' is exact only with server-optimizer='sgd' "
+                "and server-lr=1: drop the server optimizer or pick another strategy"
+            )
+        if self.secure_aggregation:
+            from fedlora.server.secagg import SecAggError, check_composable
+            from fedlora.server.strategies import get_strategy
+
+            try:
+                check_composable(
+                    get_strategy(self.strategy, make_reducer(self.aggregation, self.trim_fraction))
+                )
+            except SecAggError as exc:
+                raise ConfigError(f"secure-aggregation=true: {exc}") from None
+            if self.clip_norm:
+                raise ConfigError(
+                    "clip-norm clips each update on the server, which secure "
+                    "aggregation hides: set clip-norm=0 and use secagg-clip-norm"
+                )
+            if self.min_nodes < 2:
+                raise ConfigError(
+                    f"secure-aggregation=true with min-nodes={self.min_nodes}: "
+                    f"the sum of one node's update is that update; set min-nodes "
+                    f">= 2, or secure-aggregation=false for a single site"
+                )
+            if (
+                self.secagg_clip_norm <= 0
+                or self.secagg_num_shares < 3
+                or not self.secagg_num_shares // 2 < self.secagg_threshold <= self.secagg_num_shares
+            ):
+                raise ConfigError(
+                    f"secagg-clip-norm={self.secagg_clip_norm}, secagg-num-shares="
+                    f"{self.secagg_num_shares}, secagg-threshold="
+                    f"{self.secagg_threshold}: need clip > 0, shares >= 3 and "
+                    f"shares/2 < threshold <= shares"
+                )
+        from fedlora.protocol.compression import CODECS
+
+        if self.codec not in CODECS:
+            raise ConfigError(f"codec={self.codec!r}: use one of {sorted(CODECS)}")
+        if self.codec_block < 1:
+            raise ConfigError(f"codec-block={self.codec_block}: must be >= 1")
+        if self.dp_noise_multiplier < 0:
+            raise ConfigError(f"dp-noise-multiplier={self.dp_noise_multiplier}: must be >= 0")
+        if self.dp_noise_multiplier > 0:
+            _ = self.dp  # validates the DP settings
+            if self.strategy == "fedex-lora" or self.aggregation != "mean" or self.clip_norm:
+                raise ConfigError(
+                    "dp-noise-multiplier > 0 needs the plain mean of clipped "
+                    "deltas: use fedit, ffa-lora or fedsa-lora with aggregation="
+                    "mean and clip-norm=0 (DP clips to dp-clip-norm)"
+                )
+            if self.dp_accountant not in ("rdp", "pld"):
+                raise ConfigError(f"dp-accountant={self.dp_accountant!r}: use rdp or pld")
+        unknown = [s for s in self.site_names if s not in SITES]
+        if unknown or not self.site_names:
+            raise ConfigError(f"sites={self.sites!r}: use comma-separated names from {SITES}")
+        _ = self.lora  # building LoraSettings validates the LoRA fields
+
+    @property
+    def optimizer(self) -> ServerOptimizer:
+        from fedlora.server.strategies import ServerOptimizer
+
+        return ServerOptimizer(kind=self.server_optimizer, lr=self.server_lr or None)
+
+    def secagg_settings(self, nodes: int) -> SecAggSettings:
+        """SecAgg+ settings for a round with ``nodes`` sampled nodes (shares capped at nodes)."""
+        from fedlora.protocol.secagg import SecAggSettings
+
+        shares = max(3, min(self.secagg_num_shares, nodes))
+        threshold = max(min(self.secagg_threshold, shares, nodes), shares // 2 + 1)
+        return SecAggSettings(
+            clip_norm=float(self.secagg_clip_norm),
+            num_shares=shares,
+            reconstruction_threshold=threshold,
+        )
+
+    @property
+    def dp(self) -> DpSettings:
+        """Client-level DP settings; the sampling rate is fraction-train (see server/privacy)."""
+        from fedlora.server.privacy import DpSettings
+
+        try:
+            return DpSettings(
+                noise_multiplier=float(self.dp_noise_multiplier),
+                clip_norm=float(self.dp_clip_norm),
+                sampling_rate=float(self.fraction_train),
+                delta=float(self.dp_delta),
+            )
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
+    @property
+    def site_names(self) -> list[str]:
+        return [s.strip() for s in self.sites.split(",") if s.strip()]
+
+    @property
+    def lora(self) -> LoraSettings:
+        return LoraSettings(
+            r=self.lora_r,
+            alpha=float(self.lora_alpha),
+            dropout=float(self.lora_dropout),
+            target_modules=self.target_modules,
+            rslora=self.lora_rslora,
+        )
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], source: str = "config") -> RunConfig:
+        """Build from dashed keys; an unknown key fails, naming ``source`` and the known keys."""
+        known = {f.name for f in fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in values.items():
+            name = str(key).replace("-", "_")
+            if name not in known:
+                raise ConfigError(
+                    f"{source}: unknown key {key!r}; known keys: "
+                    f"{', '.join(sorted(_key(k) for k in known))}"
+                )
+            kwargs[name] = value
+        try:
+            return cls(**kwargs)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+
+    def to_mapping(self) -> dict[str, Any]:
+        return {_key(f.name): getattr(self, f.name) for f in fields(self)}
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """Read a TOML config file, failing with the file, line and column of a syntax error."""
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: {exc}: fix the TOML syntax") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+
+
+def _key(name: str) -> str:
+    return name.replace("_", "-")

@@ -1,0 +1,126 @@
+"""Merge a LoRA adapter into its base model and save a plain float32 model folder.
+
+The adapter is a standard PEFT folder (``adapter_config.json`` + ``adapter_model.safetensors``),
+as written by ``PeftModel.save_pretrained``. The base is loaded in float32 (also when the adapter
+was trained on a quantized base), the adapter applied with ``PeftModel.from_pretrained`` and folded
+into the weights with ``merge_and_unload()``. The result is an ordinary Hugging Face causal-LM
+folder (safetensors, config, generation config, tokenizer) that any exporter can read.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from fedlora.basemodel import check_model_dir
+from fedlora.errors import FedloraError
+from fedlora.lora import RESIDUAL_FILE
+
+log = logging.getLogger(__name__)
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+def check_adapter_dir(adapter_dir: Path) -> Path:
+    """Fail with a one-line :class:`FedloraError` unless ``adapter_dir`` is a PEFT LoRA folder."""
+    adapter_dir = Path(adapter_dir)
+    hint = "give the folder written by PeftModel.save_pretrained (adapter_config.json + weights)"
+    if not adapter_dir.exists():
+        raise FedloraError(f"adapter folder {adapter_dir} does not exist: {hint}")
+    if not adapter_dir.is_dir():
+        raise FedloraError(f"adapter {adapter_dir} is a file, not a folder: {hint}")
+    config_file = adapter_dir / ADAPTER_CONFIG
+    if not config_file.is_file():
+        raise FedloraError(
+            f"{adapter_dir} has no {ADAPTER_CONFIG}: it is not a PEFT adapter folder; {hint}"
+        )
+    try:
+        config = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise FedloraError(
+            f"{config_file} is not valid JSON ({exc}): re-save the adapter"
+        ) from None
+    if not isinstance(config, dict) or str(config.get("peft_type", "")).upper() != "LORA":
+        peft_type = config.get("peft_type") if isinstance(config, dict) else None
+        raise FedloraError(
+            f"{config_file}: peft_type={peft_type!r} is not a LoRA adapter; "
+            f"only LoRA adapters can be merged"
+        )
+    if not any((adapter_dir / name).is_file() for name in ADAPTER_WEIGHTS):
+        weights = " or ".join(ADAPTER_WEIGHTS)
+        raise FedloraError(f"{adapter_dir} holds no adapter weights ({weights}): {hint}")
+    return adapter_dir
+
+
+def _brief(exc: BaseException, limit: int = 240) -> str:
+    """The first two non-empty lines of an exception (torch puts the detail on line two)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()][:2]
+    text = " ".join(lines) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def add_residuals(model: Any, residual_file: Path) -> int:
+    """Add FedEx-LoRA's dense residuals to the matching base weights; return how many layers."""
+    import torch
+    from safetensors.torch import load_file
+
+    prefix = "base_model.model."
+    residuals = load_file(str(residual_file))
+    for key, residual in residuals.items():
+        module_name = key[len(prefix) :] if key.startswith(prefix) else key
+        try:
+            weight = model.get_submodule(module_name).weight
+        except AttributeError:
+            raise FedloraError(
+                f"{residual_file}: {key} names no layer of the base model: "
+                f"merge it onto the base model it was trained on"
+            ) from None
+        if tuple(weight.shape) != tuple(residual.shape):
+            raise FedloraError(
+                f"{residual_file}: {key} has shape {tuple(residual.shape)}, the "
+                f"base layer {tuple(weight.shape)}"
+            )
+        with torch.no_grad():
+            weight += residual.to(weight.dtype)
+    log.info("Added FedEx-LoRA residuals to %d layers from %s", len(residuals), residual_file)
+    return len(residuals)
+
+
+def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path) -> Path:
+    """Merge the LoRA adapter in ``adapter_dir`` into ``base_dir`` (fp32) and save to ``out_dir``.
+
+    Writes model.safetensors, config.json, generation_config.json and the base tokenizer files.
+    Returns ``out_dir``. Raises :class:`FedloraError` for a missing or unusable adapter.
+    """
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base_dir, adapter_dir, out_dir = Path(base_dir), Path(adapter_dir), Path(out_dir)
+    check_model_dir(base_dir)
+    check_adapter_dir(adapter_dir)
+
+    log.info("Loading base %s in float32", base_dir)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    log.info("Applying adapter %s", adapter_dir)
+    try:
+        peft_model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=False)
+    except (ValueError, RuntimeError, KeyError, OSError) as exc:
+        raise FedloraError(
+            f"adapter {adapter_dir} does not fit base {base_dir} "
+            f"({_brief(exc)}): merge it onto the base model it was trained on"
+        ) from None
+    merged = peft_model.merge_and_unload()
+    merged.eval()
+    if (adapter_dir / RESIDUAL_FILE).is_file():
+        add_residuals(merged, adapter_dir / RESIDUAL_FILE)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    log.info("Saved merged model to %s", out_dir)
+    return out_dir

@@ -1,0 +1,96 @@
+"""Export a merged causal-LM folder to a single ONNX file with a KV cache, tokenizer beside it.
+
+Uses ``optimum.exporters.onnx.main_export(task="text-generation-with-past")`` from a local folder
+(``local_files_only``: nothing is fetched). The result is one ``model.onnx`` with inputs
+``input_ids``, ``attention_mask``, ``position_ids``, ``past_key_values.{i}.key|value`` and outputs
+``logits``, ``present.{i}.key|value``, plus the files the edge runtime needs: tokenizer.json,
+tokenizer_config.json (with the chat template), special_tokens_map.json, chat_template.jinja,
+config.json and generation_config.json.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+from fedlora.errors import FedloraError
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.onnx"
+# Files the edge runtime reads beside model.onnx; the first ones are required.
+REQUIRED_FILES = ("tokenizer.json", "tokenizer_config.json", "config.json")
+OPTIONAL_FILES = ("special_tokens_map.json", "generation_config.json", "chat_template.jinja")
+TASK = "text-generation-with-past"
+
+
+def export_onnx(merged_dir: Path, out_dir: Path, validate: bool = False) -> Path:
+    """Export ``merged_dir`` (a plain HF causal-LM folder) to ``out_dir/model.onnx``.
+
+    ``validate`` runs optimum's own output check as well (slower; the pipeline's parity check
+    compares logits and greedy tokens more strictly). Returns ``out_dir``.
+    """
+    from optimum.exporters.onnx import main_export
+
+    merged_dir, out_dir = Path(merged_dir), Path(out_dir)
+    for name in ("config.json", "tokenizer.json"):
+        if not (merged_dir / name).is_file():
+            raise FedloraError(
+                f"{merged_dir} has no {name}: export a folder written by "
+                f"merge_adapter (model + tokenizer)"
+            )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log.info("Exporting %s to ONNX (%s) in %s", merged_dir, TASK, out_dir)
+    main_export(
+        str(merged_dir),
+        output=out_dir,
+        task=TASK,
+        device="cpu",
+        local_files_only=True,
+        do_validation=validate,
+    )
+    if not (out_dir / MODEL_FILE).is_file():
+        raise FedloraError(
+            f"the ONNX export wrote no {MODEL_FILE} to {out_dir}: check the exporter's log above"
+        )
+    copy_runtime_files(merged_dir, out_dir)
+    log.info("Exported %s (%.1f MiB)", out_dir / MODEL_FILE, onnx_size_mib(out_dir))
+    return out_dir
+
+
+def copy_runtime_files(src: Path, dst: Path) -> None:
+    """Make sure the tokenizer/config files sit beside model.onnx, chat template included."""
+    for name in REQUIRED_FILES + OPTIONAL_FILES:
+        if not (dst / name).is_file() and (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+    missing = [name for name in REQUIRED_FILES if not (dst / name).is_file()]
+    if missing:
+        raise FedloraError(
+            f"{dst} lacks {', '.join(missing)} after export and {src} has none to "
+            f"copy: save the tokenizer with the merged model"
+        )
+    # transformers >= 4.47 keeps the template in chat_template.jinja only; also put it into
+    # tokenizer_config.json so that any reader (older transformers, other runtimes) finds it.
+    template_file = dst / "chat_template.jinja"
+    config_file = dst / "tokenizer_config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    if "chat_template" not in config and template_file.is_file():
+        config["chat_template"] = template_file.read_text(encoding="utf-8")
+        config_file.write_text(
+            json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+        )
+
+
+def onnx_size_mib(onnx_dir: Path) -> float:
+    """Size of model.onnx plus any external-data files, in MiB."""
+    files = [
+        p
+        for p in Path(onnx_dir).iterdir()
+        if p.is_file()
+        and (
+            p.name == MODEL_FILE or p.name.startswith(MODEL_FILE + "_") or p.suffix == ".onnx_data"
+        )
+    ]
+    return sum(p.stat().st_size for p in files) / 2**20

@@ -1,0 +1,90 @@
+"""LoRA settings shared by nodes and the server, and the server's initial adapter.
+
+LoRA (Hu et al., 2021, arXiv:2106.09685) adds ``B @ A`` (rank r) to frozen linear layers, scaled
+by ``alpha / r``. The server owns the initial adapter so every node starts from the same one:
+A ~ U(-1/sqrt(in), 1/sqrt(in)) as in peft's default Kaiming init, B = 0, from a seeded generator.
+Shapes come from the model's config alone, on the meta device (no weights are loaded).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedlora.errors import ConfigError
+
+# FedEx-LoRA's dense residuals, beside a PEFT adapter folder: one (out, in) float32 matrix per
+# adapted layer, keyed by the layer's PEFT module name (``base_model.model.<module>``), to be
+# added to ``<module>.weight`` of the base model (the server writes it, the export reads it).
+RESIDUAL_FILE = "fedex-residual.safetensors"
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    r: int = 8  # rank of each update B @ A
+    alpha: float = 16.0  # scaling numerator: the update is multiplied by alpha / r
+    dropout: float = 0.05  # dropout on the LoRA path during training
+    target_modules: str = "all-linear"  # "all-linear" or comma-separated module names
+    rslora: bool = False  # rank-stabilised LoRA: scale by alpha / sqrt(r) (Kalajdzievski, 2023)
+
+    @property
+    def scaling(self) -> float:
+        """The factor on B @ A: alpha / r, or alpha / sqrt(r) with rsLoRA."""
+        return self.alpha / (self.r**0.5 if self.rslora else self.r)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.r, int) or self.r < 1:
+            raise ConfigError(f"lora-r={self.r!r}: must be a positive integer (e.g. 8)")
+        if self.alpha <= 0:
+            raise ConfigError(f"lora-alpha={self.alpha!r}: must be positive (e.g. 16)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"lora-dropout={self.dropout!r}: must be in [0, 1)")
+        if not self.target_modules.strip():
+            raise ConfigError("target-modules is empty: use 'all-linear' or module names")
+
+    def peft_config(self, base_dir: Path | str | None = None) -> Any:
+        from peft import LoraConfig
+
+        targets: str | list[str] = self.target_modules
+        if self.target_modules != "all-linear":
+            targets = [t.strip() for t in self.target_modules.split(",") if t.strip()]
+        return LoraConfig(
+            r=self.r,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            target_modules=targets,
+            bias="none",
+            task_type="CAUSAL_LM",
+            use_rslora=self.rslora,
+            base_model_name_or_path=str(base_dir) if base_dir else None,
+        )
+
+
+def adapter_shapes(base_dir: Path, settings: LoraSettings) -> dict[str, tuple[int, ...]]:
+    """The name and shape of every LoRA tensor for this model, computed on the meta device."""
+    from accelerate import init_empty_weights
+    from peft import get_peft_model, get_peft_model_state_dict
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(base_dir)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    peft_model = get_peft_model(model, settings.peft_config())
+    state = get_peft_model_state_dict(peft_model)
+    return {k: tuple(v.shape) for k, v in sorted(state.items())}
+
+
+def initial_adapter(shapes: dict[str, tuple[int, ...]], seed: int) -> dict[str, np.ndarray]:
+    """Seeded initial LoRA tensors: A uniform in +-1/sqrt(fan_in), B zero."""
+    rng = np.random.default_rng(seed)
+    out: dict[str, np.ndarray] = {}
+    for name, shape in sorted(shapes.items()):
+        if ".lora_A." in name:
+            bound = 1.0 / np.sqrt(shape[1])
+            out[name] = rng.uniform(-bound, bound, size=shape).astype(np.float32)
+        else:
+            out[name] = np.zeros(shape, dtype=np.float32)
+    return out

@@ -1,0 +1,319 @@
+"""Secure aggregation on the wire: settings, stage and record names, and the integer encoding.
+
+SecAgg+ (Bell et al., "Secure Single-Server Aggregation with (Poly)Logarithmic Overhead", CCS
+2020) over the double-masking protocol of Bonawitz et al. ("Practical Secure Aggregation for
+Privacy-Preserving Machine Learning", CCS 2017) sums integer vectors modulo ``2**modulus_bits``.
+This module turns a client's float update into such a vector and the server's sum back into
+floats, with no silent damage:
+
+1. **Clip** (client side, explicit): the whole update is scaled to global L2 norm at most
+   ``C = clip_norm``; the norm before clipping and whether it clipped are logged and reported.
+   Every coordinate then lies in ``[-C, C]``.
+2. **Quantize** deterministically (round half to even, no random numbers):
+   ``q(x) = rint((x + C) / Δ)`` with ``L = 2**quantization_bits - 1`` levels and
+   ``Δ = 2C / L``, so ``q(x)`` is an integer in ``[0, L]`` and ``|q(x)·Δ - C - x| <= Δ/2``.
+3. **Weight exactly**: a client sends ``[w, w·q(x_1), ..., w·q(x_D)]`` where ``w`` is its
+   number of examples, an exact integer (capped at ``max_weight``, which is logged and reported).
+   The server recovers ``W = Σ w_i`` and ``Σ w_i x_i = Δ·Σ w_i q_i - C·W`` (up to rounding).
+
+Error bound (the tolerance tests assert): per coordinate, the secure mean differs from the plain
+example-weighted mean of the *clipped* updates (computed in float64) by at most
+
+    |secure_mean - plain_mean| <= C / (2**quantization_bits - 1) + 16 · 2**-52 · C
+
+(half a quantization step, since the weighted mean of errors bounded by Δ/2 is bounded by Δ/2,
+plus float64 rounding in decoding). See :attr:`SecAggSettings.tolerance`.
+
+No overflow: the sum of a coordinate is at most ``n · max_weight · L``; :meth:`check_overflow`
+refuses any ``n`` for which this could reach the modulus. Flower's own
+``flwr.common.secure_aggregation.quantization`` is not used: it clips every value silently and
+rounds stochastically with an unseeded generator. Needs numpy and Flower records; never torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+from flwr.app import ConfigRecord
+
+from fedlora.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+MESSAGE_TYPE = "train.secagg"  # every stage; the ClientApp registers @app.train("secagg")
+ACTION = "secagg"
+
+
+class Stage:
+    """The four SecAgg+ stages, in order (a client refuses any other order)."""
+
+    SETUP = "setup"  # carries the train content: train, clip, quantize; reply public keys
+    SHARE_KEYS = "share-keys"  # neighbours' public keys in; encrypted Shamir shares out
+    COLLECT = "collect-masked-vectors"  # shares addressed to the node in; masked vector out
+    UNMASK = "unmask"  # alive/dropped neighbours in; shares for reconstruction out
+    ORDER = (SETUP, SHARE_KEYS, COLLECT, UNMASK)
+
+
+class Key:
+    """Record and field names of SecAgg+ messages."""
+
+    CONFIG = "secagg"  # ConfigRecord in every message, both ways
+    MASKED = "secagg-masked"  # ArrayRecord: the masked vector (client -> server)
+    METRICS = "secagg-metrics"  # MetricRecord: clip and training scalars (client -> server)
+    VECTOR = "vector"  # the one Array inside MASKED
+    STAGE = "stage"
+    SESSION = "session"  # random per round: ties the four stages together
+    NAMES = "tensor-names"
+    SIZES = "tensor-sizes"
+    C_PK = "c-pk"  # public key for encrypting shares (Bonawitz et al.: c^PK)
+    S_PK = "s-pk"  # public key for pairwise masks (s^PK)
+    NODES = "node-ids"
+    SRCS = "srcs"
+    DSTS = "dsts"
+    CIPHERTEXTS = "ciphertexts"
+    ALIVE = "alive"
+    DROPPED = "dropped"
+    B_OWNERS = "b-owners"
+    B_SHARES = "b-shares"
+    SK_OWNERS = "sk-owners"
+    SK_SHARES = "sk-shares"
+
+
+# Metric names a client reports with its masked vector.
+NORM_BEFORE_CLIP = "secagg-norm-before-clip"
+CLIPPED = "secagg-clipped"
+WEIGHT_CAPPED = "secagg-weight-capped"
+
+Spec = Mapping[str, tuple[int, ...]]  # tensor name -> shape; vectors follow sorted(names)
+
+
+@dataclass(frozen=True)
+class SecAggSettings:
+    """How secure aggregation quantizes, masks and recovers (checked at construction)."""
+
+    clip_norm: float = field(
+        metadata={
+            "help": "L2 bound on each client's whole update, applied "
+            "on the client; sets the quantization range"
+        }
+    )
+    num_shares: int = field(
+        default=5,
+        metadata={
+            "help": "shares per secret, one kept and one per neighbour (SecAgg+ graph degree + 1); "
+            ">= the number of clients gives classic SecAgg (complete graph)"
+        },
+    )
+    reconstruction_threshold: int = field(
+        default=3,
+        metadata={"help": "shares needed to rebuild a secret; more than half of num_shares"},
+    )
+    quantization_bits: int = field(
+        default=32,
+        metadata={
+            "help": "levels per coordinate are 2**bits - 1; the error bound is clip_norm / levels"
+        },
+    )
+    modulus_bits: int = field(
+        default=64,
+        metadata={
+            "help": "sums are taken modulo 2**modulus_bits (<= 64; vectors travel as uint64)"
+        },
+    )
+    max_weight: int = field(
+        default=2**20,
+        metadata={"help": "cap on a client's weight (its number of examples), an exact integer"},
+    )
+
+    def __post_init__(self) -> None:
+        if not (
+            isinstance(self.clip_norm, int | float)
+            and math.isfinite(self.clip_norm)
+            and self.clip_norm > 0
+        ):
+            raise ConfigError(
+                f"secagg clip_norm={self.clip_norm!r}: give a positive L2 bound "
+                f"on client updates (e.g. a little above their typical norm)"
+            )
+        for name in (
+            "num_shares",
+            "reconstruction_threshold",
+            "quantization_bits",
+            "modulus_bits",
+            "max_weight",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ConfigError(f"secagg {name}={value!r}: must be an integer")
+        t, k = self.reconstruction_threshold, self.num_shares
+        if k < 3:
+            raise ConfigError(f"secagg num_shares={k}: use at least 3")
+        if not (2 * t > k and t <= k):
+            raise ConfigError(
+                f"secagg reconstruction_threshold={t} with num_shares={k}: it "
+                f"must exceed half of num_shares (else a server could rebuild "
+                f"both secrets of one client) and not exceed it: use "
+                f"{k // 2 + 1}..{k}"
+            )
+        if not 2 <= self.modulus_bits <= 64:
+            raise ConfigError(f"secagg modulus_bits={self.modulus_bits}: use 2..64")
+        if not 1 <= self.quantization_bits < self.modulus_bits:
+            raise ConfigError(
+                f"secagg quantization_bits={self.quantization_bits}: use 1.."
+                f"{self.modulus_bits - 1} (below modulus_bits)"
+            )
+        if self.max_weight < 1:
+            raise ConfigError(f"secagg max_weight={self.max_weight}: must be >= 1")
+        self.check_overflow(1)
+
+    @property
+    def levels(self) -> int:
+        """``L``: quantized coordinates are integers in ``[0, L]``."""
+        return 2**self.quantization_bits - 1
+
+    @property
+    def step(self) -> float:
+        """``Δ = 2C / L``, the value of one quantization level."""
+        return 2.0 * self.clip_norm / self.levels
+
+    @property
+    def tolerance(self) -> float:
+        """Per-coordinate bound on |secure mean - plain mean of clipped updates|."""
+        return self.clip_norm / self.levels + 16 * 2.0**-52 * self.clip_norm
+
+    def max_clients(self) -> int:
+        """The most clients whose sum cannot wrap the modulus."""
+        return (2**self.modulus_bits - 1) // (self.max_weight * self.levels)
+
+    def check_overflow(self, num_clients: int) -> None:
+        """Raise ConfigError if ``num_clients * max_weight * L`` could wrap the modulus."""
+        if num_clients * self.max_weight * self.levels < 2**self.modulus_bits:
+            return
+        room = 2**self.modulus_bits - 1
+        bits = (room // (num_clients * self.max_weight)).bit_length() - 1
+        raise ConfigError(
+            f"secagg overflow: {num_clients} clients x max_weight {self.max_weight} x "
+            f"{self.levels} levels can reach 2**{self.modulus_bits}; lower quantization_bits "
+            f"to {max(bits, 0)}, or max_weight to {room // (num_clients * self.levels)}, or "
+            f"raise modulus_bits (at most 64), or sample fewer clients "
+            f"(at most {self.max_clients()})"
+        )
+
+    def to_record(self) -> ConfigRecord:
+        return ConfigRecord({k.replace("_", "-"): v for k, v in asdict(self).items()})
+
+    @classmethod
+    def from_record(cls, record: ConfigRecord) -> SecAggSettings:
+        values = {}
+        for name in cls.__dataclass_fields__:
+            key = name.replace("_", "-")
+            if key not in record:
+                raise ConfigError(f"secagg settings lack {key!r}")
+            values[name] = record[key]
+        return cls(**values)  # type: ignore[arg-type]
+
+
+def vector_length(spec: Spec) -> int:
+    """Length of an encoded vector: the weight plus every coordinate."""
+    return 1 + sum(math.prod(shape) for shape in spec.values())
+
+
+def flatten(arrays: Mapping[str, np.ndarray], spec: Spec) -> np.ndarray:
+    """One float64 vector in sorted-name order, after checking names and shapes against spec."""
+    if set(arrays) != set(spec):
+        missing, extra = sorted(set(spec) - set(arrays)), sorted(set(arrays) - set(spec))
+        raise ValueError(
+            f"update tensors differ from the spec: missing {missing[:2]}, unexpected {extra[:2]}"
+        )
+    parts = []
+    for name in sorted(spec):
+        arr = np.asarray(arrays[name])
+        if tuple(arr.shape) != tuple(spec[name]):
+            raise ValueError(f"{name} has shape {arr.shape}, expected {tuple(spec[name])}")
+        parts.append(arr.astype(np.float64, copy=False).ravel())
+    vec = np.concatenate(parts) if parts else np.zeros(0)
+    if not np.isfinite(vec).all():
+        raise ValueError("the update holds NaN or Inf: refusing to encode it")
+    return vec
+
+
+def unflatten(vec: np.ndarray, spec: Spec) -> dict[str, np.ndarray]:
+    out, start = {}, 0
+    for name in sorted(spec):
+        size = math.prod(spec[name])
+        out[name] = vec[start : start + size].reshape(spec[name])
+        start += size
+    return out
+
+
+def clip_l2(vec: np.ndarray, clip_norm: float) -> tuple[np.ndarray, float, bool]:
+    """``(clipped, norm_before, clipped?)``: scale ``vec`` to L2 norm at most ``clip_norm``."""
+    norm = float(np.linalg.norm(vec))
+    if norm <= clip_norm:
+        return vec, norm, False
+    return vec * (clip_norm / norm), norm, True
+
+
+def quantize(vec: np.ndarray, settings: SecAggSettings) -> np.ndarray:
+    """Deterministic ``rint((x + C) / Δ)`` in ``[0, L]`` (uint64); ``vec`` must be clipped.
+
+    ``np.clip`` only absorbs float rounding of the L2 scaling (at most an ulp past ``±C``).
+    """
+    c = settings.clip_norm
+    if vec.size and float(np.max(np.abs(vec))) > c * (1 + 1e-9):
+        raise ValueError(f"a coordinate exceeds clip_norm {c}: clip the update (clip_l2) first")
+    scaled = (np.clip(vec, -c, c) + c) / settings.step
+    return np.rint(np.clip(scaled, 0, settings.levels)).astype(np.uint64)
+
+
+def weighted_vector(q: np.ndarray, weight: int, settings: SecAggSettings) -> np.ndarray:
+    """``[w, w·q_1, ..., w·q_D]`` mod ``2**modulus_bits`` as uint64 (exact: w <= max_weight)."""
+    if not 0 <= weight <= settings.max_weight:
+        raise ValueError(f"weight {weight} outside [0, max_weight={settings.max_weight}]")
+    out = np.empty(q.size + 1, dtype=np.uint64)
+    out[0] = weight
+    np.multiply(q, np.uint64(weight), out=out[1:])
+    return reduce_mod(out, settings.modulus_bits)
+
+
+def reduce_mod(vec: np.ndarray, modulus_bits: int) -> np.ndarray:
+    """``vec mod 2**modulus_bits`` in place (uint64 arithmetic already wraps modulo 2**64)."""
+    if modulus_bits < 64:
+        np.bitwise_and(vec, np.uint64(2**modulus_bits - 1), out=vec)
+    return vec
+
+
+def decode_sum(
+    total: np.ndarray, settings: SecAggSettings, spec: Spec
+) -> tuple[dict[str, np.ndarray], int]:
+    """``(Σ w_i x_i by tensor name in float64, Σ w_i)`` from the unmasked sum vector."""
+    if total.shape != (vector_length(spec),):
+        raise ValueError(f"sum vector has shape {total.shape}, expected ({vector_length(spec)},)")
+    weight = int(total[0])
+    summed = total[1:].astype(np.float64) * settings.step - settings.clip_norm * weight
+    return unflatten(summed, spec), weight
+
+
+__all__ = [
+    "ACTION",
+    "CLIPPED",
+    "MESSAGE_TYPE",
+    "NORM_BEFORE_CLIP",
+    "WEIGHT_CAPPED",
+    "Key",
+    "SecAggSettings",
+    "Spec",
+    "Stage",
+    "clip_l2",
+    "decode_sum",
+    "flatten",
+    "quantize",
+    "reduce_mod",
+    "unflatten",
+    "vector_length",
+    "weighted_vector",
+]

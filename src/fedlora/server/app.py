@@ -1,0 +1,283 @@
+"""The Flower ServerApp: R rounds of LoRA FedAvg, the global adapter saved after every round.
+
+Outputs under ``output-dir``: ``rounds/round-NNN/`` and ``global-adapter/`` (PEFT adapter
+folders), ``metrics.jsonl`` (one line per round: per-site and aggregated loss), ``run.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedlora.basemodel import resolve_base_model
+from fedlora.config import RunConfig
+from fedlora.errors import ConfigError
+from fedlora.lora import adapter_shapes, initial_adapter
+from fedlora.protocol.adapter import spec_of
+from fedlora.protocol.messages import RoundConfig, to_array_record
+from fedlora.server.central import make_central_eval
+from fedlora.server.checkpoint import save_adapter
+from fedlora.server.privacy import PrivacyLedger
+from fedlora.server.report import write_report
+from fedlora.server.state import (
+    STATE_DIR,
+    ServerState,
+    capture_random,
+    check_resumable,
+    load_state,
+    restore_random,
+    save_state,
+)
+from fedlora.server.strategies import get_strategy, make_reducer
+from fedlora.server.strategy import LoraFedAvg
+
+log = logging.getLogger(__name__)
+
+
+def round_config(cfg: RunConfig) -> RoundConfig:
+    """What every node is asked to do each round (the server fills in the round number)."""
+    train, send = get_strategy(cfg.strategy).factors()
+    return RoundConfig(
+        server_round=0,
+        local_steps=cfg.local_steps,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        max_length=cfg.max_length,
+        seed=cfg.seed,
+        lora_r=cfg.lora_r,
+        lora_alpha=float(cfg.lora_alpha),
+        lora_dropout=float(cfg.lora_dropout),
+        target_modules=cfg.target_modules,
+        train_factors=train,
+        send_factors=send,
+        lora_rslora=cfg.lora_rslora,
+        local_epochs=float(cfg.local_epochs),
+        grad_accum=cfg.grad_accum,
+        warmup_steps=cfg.warmup_steps,
+        lr_schedule=cfg.lr_schedule,
+        max_grad_norm=float(cfg.max_grad_norm),
+        weight_decay=float(cfg.weight_decay),
+        loss=cfg.loss,
+        packing=cfg.packing,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        codec="none" if cfg.secure_aggregation else cfg.codec,
+        codec_block=cfg.codec_block,
+    )
+
+
+def run_federation(grid: Grid, cfg: RunConfig) -> dict[str, np.ndarray]:
+    """Run ``cfg.num_server_rounds`` rounds on ``grid``; return the final global adapter.
+
+    With ``resume``, the run saved in ``output-dir`` continues from its last completed round
+    (same settings required) and ends as an uninterrupted run would; otherwise a new run
+    replaces whatever an earlier run left there.
+    """
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    base_dir = resolve_base_model(cfg.base_model)
+    shapes = adapter_shapes(base_dir, cfg.lora)
+    settings = cfg.to_mapping()
+    saved = load_state(out) if cfg.resume else None
+    if saved is not None:
+        check_resumable(saved.settings, settings, out)
+        if {k: tuple(v.shape) for k, v in saved.global_adapter.items()} != shapes:
+            raise ConfigError(
+                f"the adapter saved in {out} does not fit {base_dir} with these "
+                f"LoRA settings: resume with the same model and LoRA settings"
+            )
+        adapter = saved.global_adapter
+        log.info(
+            "Resuming %s after round %d of %d", out, saved.completed_round, cfg.num_server_rounds
+        )
+    else:
+        if cfg.resume:
+            log.warning("resume: nothing saved in %s yet; starting a new run", out)
+        _clear_run(out)
+        adapter = initial_adapter(shapes, cfg.seed)
+    n_params = sum(int(v.size) for v in adapter.values())
+    log.info(
+        "Global adapter: %d tensors, %d parameters (%.1f MiB fp32)",
+        len(adapter),
+        n_params,
+        n_params * 4 / 2**20,
+    )
+    (out / "run.json").write_text(
+        json.dumps(
+            {"config": settings, "base-model-dir": str(base_dir), "adapter-parameters": n_params},
+            indent=2,
+        )
+    )
+    ledger = None
+    if cfg.dp_noise_multiplier > 0:
+        ledger = PrivacyLedger(cfg.dp, accountant=cfg.dp_accountant)
+        for past in saved.history if saved is not None else []:  # a resumed run's rounds
+            if "dp-noise-multiplier" in past:
+                ledger.record_round(
+                    past["round"], past["dp-noise-multiplier"], past["dp-sampling-rate"]
+                )
+        log.info(
+            "Differential privacy on: clip %g, noise multiplier %g, sampling rate %g, "
+            "delta %g (%s accountant)",
+            cfg.dp_clip_norm,
+            cfg.dp_noise_multiplier,
+            cfg.fraction_train,
+            cfg.dp_delta,
+            cfg.dp_accountant,
+        )
+    strategy = LoraFedAvg(
+        spec=spec_of(adapter),
+        global_adapter=adapter,
+        aggregator=get_strategy(cfg.strategy, make_reducer(cfg.aggregation, cfg.trim_fraction)),
+        optimizer=cfg.optimizer,
+        clip_norm=cfg.clip_norm or None,
+        scale=cfg.lora.scaling,
+        history_file=out / "metrics.jsonl",
+        fraction_train=cfg.fraction_train,
+        min_train_nodes=cfg.min_nodes,
+        min_available_nodes=max(cfg.min_available_nodes, cfg.min_nodes),
+        fraction_evaluate=cfg.fraction_evaluate if cfg.evaluate_every else 0.0,
+        min_evaluate_nodes=cfg.min_nodes,
+        evaluate_every=cfg.evaluate_every,
+        num_rounds=cfg.num_server_rounds,
+        round_timeout=cfg.round_timeout,
+        secagg=cfg.secagg_settings if cfg.secure_aggregation else None,
+        codec="none" if cfg.secure_aggregation else cfg.codec,
+        codec_block=cfg.codec_block,
+        dp=ledger,
+    )
+    if cfg.secure_aggregation:
+        log.info(
+            "Secure aggregation (SecAgg+) on: nodes clip to L2 norm %g; the server learns "
+            "only the sum of the updates",
+            cfg.secagg_clip_norm,
+        )
+    else:
+        log.warning(
+            "Secure aggregation is OFF: the server sees every node's update. Set "
+            "secure-aggregation=true (the deployment default) to hide them."
+        )
+    if cfg.central_eval:
+        labels = tuple(x.strip() for x in cfg.eval_labels.split(",") if x.strip())
+        strategy.central_eval = make_central_eval(
+            base_dir,
+            cfg.lora,
+            cfg.central_eval,
+            cfg.central_eval_samples,
+            labels,
+            cfg.max_length,
+            residuals=lambda: strategy.residuals,
+        )
+    if saved is not None:
+        strategy.round_offset = saved.completed_round
+        strategy.opt_state, strategy.residuals = saved.optimizer, saved.residuals
+        strategy.history = saved.history
+        (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in saved.history))
+        restore_random(saved.python_random)
+
+    def save(
+        server_round: int,
+        arrays: dict[str, np.ndarray],
+        residuals: dict[str, np.ndarray],
+        record: dict[str, Any],
+    ) -> None:
+        meta = {
+            "round": server_round,
+            "train-loss": record.get("train-loss", float("nan")),
+            "strategy": cfg.strategy,
+            "server-optimizer": cfg.server_optimizer,
+        }
+        meta.update({k: v for k, v in record.items() if k.startswith(("eval-", "central-", "dp-"))})
+        if ledger is not None:
+            meta["privacy"] = ledger.summary()
+        for folder in (out / "rounds" / f"round-{server_round:03d}", out / "global-adapter"):
+            save_adapter(arrays, folder, cfg.lora, base_dir, meta, residuals)
+        save_state(
+            out,
+            ServerState(
+                completed_round=server_round,
+                global_adapter=arrays,
+                optimizer=strategy.opt_state,
+                residuals=residuals,
+                history=strategy.history,
+                settings=settings,
+                python_random=capture_random(),
+            ),
+        )
+        write_report(out, strategy.history, settings)
+
+    strategy.on_round = save
+    remaining = cfg.num_server_rounds - strategy.round_offset
+    log.info(
+        "Strategy %s, server optimizer %s (lr %g); %d rounds to run",
+        cfg.strategy,
+        cfg.server_optimizer,
+        cfg.optimizer.server_lr,
+        max(remaining, 0),
+    )
+    if remaining <= 0:
+        return strategy.global_adapter
+    start = time.perf_counter()
+    strategy.start(
+        grid=grid,
+        initial_arrays=to_array_record(strategy.global_adapter),
+        num_rounds=remaining,
+        timeout=cfg.round_timeout,
+        train_config=round_config(cfg).to_record(),
+        evaluate_config=round_config(cfg).to_record(),
+    )
+    log.info(
+        "Federation finished: %d rounds in %.1f s; global adapter in %s",
+        remaining,
+        time.perf_counter() - start,
+        out / "global-adapter",
+    )
+    return strategy.global_adapter
+
+
+def _clear_run(out: Path) -> None:
+    """Remove what an earlier run left in ``out`` (a new run replaces it)."""
+    leftovers = [
+        out / STATE_DIR,
+        out / "rounds",
+        out / "global-adapter",
+        out / "metrics.jsonl",
+        out / "report.md",
+        out / "loss.png",
+        out / "accuracy.png",
+    ]
+    if any(p.exists() for p in leftovers):
+        log.warning(
+            "Starting a new run in %s: the earlier run there is replaced (set resume "
+            "to continue it instead)",
+            out,
+        )
+    for path in leftovers:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def make_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
+    """A ServerApp reading ``context.run_config``, overlaid by ``overrides``."""
+    extra = dict(overrides or {})
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        cfg = RunConfig.from_mapping({**context.run_config, **extra}, source="run config")
+        run_federation(grid, cfg)
+
+    return app
+
+
+app = make_server_app()

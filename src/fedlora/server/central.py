@@ -1,0 +1,125 @@
+"""Central evaluation: the server scores the global adapter on test data it holds itself.
+
+Optional (``central-eval``): the packaged drug-review test split (``drugreview``) or a data file
+or folder of chat examples. The base model is loaded once (bf16) with the LoRA layers; each
+evaluation only swaps the adapter weights (and, for FedEx-LoRA, adds the residuals to the base
+weights they belong to). Reports loss and perplexity on the answers, and label accuracy when the
+task has labels.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from fedlora.data.records import Example
+from fedlora.errors import ConfigError
+from fedlora.lora import LoraSettings
+
+log = logging.getLogger(__name__)
+
+Arrays = dict[str, np.ndarray]
+
+
+def central_examples(
+    source: str, n: int, labels: tuple[str, ...]
+) -> tuple[list[Example], tuple[str, ...]]:
+    """The first ``n`` server-held test examples, and the labels to score (may be empty)."""
+    if source == "drugreview":
+        from fedlora.data.drugreview import LABELS, load_split
+        from fedlora.prompting import review_example
+
+        reviews = load_split("test")[:n]
+        return (
+            [
+                review_example(r.text, r.label, f"drugreview:test:{i}")
+                for i, r in enumerate(reviews)
+            ],
+            labels or LABELS,
+        )
+    from fedlora.data.formats import DataSpec, load_examples
+
+    if not Path(source).exists():
+        raise ConfigError(f"central-eval={source!r}: not 'drugreview' and no such file or folder")
+    examples = [ex for ex in load_examples(DataSpec(path=source)).examples if ex.kind == "chat"]
+    if not examples:
+        raise ConfigError(f"central-eval={source!r}: no chat examples to evaluate on")
+    return examples[:n], labels
+
+
+def make_central_eval(
+    base_dir: Path,
+    lora: LoraSettings,
+    source: str,
+    n: int,
+    labels: tuple[str, ...],
+    max_length: int,
+    residuals: Callable[[], Arrays],
+) -> Callable[[int, Arrays], dict[str, float]]:
+    """A function (round, global adapter) -> metrics; the model loads on first use."""
+    examples, labels = central_examples(source, n, labels)
+    state: dict[str, object] = {}
+
+    def evaluate(server_round: int, adapter: Arrays) -> dict[str, float]:
+        import torch
+        from peft import get_peft_model, set_peft_model_state_dict
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from fedlora.encoding import encode_examples
+        from fedlora.evaluate import eval_loss, label_accuracy
+
+        start = time.perf_counter()
+        if not state:
+            tokenizer = AutoTokenizer.from_pretrained(base_dir)
+            if tokenizer.pad_token_id is None:
+                tokenizer.pad_token = tokenizer.eos_token
+            base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.bfloat16)
+            state.update(
+                model=get_peft_model(base, lora.peft_config(base_dir)).eval(),
+                tokenizer=tokenizer,
+                originals={},
+                rows=encode_examples(tokenizer, examples, max_length)[0],
+            )
+        model, tokenizer = state["model"], state["tokenizer"]
+        set_peft_model_state_dict(
+            model,
+            {
+                k: torch.from_numpy(np.array(v))  # type: ignore
+                for k, v in adapter.items()
+            },
+        )
+        _apply_residuals(model, residuals(), state["originals"])  # type: ignore[arg-type]
+        result = {}
+        loss = eval_loss(model, state["rows"], tokenizer.pad_token_id)  # type: ignore
+        result.update({"eval-loss": loss.loss, "eval-perplexity": loss.perplexity})
+        if labels:
+            labelled = [ex for ex in examples if ex.turns[-1].content.strip() in labels]
+            result["eval-accuracy"] = label_accuracy(
+                model, tokenizer, labelled, labels, max_length
+            ).accuracy
+        log.info(
+            "Central eval after round %d on %d examples in %.1f s",
+            server_round,
+            len(examples),
+            time.perf_counter() - start,
+        )
+        return result
+
+    return evaluate
+
+
+def _apply_residuals(model: object, residuals: Arrays, originals: dict[str, object]) -> None:
+    """Set each residual's base weight to its original value plus the residual."""
+    import torch
+
+    modules = dict(model.named_modules())  # type: ignore[attr-defined]
+    for name, residual in residuals.items():
+        layer = modules[name].base_layer if hasattr(modules[name], "base_layer") else modules[name]
+        if name not in originals:
+            originals[name] = layer.weight.detach().float().clone()
+        original = originals[name]
+        layer.weight.data = (original + torch.from_numpy(residual)).to(layer.weight.dtype)

@@ -1,0 +1,174 @@
+"""Secure aggregation (SecAgg+) on Flower's Message API: the server's entry point.
+
+SecAgg+ (Bell et al., "Secure Single-Server Aggregation with (Poly)Logarithmic Overhead", CCS
+2020) on the double-masking protocol of Bonawitz et al. ("Practical Secure Aggregation for
+Privacy-Preserving Machine Learning", CCS 2017), built on ``flwr.common.secure_aggregation``
+and ``cryptography``. One call runs one round over a ``Grid``; every stage is a
+``train.secagg`` message (the ClientApp registers ``@app.train("secagg")``):
+
+1. ``setup``: the plain round's train content (global adapter + round config) and the SecAgg
+   settings out; nodes train, clip, quantize, and reply two public keys.
+2. ``share-keys``: each node gets its neighbours' keys (a random ``num_shares``-regular graph)
+   and returns Shamir shares of its self-mask seed and mask key, encrypted per neighbour.
+3. ``collect-masked-vectors``: the server forwards the encrypted shares; nodes reply
+   ``[w, w·q(x)] + self mask ± pair masks (mod 2**modulus_bits)``. The server keeps the sum only.
+4. ``unmask``: survivors send shares of the self-mask seeds of contributors and of the mask keys
+   of nodes that dropped before masking; the server removes all masks and decodes.
+
+The server sees the sum of weighted updates, the total weight, and scalar metrics; never one
+node's update. It composes with strategies that need only the weighted mean
+(:func:`check_composable`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from flwr.app import RecordDict
+from flwr.serverapp import Grid
+from numpy.typing import DTypeLike
+
+from fedlora.protocol.secagg import SecAggSettings, Spec, Stage, decode_sum
+from fedlora.server.secagg_stages import SecAggError, Session, collect, setup, share_keys, unmask
+from fedlora.server.strategies.base import ClientUpdate, LoraAggregator
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SecAggResult:
+    """One successful secure aggregation: sums, never individual updates."""
+
+    weighted_sum: dict[str, np.ndarray]  # Σ w_i · clip(x_i) by tensor name, float64
+    total_weight: int  # Σ w_i (examples, each capped at max_weight)
+    contributors: tuple[int, ...]  # nodes whose masked vectors are in the sum (U3)
+    dropped: tuple[int, ...]  # asked at setup but not in the sum
+    metrics: dict[int, dict[str, Any]]  # per contributor: clip and training scalars
+    seconds: dict[str, float]  # per stage (send + wait + server work), "reconstruct", "total"
+    bytes_sent: dict[str, int] = field(default_factory=dict)  # payload bytes per stage
+    bytes_received: dict[str, int] = field(default_factory=dict)
+    tolerance: float = 0.0  # per-coordinate bound on |mean - plain mean of clipped updates|
+
+    def mean(self, dtype: DTypeLike = np.float64) -> dict[str, np.ndarray]:
+        """The example-weighted mean update, Σ w_i x_i / Σ w_i."""
+        return {k: (v / self.total_weight).astype(dtype) for k, v in self.weighted_sum.items()}
+
+    @property
+    def num_clipped(self) -> int:
+        return sum(int(m.get("secagg-clipped", 0)) for m in self.metrics.values())
+
+
+def secure_weighted_sum(
+    grid: Grid,
+    node_ids: Iterable[int],
+    train_content: RecordDict,
+    settings: SecAggSettings,
+    spec: Spec,
+    timeout: float | None = None,
+    *,
+    stage_timeout: float | None = None,
+    group_id: str = "",
+) -> SecAggResult:
+    """Run one SecAgg+ round on ``node_ids``; return the weighted sum or raise SecAggError.
+
+    ``train_content`` is what a plain round sends in its train message; nodes train on it in
+    the setup stage, which waits up to ``timeout`` seconds. The other stages wait up to
+    ``stage_timeout`` (default: ``timeout``). ``spec`` maps tensor names to shapes (the sent
+    factors). Contributors that vanish after sending their masked vectors are recovered while
+    at least ``reconstruction_threshold`` share holders answer the unmask stage; with fewer,
+    SecAggError is raised and nothing is returned. ConfigError if the modulus could overflow.
+    """
+    nodes = sorted(set(node_ids))
+    settings.check_overflow(len(nodes))
+    t = settings.reconstruction_threshold
+    if len(nodes) < t:
+        raise SecAggError(
+            f"{len(nodes)} nodes sampled, fewer than the reconstruction "
+            f"threshold {t}: sample more nodes or lower the threshold"
+        )
+    stage_timeout = timeout if stage_timeout is None else stage_timeout
+    start = time.perf_counter()
+    s = Session(settings=settings, spec={k: tuple(v) for k, v in spec.items()}, group_id=group_id)
+    u1 = setup(grid, s, nodes, train_content, timeout)
+    _enough(u1, t, Stage.SETUP)
+    u2 = share_keys(grid, s, u1, stage_timeout)
+    _enough(u2, t, Stage.SHARE_KEYS)
+    u3 = collect(grid, s, u2, stage_timeout)
+    _enough(u3, t, Stage.COLLECT)
+    total = unmask(grid, s, u2, u3, stage_timeout)
+    weighted_sum, weight = decode_sum(total, settings, s.spec)
+    if weight <= 0:
+        raise SecAggError("the contributors' total weight is 0: nothing to average")
+    s.seconds["total"] = time.perf_counter() - start
+    result = SecAggResult(
+        weighted_sum=weighted_sum,
+        total_weight=weight,
+        contributors=tuple(u3),
+        dropped=tuple(sorted(set(nodes) - set(u3))),
+        metrics=s.metrics,
+        seconds=dict(s.seconds),
+        bytes_sent=dict(s.bytes_sent),
+        bytes_received=dict(s.bytes_received),
+        tolerance=settings.tolerance,
+    )
+    log.info(
+        "secagg: %d of %d nodes in the sum (weight %d, %d clipped to %g), %d dropped; "
+        "%.2f s, %.1f MiB up",
+        len(u3),
+        len(nodes),
+        weight,
+        result.num_clipped,
+        settings.clip_norm,
+        len(result.dropped),
+        s.seconds["total"],
+        sum(s.bytes_received.values()) / 2**20,
+    )
+    return result
+
+
+def _enough(survivors: list[int], threshold: int, stage: str) -> None:
+    if len(survivors) < threshold:
+        raise SecAggError(
+            f"after stage {stage!r} {len(survivors)} nodes remain, fewer than the "
+            f"reconstruction threshold {threshold}: the round fails, nothing "
+            f"is aggregated"
+        )
+
+
+def check_composable(aggregator: LoraAggregator) -> None:
+    """Raise SecAggError for strategies that need individual updates (secure sums hide them).
+
+    FedIT, FFA-LoRA and FedSA-LoRA with the example-weighted mean compose; FedEx-LoRA (needs
+    each client's factors) and the median / trimmed-mean reducers do not.
+    """
+    if aggregator.individual_updates_needed:
+        raise SecAggError(
+            f"strategy {aggregator.name!r} with the {aggregator.reducer.kind!r} "
+            f"reducer needs each client's update, "
+            f"which secure aggregation hides: use the mean with fedit, ffa-lora "
+            f"or fedsa-lora, or turn secure aggregation off"
+        )
+
+
+def as_client_update(result: SecAggResult, like: Mapping[str, np.ndarray]) -> ClientUpdate:
+    """The secure mean as one ClientUpdate (dtype of ``like``) weighted by the total weight.
+
+    A strategy whose aggregation is the example-weighted mean gives the same result on this
+    single update as on the individual ones it replaces.
+    """
+    mean = result.mean()
+    return ClientUpdate({k: v.astype(like[k].dtype) for k, v in mean.items()}, result.total_weight)
+
+
+__all__ = [
+    "SecAggError",
+    "SecAggResult",
+    "as_client_update",
+    "check_composable",
+    "secure_weighted_sum",
+]

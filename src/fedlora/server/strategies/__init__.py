@@ -1,0 +1,64 @@
+"""LoRA aggregation strategies and server optimizers, one small file each, with a registry.
+
+Strategies (``get_strategy(name)``): ``fedit`` (FedIT, the baseline), ``ffa-lora`` (A frozen,
+B averaged; exact), ``fedsa-lora`` (A averaged, B personal), ``fedex-lora`` (FedIT plus an exact
+dense residual). Server optimizers (:mod:`.optimizers`): FedAvg, FedAvgM, FedAdam, FedYogi on
+any strategy's aggregated delta. :func:`needs_individual_updates` tells secure aggregation
+which strategies it must refuse. Numpy only: no torch, no flwr.
+"""
+
+from __future__ import annotations
+
+from fedlora.server.strategies.base import (
+    AggregationResult,
+    ClientUpdate,
+    LoraAggregator,
+    layer_pairs,
+)
+from fedlora.server.strategies.fedex_lora import FedExLoRA
+from fedlora.server.strategies.fedit import FedIT
+from fedlora.server.strategies.fedsa_lora import FedSALoRA
+from fedlora.server.strategies.ffa_lora import FFALoRA
+from fedlora.server.strategies.optimizers import OptimizerState, ServerOptimizer, step
+from fedlora.server.strategies.robust import Reducer, clip_update_norm, make_reducer
+
+STRATEGIES: dict[str, type[LoraAggregator]] = {
+    cls.name: cls for cls in (FedIT, FFALoRA, FedSALoRA, FedExLoRA)
+}
+
+
+def _lookup(name: str) -> type[LoraAggregator]:
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown strategy {name!r}: choose one of {', '.join(STRATEGIES)}")
+    return STRATEGIES[name]
+
+
+def get_strategy(name: str, reducer: Reducer | None = None) -> LoraAggregator:
+    """A new instance of the strategy registered as ``name``, reducing updates with ``reducer``."""
+    return _lookup(name)(reducer)
+
+
+def needs_individual_updates(name: str, reducer: str = "mean") -> bool:
+    """True when the strategy needs each client's update (so secure aggregation must refuse it)."""
+    return _lookup(name).needs_individual_updates or reducer != "mean"
+
+
+__all__ = [
+    "STRATEGIES",
+    "AggregationResult",
+    "ClientUpdate",
+    "FFALoRA",
+    "FedExLoRA",
+    "FedIT",
+    "FedSALoRA",
+    "LoraAggregator",
+    "OptimizerState",
+    "Reducer",
+    "ServerOptimizer",
+    "clip_update_norm",
+    "get_strategy",
+    "layer_pairs",
+    "make_reducer",
+    "needs_individual_updates",
+    "step",
+]

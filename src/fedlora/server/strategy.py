@@ -1,0 +1,523 @@
+"""LoRA-aware aggregation on Flower's Message API: validate replies, aggregate, checkpoint.
+
+Each reply is checked against the wire format (fedlora.protocol), restricted to the factors the
+aggregation strategy has nodes send; a bad reply (error, wrong names/shapes/dtypes, NaN/Inf,
+metrics outside the whitelist) is logged and dropped and the round goes on with the rest. The
+strategy (fedlora.server.strategies: FedIT, FFA-LoRA, FedSA-LoRA, FedEx-LoRA) turns the
+example-weighted deltas into an aggregated delta, the server optimizer (FedAvg, FedAvgM,
+FedAdam, FedYogi) applies it. With no usable reply, or a set of replies the strategy refuses,
+the global adapter stays unchanged.
+
+After training, nodes evaluate the global adapter on their eval splits (every
+``evaluate_every`` rounds and after the last): loss, perplexity and, for label tasks, accuracy,
+weighted by eval examples. An optional central evaluation runs on the server's own test data.
+Then the round is complete: its record goes to the history (metrics.jsonl) and ``on_round``
+saves the checkpoint and the report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from fedlora.data.drugreview import SITES
+from fedlora.protocol.adapter import AdapterSpec, restrict
+from fedlora.protocol.messages import EvalReply, ProtocolError, TrainReply, to_array_record
+from fedlora.protocol.secagg import CLIPPED, NORM_BEFORE_CLIP, SecAggSettings
+from fedlora.server.privacy import PrivacyLedger, effective_noise_multiplier
+from fedlora.server.secagg import (
+    SecAggError,
+    SecAggResult,
+    as_client_update,
+    check_composable,
+    secure_weighted_sum,
+)
+from fedlora.server.strategies import (
+    ClientUpdate,
+    FedIT,
+    LoraAggregator,
+    OptimizerState,
+    ServerOptimizer,
+    clip_update_norm,
+    step,
+)
+from fedlora.server.strategies.fedex_lora import add_residuals
+
+log = logging.getLogger(__name__)
+
+Arrays = dict[str, np.ndarray]
+RoundHook = Callable[[int, Arrays, Arrays, dict[str, Any]], None]
+CentralEval = Callable[[int, Arrays], dict[str, float]]
+
+
+class LoraFedAvg(FedAvg):
+    """Flower's FedAvg node sampling with LoRA-aware aggregation of adapter deltas."""
+
+    def __init__(
+        self,
+        spec: AdapterSpec,
+        global_adapter: Arrays,
+        aggregator: LoraAggregator | None = None,
+        optimizer: ServerOptimizer | None = None,
+        scale: float = 1.0,
+        clip_norm: float | None = None,
+        history_file: Path | None = None,
+        on_round: RoundHook | None = None,
+        evaluate_every: int = 0,
+        num_rounds: int = 0,
+        central_eval: CentralEval | None = None,
+        secagg: Callable[[int], SecAggSettings] | None = None,
+        round_timeout: float = 3600.0,
+        codec: str = "none",
+        codec_block: int = 64,
+        dp: PrivacyLedger | None = None,
+        **fedavg: Any,
+    ) -> None:
+        super().__init__(**fedavg)
+        self.spec = spec
+        self.global_adapter = global_adapter
+        self.aggregator = aggregator or FedIT()
+        self.optimizer = optimizer or ServerOptimizer()
+        self.opt_state = OptimizerState()
+        self.scale = scale  # lora_alpha / r
+        self.clip_norm = clip_norm  # per-client L2 bound on the delta; None: no clipping
+        self.residuals: Arrays = {}  # FedEx-LoRA's dense corrections, summed over rounds
+        self.reply_spec = restrict(spec, self.aggregator.factors()[1])
+        self.history_file = history_file
+        self.history: list[dict[str, Any]] = []  # one record per completed round
+        self.on_round = on_round
+        self.round_offset = 0  # rounds completed before this start (a resumed run)
+        self.evaluate_every = evaluate_every  # federated evaluation every N rounds; 0 = never
+        self.num_rounds = num_rounds  # rounds of the whole run (the last one is evaluated)
+        self.central_eval = central_eval
+        self._pending: dict[str, Any] | None = None  # trained round awaiting its evaluation
+        self.secagg = secagg  # None: plain replies; else SecAgg+ settings for n sampled nodes
+        self.round_timeout = round_timeout
+        self._secure_round: tuple[Grid, list[int], Any] | None = None
+        self.codec, self.codec_block = codec, codec_block  # how nodes encode their deltas
+        self.dp = dp  # client-level DP: clip + Gaussian noise, accounted round by round
+        if dp is not None and self.aggregator.individual_updates_needed:
+            raise ValueError(
+                f"differential privacy needs a mean-type aggregation; "
+                f"{self.aggregator.name} with {self.aggregator.reducer.kind} is not"
+            )
+        if secagg is not None:
+            check_composable(self.aggregator)
+            if clip_norm is not None:
+                raise SecAggError(
+                    "clip-norm clips individual updates on the server, which "
+                    "secure aggregation hides: nodes clip to secagg-clip-norm"
+                )
+
+    def evaluates(self, server_round: int) -> bool:
+        """Whether nodes evaluate after ``server_round`` (counted over the whole run)."""
+        every = self.evaluate_every
+        return every > 0 and (server_round % every == 0 or server_round == self.num_rounds)
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self._round_started = time.monotonic()
+        messages = super().configure_train(server_round + self.round_offset, arrays, config, grid)
+        if self.secagg is None:
+            return messages
+        # Secure rounds take four exchanges, run from aggregate_train; Flower's loop sends none.
+        messages = list(messages)
+        content = messages[0].content if messages else None
+        if content is not None and self.dp is not None:  # nodes add their share of the noise
+            config = content.config_records["config"]
+            config["dp-noise-multiplier"] = float(self.dp.settings.noise_multiplier)
+            config["dp-clip-norm"] = float(self.dp.settings.clip_norm)
+            config["dp-expected-clients"] = len(messages)
+        self._secure_round = (grid, [m.metadata.dst_node_id for m in messages], content)
+        return []
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round += self.round_offset
+        if self.secagg is not None:
+            return self._aggregate_secure(server_round)
+        accepted: list[TrainReply] = []
+        names: list[str] = []
+        dropped = 0
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if msg.has_error():
+                log.warning("Round %d: node %s failed: %s", server_round, node, msg.error.reason)
+                dropped += 1
+                continue
+            try:
+                accepted.append(
+                    TrainReply.from_content(
+                        msg.content, self.reply_spec, self.codec, self.codec_block
+                    )
+                )
+                names.append(site_name(accepted[-1].site_id, node))
+            except (ProtocolError, KeyError) as exc:
+                log.warning("Round %d: dropped reply from node %s: %s", server_round, node, exc)
+                dropped += 1
+        record = self._round_record(server_round, accepted, names, dropped)
+        if len(accepted) < max(self.min_train_nodes, 1):
+            log.warning(
+                "Round %d: %d usable replies, fewer than the minimum %d; the global "
+                "adapter is unchanged",
+                server_round,
+                len(accepted),
+                self.min_train_nodes,
+            )
+            record["skipped"] = True
+            self._finish_round(server_round, record)
+            return None, None
+        return self._apply(
+            server_round, [ClientUpdate(r.delta, r.num_examples) for r in accepted], record
+        )
+
+    def _apply(
+        self, server_round: int, updates: list[ClientUpdate], record: dict[str, Any]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Clip (optional), aggregate with the strategy, step the server optimizer.
+
+        With DP and plain replies the server clips each delta to the DP bound, weighs every node
+        equally and adds Gaussian noise of std z * C to the sum (central DP). Under secure
+        aggregation the nodes did both; the server only accounts for the privacy spent.
+        """
+        central_dp = self.dp is not None and self.secagg is None
+        if central_dp:
+            assert self.dp is not None
+            bound = self.dp.settings.clip_norm
+            updates = [ClientUpdate(clip_update_norm(u.delta, bound)[0], 1) for u in updates]
+        if self.clip_norm is not None:
+            clipped = [clip_update_norm(u.delta, self.clip_norm) for u in updates]
+            record["clipped"] = sum(norm > self.clip_norm for _, norm in clipped)
+            log.info(
+                "Round %d: clipped %d of %d updates to L2 norm %g",
+                server_round,
+                record["clipped"],
+                len(updates),
+                self.clip_norm,
+            )
+            updates = [
+                ClientUpdate(d, u.num_examples) for (d, _), u in zip(clipped, updates, strict=True)
+            ]
+        try:
+            result = self.aggregator.aggregate(self.global_adapter, updates, self.scale)
+        except ValueError as exc:
+            log.warning(
+                "Round %d: %s refused the replies (%s); the global adapter is unchanged",
+                server_round,
+                self.aggregator.name,
+                exc,
+            )
+            self._finish_round(server_round, record)
+            return None, None
+        delta = result.delta
+        if central_dp:
+            assert self.dp is not None
+            rng = np.random.default_rng()  # OS entropy: DP noise must not be predictable
+            std = self.dp.settings.noise_std / len(updates)  # noise on the sum, of the mean
+            delta = {
+                k: (v + rng.normal(0.0, std, v.shape)).astype(v.dtype) for k, v in delta.items()
+            }
+        if self.dp is not None:
+            z = self.dp.settings.noise_multiplier
+            if not central_dp:
+                expected = int(record.get("asked", len(updates)))
+                z = effective_noise_multiplier(z, expected, int(record["replies"]))
+            record.update(self.dp.record_round(server_round, noise_multiplier=z).metrics())
+        self.global_adapter, self.opt_state = step(
+            self.global_adapter, delta, self.opt_state, self.optimizer
+        )
+        if result.residuals:
+            self.residuals = add_residuals(self.residuals, result.residuals)
+        self._finish_round(server_round, record)
+        metrics = MetricRecord(
+            {
+                "train-loss": record["train-loss"],
+                "num-examples": record["num-examples"],
+                "num-replies": record["replies"],
+            }
+        )
+        return to_array_record(self.global_adapter), metrics
+
+    def _aggregate_secure(
+        self, server_round: int
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """One SecAgg+ round on the nodes configure_train sampled: the server sees sums only."""
+        assert self.secagg is not None
+        grid, nodes, content = self._secure_round or (None, [], None)
+        self._secure_round = None
+        result: SecAggResult | None = None
+        error = "no nodes sampled"
+        if grid is not None and nodes:
+            try:
+                result = secure_weighted_sum(
+                    grid,
+                    nodes,
+                    content,
+                    self._secagg_settings(len(nodes)),
+                    {k: v.shape for k, v in self.reply_spec.items()},
+                    timeout=self.round_timeout,
+                    group_id=str(server_round),
+                )
+            except SecAggError as exc:
+                error = str(exc)
+        if result is None:
+            log.warning(
+                "Round %d: secure aggregation failed (%s); the global adapter is unchanged",
+                server_round,
+                error,
+            )
+            record = self._secure_record(server_round, None, len(nodes))
+            record.update({"skipped": True, "secagg-error": error})
+            self._finish_round(server_round, record)
+            return None, None
+        record = self._secure_record(server_round, result, len(nodes))
+        if len(result.contributors) < max(self.min_train_nodes, 1):
+            log.warning(
+                "Round %d: %d contributors, fewer than the minimum %d; the global "
+                "adapter is unchanged",
+                server_round,
+                len(result.contributors),
+                self.min_train_nodes,
+            )
+            record["skipped"] = True
+            self._finish_round(server_round, record)
+            return None, None
+        return self._apply(server_round, [as_client_update(result, self.global_adapter)], record)
+
+    def _secagg_settings(self, nodes: int) -> SecAggSettings:
+        """The round's SecAgg+ settings; with DP the clip also covers each node's noise share."""
+        assert self.secagg is not None
+        settings = self.secagg(nodes)
+        if self.dp is None:
+            return settings
+        dp = self.dp.settings
+        values = sum(int(np.prod(v.shape)) for v in self.reply_spec.values())
+        share = dp.noise_std / np.sqrt(nodes)
+        # |clipped delta + noise| <= C + |noise|; |noise| concentrates at share * sqrt(values).
+        needed = dp.clip_norm + share * (np.sqrt(values) + 10.0)
+        if needed > settings.clip_norm:
+            log.info(
+                "SecAgg clip raised from %g to %.4g to hold the DP noise shares",
+                settings.clip_norm,
+                needed,
+            )
+            settings = dataclasses.replace(settings, clip_norm=float(needed))
+        return settings
+
+    def _secure_record(
+        self, server_round: int, result: SecAggResult | None, asked: int
+    ) -> dict[str, Any]:
+        """The round record from the scalars nodes sent beside their masked vectors."""
+        sites: dict[str, Any] = {}
+        losses: list[tuple[float, int]] = []
+        for node, m in (result.metrics if result else {}).items():
+            n = int(m.get("num-examples", 0))
+            name = site_name(int(m.get("site-id", -1)), node)
+            sites[name] = {
+                "train-loss": float(m.get("train-loss", float("nan"))),
+                "num-examples": n,
+                "train-seconds": float(m.get("train-seconds", 0.0)),
+                "load-seconds": float(m.get("load-seconds", 0.0)),
+                "norm-before-clip": float(m.get(NORM_BEFORE_CLIP, float("nan"))),
+                "clipped": bool(m.get(CLIPPED, 0)),
+                "dp-noised": bool(m.get("dp-noised", 0)),
+            }
+            losses.append((sites[name]["train-loss"], n))
+        n = sum(w for _, w in losses)
+        loss = sum(v * w for v, w in losses) / n if n else float("nan")
+        started = getattr(self, "_round_started", None)
+        record: dict[str, Any] = {
+            "round": server_round,
+            "train-loss": loss,
+            "num-examples": n,
+            "replies": len(result.contributors) if result else 0,
+            "dropped": asked - (len(result.contributors) if result else 0),
+            "seconds": time.monotonic() - started if started is not None else float("nan"),
+            "sites": sites,
+            "secure-aggregation": True,
+            "asked": asked,
+        }
+        if result is not None:
+            record.update(
+                {
+                    "secagg-clipped": result.num_clipped,
+                    "secagg-tolerance": result.tolerance,
+                    "secagg-seconds": result.seconds,
+                    "bytes-sent": sum(result.bytes_sent.values()),
+                    "bytes-received": sum(result.bytes_received.values()),
+                }
+            )
+            log.info(
+                "Round %d | secure aggregate | loss %.4f | examples %4d | %d of %d nodes, "
+                "%d clipped | %.1f s",
+                server_round,
+                loss,
+                n,
+                len(result.contributors),
+                asked,
+                result.num_clipped,
+                result.seconds.get("total", float("nan")),
+            )
+        return record
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        server_round += self.round_offset
+        if not self.evaluates(server_round):
+            return []
+        return super().configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        server_round += self.round_offset
+        record, self._pending = self._pending, None
+        if record is None:  # no evaluation this round: it completed after training
+            return None
+        results: list[tuple[str, EvalReply]] = []
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if msg.has_error():
+                log.warning(
+                    "Round %d: node %s did not evaluate: %s", server_round, node, msg.error.reason
+                )
+                continue
+            try:
+                reply = EvalReply.from_content(msg.content)
+                results.append((site_name(reply.site_id, node), reply))
+            except (ProtocolError, KeyError) as exc:
+                log.warning(
+                    "Round %d: dropped eval reply from node %s: %s", server_round, node, exc
+                )
+        metrics: dict[str, float] = {}
+        if results:
+            metrics = weighted_eval([r for _, r in results])
+            for name, r in results:
+                site = record["sites"].setdefault(name, {})
+                site.update({"eval-loss": r.loss, "eval-examples": r.num_examples})
+                if r.accuracy is not None:
+                    site["eval-accuracy"] = r.accuracy
+            log.info(
+                "Round %d | federated eval | loss %.4f | perplexity %.2f | accuracy %s | %d nodes",
+                server_round,
+                metrics["eval-loss"],
+                metrics["eval-perplexity"],
+                f"{metrics['eval-accuracy']:.4f}" if "eval-accuracy" in metrics else "n/a",
+                len(results),
+            )
+            record.update(metrics)
+        if self.central_eval is not None and self.evaluates(server_round):
+            central = self.central_eval(server_round, self.global_adapter)
+            record.update({f"central-{k}": v for k, v in central.items()})
+            log.info(
+                "Round %d | central eval | %s",
+                server_round,
+                ", ".join(f"{k} {v:.4f}" for k, v in central.items()),
+            )
+        self._complete_round(server_round, record)
+        return MetricRecord(metrics) if metrics else None
+
+    def _round_record(
+        self, server_round: int, accepted: list[TrainReply], names: list[str], dropped: int
+    ) -> dict[str, Any]:
+        n = sum(r.num_examples for r in accepted)
+        sites = {}
+        for name, r in zip(names, accepted, strict=True):
+            sites[name] = {
+                "train-loss": r.train_loss,
+                "num-examples": r.num_examples,
+                "train-seconds": r.train_seconds,
+                "load-seconds": r.load_seconds,
+                "train-tokens": r.train_tokens,
+                "bytes-sent": r.bytes_sent,
+                "bytes-received": r.bytes_received,
+            }
+            log.info(
+                "Round %d | site %-12s | loss %.4f | examples %4d | %.1f s",
+                server_round,
+                name,
+                r.train_loss,
+                r.num_examples,
+                r.train_seconds,
+            )
+        loss = sum(r.train_loss * r.num_examples for r in accepted) / n if n else float("nan")
+        log.info(
+            "Round %d | %-17s | loss %.4f | examples %4d | %d replies, %d dropped",
+            server_round,
+            "aggregate",
+            loss,
+            n,
+            len(accepted),
+            dropped,
+        )
+        started = getattr(self, "_round_started", None)
+        seconds = time.monotonic() - started if started is not None else float("nan")
+        return {
+            "round": server_round,
+            "train-loss": loss,
+            "num-examples": n,
+            "replies": len(accepted),
+            "dropped": dropped,
+            "seconds": seconds,
+            "sites": sites,
+            "bytes-sent": sum(r.bytes_sent for r in accepted),
+            "bytes-received": sum(r.bytes_received for r in accepted),
+        }
+
+    def _finish_round(self, server_round: int, record: dict[str, Any]) -> None:
+        """Training is done; the round completes now, or after its evaluation."""
+        if self.evaluates(server_round):
+            self._pending = record
+        else:
+            self._complete_round(server_round, record)
+
+    def _complete_round(self, server_round: int, record: dict[str, Any]) -> None:
+        self.history.append(record)
+        if self.on_round is not None:
+            self.on_round(server_round, self.global_adapter, self.residuals, record)
+        if self.history_file is not None:
+            self.history_file.parent.mkdir(parents=True, exist_ok=True)
+            with self.history_file.open("a") as fh:
+                fh.write(json.dumps(record) + "\n")
+
+
+def site_name(site_id: int, node_id: int) -> str:
+    """A packaged drug-review site's name, or ``node-<id>`` for a node with its own data."""
+    return SITES[site_id] if 0 <= site_id < len(SITES) else f"node-{node_id}"
+
+
+def weighted_eval(results: list[EvalReply]) -> dict[str, float]:
+    """Eval loss (per scored token), perplexity and accuracy over nodes, weighted.
+
+    Loss is weighted by scored tokens (so it is the loss over all nodes' eval tokens) and
+    perplexity is its exponential; accuracy is weighted by eval examples over the nodes that
+    report one.
+    """
+    tokens = sum(r.tokens for r in results)
+    if tokens > 0:
+        loss = sum(r.loss * r.tokens for r in results) / tokens
+    else:
+        loss = sum(r.loss * r.num_examples for r in results) / sum(r.num_examples for r in results)
+    out = {
+        "eval-loss": loss,
+        "eval-perplexity": float(np.exp(min(loss, 50.0))),
+        "eval-examples": float(sum(r.num_examples for r in results)),
+    }
+    scored = [r for r in results if r.accuracy is not None]
+    if scored:
+        n = sum(r.num_examples for r in scored)
+        out["eval-accuracy"] = sum(float(r.accuracy or 0.0) * r.num_examples for r in scored) / n
+    return out

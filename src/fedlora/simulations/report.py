@@ -1,0 +1,87 @@
+"""Console output of the demo: sections, per-round tables, accuracies, the export check."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+console = Console(highlight=False)
+
+
+def section(title: str) -> None:
+    console.rule(f"[bold]{title}")
+
+
+def rounds(history: list[dict[str, Any]]) -> None:
+    sites = sorted({s for rec in history for s in rec["sites"]})
+    table = Table(title="Train loss per round (mean over local steps); federated eval accuracy")
+    table.add_column("round", justify="right")
+    for s in sites:
+        table.add_column(s, justify="right")
+    table.add_column("aggregate", justify="right", style="bold")
+    table.add_column("eval acc.", justify="right")
+    for rec in history:
+        cells = [
+            f"{rec['sites'][s]['train-loss']:.4f}"
+            if "train-loss" in rec["sites"].get(s, {})
+            else "-"
+            for s in sites
+        ]
+        acc = f"{rec['eval-accuracy']:.1%}" if "eval-accuracy" in rec else "-"
+        table.add_row(str(rec["round"]), *cells, f"{rec.get('train-loss', float('nan')):.4f}", acc)
+    console.print(table)
+    secure = [rec for rec in history if rec.get("secure-aggregation")]
+    if secure:
+        seconds = [rec["secagg-seconds"]["total"] for rec in secure if "secagg-seconds" in rec]
+        console.print(
+            f"secure aggregation (SecAgg+): {len(secure)} rounds, the server saw sums "
+            f"only; {sum(r.get('secagg-clipped', 0) for r in secure)} updates clipped; "
+            f"{sum(seconds) / max(len(seconds), 1):.1f} s per round incl. training"
+        )
+    if "dp-epsilon" in history[-1]:
+        console.print(
+            f"differential privacy: epsilon {history[-1]['dp-epsilon']:.3f} at delta "
+            f"{history[-1]['dp-delta']:g}"
+        )
+
+
+def accuracy(name: str, ev: dict[str, Any]) -> None:
+    console.print(
+        f"{name} accuracy: [bold]{ev['accuracy']:.1%}[/] on {ev['n']} held-out "
+        f"reviews ({ev['seconds']:.0f} s); predicted {ev['predicted']}; always "
+        f"'{ev['majority-label']}' would score {ev['majority-accuracy']:.1%}"
+    )
+
+
+def export(exp: Any, held_out: Any) -> dict[str, Any]:
+    parity = exp.parity
+    console.print(
+        f"held-out review ({held_out.condition}, true label: {held_out.label}): "
+        f"{held_out.text[:160]}..."
+    )
+    console.print(f"ONNX Runtime answer: [bold]{exp.answer!r}[/]")
+    console.print(
+        f"max |logits(ONNX Runtime) - logits(merged PyTorch, fp64)| = "
+        f"[bold]{parity.max_abs_logits_diff:.2e}[/] (tolerance {parity.atol:.0e}) over "
+        f"{parity.prompt_tokens} prompt tokens; same greedy tokens: {parity.same_tokens}"
+    )
+    console.print(
+        f"  for scale: ONNX Runtime vs PyTorch fp32 {parity.vs_torch_fp32:.2e}; "
+        f"PyTorch fp32 vs fp64 {parity.torch_fp32_vs_fp64:.2e} (fp32 rounding)"
+    )
+    console.print(
+        f"  model.onnx: {exp.onnx_mib:.0f} MiB; "
+        + ", ".join(f"{k} {v:.0f} s" for k, v in exp.seconds.items())
+    )
+    return {
+        "answer": exp.answer,
+        "true-label": held_out.label,
+        "max-abs-logits-diff": parity.max_abs_logits_diff,
+        "atol": parity.atol,
+        "vs-torch-fp32": parity.vs_torch_fp32,
+        "torch-fp32-vs-fp64": parity.torch_fp32_vs_fp64,
+        "same-greedy-tokens": parity.same_tokens,
+        "onnx-dir": str(exp.onnx_dir),
+    }
