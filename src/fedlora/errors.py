@@ -19,3 +19,12 @@ class DataError(FedloraError):
 
 class ModelError(FedloraError):
     """A base model path is missing or is not a usable causal-LM folder."""
+
+
+class WireError(FedloraError):
+    """Something that came over the network is malformed, out of range or inconsistent.
+
+    Every check on a message from another party raises a subclass of this error; a server drops
+    the reply that caused it (and counts it), a node refuses the message. Nothing else may escape
+    from code that parses network input.
+    """

@@ -22,6 +22,7 @@ from typing import Any, cast
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
+from fedlora.errors import WireError
 from fedlora.protocol import secagg_crypto as crypto
 from fedlora.protocol.secagg import (
     CLIPPED,
@@ -47,7 +48,7 @@ UPDATE = "fedlora.secagg.update"  # ArrayRecord: the quantized update until it i
 METRICS = "fedlora.secagg.metrics"  # MetricRecord: sent with the masked vector
 
 
-class SecAggProtocolError(ValueError):
+class SecAggProtocolError(WireError, ValueError):
     """A stage message the node refuses (wrong order, session, keys or node lists)."""
 
 

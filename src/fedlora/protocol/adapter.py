@@ -13,11 +13,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fedlora.errors import WireError
+
 WIRE_DTYPE = np.dtype(np.float32)
 _LORA_NAME = re.compile(r"^base_model\.model\.[A-Za-z0-9_.]+\.lora_(A|B)\.weight$")
 
 
-class AdapterValidationError(ValueError):
+class AdapterValidationError(WireError, ValueError):
     """A set of adapter tensors does not match the expected spec."""
 
 

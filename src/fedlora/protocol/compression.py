@@ -45,6 +45,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fedlora.errors import WireError
 from fedlora.protocol.adapter import TensorSpec
 
 SCALE_SUFFIX = "::scale"  # wire name of a payload's scale tensor: "<name>::scale"
@@ -53,7 +54,7 @@ _FP16_MAX = float(np.finfo(np.float16).max)  # 65504
 _QMAX = 127  # symmetric int8 range [-127, 127]; -128 is never produced and is refused
 
 
-class CodecError(ValueError):
+class CodecError(WireError, ValueError):
     """Wire tensors cannot be encoded or decoded with the requested codec."""
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
+from fedlora.errors import WireError
 from fedlora.protocol.adapter import WIRE_DTYPE, AdapterSpec, validate
 from fedlora.protocol.compression import CODECS, CodecError, decode, encode, nbytes
 
@@ -53,7 +54,7 @@ LOSSES = ("completion", "full")
 SCHEDULES = ("constant", "cosine", "linear")
 
 
-class ProtocolError(ValueError):
+class ProtocolError(WireError, ValueError):
     """A message does not follow the wire format."""
 
 

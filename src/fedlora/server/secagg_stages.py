@@ -21,6 +21,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
+from fedlora.errors import FedloraError
 from fedlora.protocol import secagg_crypto as crypto
 from fedlora.protocol.secagg import (
     MESSAGE_TYPE,
@@ -35,7 +36,7 @@ from fedlora.protocol.secagg import (
 log = logging.getLogger(__name__)
 
 
-class SecAggError(RuntimeError):
+class SecAggError(FedloraError, RuntimeError):
     """Secure aggregation failed this round (too few nodes, shares or valid replies).
 
     Nothing was aggregated: the caller keeps its global adapter unchanged.

@@ -1,0 +1,28 @@
+"""Print ``make fuzz``'s table from the report the fuzz session wrote; the last line is
+``crashes: C of N inputs``. Exits 1 when any input crashed or the report is missing."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def main(path: str) -> int:
+    report = Path(path)
+    if not report.is_file():
+        print(f"{path}: no fuzz report (the fuzz session did not finish)")
+        return 1
+    rows = json.loads(report.read_text())
+    width = max((len(name) for name in rows), default=10)
+    print(f"{'entry point':<{width}}  {'inputs':>8}  {'refused':>8}  {'crashes':>8}")
+    for name, row in rows.items():
+        print(f"{name:<{width}}  {row['inputs']:>8}  {row['refused']:>8}  {row['crashes']:>8}")
+    inputs = sum(row["inputs"] for row in rows.values())
+    crashes = sum(row["crashes"] for row in rows.values())
+    print(f"crashes: {crashes} of {inputs} inputs")
+    return 1 if crashes else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))
