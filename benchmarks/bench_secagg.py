@@ -193,6 +193,7 @@ def aggregation_runs(
     from fedlora.lora import LoraSettings, initial_adapter
     from fedlora.protocol.adapter import restrict, spec_of
     from fedlora.protocol.messages import TrainReply, to_array_record
+    from fedlora.server.app import secagg_settings
     from fedlora.server.secagg import as_client_update, secure_weighted_sum
     from fedlora.server.secagg_stages import record_bytes
     from fedlora.server.strategies import ClientUpdate, FedIT, FFALoRA
@@ -200,7 +201,7 @@ def aggregation_runs(
     nodes = wait_for_nodes(grid, n)
     glob = initial_adapter(dict(shapes), seed=0)
     scale = LoraSettings().scaling
-    settings = RunConfig().secagg_settings(len(nodes))  # the run defaults: clip 10, 5 shares
+    settings = secagg_settings(RunConfig(), len(nodes))  # the run defaults: clip 10, 5 shares
     rows: list[AggRow] = []
     for factors, agg in (("AB", FedIT()), ("B", FFALoRA())):
         spec = restrict(spec_of(glob), factors)

@@ -19,6 +19,8 @@ from fedlora.client.quantization import BACKEND_NAMES, BACKENDS, load_base
 from fedlora.errors import ConfigError
 from fedlora.lora import LoraSettings
 
+pytestmark = pytest.mark.integration  # Ray federations / tiny exports: tens of seconds
+
 
 def _train(model_dir: Path, name: str, steps: int = 8) -> tuple[list[float], object]:
     import torch

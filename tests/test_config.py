@@ -80,6 +80,7 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
         (["export", "--adapter", "no-adapter", "--base-model", "/no/model"], "does not exist"),
     ],
 )
+@pytest.mark.integration
 def test_cli_bad_input_is_one_line_not_a_traceback(tmp_path: Path, args, expected):
     (tmp_path / "bad.toml").write_text("num-server-rounds = 2\nlr = \n")
     (tmp_path / "wrong.toml").write_text('lr = "x"\n')

@@ -9,6 +9,8 @@ import pytest
 from fedlora.config import RunConfig
 from fedlora.prompting import messages
 
+pytestmark = pytest.mark.integration  # Ray federations / tiny exports: tens of seconds
+
 
 @pytest.fixture(scope="module")
 def federation(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):

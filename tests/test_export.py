@@ -21,6 +21,8 @@ import pytest
 from fedlora.errors import FedloraError
 from fedlora.prompting import messages
 
+pytestmark = pytest.mark.integration  # Ray federations / tiny exports: tens of seconds
+
 if TYPE_CHECKING:
     from fedlora.export.pipeline import ExportReport
 

@@ -539,7 +539,7 @@ def test_check_data_reports_bad_data_as_one_error_and_exit_status_2(
     tmp_path: Path, capsys, monkeypatch
 ):
     # Prepare: keep main() from changing this process's logging and environment
-    monkeypatch.setattr("fedlora.cli._setup_logging", lambda: None)
+    monkeypatch.setattr("fedlora.cli.configure_console", lambda verbose=False: None)
     monkeypatch.setattr("fedlora.simulations.run.offline_environment", lambda: None)
     path = _write(tmp_path, "a.jsonl", "{oops\n")
 

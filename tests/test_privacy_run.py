@@ -14,6 +14,8 @@ from dp_accounting.rdp import RdpAccountant
 
 from fedlora.config import RunConfig
 
+pytestmark = pytest.mark.integration  # Ray federations / tiny exports: tens of seconds
+
 BASE = {"quantization": "bf16", "local-steps": 2, "lr": 5e-3, "evaluate-every": 0}
 
 

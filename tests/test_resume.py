@@ -12,6 +12,8 @@ from fedlora.errors import ConfigError
 from fedlora.server.state import check_resumable, load_state
 from fedlora.simulations.run import simulate
 
+pytestmark = pytest.mark.integration  # Ray federations / tiny exports: tens of seconds
+
 
 def _cfg(model: Path, out: Path, rounds: int, **extra) -> RunConfig:
     return RunConfig.from_mapping(

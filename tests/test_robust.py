@@ -16,7 +16,6 @@ from fedlora.server.strategies.base import mean_delta
 from fedlora.server.strategies.robust import (
     REDUCERS,
     Reducer,
-    clip_update_norm,
     coordinate_median,
     make_reducer,
     trimmed_mean,
@@ -186,51 +185,7 @@ def test_trimmed_mean_that_cuts_nothing_warns(caplog: pytest.LogCaptureFixture):
     assert "cuts nothing" in caplog.text and ">= 10 updates" in caplog.text
 
 
-# ---- norm clipping ------------------------------------------------------------------------
-
-
-def test_clip_below_the_bound_leaves_the_update_bit_identical():
-    # Prepare: norm sqrt(9 + 16) = 5
-    delta = {A: arr(3, 0).reshape(1, 2), B: arr(0, 4).reshape(2, 1)}
-    # Execute
-    clipped, norm = clip_update_norm(delta, max_norm=5.0)
-    # Assert
-    assert norm == pytest.approx(5.0, abs=1e-12)
-    for name in delta:
-        assert clipped[name] is delta[name]
-        assert clipped[name].tobytes() == delta[name].tobytes()
-
-
-def test_clip_above_the_bound_scales_to_max_norm_and_keeps_the_direction():
-    # Prepare
-    rng = np.random.default_rng(1)
-    delta = {
-        A: rng.normal(size=(2, 3)).astype(np.float32),
-        B: rng.normal(size=(4, 2)).astype(np.float32),
-    }
-    flat = np.concatenate([delta[A].ravel(), delta[B].ravel()]).astype(np.float64)
-    # Execute
-    clipped, norm = clip_update_norm(delta, max_norm=0.5)
-    # Assert
-    out = np.concatenate([clipped[A].ravel(), clipped[B].ravel()]).astype(np.float64)
-    assert norm == pytest.approx(np.linalg.norm(flat), rel=1e-12)
-    assert np.linalg.norm(out) == pytest.approx(0.5, abs=1e-6)
-    np.testing.assert_allclose(out, flat * (0.5 / norm), rtol=1e-6, atol=0)
-    assert clipped[A].dtype == np.float32 and clipped[A].shape == (2, 3)
-
-
 # ---- invalid parameters and inputs ---------------------------------------------------------
-
-
-@pytest.mark.parametrize("max_norm", [0.0, -1.0, float("inf"), float("nan")])
-def test_clip_refuses_a_bad_bound(max_norm: float):
-    with pytest.raises(ValueError, match="max_norm is .*set a positive, finite L2 bound"):
-        clip_update_norm({"w": arr(1, 2)}, max_norm)
-
-
-def test_clip_refuses_a_non_finite_update():
-    with pytest.raises(ValueError, match="NaN or Inf"):
-        clip_update_norm({"w": arr(1, np.inf)}, 1.0)
 
 
 @pytest.mark.parametrize("fraction", [0.5, 0.7, -0.1, float("nan")])

@@ -31,13 +31,13 @@ from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedlora.client.secagg import SecAggProtocolError, handle_secagg
+from fedlora.clipping import clip_l2
 from fedlora.errors import ConfigError
 from fedlora.protocol import secagg_crypto as crypto
 from fedlora.protocol.secagg import (
     Key,
     SecAggSettings,
     Stage,
-    clip_l2,
     decode_sum,
     flatten,
     quantize,
@@ -72,7 +72,7 @@ def plain_mean(pids: list[int], clip_norm: float | None = None) -> dict[str, np.
     for p in pids:
         vec = flatten(client_update(p), SPEC)
         if clip_norm is not None:
-            vec = clip_l2(vec, clip_norm)[0]
+            vec = clip_l2({"v": vec}, clip_norm)[0]["v"]
         ups.append(vec)
     w = np.array([WEIGHTS[p] for p in pids], dtype=np.float64)
     return unflatten((w[:, None] * np.stack(ups)).sum(0) / w.sum(), SPEC)
@@ -215,7 +215,9 @@ def test_quantized_weighted_mean_is_within_the_stated_tolerance():
     total = (
         sum(
             weighted_vector(
-                quantize(clip_l2(flatten(client_update(p), SPEC), 80.0)[0], s), WEIGHTS[p], s
+                quantize(clip_l2({"v": flatten(client_update(p), SPEC)}, 80.0)[0]["v"], s),
+                WEIGHTS[p],
+                s,
             )
             for p in pids
         )
@@ -234,10 +236,10 @@ def test_quantized_weighted_mean_is_within_the_stated_tolerance():
 def test_clipping_is_explicit_and_quantize_refuses_unclipped_values():
     vec = flatten(client_update(0), SPEC)
     norm = float(np.linalg.norm(vec))
-    clipped, before, did = clip_l2(vec, norm / 2)
-    assert did and before == pytest.approx(norm)
-    assert np.linalg.norm(clipped) == pytest.approx(norm / 2)
-    assert clip_l2(vec, norm * 2)[2] is False
+    clipped, before, scale = clip_l2({"v": vec}, norm / 2)
+    assert scale < 1 and before == pytest.approx(norm)
+    assert np.linalg.norm(clipped["v"]) == pytest.approx(norm / 2)
+    assert clip_l2({"v": vec}, norm * 2)[2] == 1.0
     with pytest.raises(ValueError, match="clip"):
         quantize(vec, SecAggSettings(clip_norm=1.0))
 
@@ -629,6 +631,7 @@ def federation() -> dict:
     return out
 
 
+@pytest.mark.integration  # a Ray federation
 def test_oracle_legacy_secaggplus_and_fedlora_agree_with_the_plain_mean(federation):
     pids = list(range(NUM_RAY_NODES))
     plain = plain_mean(pids)
@@ -653,6 +656,7 @@ def test_server_receives_only_masked_vectors_in_simulation(federation):
     assert_no_individual_update(received, range(NUM_RAY_NODES), uncorrelated=True)
 
 
+@pytest.mark.integration  # a Ray federation
 def test_dropouts_after_masking_in_simulation(federation):
     two = federation["two-drop"]
     assert not isinstance(two, Exception), two

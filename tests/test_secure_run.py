@@ -13,6 +13,9 @@ from safetensors.numpy import load_file
 
 from fedlora.config import RunConfig
 from fedlora.errors import ConfigError
+from fedlora.server.app import secagg_settings
+
+pytestmark = pytest.mark.integration  # Ray federations / tiny exports: tens of seconds
 
 
 def _run(tiny_model_dir: Path, out: Path, secure: bool):
@@ -66,10 +69,10 @@ def test_secure_aggregation_refuses_strategies_that_need_each_update():
 def test_secagg_settings_fit_the_nodes_of_the_round():
     cfg = RunConfig.from_mapping({"secure-aggregation": True, "min-nodes": 2})
     for nodes in (2, 3, 5, 40):
-        settings = cfg.secagg_settings(nodes)
+        settings = secagg_settings(cfg, nodes)
         assert settings.reconstruction_threshold <= nodes
         assert settings.reconstruction_threshold > settings.num_shares // 2
-    assert cfg.secagg_settings(40).num_shares == 5
+    assert secagg_settings(cfg, 40).num_shares == 5
 
 
 def test_report_survives_a_round_whose_training_was_skipped(tmp_path):

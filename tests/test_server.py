@@ -205,3 +205,27 @@ def test_untrusted_settings_clip_norms_and_take_the_median(global_adapter):
         step = got[k] - v
         assert np.all(step >= np.minimum(lo, 0) - 1e-6) and np.all(step <= np.maximum(hi, 0) + 1e-6)
     assert strategy.history[-1]["clipped"] >= 1
+
+
+def test_every_round_config_field_comes_from_a_run_config_key_or_is_derived():
+    from dataclasses import fields
+
+    from fedlora.config import RunConfig
+    from fedlora.protocol.messages import RoundConfig
+    from fedlora.server.app import DERIVED_ROUND_FIELDS, round_config
+
+    run_keys = {f.name for f in fields(RunConfig)}
+    for f in fields(RoundConfig):
+        assert f.name in run_keys or f.name in DERIVED_ROUND_FIELDS, f.name
+    cfg = RunConfig(lr=0.01, lora_r=4, lora_alpha=8, grad_accum=3, packing=True, codec="int8")
+    rc = round_config(cfg)
+    for f in fields(RoundConfig):
+        if f.name not in DERIVED_ROUND_FIELDS and f.name != "codec":
+            assert getattr(rc, f.name) == getattr(cfg, f.name), f.name
+    assert isinstance(rc.lora_alpha, float) and rc.codec == "int8"
+    assert rc.dp_noise_multiplier == 0.0  # noise shares are set per round, under SecAgg only
+    assert round_config(RunConfig(strategy="ffa-lora")).train_factors == "B"
+    # Secure aggregation masks integers: no codec applies, whatever the run config says.
+    assert round_config(RunConfig(codec="int8", secure_aggregation=True, min_nodes=2)).codec == (
+        "none"
+    )

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from fedlora.assets import DEFAULT_MODEL_GGUF, locate
 from fedlora.errors import ModelError
+from fedlora.savedfiles import check_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,8 @@ def check_model_dir(path: Path) -> Path:
         )
     if not any(path.glob("*.safetensors")) and not any(path.glob("pytorch_model*.bin")):
         raise ModelError(f"{path} holds no weights (*.safetensors or pytorch_model*.bin)")
+    for weights in sorted(path.glob("*.safetensors")):  # headers only: cheap
+        check_safetensors(weights, "the model file is truncated or corrupted; copy it again")
     if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
         raise ModelError(
             f"{path} holds no tokenizer (tokenizer.json): save the tokenizer beside the model"

@@ -6,14 +6,14 @@ stderr that says what to fix, and exit status 2; never a traceback.
 
 from __future__ import annotations
 
-import logging
 import sys
-import warnings
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
+from fedlora.console import configure as configure_console
+from fedlora.console import verbose_requested
 from fedlora.errors import ConfigError, FedloraError
 
 cli = typer.Typer(
@@ -34,30 +34,17 @@ BaseOpt = Annotated[
 _DEMO_KEYS = {"eval-samples", "export", "client-cpus"}
 
 
-class _FlowerSummaryOnly(logging.Filter):
-    """Keep Flower's warnings and errors; fedlora logs its own one line per site per round.
-
-    Flower resets its handler levels when a run starts, so this filter sits on its logger.
-    Its notice that ``run_simulation`` is deprecated is dropped: fedlora calls it on purpose
-    (the same apps also run under ``flwr run``).
-    """
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return (
-            record.levelno >= logging.WARNING
-            and "is deprecated" not in record.getMessage()
-            and "fraction_evaluate is set to 0.0" not in record.getMessage()
-        )
-
-
-def _setup_logging() -> None:
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    logging.getLogger("fedlora").setLevel(logging.INFO)
-    flwr_logger = logging.getLogger("flwr")
-    flwr_logger.propagate = False  # Flower has its own console handler
-    flwr_logger.addFilter(_FlowerSummaryOnly())
-    for noisy in ("transformers", "peft", "bitsandbytes", "ray"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+@cli.callback()
+def _options(
+    verbose: Annotated[
+        bool,
+        typer.Option(
+            "--verbose", "-v", help="show every library's warnings and logs (default: fedlora's)"
+        ),
+    ] = False,
+) -> None:
+    """Federated LoRA fine-tuning on quantized bases, exported to ONNX."""
+    configure_console(verbose=verbose or verbose_requested())
 
 
 # The demo shows the deployment posture: secure aggregation on (it needs two nodes per round).
@@ -184,9 +171,7 @@ def main(argv: list[str] | None = None) -> None:
     from fedlora.simulations.run import offline_environment
 
     offline_environment()
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    _setup_logging()
+    configure_console(verbose=verbose_requested())
     try:
         cli(args=argv, standalone_mode=False)
     except FedloraError as exc:

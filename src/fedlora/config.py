@@ -7,21 +7,27 @@ types and out-of-range values fail at construction with a one-line message namin
 
 from __future__ import annotations
 
+import math
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from fedlora.client.quantization import BACKEND_NAMES as QUANTIZATIONS
+from fedlora.choices import (
+    AGGREGATIONS,
+    CODECS,
+    DP_ACCOUNTANTS,
+    LOSSES,
+    QUANTIZATIONS,
+    SCHEDULES,
+    SERVER_OPTIMIZERS,
+    STRATEGIES,
+    secure_aggregation_problem,
+)
 from fedlora.data.drugreview import SITES
 from fedlora.errors import ConfigError
 from fedlora.lora import LoraSettings
-
-if TYPE_CHECKING:
-    from fedlora.protocol.secagg import SecAggSettings
-    from fedlora.server.privacy import DpSettings
-    from fedlora.server.strategies import ServerOptimizer
 
 
 @dataclass(frozen=True)
@@ -90,15 +96,17 @@ class RunConfig:
             ok = isinstance(value, want) or (want is float and isinstance(value, int))
             if not ok or (isinstance(value, bool) and want is not bool):
                 raise ConfigError(f"{_key(f.name)}={value!r}: expected {want.__name__}")
+            if want is float and not _finite(value):
+                raise ConfigError(f"{_key(f.name)}={value!r}: must be a finite number")
         if self.quantization not in QUANTIZATIONS:
             raise ConfigError(f"quantization={self.quantization!r}: use one of {QUANTIZATIONS}")
+        if self.seed < 0:
+            raise ConfigError(f"seed={self.seed}: must be >= 0")
         for name in ("num_server_rounds", "local_steps", "batch_size", "min_nodes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{_key(name)}={getattr(self, name)}: must be >= 1")
         if not 0 < self.lr < 1:
             raise ConfigError(f"lr={self.lr}: must be in (0, 1), e.g. 3e-4")
-        from fedlora.protocol.messages import LOSSES, SCHEDULES
-
         if self.loss not in LOSSES:
             raise ConfigError(f"loss={self.loss!r}: use one of {LOSSES}")
         if self.lr_schedule not in SCHEDULES:
@@ -131,24 +139,40 @@ class RunConfig:
             raise ConfigError(f"fraction-train={self.fraction_train}: must be in (0, 1]")
         if self.round_timeout <= 0:
             raise ConfigError(f"round-timeout={self.round_timeout}: must be > 0 seconds")
-        from fedlora.server.strategies import STRATEGIES, ServerOptimizer
+        self._check_aggregation()
+        if self.secure_aggregation:
+            self._check_secure_aggregation()
+        if self.codec not in CODECS:
+            raise ConfigError(f"codec={self.codec!r}: use one of {CODECS}")
+        if self.codec_block < 1:
+            raise ConfigError(f"codec-block={self.codec_block}: must be >= 1")
+        self._check_privacy()
+        unknown = [s for s in self.site_names if s not in SITES]
+        if unknown or not self.site_names:
+            raise ConfigError(f"sites={self.sites!r}: use comma-separated names from {SITES}")
+        _ = self.lora  # building LoraSettings validates the LoRA fields
 
+    # The rules that span rooms (which strategy, reducer, optimizer, secure aggregation and DP
+    # go together) live here, against the names in fedlora.choices; rooms need not re-check.
+
+    def _check_aggregation(self) -> None:
         if self.strategy not in STRATEGIES:
-            raise ConfigError(f"strategy={self.strategy!r}: use one of {sorted(STRATEGIES)}")
-        try:
-            ServerOptimizer(kind=self.server_optimizer, lr=self.server_lr or None)
-        except ValueError as exc:
+            raise ConfigError(f"strategy={self.strategy!r}: use one of {STRATEGIES}")
+        if self.server_optimizer not in SERVER_OPTIMIZERS:
             raise ConfigError(
-                f"server-optimizer={self.server_optimizer!r}, server-lr={self.server_lr}: {exc}"
-            ) from None
-        from fedlora.server.strategies import make_reducer
-
-        try:
-            make_reducer(self.aggregation, self.trim_fraction)
-        except ValueError as exc:
+                f"server-optimizer={self.server_optimizer!r}: use one of {SERVER_OPTIMIZERS}"
+            )
+        if self.server_lr < 0:
             raise ConfigError(
-                f"aggregation={self.aggregation!r}, trim-fraction={self.trim_fraction}: {exc}"
-            ) from None
+                f"server-lr={self.server_lr}: must be > 0, or 0 for the optimizer's default"
+            )
+        if self.aggregation not in AGGREGATIONS:
+            raise ConfigError(f"aggregation={self.aggregation!r}: use one of {AGGREGATIONS}")
+        if self.aggregation == "trimmed-mean" and not 0 <= self.trim_fraction < 0.5:
+            raise ConfigError(
+                f"trim-fraction={self.trim_fraction}: must be in [0, 0.5), the share of "
+                f"updates cut at each end (e.g. 0.1)"
+            )
         if self.clip_norm < 0:
             raise ConfigError(f"clip-norm={self.clip_norm}: must be >= 0 (0 turns it off)")
         if self.strategy == "fedex-lora" and self.aggregation != "mean":
@@ -163,93 +187,57 @@ class RunConfig:
                 "strategy='fedex-lora' is exact only with server-optimizer='sgd' "
                 "and server-lr=1: drop the server optimizer or pick another strategy"
             )
-        if self.secure_aggregation:
-            from fedlora.server.secagg import SecAggError, check_composable
-            from fedlora.server.strategies import get_strategy
 
-            try:
-                check_composable(
-                    get_strategy(self.strategy, make_reducer(self.aggregation, self.trim_fraction))
-                )
-            except SecAggError as exc:
-                raise ConfigError(f"secure-aggregation=true: {exc}") from None
-            if self.clip_norm:
-                raise ConfigError(
-                    "clip-norm clips each update on the server, which secure "
-                    "aggregation hides: set clip-norm=0 and use secagg-clip-norm"
-                )
-            if self.min_nodes < 2:
-                raise ConfigError(
-                    f"secure-aggregation=true with min-nodes={self.min_nodes}: "
-                    f"the sum of one node's update is that update; set min-nodes "
-                    f">= 2, or secure-aggregation=false for a single site"
-                )
-            if (
-                self.secagg_clip_norm <= 0
-                or self.secagg_num_shares < 3
-                or not self.secagg_num_shares // 2 < self.secagg_threshold <= self.secagg_num_shares
-            ):
-                raise ConfigError(
-                    f"secagg-clip-norm={self.secagg_clip_norm}, secagg-num-shares="
-                    f"{self.secagg_num_shares}, secagg-threshold="
-                    f"{self.secagg_threshold}: need clip > 0, shares >= 3 and "
-                    f"shares/2 < threshold <= shares"
-                )
-        from fedlora.protocol.compression import CODECS
+    def _check_secure_aggregation(self) -> None:
+        problem = secure_aggregation_problem(self.strategy, self.aggregation)
+        if problem:
+            raise ConfigError(f"secure-aggregation=true: {problem}")
+        if self.clip_norm:
+            raise ConfigError(
+                "clip-norm clips each update on the server, which secure "
+                "aggregation hides: set clip-norm=0 and use secagg-clip-norm"
+            )
+        if self.min_nodes < 2:
+            raise ConfigError(
+                f"secure-aggregation=true with min-nodes={self.min_nodes}: "
+                f"the sum of one node's update is that update; set min-nodes "
+                f">= 2, or secure-aggregation=false for a single site"
+            )
+        if (
+            self.secagg_clip_norm <= 0
+            or self.secagg_num_shares < 3
+            or not self.secagg_num_shares // 2 < self.secagg_threshold <= self.secagg_num_shares
+        ):
+            raise ConfigError(
+                f"secagg-clip-norm={self.secagg_clip_norm}, secagg-num-shares="
+                f"{self.secagg_num_shares}, secagg-threshold="
+                f"{self.secagg_threshold}: need clip > 0, shares >= 3 and "
+                f"shares/2 < threshold <= shares"
+            )
 
-        if self.codec not in CODECS:
-            raise ConfigError(f"codec={self.codec!r}: use one of {sorted(CODECS)}")
-        if self.codec_block < 1:
-            raise ConfigError(f"codec-block={self.codec_block}: must be >= 1")
+    def _check_privacy(self) -> None:
         if self.dp_noise_multiplier < 0:
             raise ConfigError(f"dp-noise-multiplier={self.dp_noise_multiplier}: must be >= 0")
-        if self.dp_noise_multiplier > 0:
-            _ = self.dp  # validates the DP settings
-            if self.strategy == "fedex-lora" or self.aggregation != "mean" or self.clip_norm:
-                raise ConfigError(
-                    "dp-noise-multiplier > 0 needs the plain mean of clipped "
-                    "deltas: use fedit, ffa-lora or fedsa-lora with aggregation="
-                    "mean and clip-norm=0 (DP clips to dp-clip-norm)"
-                )
-            if self.dp_accountant not in ("rdp", "pld"):
-                raise ConfigError(f"dp-accountant={self.dp_accountant!r}: use rdp or pld")
-        unknown = [s for s in self.site_names if s not in SITES]
-        if unknown or not self.site_names:
-            raise ConfigError(f"sites={self.sites!r}: use comma-separated names from {SITES}")
-        _ = self.lora  # building LoraSettings validates the LoRA fields
-
-    @property
-    def optimizer(self) -> ServerOptimizer:
-        from fedlora.server.strategies import ServerOptimizer
-
-        return ServerOptimizer(kind=self.server_optimizer, lr=self.server_lr or None)
-
-    def secagg_settings(self, nodes: int) -> SecAggSettings:
-        """SecAgg+ settings for a round with ``nodes`` sampled nodes (shares capped at nodes)."""
-        from fedlora.protocol.secagg import SecAggSettings
-
-        shares = max(3, min(self.secagg_num_shares, nodes))
-        threshold = max(min(self.secagg_threshold, shares, nodes), shares // 2 + 1)
-        return SecAggSettings(
-            clip_norm=float(self.secagg_clip_norm),
-            num_shares=shares,
-            reconstruction_threshold=threshold,
-        )
-
-    @property
-    def dp(self) -> DpSettings:
-        """Client-level DP settings; the sampling rate is fraction-train (see server/privacy)."""
-        from fedlora.server.privacy import DpSettings
-
-        try:
-            return DpSettings(
-                noise_multiplier=float(self.dp_noise_multiplier),
-                clip_norm=float(self.dp_clip_norm),
-                sampling_rate=float(self.fraction_train),
-                delta=float(self.dp_delta),
+        if self.dp_noise_multiplier == 0:
+            return
+        if self.dp_clip_norm <= 0:
+            raise ConfigError(
+                f"dp-clip-norm={self.dp_clip_norm}: must be > 0, e.g. about the "
+                f"median L2 norm of clients' deltas without DP"
             )
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
+        if not 0 < self.dp_delta < 1:
+            raise ConfigError(
+                f"dp-delta={self.dp_delta}: must be in (0, 1), well below "
+                f"1 / number of clients (e.g. 1e-5)"
+            )
+        if self.strategy == "fedex-lora" or self.aggregation != "mean" or self.clip_norm:
+            raise ConfigError(
+                "dp-noise-multiplier > 0 needs the plain mean of clipped "
+                "deltas: use fedit, ffa-lora or fedsa-lora with aggregation="
+                "mean and clip-norm=0 (DP clips to dp-clip-norm)"
+            )
+        if self.dp_accountant not in DP_ACCOUNTANTS:
+            raise ConfigError(f"dp-accountant={self.dp_accountant!r}: use one of {DP_ACCOUNTANTS}")
 
     @property
     def site_names(self) -> list[str]:
@@ -297,6 +285,14 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: {exc}: fix the TOML syntax") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text") from None
+
+
+def _finite(value: float) -> bool:
+    """A number a float holds finitely (no NaN, no inf, no int too large for a float)."""
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
 
 
 def _key(name: str) -> str:

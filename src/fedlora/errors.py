@@ -28,3 +28,8 @@ class WireError(FedloraError):
     the reply that caused it (and counts it), a node refuses the message. Nothing else may escape
     from code that parses network input.
     """
+
+
+class FileFormatError(FedloraError):
+    """A saved file (adapter, checkpoint, model weights) is truncated, corrupted or not the format
+    its name says; the message names the file and how to get a good one."""

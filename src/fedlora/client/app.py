@@ -32,14 +32,17 @@ from fedlora.client.node import (
     set_trainable,
     warm_model,
 )
-from fedlora.client.privacy import add_noise, clip_delta, noise_share_std
+from fedlora.client.privacy import add_noise, noise_share_std
 from fedlora.client.secagg import handle_secagg
 from fedlora.client.train import TrainOptions, sample_batches, steps_for_epochs, train_lora
+from fedlora.clipping import clip_l2
+from fedlora.console import configure_worker
 from fedlora.errors import ConfigError, DataError, FedloraError
 from fedlora.evaluate import eval_loss, label_accuracy
 from fedlora.lora import LoraSettings
 from fedlora.protocol.adapter import restrict, validate
-from fedlora.protocol.compression import nbytes
+from fedlora.protocol.compression import nbytes, wire_spec
+from fedlora.protocol.gate import array_record, read_arrays
 from fedlora.protocol.messages import (
     ARRAYS,
     CONFIG,
@@ -95,8 +98,9 @@ def load_adapter(
     node: WarmModel, content: Any, rc: RoundConfig, state: RecordDict | None
 ) -> dict[str, Any]:
     """Put the global adapter (plus this node's personal factors) into the warm model."""
-    global_adapter = arrays_of(content[ARRAYS])
-    validate(global_adapter, node.spec)  # the node checks what the server sends, too
+    # The node checks what the server sends, too, before decoding any of it (a ProtocolError).
+    global_adapter = read_arrays(array_record(content, ARRAYS), wire_spec("none", node.spec))
+    validate(global_adapter, node.spec)
     start = dict(global_adapter)
     personal_spec = restrict(node.spec, rc.personal_factors) if rc.personal_factors else {}
     if personal_spec and state is not None and PERSONAL in state.array_records:
@@ -172,7 +176,7 @@ def run_round(
     delta = {k: local[k] - global_adapter[k] for k in sent}
     norm_before = -1.0
     if rc.dp_noise_multiplier > 0:  # distributed DP: this node's share of the Gaussian noise
-        delta, norm_before, _ = clip_delta(delta, rc.dp_clip_norm)
+        delta, norm_before, _ = clip_l2(delta, rc.dp_clip_norm, "dp-clip-norm")
         std = noise_share_std(
             rc.dp_noise_multiplier, rc.dp_clip_norm, max(rc.dp_expected_clients, 1)
         )
@@ -269,6 +273,7 @@ def _answer(msg: Message, work: Any) -> Message:
 
 def make_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
     base = dict(defaults or {})
+    configure_worker()  # a Ray actor or flwr-clientapp process: quiet library noise
     app = ClientApp()
 
     @app.train()

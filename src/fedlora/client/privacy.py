@@ -1,4 +1,4 @@
-"""Client side of client-level DP: clip the whole delta, add (a share of) Gaussian noise.
+"""Client side of client-level DP: add (a share of) Gaussian noise to the clipped delta.
 
 DP-FedAvg (McMahan, Ramage, Talwar & Zhang, ICLR 2018, arXiv:1710.06963): a client's update
 is clipped to global L2 norm ``C`` over all the tensors it sends (for FFA-LoRA, the B factors
@@ -32,39 +32,6 @@ import numpy as np
 
 Arrays = dict[str, np.ndarray]
 
-# Clip a hair below C so that rounding the scaled float64 values to float32 (relative error
-# <= 2^-24 a value) cannot push the norm over C.
-_CLIP_MARGIN = 1.0 - 2.0**-22
-
-
-def global_norm(delta: Mapping[str, np.ndarray]) -> float:
-    """L2 norm over every tensor of ``delta`` together, accumulated in float64."""
-    return math.sqrt(
-        sum(
-            float(np.dot(a.reshape(-1).astype(np.float64), a.reshape(-1).astype(np.float64)))
-            for a in delta.values()
-        )
-    )
-
-
-def clip_delta(delta: Mapping[str, np.ndarray], clip_norm: float) -> tuple[Arrays, float, float]:
-    """``(clipped, norm_before, scale)``: ``delta`` scaled to global L2 norm at most ``clip_norm``.
-
-    ``scale`` is 1 when the norm is within the bound (copies of the tensors are returned), else
-    ``clip_norm / norm`` times a factor ``1 - 2^-22`` that keeps the float32 result's norm at or
-    below ``clip_norm``. Each tensor keeps its dtype.
-    """
-    if not (math.isfinite(clip_norm) and clip_norm > 0):
-        raise ValueError(
-            f"clip_norm={clip_norm}: must be a positive, finite L2 bound (the run's dp-clip-norm)"
-        )
-    norm = global_norm(delta)
-    if not math.isfinite(norm):
-        raise ValueError("the delta holds NaN or Inf: it cannot be clipped; drop this update")
-    scale = 1.0 if norm <= clip_norm else clip_norm / norm * _CLIP_MARGIN
-    clipped = {k: (a.astype(np.float64) * scale).astype(a.dtype) for k, a in delta.items()}
-    return clipped, norm, scale
-
 
 def add_noise(delta: Mapping[str, np.ndarray], std: float, rng: np.random.Generator) -> Arrays:
     """``delta`` plus independent N(0, std^2) noise on every value (tensors in sorted order)."""
@@ -89,4 +56,4 @@ def noise_share_std(noise_multiplier: float, clip_norm: float, expected_clients:
     return noise_multiplier * clip_norm / math.sqrt(expected_clients)
 
 
-__all__ = ["add_noise", "clip_delta", "global_norm", "noise_share_std"]
+__all__ = ["add_noise", "noise_share_std"]

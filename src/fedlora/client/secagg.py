@@ -22,17 +22,24 @@ from typing import Any, cast
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from fedlora.errors import WireError
+from fedlora.clipping import clip_l2
+from fedlora.errors import ConfigError
 from fedlora.protocol import secagg_crypto as crypto
 from fedlora.protocol.secagg import (
     CLIPPED,
+    MAX_CIPHERTEXT_BYTES,
+    MAX_KEY_BYTES,
     NORM_BEFORE_CLIP,
     WEIGHT_CAPPED,
     Key,
+    SecAggProtocolError,
     SecAggSettings,
     Stage,
-    clip_l2,
+    bytes_list,
+    check_share,
+    config_field,
     flatten,
+    id_list,
     quantize,
     reduce_mod,
     weighted_vector,
@@ -46,23 +53,23 @@ TrainFn = Callable[[RecordDict], tuple[Mapping[str, np.ndarray], int, Mapping[st
 STATE = "fedlora.secagg"  # ConfigRecord: stage, session, settings, keys, seeds, shares
 UPDATE = "fedlora.secagg.update"  # ArrayRecord: the quantized update until it is masked
 METRICS = "fedlora.secagg.metrics"  # MetricRecord: sent with the masked vector
-
-
-class SecAggProtocolError(WireError, ValueError):
-    """A stage message the node refuses (wrong order, session, keys or node lists)."""
+MAX_SESSION_CHARS = 256
 
 
 def handle_secagg(msg: Message, context: Context, train_fn: TrainFn) -> Message:
-    """Answer one SecAgg+ stage message; raise (an error reply) on anything suspicious."""
-    cfg = msg.content.config_records[Key.CONFIG]
-    stage = cfg[Key.STAGE]
+    """Answer one SecAgg+ stage message; raise (an error reply) on anything suspicious.
+
+    Every check on the server's message raises :class:`SecAggProtocolError` (a WireError) and
+    wipes this node's secrets; errors of ``train_fn`` pass through unchanged.
+    """
     me = msg.metadata.dst_node_id
     try:
+        cfg, stage, session = _stage_of(msg.content)
         if stage == Stage.SETUP:
             _wipe(context)
             out = _setup(msg.content, cfg, context, train_fn)
         else:
-            st = _expect(context, cfg, stage)
+            st = _expect(context, session, stage)
             handler = {
                 Stage.SHARE_KEYS: _share_keys,
                 Stage.COLLECT: _collect,
@@ -73,7 +80,7 @@ def handle_secagg(msg: Message, context: Context, train_fn: TrainFn) -> Message:
         _wipe(context)  # a failed round leaves no secrets behind
         raise
     out.config_records[Key.CONFIG][Key.STAGE] = stage
-    out.config_records[Key.CONFIG][Key.SESSION] = cfg[Key.SESSION]
+    out.config_records[Key.CONFIG][Key.SESSION] = session
     if stage == Stage.UNMASK:
         _wipe(context)
     else:
@@ -81,13 +88,27 @@ def handle_secagg(msg: Message, context: Context, train_fn: TrainFn) -> Message:
     return Message(content=out, reply_to=msg)
 
 
-def _expect(context: Context, cfg: ConfigRecord, stage: Any) -> ConfigRecord:
-    if stage not in Stage.ORDER:
+def _stage_of(content: RecordDict) -> tuple[ConfigRecord, str, str]:
+    """``(config, stage, session)`` of a stage message, checked."""
+    cfg = content.config_records.get(Key.CONFIG)
+    if cfg is None:
+        raise SecAggProtocolError(f"stage message without the {Key.CONFIG!r} config record")
+    stage = cfg.get(Key.STAGE)
+    if not isinstance(stage, str) or stage not in Stage.ORDER:
         raise SecAggProtocolError(f"unknown secagg stage {stage!r}")
+    session = cfg.get(Key.SESSION)
+    if not isinstance(session, str) or not 0 < len(session) <= MAX_SESSION_CHARS:
+        raise SecAggProtocolError(
+            f"stage {stage!r}: session {session!r} is not a string of 1..{MAX_SESSION_CHARS}"
+        )
+    return cfg, stage, session
+
+
+def _expect(context: Context, session: str, stage: str) -> ConfigRecord:
     if STATE not in context.state.config_records:
         raise SecAggProtocolError(f"stage {stage!r} without a setup: this node holds no round")
     st = context.state.config_records[STATE]
-    if st[Key.SESSION] != cfg[Key.SESSION]:
+    if st[Key.SESSION] != session:
         raise SecAggProtocolError("stage message from another secagg session")
     want = Stage.ORDER[Stage.ORDER.index(cast(str, st[Key.STAGE])) + 1]
     if stage != want:
@@ -110,9 +131,8 @@ def _setup(
     content: RecordDict, cfg: ConfigRecord, context: Context, train_fn: TrainFn
 ) -> RecordDict:
     """Train, clip, quantize; keep the result and fresh secrets; reply the two public keys."""
-    settings = SecAggSettings.from_record(cfg)
-    names = cast(list[str], cfg[Key.NAMES])
-    sizes = cast(list[int], cfg[Key.SIZES])
+    settings = _settings(cfg)
+    names, sizes = _spec_of(cfg)
     train_content = RecordDict({k: v for k, v in content.items() if k != Key.CONFIG})
     delta, num_examples, train_metrics = train_fn(train_content)
     spec = {k: tuple(np.shape(v)) for k, v in delta.items()}
@@ -120,7 +140,10 @@ def _setup(
         raise SecAggProtocolError(
             "the trained update's tensors do not match the server's spec (names or sizes differ)"
         )
-    vec, norm, clipped = clip_l2(flatten(delta, spec), settings.clip_norm)
+    clipped_update, norm, scale = clip_l2(
+        {"update": flatten(delta, spec)}, settings.clip_norm, "secagg-clip-norm"
+    )
+    vec, clipped = clipped_update["update"], scale < 1.0
     weight = min(int(num_examples), settings.max_weight)
     if clipped:
         log.info("secagg: update norm %.4g clipped to %g", norm, settings.clip_norm)
@@ -129,7 +152,7 @@ def _setup(
     q = quantize(vec, settings)
     dtype = np.uint32 if settings.quantization_bits <= 32 else np.uint64
     context.state.array_records[UPDATE] = ArrayRecord({"q": Array(q.astype(dtype))})
-    metrics = {
+    metrics: dict[str, int | float | list[int] | list[float]] = {
         k: float(v) if isinstance(v, float) else int(v)
         for k, v in train_metrics.items()
         if isinstance(v, int | float)
@@ -158,13 +181,44 @@ def _setup(
     return RecordDict({Key.CONFIG: ConfigRecord({Key.C_PK: c_pk, Key.S_PK: s_pk})})
 
 
+def _settings(cfg: ConfigRecord) -> SecAggSettings:
+    try:
+        return SecAggSettings.from_record(cfg)
+    except ConfigError as exc:
+        raise SecAggProtocolError(f"setup: {exc}") from None
+
+
+def _spec_of(cfg: ConfigRecord) -> tuple[list[str], list[int]]:
+    """The tensor names and sizes the server expects, checked."""
+    names = config_field(cfg, Key.NAMES, list, "setup")
+    sizes = config_field(cfg, Key.SIZES, list, "setup")
+    if (
+        len(names) != len(sizes)
+        or not all(isinstance(n, str) for n in names)
+        or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 0 for k in sizes)
+    ):
+        raise SecAggProtocolError(
+            f"setup: {Key.NAMES!r} and {Key.SIZES!r} must be equally long lists of names and "
+            f"non-negative sizes"
+        )
+    return names, sizes
+
+
 def _share_keys(me: int, cfg: ConfigRecord, st: ConfigRecord, context: Context) -> RecordDict:
     """Check the neighbours' keys; Shamir-share ``b`` and ``s_sk``; encrypt one share each."""
-    nodes = cast(list[int], cfg[Key.NODES])
-    c_pks, s_pks = cast(list[bytes], cfg[Key.C_PK]), cast(list[bytes], cfg[Key.S_PK])
+    what = Stage.SHARE_KEYS
     settings = SecAggSettings.from_record(st)
-    if not len(nodes) == len(c_pks) == len(s_pks) or len(set(nodes)) != len(nodes):
-        raise SecAggProtocolError("neighbour list and key lists differ in length or repeat ids")
+    nodes = id_list(cfg, Key.NODES, what)
+    c_pks = bytes_list(cfg, Key.C_PK, what, len(nodes), MAX_KEY_BYTES)
+    s_pks = bytes_list(cfg, Key.S_PK, what, len(nodes), MAX_KEY_BYTES)
+    if len(nodes) > settings.num_shares + 1:
+        raise SecAggProtocolError(
+            f"{what}: {len(nodes)} share holders, more than num_shares + 1 = "
+            f"{settings.num_shares + 1}"
+        )
+    bad = [n for n, c, k in zip(nodes, c_pks, s_pks, strict=True) if not _keys_ok(c, k)]
+    if bad:
+        raise SecAggProtocolError(f"{what}: node {bad[0]}'s keys are not P-384 public keys")
     if me not in nodes or (c_pks[nodes.index(me)], s_pks[nodes.index(me)]) != (
         st[Key.C_PK],
         st[Key.S_PK],
@@ -201,14 +255,21 @@ def _share_keys(me: int, cfg: ConfigRecord, st: ConfigRecord, context: Context) 
             "held-sk": [sk_shares[own]],
         }
     )
-    return RecordDict({Key.CONFIG: ConfigRecord({Key.DSTS: dsts, Key.CIPHERTEXTS: ciphertexts})})
+    reply = ConfigRecord({Key.DSTS: dsts, Key.CIPHERTEXTS: ciphertexts})
+    reply[Key.B_COMMIT] = crypto.commit(cast(bytes, st["b"]))  # checked against the rebuilt b
+    return RecordDict({Key.CONFIG: reply})
+
+
+def _keys_ok(c_pk: bytes, s_pk: bytes) -> bool:
+    return crypto.is_public_key(c_pk) and crypto.is_public_key(s_pk)
 
 
 def _collect(me: int, cfg: ConfigRecord, st: ConfigRecord, context: Context) -> RecordDict:
     """Store the shares addressed to this node; reply ``[w, w·q]`` + self and pairwise masks."""
+    what = Stage.COLLECT
     settings = SecAggSettings.from_record(st)
-    srcs = cast(list[int], cfg[Key.SRCS])
-    ciphertexts = cast(list[bytes], cfg[Key.CIPHERTEXTS])
+    srcs = id_list(cfg, Key.SRCS, what)
+    ciphertexts = bytes_list(cfg, Key.CIPHERTEXTS, what, len(srcs), MAX_CIPHERTEXT_BYTES)
     nodes = cast(list[int], st[Key.NODES])
     if (
         len(srcs) != len(ciphertexts)
@@ -224,9 +285,7 @@ def _collect(me: int, cfg: ConfigRecord, st: ConfigRecord, context: Context) -> 
         list(cast(list[Any], st[k])) for k in ("held-owners", "held-b", "held-sk")
     )
     for src, ciphertext in zip(srcs, ciphertexts, strict=True):
-        got_src, dst, b_share, sk_share = crypto.open_shares(
-            cast(bytes, st["c-sk"]), c_pks[nodes.index(src)], ciphertext
-        )
+        got_src, dst, b_share, sk_share = _open(st, c_pks[nodes.index(src)], src, ciphertext)
         if (got_src, dst) != (src, me):
             raise SecAggProtocolError(f"shares from {got_src} to {dst} forwarded as {src}->{me}")
         owners.append(src)
@@ -253,17 +312,26 @@ def _collect(me: int, cfg: ConfigRecord, st: ConfigRecord, context: Context) -> 
     )
 
 
+def _open(
+    st: ConfigRecord, src_c_pk: bytes, src: int, ciphertext: bytes
+) -> tuple[int, int, bytes, bytes]:
+    """Decrypt and check the shares ``src`` sealed for this node (SecAggProtocolError if not)."""
+    what = f"{Stage.COLLECT}: shares from node {src}"
+    try:
+        got_src, dst, b_share, sk_share = crypto.open_shares(
+            cast(bytes, st["c-sk"]), src_c_pk, ciphertext
+        )
+    except Exception as exc:  # noqa: BLE001 - any failure to open network bytes is a refusal
+        raise SecAggProtocolError(f"{what} do not decrypt: {type(exc).__name__}") from None
+    return got_src, dst, check_share(b_share, what), check_share(sk_share, what)
+
+
 def _unmask(me: int, cfg: ConfigRecord, st: ConfigRecord, context: Context) -> RecordDict:
     """Reveal b-shares of alive neighbours and s_sk-shares of dropped ones; never both."""
     settings = SecAggSettings.from_record(st)
-    alive, dropped = cast(list[int], cfg[Key.ALIVE]), cast(list[int], cfg[Key.DROPPED])
+    alive, dropped = id_list(cfg, Key.ALIVE, Stage.UNMASK), id_list(cfg, Key.DROPPED, Stage.UNMASK)
     owners = cast(list[int], st["held-owners"])
-    if (
-        set(alive) & set(dropped)
-        or me in dropped
-        or len(set(alive)) != len(alive)
-        or len(set(dropped)) != len(dropped)
-    ):
+    if set(alive) & set(dropped) or me in dropped:
         raise SecAggProtocolError("a node listed both alive and dropped (or this node dropped)")
     if not (set(alive) | set(dropped)) <= set(owners):
         raise SecAggProtocolError("shares asked for nodes this node holds none of")

@@ -17,6 +17,7 @@ from typing import Any
 from fedlora.basemodel import check_model_dir
 from fedlora.errors import FedloraError
 from fedlora.lora import RESIDUAL_FILE
+from fedlora.savedfiles import check_safetensors, load_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,10 @@ def check_adapter_dir(adapter_dir: Path) -> Path:
     if not any((adapter_dir / name).is_file() for name in ADAPTER_WEIGHTS):
         weights = " or ".join(ADAPTER_WEIGHTS)
         raise FedloraError(f"{adapter_dir} holds no adapter weights ({weights}): {hint}")
+    fix = "the file is truncated or corrupted; copy the adapter folder again or re-save it"
+    for name in (ADAPTER_WEIGHTS[0], RESIDUAL_FILE):
+        if (adapter_dir / name).is_file():
+            check_safetensors(adapter_dir / name, fix)
     return adapter_dir
 
 
@@ -65,10 +70,10 @@ def _brief(exc: BaseException, limit: int = 240) -> str:
 def add_residuals(model: Any, residual_file: Path) -> int:
     """Add FedEx-LoRA's dense residuals to the matching base weights; return how many layers."""
     import torch
-    from safetensors.torch import load_file
 
     prefix = "base_model.model."
-    residuals = load_file(str(residual_file))
+    fix = "the file is truncated or corrupted; copy the adapter folder again"
+    residuals = {k: torch.from_numpy(v) for k, v in load_safetensors(residual_file, fix).items()}
     for key, residual in residuals.items():
         module_name = key[len(prefix) :] if key.startswith(prefix) else key
         try:

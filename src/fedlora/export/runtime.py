@@ -223,7 +223,7 @@ class EdgeModel:
             head_dim_default = int(self.config["hidden_size"]) // int(
                 self.config["num_attention_heads"]
             )
-        specs = []
+        specs: list[tuple[str, str, tuple[int, int], type]] = []
         for node in self.session.get_inputs():
             match = _PAST_NAME.match(node.name)
             if not match:
@@ -248,7 +248,7 @@ class EdgeModel:
                     node.name,
                     out_name,
                     (int(heads), int(head_dim)),
-                    _ORT_DTYPES.get(node.type, np.float32),
+                    _ORT_DTYPES.get(str(node.type), np.float32),
                 )
             )
         return specs

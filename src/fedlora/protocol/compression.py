@@ -145,7 +145,9 @@ def decode(
     """
     c = get_codec(codec)
     _check_block(block)
-    shapes = {k: tuple(int(d) for d in getattr(v, "shape", v)) for k, v in spec.items()}
+    shapes = {k: _shape_of(v) for k, v in spec.items()}
+    if not isinstance(wire, Mapping) or not all(isinstance(v, np.ndarray) for v in wire.values()):
+        raise CodecError(f"{codec} wire: expected a mapping of names to numpy arrays")
     found = problems(wire, c, shapes, block)
     if found:
         raise CodecError(
@@ -162,9 +164,36 @@ def decode(
         scale = wire[name + SCALE_SUFFIX].astype(np.float32)
         size = payload.size
         groups = _groups(payload.reshape(-1).astype(np.float32), _group(c, size, block))
-        values = (groups * scale[: groups.shape[0], None]).reshape(-1)[:size]
+        with np.errstate(over="ignore"):  # an overflow gives Inf, which validation refuses
+            values = (groups * scale[: groups.shape[0], None]).reshape(-1)[:size]
         out[name] = values.astype(np.float32).reshape(shape)
     return out
+
+
+def wire_spec(
+    codec: str,
+    spec: Mapping[str, tuple[int, ...] | TensorSpec],
+    block: int = DEFAULT_BLOCK,
+) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
+    """Wire name -> (dtype, shape) of every tensor ``codec`` puts on the wire for ``spec``.
+
+    What a reply must hold exactly, checked before any byte of it is decoded.
+    """
+    c = get_codec(codec)
+    _check_block(block)
+    out: dict[str, tuple[np.dtype, tuple[int, ...]]] = {}
+    for name, value in spec.items():
+        shape = _shape_of(value)
+        out[name] = (c.dtype, shape)
+        if c.scaled:
+            size = int(np.prod(shape, dtype=np.int64))
+            out[name + SCALE_SUFFIX] = (np.dtype(np.float32), (_num_scales(c, size, block),))
+    return out
+
+
+def _shape_of(value: tuple[int, ...] | TensorSpec) -> tuple[int, ...]:
+    shape = value.shape if isinstance(value, TensorSpec) else value
+    return tuple(int(d) for d in shape)
 
 
 def problems(
@@ -212,8 +241,12 @@ def problems(
 
 
 def _group(codec: Codec, size: int, block: int) -> int:
-    """Values per scale: ``block``, or the whole tensor for a per-tensor scale."""
-    return block if codec.blockwise else max(size, 1)
+    """Values per scale: ``block`` (at most the tensor), or the whole tensor for one scale.
+
+    A block longer than the tensor groups the same values as the tensor's length does, without
+    padding up to ``block`` (which may be huge).
+    """
+    return min(block, max(size, 1)) if codec.blockwise else max(size, 1)
 
 
 def _check_block(block: int) -> None:
@@ -260,4 +293,5 @@ __all__ = [
     "get_codec",
     "nbytes",
     "problems",
+    "wire_spec",
 ]

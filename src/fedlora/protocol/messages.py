@@ -4,6 +4,10 @@ A train message from the server carries ``arrays`` (the global adapter) and ``co
 :class:`RoundConfig`). A client's reply carries ``arrays`` (its adapter *delta*: local adapter minus
 the global one it received) and ``metrics`` (only the keys in :data:`TRAIN_METRICS`). Nothing
 else may leave a node; :meth:`TrainReply.to_content` is the only constructor of a reply.
+
+Parsing goes through :mod:`fedlora.protocol.gate`: arrays are checked against the expected wire
+spec before a byte is decoded, metrics against the one metric table (type and range), and the
+round config against :data:`ROUND_BOUNDS`. Every problem is a :class:`ProtocolError`.
 """
 
 from __future__ import annotations
@@ -16,46 +20,51 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedlora.errors import WireError
 from fedlora.protocol.adapter import WIRE_DTYPE, AdapterSpec, validate
-from fedlora.protocol.compression import CODECS, CodecError, decode, encode, nbytes
+from fedlora.protocol.compression import CODECS, decode, encode, nbytes, wire_spec
+from fedlora.protocol.gate import (
+    EVAL_METRICS,
+    INT64_MAX,
+    TRAIN_METRICS,
+    Bound,
+    ProtocolError,
+    array_record,
+    check_metrics,
+    is_finite_number,
+    read_arrays,
+    record_keys,
+    show,
+)
 
 WIRE_VERSION = 1
 ARRAYS, CONFIG, METRICS = "arrays", "config", "metrics"
 NUM_EXAMPLES = "num-examples"  # the weight FedAvg-style aggregation uses
-# The whitelist of scalar metrics a client may send after training.
-TRAIN_METRICS = frozenset(
-    {
-        NUM_EXAMPLES,
-        "train-loss",
-        "site-id",
-        "wire-version",
-        "load-seconds",
-        "train-seconds",
-        "train-tokens",
-        "scored-tokens",
-        "bytes-sent",
-        "bytes-received",
-        "dp-noised",
-    }
-)
-# The whitelist of scalar metrics a client may send after evaluating the global adapter.
-EVAL_METRICS = frozenset(
-    {
-        NUM_EXAMPLES,
-        "eval-loss",
-        "eval-perplexity",
-        "eval-accuracy",
-        "eval-tokens",
-        "site-id",
-        "wire-version",
-        "eval-seconds",
-    }
-)
 LOSSES = ("completion", "full")
 SCHEDULES = ("constant", "cosine", "linear")
-
-
-class ProtocolError(WireError, ValueError):
-    """A message does not follow the wire format."""
+_POSITIVE = Bound(int, 1, INT64_MAX)
+_NON_NEGATIVE_INT = Bound(int, 0, INT64_MAX)
+_NON_NEGATIVE = Bound(float, 0.0)
+# The range of every numeric round-config field a node accepts (floats must also be finite).
+ROUND_BOUNDS: dict[str, Bound] = {
+    "server_round": _NON_NEGATIVE_INT,
+    "local_steps": _POSITIVE,
+    "batch_size": _POSITIVE,
+    "lr": Bound(float, 0.0, 1.0, low_open=True, high_open=True),
+    "max_length": _POSITIVE,
+    "seed": _NON_NEGATIVE_INT,
+    "lora_r": _POSITIVE,
+    "lora_alpha": Bound(float, 0.0, low_open=True),
+    "lora_dropout": Bound(float, 0.0, 1.0, high_open=True),
+    "local_epochs": _NON_NEGATIVE,
+    "grad_accum": _POSITIVE,
+    "warmup_steps": _NON_NEGATIVE_INT,
+    "max_grad_norm": _NON_NEGATIVE,
+    "weight_decay": _NON_NEGATIVE,
+    "codec_block": _POSITIVE,
+    "dp_noise_multiplier": _NON_NEGATIVE,
+    "dp_clip_norm": _NON_NEGATIVE,
+    "dp_expected_clients": _NON_NEGATIVE_INT,
+    "wire_version": _NON_NEGATIVE_INT,
+}
 
 
 @dataclass(frozen=True)
@@ -98,8 +107,22 @@ class RoundConfig:
             ok = isinstance(value, want) or (want is float and isinstance(value, int))
             if not ok or (isinstance(value, bool) and want is not bool):
                 raise ProtocolError(
-                    f"round config {f.name.replace('_', '-')}={value!r}: expected {want.__name__}"
+                    f"round config {_key(f.name)}={show(value)}: expected {want.__name__}"
                 )
+            if want is float and not is_finite_number(value):
+                raise ProtocolError(
+                    f"round config {_key(f.name)}={value!r}: must be a finite number"
+                )
+        for name, bound in ROUND_BOUNDS.items():
+            if not bound.accepts(getattr(self, name)):
+                raise ProtocolError(
+                    f"round config {_key(name)}={getattr(self, name)!r}: must be {bound.describe()}"
+                )
+        if self.dp_noise_multiplier > 0 and self.dp_clip_norm <= 0:
+            raise ProtocolError(
+                f"round config dp-noise-multiplier={self.dp_noise_multiplier} with dp-clip-norm="
+                f"{self.dp_clip_norm}: noise needs a clip norm > 0"
+            )
         if self.loss not in LOSSES:
             raise ProtocolError(f"round config loss={self.loss!r}: use one of {LOSSES}")
         if self.codec not in CODECS:
@@ -129,6 +152,9 @@ class RoundConfig:
 
     @classmethod
     def from_record(cls, record: ConfigRecord) -> RoundConfig:
+        """Parse and check a round config; any problem is a ProtocolError naming the key."""
+        if not isinstance(record, ConfigRecord):
+            raise ProtocolError(f"round config is a {type(record).__name__}, not a ConfigRecord")
         values: dict[str, Any] = {}
         for f in fields(cls):
             key = f.name.replace("_", "-")
@@ -208,35 +234,39 @@ class TrainReply:
             raise ProtocolError(
                 f"refusing to send non-whitelisted metrics {sorted(set(metrics) - TRAIN_METRICS)}"
             )
-        return RecordDict({ARRAYS: arrays, METRICS: MetricRecord(metrics)})
+        return RecordDict({ARRAYS: arrays, METRICS: MetricRecord(dict(metrics))})
 
     @classmethod
     def from_content(
         cls, content: RecordDict, spec: AdapterSpec, codec: str = "none", codec_block: int = 64
     ) -> TrainReply:
-        """Parse, decode and validate a reply; raise ProtocolError with every problem found."""
-        metrics, n = checked_metrics(content, {ARRAYS, METRICS}, TRAIN_METRICS)
-        loss = float(metrics.get("train-loss", float("nan")))
-        wire = arrays_of(content.array_records[ARRAYS])
+        """Check, decode and validate a reply; any problem is a ProtocolError naming the field.
+
+        Every array passes the decoding gate (stype, dtype, shape, byte length against what
+        ``codec`` puts on the wire for ``spec``) before a byte of it is decoded.
+        """
+        content = record_keys(content, {ARRAYS, METRICS})
+        metrics = check_metrics(content.get(METRICS), "train", WIRE_VERSION)
         try:
+            wire = read_arrays(array_record(content, ARRAYS), wire_spec(codec, spec, codec_block))
             delta = decode(wire, codec, spec, codec_block) if codec != "none" else wire
             validate(delta, spec)
-        except (ValueError, CodecError) as exc:
+        except WireError as exc:
             raise ProtocolError(str(exc)) from None
         return cls(
             delta=delta,
-            num_examples=n,
-            train_loss=loss,
-            site_id=int(metrics.get("site-id", -1)),
-            load_seconds=float(metrics.get("load-seconds", 0.0)),
-            train_seconds=float(metrics.get("train-seconds", 0.0)),
-            train_tokens=int(metrics.get("train-tokens", 0)),
-            scored_tokens=int(metrics.get("scored-tokens", 0)),
+            num_examples=_int(metrics, NUM_EXAMPLES),
+            train_loss=_float(metrics, "train-loss"),
+            site_id=_int(metrics, "site-id"),
+            load_seconds=_float(metrics, "load-seconds"),
+            train_seconds=_float(metrics, "train-seconds"),
+            train_tokens=_int(metrics, "train-tokens"),
+            scored_tokens=_int(metrics, "scored-tokens"),
             codec=codec,
             codec_block=codec_block,
-            bytes_sent=int(metrics.get("bytes-sent", 0)),
-            bytes_received=int(metrics.get("bytes-received", 0)),
-            dp_norm_before_clip=0.0 if metrics.get("dp-noised") else -1.0,
+            bytes_sent=_int(metrics, "bytes-sent"),
+            bytes_received=_int(metrics, "bytes-received"),
+            dp_norm_before_clip=0.0 if metrics["dp-noised"] else -1.0,
         )
 
 
@@ -268,45 +298,45 @@ class EvalReply:
             raise ProtocolError(
                 f"refusing to send non-whitelisted metrics {sorted(set(metrics) - EVAL_METRICS)}"
             )
-        return RecordDict({METRICS: MetricRecord(metrics)})
+        return RecordDict({METRICS: MetricRecord(dict(metrics))})
 
     @classmethod
     def from_content(cls, content: RecordDict) -> EvalReply:
-        metrics, n = checked_metrics(content, {METRICS}, EVAL_METRICS)
-        values = [float(metrics.get(k, float("nan"))) for k in ("eval-loss", "eval-perplexity")]
-        if not all(np.isfinite(values)):
-            raise ProtocolError(f"eval-loss/eval-perplexity not finite: {values}")
-        acc = metrics.get("eval-accuracy")
+        """Check an eval reply; any problem is a ProtocolError naming the metric."""
+        content = record_keys(content, {METRICS})
+        metrics = check_metrics(content.get(METRICS), "eval", WIRE_VERSION)
+        acc = metrics["eval-accuracy"]
         return cls(
-            num_examples=n,
-            loss=values[0],
-            perplexity=values[1],
-            tokens=int(metrics.get("eval-tokens", 0)),
+            num_examples=_int(metrics, NUM_EXAMPLES),
+            loss=_float(metrics, "eval-loss"),
+            perplexity=_float(metrics, "eval-perplexity"),
+            tokens=_int(metrics, "eval-tokens"),
             accuracy=None if acc is None else float(acc),
-            site_id=int(metrics.get("site-id", -1)),
-            seconds=float(metrics.get("eval-seconds", 0.0)),
+            site_id=_int(metrics, "site-id"),
+            seconds=_float(metrics, "eval-seconds"),
         )
 
 
-def checked_metrics(
-    content: RecordDict, records: set[str], whitelist: frozenset[str]
-) -> tuple[MetricRecord, int]:
-    """A reply's metrics after the checks every reply passes; and its num-examples."""
-    if set(content.keys()) != records:
-        raise ProtocolError(f"reply records {sorted(content.keys())}, expected {sorted(records)}")
-    metrics = content.metric_records[METRICS]
-    extra = set(metrics.keys()) - whitelist
-    if extra:
-        raise ProtocolError(f"metrics outside the whitelist: {sorted(extra)}")
-    if metrics.get("wire-version") != WIRE_VERSION:
-        raise ProtocolError(f"wire version {metrics.get('wire-version')}, expected {WIRE_VERSION}")
-    n = metrics.get(NUM_EXAMPLES)
-    if not isinstance(n, int) or n <= 0:
-        raise ProtocolError(f"{NUM_EXAMPLES}={n!r}: must be a positive integer")
-    return metrics, n
+def _int(metrics: dict[str, int | float | None], name: str) -> int:
+    value = metrics[name]
+    if value is None:  # required, or given a default, by the metric table
+        raise ProtocolError(f"metric {name} missing")
+    return int(value)
+
+
+def _float(metrics: dict[str, int | float | None], name: str) -> float:
+    value = metrics[name]
+    if value is None:
+        raise ProtocolError(f"metric {name} missing")
+    return float(value)
+
+
+def _key(name: str) -> str:
+    return name.replace("_", "-")
 
 
 def arrays_of(record: ArrayRecord) -> dict[str, np.ndarray]:
+    """The arrays of a record this process trusts (its own state, a test's output)."""
     return {k: v.numpy() for k, v in record.items()}
 
 
@@ -322,6 +352,7 @@ __all__ = [
     "EVAL_METRICS",
     "METRICS",
     "NUM_EXAMPLES",
+    "ROUND_BOUNDS",
     "TRAIN_METRICS",
     "WIRE_VERSION",
     "EvalReply",

@@ -36,11 +36,13 @@ import logging
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 from flwr.app import ConfigRecord
 
-from fedlora.errors import ConfigError
+from fedlora.errors import ConfigError, WireError
+from fedlora.protocol.gate import TRAIN_METRICS, Bound, metric_problem
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +83,7 @@ class Key:
     B_SHARES = "b-shares"
     SK_OWNERS = "sk-owners"
     SK_SHARES = "sk-shares"
+    B_COMMIT = "b-commit"  # SHA-256 commitment to the self-mask seed (share-keys reply)
 
 
 # Metric names a client reports with its masked vector.
@@ -89,6 +92,91 @@ CLIPPED = "secagg-clipped"
 WEIGHT_CAPPED = "secagg-weight-capped"
 
 Spec = Mapping[str, tuple[int, ...]]  # tensor name -> shape; vectors follow sorted(names)
+
+# The scalar metrics a node may send beside its masked vector: name -> (integer?, low, high).
+# Scalars only the secure path reports beside its masked vector (the clip report), with their
+# bounds; the training scalars are the plain path's, checked against the one metric table
+# (fedlora.protocol.gate.METRIC_SPECS). Anything else, a wrong type, NaN or a value out of range
+# makes the whole reply invalid (that node drops out).
+SECURE_ONLY_METRICS: dict[str, Bound] = {
+    NORM_BEFORE_CLIP: Bound(float, 0.0),
+    CLIPPED: Bound(int, 0, 1),
+    WEIGHT_CAPPED: Bound(int, 0, 1),
+}
+SECURE_METRICS: frozenset[str] = TRAIN_METRICS | frozenset(SECURE_ONLY_METRICS)
+MAX_ID = 2**64 - 1  # node ids are unsigned 64-bit integers (Flower; the share plaintext)
+MAX_KEY_BYTES = 4096  # a PEM public key of P-384 is 215 bytes
+MAX_CIPHERTEXT_BYTES = 2**16  # an encrypted share pair is under 1 KiB
+
+
+class SecAggProtocolError(WireError, ValueError):
+    """A SecAgg+ message that breaks the protocol (wrong order, session, types, keys or lists).
+
+    A node refuses such a stage message (an error reply); the server treats such a reply as a
+    dropout of the node that sent it.
+    """
+
+
+def config_field(cfg: ConfigRecord, key: str, kind: type, what: str) -> Any:
+    """``cfg[key]`` if it is a ``kind`` (never a bool for int), else SecAggProtocolError."""
+    value = cfg.get(key)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise SecAggProtocolError(
+            f"{what}: {key!r} is {type(value).__name__}, expected {kind.__name__}"
+        )
+    return value
+
+
+def id_list(cfg: ConfigRecord, key: str, what: str) -> list[int]:
+    """A list of distinct node ids (unsigned 64-bit integers) under ``key``."""
+    value = config_field(cfg, key, list, what)
+    if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_ID for v in value):
+        raise SecAggProtocolError(f"{what}: {key!r} holds something other than node ids")
+    if len(set(value)) != len(value):
+        raise SecAggProtocolError(f"{what}: {key!r} repeats a node id")
+    return list(value)
+
+
+def bytes_list(cfg: ConfigRecord, key: str, what: str, length: int, max_bytes: int) -> list[bytes]:
+    """A list of ``length`` non-empty byte strings of at most ``max_bytes`` each under ``key``."""
+    value = config_field(cfg, key, list, what)
+    if len(value) != length:
+        raise SecAggProtocolError(f"{what}: {key!r} has {len(value)} entries, expected {length}")
+    if not all(isinstance(v, bytes) and 0 < len(v) <= max_bytes for v in value):
+        raise SecAggProtocolError(
+            f"{what}: {key!r} holds something other than byte strings of 1..{max_bytes} bytes"
+        )
+    return list(value)
+
+
+def check_share(share: bytes, what: str) -> bytes:
+    """A Shamir share as Flower's shamir lays it out: 4-byte index 1.., then 16-byte chunks."""
+    index = int.from_bytes(share[:4], "little")
+    if len(share) < 20 or (len(share) - 4) % 16 or not 1 <= index <= 2**16:
+        raise SecAggProtocolError(
+            f"{what}: a share of {len(share)} bytes, index {index}: malformed"
+        )
+    return share
+
+
+def check_metrics(metrics: Mapping[str, Any], what: str) -> dict[str, int | float]:
+    """The scalar metrics beside a masked vector, checked against :data:`SECURE_METRICS`."""
+    extra = sorted(set(metrics) - set(SECURE_METRICS))
+    if extra:
+        raise SecAggProtocolError(f"{what}: metrics outside the whitelist: {extra[:3]}")
+    out: dict[str, int | float] = {}
+    for name, value in metrics.items():
+        bound = SECURE_ONLY_METRICS.get(name)
+        if bound is None:
+            problem = metric_problem(name, value)
+        elif not bound.accepts(value):
+            problem = f"metric {name}={value!r}: expected {bound.describe()}"
+        else:
+            problem = None
+        if problem:
+            raise SecAggProtocolError(f"{what}: {problem}")
+        out[name] = value
+    return out
 
 
 @dataclass(frozen=True)
@@ -250,14 +338,6 @@ def unflatten(vec: np.ndarray, spec: Spec) -> dict[str, np.ndarray]:
     return out
 
 
-def clip_l2(vec: np.ndarray, clip_norm: float) -> tuple[np.ndarray, float, bool]:
-    """``(clipped, norm_before, clipped?)``: scale ``vec`` to L2 norm at most ``clip_norm``."""
-    norm = float(np.linalg.norm(vec))
-    if norm <= clip_norm:
-        return vec, norm, False
-    return vec * (clip_norm / norm), norm, True
-
-
 def quantize(vec: np.ndarray, settings: SecAggSettings) -> np.ndarray:
     """Deterministic ``rint((x + C) / Δ)`` in ``[0, L]`` (uint64); ``vec`` must be clipped.
 
@@ -265,7 +345,9 @@ def quantize(vec: np.ndarray, settings: SecAggSettings) -> np.ndarray:
     """
     c = settings.clip_norm
     if vec.size and float(np.max(np.abs(vec))) > c * (1 + 1e-9):
-        raise ValueError(f"a coordinate exceeds clip_norm {c}: clip the update (clip_l2) first")
+        raise ValueError(
+            f"a coordinate exceeds clip_norm {c}: clip the update (fedlora.clipping.clip_l2) first"
+        )
     scaled = (np.clip(vec, -c, c) + c) / settings.step
     return np.rint(np.clip(scaled, 0, settings.levels)).astype(np.uint64)
 
@@ -301,16 +383,25 @@ def decode_sum(
 __all__ = [
     "ACTION",
     "CLIPPED",
+    "MAX_CIPHERTEXT_BYTES",
+    "MAX_ID",
+    "MAX_KEY_BYTES",
     "MESSAGE_TYPE",
     "NORM_BEFORE_CLIP",
+    "SECURE_METRICS",
     "WEIGHT_CAPPED",
     "Key",
+    "SecAggProtocolError",
     "SecAggSettings",
     "Spec",
     "Stage",
-    "clip_l2",
+    "bytes_list",
+    "check_metrics",
+    "check_share",
+    "config_field",
     "decode_sum",
     "flatten",
+    "id_list",
     "quantize",
     "reduce_mod",
     "unflatten",

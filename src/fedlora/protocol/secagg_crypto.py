@@ -16,9 +16,11 @@ XOR folds give equal masks), and it cannot draw below 2**64.
 from __future__ import annotations
 
 import base64
+import hashlib
 import os
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from flwr.common.secure_aggregation.crypto.shamir import combine_shares, create_shares
 from flwr.common.secure_aggregation.crypto.symmetric_encryption import (
@@ -49,6 +51,22 @@ def new_key_pair() -> tuple[bytes, bytes]:
 
 def public_of(private_pem: bytes) -> bytes:
     return public_key_to_bytes(bytes_to_private_key(private_pem).public_key())
+
+
+def is_public_key(data: object) -> bool:
+    """Whether ``data`` is a PEM public key of the kind :func:`new_key_pair` makes (P-384)."""
+    if not isinstance(data, bytes):
+        return False
+    try:
+        key = bytes_to_public_key(data)
+    except Exception:  # noqa: BLE001 - any parse failure means "not a key"
+        return False
+    return isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP384R1)
+
+
+def commit(seed: bytes) -> bytes:
+    """A binding commitment to a self-mask seed (SHA-256; the seed is 32 random bytes)."""
+    return hashlib.sha256(b"fedlora-secagg-b|" + seed).digest()
 
 
 def agree(private_pem: bytes, public_pem: bytes) -> bytes:
@@ -117,6 +135,8 @@ __all__ = [
     "SEED_BYTES",
     "add_mask",
     "agree",
+    "commit",
+    "is_public_key",
     "join_shares",
     "mask",
     "new_key_pair",

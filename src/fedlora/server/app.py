@@ -11,6 +11,8 @@ import logging
 import shutil
 import time
 from collections.abc import Mapping
+from dataclasses import fields
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +22,16 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedlora.basemodel import resolve_base_model
 from fedlora.config import RunConfig
+from fedlora.console import configure_worker
+from fedlora.data.drugreview import SITES
 from fedlora.errors import ConfigError
 from fedlora.lora import adapter_shapes, initial_adapter
 from fedlora.protocol.adapter import spec_of
 from fedlora.protocol.messages import RoundConfig, to_array_record
+from fedlora.protocol.secagg import SecAggSettings
 from fedlora.server.central import make_central_eval
 from fedlora.server.checkpoint import save_adapter
-from fedlora.server.privacy import PrivacyLedger
+from fedlora.server.privacy import DpSettings, PrivacyLedger
 from fedlora.server.report import write_report
 from fedlora.server.state import (
     STATE_DIR,
@@ -37,41 +42,70 @@ from fedlora.server.state import (
     restore_random,
     save_state,
 )
-from fedlora.server.strategies import get_strategy, make_reducer
+from fedlora.server.strategies import ServerOptimizer, get_strategy, make_reducer
 from fedlora.server.strategy import LoraFedAvg
 
 log = logging.getLogger(__name__)
 
 
-def round_config(cfg: RunConfig) -> RoundConfig:
-    """What every node is asked to do each round (the server fills in the round number)."""
-    train, send = get_strategy(cfg.strategy).factors()
-    return RoundConfig(
-        server_round=0,
-        local_steps=cfg.local_steps,
-        batch_size=cfg.batch_size,
-        lr=cfg.lr,
-        max_length=cfg.max_length,
-        seed=cfg.seed,
-        lora_r=cfg.lora_r,
-        lora_alpha=float(cfg.lora_alpha),
-        lora_dropout=float(cfg.lora_dropout),
-        target_modules=cfg.target_modules,
-        train_factors=train,
-        send_factors=send,
-        lora_rslora=cfg.lora_rslora,
-        local_epochs=float(cfg.local_epochs),
-        grad_accum=cfg.grad_accum,
-        warmup_steps=cfg.warmup_steps,
-        lr_schedule=cfg.lr_schedule,
-        max_grad_norm=float(cfg.max_grad_norm),
-        weight_decay=float(cfg.weight_decay),
-        loss=cfg.loss,
-        packing=cfg.packing,
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        codec="none" if cfg.secure_aggregation else cfg.codec,
-        codec_block=cfg.codec_block,
+def server_optimizer(cfg: RunConfig) -> ServerOptimizer:
+    """The server optimizer the run config names (server-lr 0: the optimizer's default)."""
+    return ServerOptimizer(kind=cfg.server_optimizer, lr=cfg.server_lr or None)
+
+
+def dp_settings(cfg: RunConfig) -> DpSettings:
+    """Client-level DP settings; the sampling rate is fraction-train (see server/privacy)."""
+    return DpSettings(
+        noise_multiplier=float(cfg.dp_noise_multiplier),
+        clip_norm=float(cfg.dp_clip_norm),
+        sampling_rate=float(cfg.fraction_train),
+        delta=float(cfg.dp_delta),
     )
+
+
+def secagg_settings(cfg: RunConfig, nodes: int) -> SecAggSettings:
+    """SecAgg+ settings for a round with ``nodes`` sampled nodes (shares capped at nodes)."""
+    shares = max(3, min(cfg.secagg_num_shares, nodes))
+    threshold = max(min(cfg.secagg_threshold, shares, nodes), shares // 2 + 1)
+    return SecAggSettings(
+        clip_norm=float(cfg.secagg_clip_norm),
+        num_shares=shares,
+        reconstruction_threshold=threshold,
+    )
+
+
+# RoundConfig fields that do not come from a run-config key of the same name, and where they
+# come from; every other field is copied from the run config by name (tests/test_server.py).
+DERIVED_ROUND_FIELDS = {
+    "server_round": "the round number (Flower's loop sets it)",
+    "train_factors": "the strategy (fedlora.server.strategies)",
+    "send_factors": "the strategy (fedlora.server.strategies)",
+    # DP noise shares: set per round by LoraFedAvg.configure_train from its privacy ledger, under
+    # secure aggregation only (without it the server clips and adds the noise itself).
+    "dp_noise_multiplier": "the privacy ledger (LoraFedAvg.configure_train)",
+    "dp_clip_norm": "the privacy ledger (LoraFedAvg.configure_train)",
+    "dp_expected_clients": "the nodes sampled for the round (LoraFedAvg.configure_train)",
+    "wire_version": "the protocol",
+}
+
+
+def wire_codec(cfg: RunConfig) -> str:
+    """How nodes encode deltas: the run's codec, or none under secure aggregation (which masks
+    64-bit integers and applies no codec)."""
+    return "none" if cfg.secure_aggregation else cfg.codec
+
+
+def round_config(cfg: RunConfig) -> RoundConfig:
+    """What every node is asked to do each round: the run config's round settings by name, the
+    strategy's factors and the wire codec (the strategy adds DP noise shares per round)."""
+    train, send = get_strategy(cfg.strategy).factors()
+    shared = {f.name: f for f in fields(RoundConfig) if f.name not in DERIVED_ROUND_FIELDS}
+    values: dict[str, Any] = {
+        name: float(getattr(cfg, name)) if f.type in ("float", float) else getattr(cfg, name)
+        for name, f in shared.items()
+    }
+    values.update(codec=wire_codec(cfg))
+    return RoundConfig(server_round=0, train_factors=train, send_factors=send, **values)
 
 
 def run_federation(grid: Grid, cfg: RunConfig) -> dict[str, np.ndarray]:
@@ -118,7 +152,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict[str, np.ndarray]:
     )
     ledger = None
     if cfg.dp_noise_multiplier > 0:
-        ledger = PrivacyLedger(cfg.dp, accountant=cfg.dp_accountant)
+        ledger = PrivacyLedger(dp_settings(cfg), accountant=cfg.dp_accountant)
         for past in saved.history if saved is not None else []:  # a resumed run's rounds
             if "dp-noise-multiplier" in past:
                 ledger.record_round(
@@ -137,7 +171,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict[str, np.ndarray]:
         spec=spec_of(adapter),
         global_adapter=adapter,
         aggregator=get_strategy(cfg.strategy, make_reducer(cfg.aggregation, cfg.trim_fraction)),
-        optimizer=cfg.optimizer,
+        optimizer=server_optimizer(cfg),
         clip_norm=cfg.clip_norm or None,
         scale=cfg.lora.scaling,
         history_file=out / "metrics.jsonl",
@@ -149,10 +183,11 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict[str, np.ndarray]:
         evaluate_every=cfg.evaluate_every,
         num_rounds=cfg.num_server_rounds,
         round_timeout=cfg.round_timeout,
-        secagg=cfg.secagg_settings if cfg.secure_aggregation else None,
-        codec="none" if cfg.secure_aggregation else cfg.codec,
+        secagg=partial(secagg_settings, cfg) if cfg.secure_aggregation else None,
+        codec=wire_codec(cfg),
         codec_block=cfg.codec_block,
         dp=ledger,
+        site_names=SITES,  # packaged drug-review sites report their index as site-id
     )
     if cfg.secure_aggregation:
         log.info(
@@ -220,7 +255,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict[str, np.ndarray]:
         "Strategy %s, server optimizer %s (lr %g); %d rounds to run",
         cfg.strategy,
         cfg.server_optimizer,
-        cfg.optimizer.server_lr,
+        server_optimizer(cfg).server_lr,
         max(remaining, 0),
     )
     if remaining <= 0:
@@ -270,6 +305,7 @@ def _clear_run(out: Path) -> None:
 def make_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
     """A ServerApp reading ``context.run_config``, overlaid by ``overrides``."""
     extra = dict(overrides or {})
+    configure_worker()  # a flwr-serverapp process: quiet library noise
     app = ServerApp()
 
     @app.main()

@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -87,10 +88,7 @@ def make_central_eval(
         model, tokenizer = state["model"], state["tokenizer"]
         set_peft_model_state_dict(
             model,
-            {
-                k: torch.from_numpy(np.array(v))  # type: ignore
-                for k, v in adapter.items()
-            },
+            {k: torch.from_numpy(np.array(v)) for k, v in adapter.items()},
         )
         _apply_residuals(model, residuals(), state["originals"])  # type: ignore[arg-type]
         result = {}
@@ -112,7 +110,7 @@ def make_central_eval(
     return evaluate
 
 
-def _apply_residuals(model: object, residuals: Arrays, originals: dict[str, object]) -> None:
+def _apply_residuals(model: object, residuals: Arrays, originals: dict[str, Any]) -> None:
     """Set each residual's base weight to its original value plus the residual."""
     import torch
 

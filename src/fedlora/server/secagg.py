@@ -33,7 +33,7 @@ from flwr.app import RecordDict
 from flwr.serverapp import Grid
 from numpy.typing import DTypeLike
 
-from fedlora.protocol.secagg import SecAggSettings, Spec, Stage, decode_sum
+from fedlora.protocol.secagg import SecAggSettings, Spec, Stage, decode_sum, vector_length
 from fedlora.server.secagg_stages import SecAggError, Session, collect, setup, share_keys, unmask
 from fedlora.server.strategies.base import ClientUpdate, LoraAggregator
 
@@ -53,6 +53,7 @@ class SecAggResult:
     bytes_sent: dict[str, int] = field(default_factory=dict)  # payload bytes per stage
     bytes_received: dict[str, int] = field(default_factory=dict)
     tolerance: float = 0.0  # per-coordinate bound on |mean - plain mean of clipped updates|
+    rejected: dict[int, str] = field(default_factory=dict)  # node -> why its reply was invalid
 
     def mean(self, dtype: DTypeLike = np.float64) -> dict[str, np.ndarray]:
         """The example-weighted mean update, Σ w_i x_i / Σ w_i."""
@@ -94,16 +95,13 @@ def secure_weighted_sum(
     stage_timeout = timeout if stage_timeout is None else stage_timeout
     start = time.perf_counter()
     s = Session(settings=settings, spec={k: tuple(v) for k, v in spec.items()}, group_id=group_id)
-    u1 = setup(grid, s, nodes, train_content, timeout)
-    _enough(u1, t, Stage.SETUP)
-    u2 = share_keys(grid, s, u1, stage_timeout)
-    _enough(u2, t, Stage.SHARE_KEYS)
-    u3 = collect(grid, s, u2, stage_timeout)
-    _enough(u3, t, Stage.COLLECT)
-    total = unmask(grid, s, u2, u3, stage_timeout)
-    weighted_sum, weight = decode_sum(total, settings, s.spec)
-    if weight <= 0:
-        raise SecAggError("the contributors' total weight is 0: nothing to average")
+    try:
+        u3 = _run_stages(grid, s, nodes, train_content, timeout, stage_timeout)
+        total = unmask(grid, s, s.u2, u3, stage_timeout)
+        weighted_sum, weight = checked_decode(total, settings, s.spec, len(u3))
+    except SecAggError as exc:
+        exc.rejected = dict(s.rejected)
+        raise
     s.seconds["total"] = time.perf_counter() - start
     result = SecAggResult(
         weighted_sum=weighted_sum,
@@ -115,20 +113,66 @@ def secure_weighted_sum(
         bytes_sent=dict(s.bytes_sent),
         bytes_received=dict(s.bytes_received),
         tolerance=settings.tolerance,
+        rejected=dict(s.rejected),
     )
     log.info(
-        "secagg: %d of %d nodes in the sum (weight %d, %d clipped to %g), %d dropped; "
-        "%.2f s, %.1f MiB up",
+        "secagg: %d of %d nodes in the sum (weight %d, %d clipped to %g), %d dropped "
+        "(%d rejected); %.2f s, %.1f MiB up",
         len(u3),
         len(nodes),
         weight,
         result.num_clipped,
         settings.clip_norm,
         len(result.dropped),
+        len(result.rejected),
         s.seconds["total"],
         sum(s.bytes_received.values()) / 2**20,
     )
     return result
+
+
+def _run_stages(
+    grid: Grid,
+    s: Session,
+    nodes: list[int],
+    train_content: RecordDict,
+    timeout: float | None,
+    stage_timeout: float | None,
+) -> list[int]:
+    """Stages setup, share-keys and collect: the contributors (U3); U2 is kept in ``s.u2``."""
+    t = s.settings.reconstruction_threshold
+    u1 = setup(grid, s, nodes, train_content, timeout)
+    _enough(u1, t, Stage.SETUP)
+    s.u2 = share_keys(grid, s, u1, stage_timeout)
+    _enough(s.u2, t, Stage.SHARE_KEYS)
+    u3 = collect(grid, s, s.u2, stage_timeout)
+    _enough(u3, t, Stage.COLLECT)
+    return u3
+
+
+def checked_decode(
+    total: np.ndarray, settings: SecAggSettings, spec: Spec, survivors: int
+) -> tuple[dict[str, np.ndarray], int]:
+    """Decode the unmasked sum after checking it is one that honest contributors can produce.
+
+    The total weight lies in ``[1, survivors * max_weight]`` and every weighted coordinate
+    ``Σ w_i q_i`` in ``[0, W * L]`` (so each decoded value in ``[-C W, C W]``); anything else
+    means a wrong share or mask slipped through, and the round fails (SecAggError).
+    """
+    if total.shape != (vector_length(spec),):
+        raise SecAggError(f"the sum has shape {total.shape}, expected ({vector_length(spec)},)")
+    weight = int(total[0])
+    if not 1 <= weight <= survivors * settings.max_weight:
+        raise SecAggError(
+            f"the decoded total weight {weight} lies outside [1, {survivors} x "
+            f"{settings.max_weight}]: the unmasking went wrong, nothing is aggregated"
+        )
+    if total.size > 1 and int(total[1:].max()) > weight * settings.levels:
+        raise SecAggError(
+            f"a decoded coordinate exceeds weight {weight} x {settings.levels} levels (beyond the "
+            f"clip range {settings.clip_norm:g}): the unmasking went wrong, nothing is aggregated"
+        )
+    return decode_sum(total, settings, spec)
 
 
 def _enough(survivors: list[int], threshold: int, stage: str) -> None:

@@ -9,26 +9,36 @@ Used by :func:`fedlora.server.secagg.secure_weighted_sum`; everything here raise
 
 from __future__ import annotations
 
+import functools
+import io
+import itertools
 import logging
 import random
 import secrets
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import Array, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from fedlora.errors import FedloraError
 from fedlora.protocol import secagg_crypto as crypto
 from fedlora.protocol.secagg import (
+    MAX_CIPHERTEXT_BYTES,
     MESSAGE_TYPE,
     Key,
+    SecAggProtocolError,
     SecAggSettings,
     Spec,
     Stage,
+    bytes_list,
+    check_metrics,
+    check_share,
+    config_field,
+    id_list,
     reduce_mod,
     vector_length,
 )
@@ -39,8 +49,14 @@ log = logging.getLogger(__name__)
 class SecAggError(FedloraError, RuntimeError):
     """Secure aggregation failed this round (too few nodes, shares or valid replies).
 
-    Nothing was aggregated: the caller keeps its global adapter unchanged.
+    Nothing was aggregated: the caller keeps its global adapter unchanged. ``rejected`` names
+    the nodes whose replies were invalid before the round failed (node -> reason).
     """
+
+    rejected: dict[int, str] = {}  # noqa: RUF012 - replaced per instance by the caller
+
+
+MAX_SUBSETS = 64  # share subsets tried per secret before a reconstruction fails
 
 
 @dataclass
@@ -52,14 +68,22 @@ class Session:
     group_id: str
     session: str = field(default_factory=lambda: secrets.token_hex(16))
     keys: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)  # node -> (c_pk, s_pk)
+    commits: dict[int, bytes] = field(default_factory=dict)  # node -> commitment to its seed
     neighbours: dict[int, set[int]] = field(default_factory=dict)  # includes the node itself
     forwards: dict[int, list[tuple[int, bytes]]] = field(default_factory=dict)  # dst -> (src, ct)
+    u2: list[int] = field(default_factory=list)  # nodes that shared keys (U2)
     masked_with: dict[int, set[int]] = field(default_factory=dict)  # U3 node -> its pair masks
     total: np.ndarray | None = None  # Σ masked vectors mod 2**modulus_bits
     metrics: dict[int, dict[str, Any]] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     bytes_sent: dict[str, int] = field(default_factory=dict)
     bytes_received: dict[str, int] = field(default_factory=dict)
+    rejected: dict[int, str] = field(default_factory=dict)  # node -> why its reply was invalid
+
+    def reject(self, stage: str, node: int, reason: str) -> None:
+        """Treat ``node`` as dropped from ``stage`` on: its reply was invalid."""
+        log.warning("secagg %s: node %s rejected (a dropout): %s", stage, node, reason)
+        self.rejected[node] = f"{stage}: {reason}"
 
 
 def record_bytes(content: RecordDict) -> int:
@@ -109,7 +133,11 @@ def neighbour_graph(
 def exchange(
     grid: Grid, session: Session, stage: str, contents: dict[int, RecordDict], timeout: float | None
 ) -> dict[int, RecordDict]:
-    """Send one stage to each node; return the valid replies by node (errors count as none)."""
+    """Send one stage to each node; return the replies by node (errors count as none).
+
+    A reply for this stage and session from a node that was asked is returned once; a reply
+    of another stage or session rejects its node, duplicates and strangers are ignored.
+    """
     start = time.perf_counter()
     messages = []
     for node, content in contents.items():
@@ -132,16 +160,12 @@ def exchange(
             log.warning("secagg %s: node %s failed: %s", stage, node, msg.error.reason)
             continue
         received += record_bytes(msg.content)
+        if node not in contents or node in replies or node in session.rejected:
+            log.warning("secagg %s: ignored an unexpected reply from node %s", stage, node)
+            continue
         cfg = msg.content.config_records.get(Key.CONFIG)
-        if (
-            node not in contents
-            or cfg is None
-            or cfg.get(Key.STAGE) != stage
-            or cfg.get(Key.SESSION) != session.session
-        ):
-            log.warning(
-                "secagg %s: ignored a reply from node %s (wrong stage or session)", stage, node
-            )
+        if cfg is None or cfg.get(Key.STAGE) != stage or cfg.get(Key.SESSION) != session.session:
+            session.reject(stage, node, "the reply names another stage or session")
             continue
         replies[node] = msg.content
     session.bytes_received[stage] = received
@@ -150,6 +174,133 @@ def exchange(
     if missing:
         log.info("secagg %s: no valid reply from %d node(s): %s", stage, len(missing), missing)
     return replies
+
+
+def reply_config(
+    content: RecordDict, fields: set[str], what: str, records: set[str]
+) -> ConfigRecord:
+    """The reply's config record after checking record names and its exact field names."""
+    names = set(content.keys())
+    if names != records | {Key.CONFIG}:
+        raise SecAggProtocolError(
+            f"{what}: records {sorted(names)[:5]}, expected {sorted(records | {Key.CONFIG})}"
+        )
+    cfg = content.config_records.get(Key.CONFIG)
+    if cfg is None:
+        raise SecAggProtocolError(f"{what}: {Key.CONFIG!r} is not a config record")
+    want = fields | {Key.STAGE, Key.SESSION}
+    if set(cfg.keys()) != want:
+        raise SecAggProtocolError(
+            f"{what}: config fields {sorted(cfg.keys())[:8]}, expected {sorted(want)}"
+        )
+    return cfg
+
+
+def parse_setup_reply(content: RecordDict, what: str) -> tuple[bytes, bytes]:
+    """``(c_pk, s_pk)``: two distinct P-384 public keys in PEM."""
+    cfg = reply_config(content, {Key.C_PK, Key.S_PK}, what, set())
+    c_pk = config_field(cfg, Key.C_PK, bytes, what)
+    s_pk = config_field(cfg, Key.S_PK, bytes, what)
+    for key, value in ((Key.C_PK, c_pk), (Key.S_PK, s_pk)):
+        if not crypto.is_public_key(value):
+            raise SecAggProtocolError(f"{what}: {key!r} is not a P-384 public key in PEM")
+    if c_pk == s_pk:
+        raise SecAggProtocolError(f"{what}: the two public keys are the same")
+    return c_pk, s_pk
+
+
+def parse_share_keys_reply(
+    content: RecordDict, what: str, neighbours: set[int]
+) -> tuple[list[tuple[int, bytes]], bytes]:
+    """``([(dst, ciphertext)], commitment)``: a ciphertext for each of ``neighbours``, and the
+    32-byte commitment to the self-mask seed whose shares they hold."""
+    cfg = reply_config(content, {Key.DSTS, Key.CIPHERTEXTS, Key.B_COMMIT}, what, set())
+    commitment = config_field(cfg, Key.B_COMMIT, bytes, what)
+    if len(commitment) != 32:
+        raise SecAggProtocolError(
+            f"{what}: {Key.B_COMMIT!r} has {len(commitment)} bytes, expected 32"
+        )
+    dsts = id_list(cfg, Key.DSTS, what)
+    cts = bytes_list(cfg, Key.CIPHERTEXTS, what, len(dsts), MAX_CIPHERTEXT_BYTES)
+    if set(dsts) != neighbours:
+        raise SecAggProtocolError(
+            f"{what}: shares for nodes {sorted(dsts)[:6]}, expected {sorted(neighbours)[:6]}"
+        )
+    return list(zip(dsts, cts, strict=True)), commitment
+
+
+@functools.lru_cache(maxsize=64)
+def _npy_size(length: int) -> int:
+    buffer = io.BytesIO()
+    np.save(buffer, np.zeros(length, dtype=np.uint64), allow_pickle=False)
+    return len(buffer.getvalue())
+
+
+def parse_masked_vector(arr: Any, length: int, modulus_bits: int, what: str) -> np.ndarray:
+    """The masked vector: uint64, ``(length,)``, below the modulus; checked before np.load."""
+    if not isinstance(arr, Array):
+        raise SecAggProtocolError(f"{what}: {Key.VECTOR!r} is not an array")
+    if (
+        arr.stype != "numpy.ndarray"
+        or arr.dtype != "uint64"
+        or not isinstance(arr.shape, list | tuple)
+        or list(arr.shape) != [length]
+        or not isinstance(arr.data, bytes)
+        or len(arr.data) != _npy_size(length)
+    ):
+        raise SecAggProtocolError(
+            f"{what}: masked vector {arr.stype!r} {arr.dtype!r} {arr.shape!r} of "
+            f"{len(arr.data) if isinstance(arr.data, bytes) else '?'} bytes, expected a numpy "
+            f"uint64 ({length},) of {_npy_size(length)} bytes"
+        )
+    try:
+        vec = arr.numpy()
+    except Exception as exc:  # noqa: BLE001 - np.load of network bytes: any failure is a refusal
+        raise SecAggProtocolError(f"{what}: the masked vector does not load: {exc}") from None
+    if vec.dtype != np.dtype(np.uint64) or vec.shape != (length,):
+        raise SecAggProtocolError(f"{what}: the masked vector loads as {vec.dtype} {vec.shape}")
+    if modulus_bits < 64 and length and int(vec.max()) >= 2**modulus_bits:
+        raise SecAggProtocolError(f"{what}: the masked vector has values >= 2**{modulus_bits}")
+    return vec
+
+
+def parse_collect_reply(
+    content: RecordDict, what: str, length: int, modulus_bits: int
+) -> tuple[np.ndarray, dict[str, int | float]]:
+    """``(masked vector, whitelisted metrics)`` of a collect reply."""
+    reply_config(content, set(), what, {Key.MASKED, Key.METRICS})
+    arrays = content.array_records.get(Key.MASKED)
+    metrics = content.metric_records.get(Key.METRICS)
+    if arrays is None or metrics is None:
+        raise SecAggProtocolError(
+            f"{what}: {Key.MASKED!r} must be an array record and {Key.METRICS!r} a metric record"
+        )
+    if list(arrays.keys()) != [Key.VECTOR]:
+        raise SecAggProtocolError(
+            f"{what}: arrays {sorted(arrays.keys())[:5]}, expected [{Key.VECTOR!r}]"
+        )
+    vec = parse_masked_vector(arrays[Key.VECTOR], length, modulus_bits, what)
+    return vec, check_metrics(metrics, what)
+
+
+def parse_unmask_reply(
+    content: RecordDict, what: str, alive: list[int], dropped: list[int]
+) -> tuple[list[bytes], list[bytes]]:
+    """``(b shares, s_sk shares)`` for exactly the owners the server asked about, in order."""
+    cfg = reply_config(
+        content, {Key.B_OWNERS, Key.B_SHARES, Key.SK_OWNERS, Key.SK_SHARES}, what, set()
+    )
+    if id_list(cfg, Key.B_OWNERS, what) != alive or id_list(cfg, Key.SK_OWNERS, what) != dropped:
+        raise SecAggProtocolError(f"{what}: shares for other nodes than asked")
+    b_shares = bytes_list(cfg, Key.B_SHARES, what, len(alive), MAX_CIPHERTEXT_BYTES)
+    sk_shares = bytes_list(cfg, Key.SK_SHARES, what, len(dropped), MAX_CIPHERTEXT_BYTES)
+    for share in b_shares + sk_shares:
+        check_share(share, what)
+    return b_shares, sk_shares
+
+
+def _what(stage: str, node: int) -> str:
+    return f"{stage} reply of node {node}"
 
 
 def setup(
@@ -167,17 +318,17 @@ def setup(
         n: RecordDict({**train_content, Key.CONFIG: ConfigRecord(dict(cfg))}) for n in nodes
     }
     for node, content in exchange(grid, s, Stage.SETUP, contents, timeout).items():
-        cfg_in = content.config_records[Key.CONFIG]
-        c_pk, s_pk = cfg_in.get(Key.C_PK), cfg_in.get(Key.S_PK)
-        if isinstance(c_pk, bytes) and isinstance(s_pk, bytes):
-            s.keys[node] = (c_pk, s_pk)
+        try:
+            s.keys[node] = parse_setup_reply(content, _what(Stage.SETUP, node))
+        except SecAggProtocolError as exc:
+            s.reject(Stage.SETUP, node, str(exc))
     shown: dict[bytes, int] = {}
     for pair in s.keys.values():
         for key in set(pair):
             shown[key] = shown.get(key, 0) + 1
     for node in sorted(s.keys):  # a key shown twice is dropped with every node showing it
-        if s.keys[node][0] == s.keys[node][1] or any(shown[k] > 1 for k in s.keys[node]):
-            log.warning("secagg %s: node %s reused a public key; left out", Stage.SETUP, node)
+        if any(shown[k] > 1 for k in s.keys[node]):
+            s.reject(Stage.SETUP, node, "reused a public key of another node")
             del s.keys[node]
     return sorted(s.keys)
 
@@ -202,20 +353,16 @@ def share_keys(grid: Grid, s: Session, u1: list[int], timeout: float | None) -> 
     s.forwards = {n: [] for n in u1}
     u2 = []
     for node, content in exchange(grid, s, Stage.SHARE_KEYS, contents, timeout).items():
-        cfg = content.config_records[Key.CONFIG]
-        dsts, cts = cast(list[int], cfg.get(Key.DSTS)), cast(list[bytes], cfg.get(Key.CIPHERTEXTS))
-        if (
-            not isinstance(dsts, list)
-            or not isinstance(cts, list)
-            or len(dsts) != len(cts)
-            or sorted(dsts) != sorted(s.neighbours[node] - {node})
-        ):
-            log.warning(
-                "secagg %s: node %s sent shares for the wrong nodes", Stage.SHARE_KEYS, node
+        what = _what(Stage.SHARE_KEYS, node)
+        try:
+            shares, s.commits[node] = parse_share_keys_reply(
+                content, what, s.neighbours[node] - {node}
             )
+        except SecAggProtocolError as exc:
+            s.reject(Stage.SHARE_KEYS, node, str(exc))
             continue
         u2.append(node)
-        for dst, ct in zip(dsts, cts, strict=True):
+        for dst, ct in shares:
             s.forwards[dst].append((node, ct))
     return sorted(u2)
 
@@ -238,17 +385,15 @@ def collect(grid: Grid, s: Session, u2: list[int], timeout: float | None) -> lis
     length = vector_length(s.spec)
     total = np.zeros(length, dtype=np.uint64)
     for node, content in exchange(grid, s, Stage.COLLECT, contents, timeout).items():
+        what = _what(Stage.COLLECT, node)
         try:
-            vec = content.array_records[Key.MASKED][Key.VECTOR].numpy()
-        except KeyError:
-            vec = None
-        if vec is None or vec.dtype != np.uint64 or vec.shape != (length,):
-            log.warning("secagg %s: node %s sent no valid masked vector", Stage.COLLECT, node)
+            vec, metrics = parse_collect_reply(content, what, length, s.settings.modulus_bits)
+        except SecAggProtocolError as exc:
+            s.reject(Stage.COLLECT, node, str(exc))
             continue
         np.add(total, vec, out=total)
         s.masked_with[node] = srcs_of[node]
-        metrics = content.metric_records.get(Key.METRICS)
-        s.metrics[node] = dict(metrics) if metrics is not None else {}
+        s.metrics[node] = metrics
     s.total = reduce_mod(total, s.settings.modulus_bits)
     return sorted(s.masked_with)
 
@@ -257,71 +402,120 @@ def unmask(
     grid: Grid, s: Session, u2: list[int], u3: list[int], timeout: float | None
 ) -> np.ndarray:
     """Stage 3: b-shares of U3 and s_sk-shares of U2 \\ U3 in; the unmasked sum out."""
-    t, bits = s.settings.reconstruction_threshold, s.settings.modulus_bits
     alive, gone = set(u3), set(u2) - set(u3)
+    asked = {
+        n: (sorted((s.masked_with[n] | {n}) & alive), sorted(s.masked_with[n] & gone)) for n in u3
+    }
     contents = {
-        n: RecordDict(
-            {
-                Key.CONFIG: ConfigRecord(
-                    {
-                        Key.ALIVE: sorted((s.masked_with[n] | {n}) & alive),
-                        Key.DROPPED: sorted(s.masked_with[n] & gone),
-                    }
-                )
-            }
-        )
-        for n in u3
+        n: RecordDict({Key.CONFIG: ConfigRecord({Key.ALIVE: a, Key.DROPPED: d})})
+        for n, (a, d) in asked.items()
     }
     b_shares: dict[int, list[bytes]] = {n: [] for n in alive}
     sk_shares: dict[int, list[bytes]] = {n: [] for n in gone}
     for node, content in exchange(grid, s, Stage.UNMASK, contents, timeout).items():
-        cfg = content.config_records[Key.CONFIG]
-        want = contents[node].config_records[Key.CONFIG]
-        if cfg.get(Key.B_OWNERS) != want[Key.ALIVE] or cfg.get(Key.SK_OWNERS) != want[Key.DROPPED]:
-            log.warning("secagg %s: node %s answered for other nodes", Stage.UNMASK, node)
+        try:
+            bs, sks = parse_unmask_reply(content, _what(Stage.UNMASK, node), *asked[node])
+        except SecAggProtocolError as exc:
+            s.reject(Stage.UNMASK, node, str(exc))
             continue
-        for owner, share in zip(want[Key.ALIVE], cast(list[bytes], cfg[Key.B_SHARES]), strict=True):
-            b_shares[cast(int, owner)].append(share)
-        for owner, share in zip(
-            want[Key.DROPPED], cast(list[bytes], cfg[Key.SK_SHARES]), strict=True
-        ):
-            sk_shares[cast(int, owner)].append(share)
+        for owner, share in zip(asked[node][0], bs, strict=True):
+            b_shares[owner].append(share)
+        for owner, share in zip(asked[node][1], sks, strict=True):
+            sk_shares[owner].append(share)
     start = time.perf_counter()
-    total = cast(np.ndarray, s.total)
-    for node in sorted(alive):  # remove each contributor's self mask
-        seed = _rebuild(b_shares[node], t, f"self-mask seed of node {node}")
-        if len(seed) != crypto.SEED_BYTES:
-            raise SecAggError(f"rebuilt self-mask seed of node {node} has the wrong length")
+    try:
+        total = reconstruct(s, b_shares, sk_shares)
+    except SecAggError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever the shares did, the round fails cleanly
+        raise SecAggError(f"reconstruction failed: {type(exc).__name__}: {exc}") from None
+    s.seconds["reconstruct"] = time.perf_counter() - start
+    return total
+
+
+def reconstruct(
+    s: Session, b_shares: dict[int, list[bytes]], sk_shares: dict[int, list[bytes]]
+) -> np.ndarray:
+    """Remove every contributor's self mask and the pair masks shared with dropped nodes."""
+    t, bits = s.settings.reconstruction_threshold, s.settings.modulus_bits
+    if s.total is None:
+        raise SecAggError("no masked vectors were summed")
+    total = s.total.copy()
+    for node in sorted(b_shares):  # remove each contributor's self mask
+        seed = rebuild(
+            b_shares[node],
+            t,
+            functools.partial(_is_committed_seed, s.commits[node]),
+            f"self-mask seed of node {node}",
+        )
         crypto.add_mask(total, seed, bits, -1)
-    for node in sorted(gone):  # remove pair masks that contributors share with dropped nodes
-        partners = [u for u in sorted(alive) if node in s.masked_with[u]]
+    for node in sorted(sk_shares):  # remove pair masks that contributors share with dropped nodes
+        partners = [u for u in sorted(b_shares) if node in s.masked_with[u]]
         if not partners:
             continue
-        s_sk = _rebuild(sk_shares[node], t, f"mask key of dropped node {node}")
-        try:
-            ok = crypto.public_of(s_sk) == s.keys[node][1]
-        except ValueError:
-            ok = False
-        if not ok:
-            raise SecAggError(
-                f"rebuilt mask key of dropped node {node} does not match its "
-                f"public key: a share was wrong"
-            )
+        s_sk = rebuild(
+            sk_shares[node],
+            t,
+            functools.partial(_is_key_of, s.keys[node][1]),
+            f"mask key of dropped node {node}",
+        )
         for u in partners:
             crypto.add_mask(
                 total, crypto.agree(s_sk, s.keys[u][1]), bits, -crypto.pair_sign(u, node)
             )
-    s.seconds["reconstruct"] = time.perf_counter() - start
     return reduce_mod(total, bits)
 
 
-def _rebuild(shares: list[bytes], threshold: int, what: str) -> bytes:
-    if len(shares) < threshold:
+def _is_committed_seed(commitment: bytes, seed: bytes) -> bool:
+    return len(seed) == crypto.SEED_BYTES and crypto.commit(seed) == commitment
+
+
+def _is_key_of(public_pem: bytes, private_pem: bytes) -> bool:
+    """Whether a rebuilt private key is the one behind the public key the node published."""
+    try:
+        return crypto.public_of(private_pem) == public_pem
+    except Exception:  # noqa: BLE001 - a wrong rebuilt key is any bytes at all
+        return False
+
+
+def rebuild(
+    shares: list[bytes], threshold: int, verify: Callable[[bytes], bool], what: str
+) -> bytes:
+    """The secret ``threshold`` of ``shares`` rebuild and ``verify`` accepts (else SecAggError).
+
+    Shares of an odd length are set aside; subsets of distinct share indices are tried in order
+    (at most :data:`MAX_SUBSETS`), so a wrong share is outvoted while enough good ones remain.
+    """
+    usable = _same_length(shares)
+    if len({x[:4] for x in usable}) < threshold:
         raise SecAggError(
-            f"{len(shares)} shares of the {what}, fewer than the threshold "
+            f"{len(usable)} usable shares of the {what}, fewer than the threshold "
             f"{threshold}: too few nodes survived to unmask"
         )
-    try:
-        return crypto.join_shares(shares[:threshold])
-    except ValueError as exc:
-        raise SecAggError(f"could not rebuild the {what}: {exc}") from None
+    subsets = (
+        c for c in itertools.combinations(usable, threshold) if len({x[:4] for x in c}) == threshold
+    )
+    for tried, subset in enumerate(itertools.islice(subsets, MAX_SUBSETS)):
+        try:
+            secret = crypto.join_shares(list(subset))
+        except Exception:  # noqa: BLE001 - malformed shares: try the next subset
+            continue
+        if verify(secret):
+            if tried:
+                log.warning(
+                    "secagg: the %s took %d share subsets: a share is wrong", what, tried + 1
+                )
+            return secret
+    raise SecAggError(
+        f"no {threshold} of the {len(usable)} shares of the {what} rebuild the committed "
+        f"secret: some shares are wrong"
+    )
+
+
+def _same_length(shares: list[bytes]) -> list[bytes]:
+    """The shares of the most common length (a secret's shares all have one length)."""
+    if not shares:
+        return []
+    lengths = [len(x) for x in shares]
+    length = max(sorted(set(lengths)), key=lengths.count)
+    return [x for x in shares if len(x) == length]

@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
-from fedlora.errors import ConfigError
+from fedlora.errors import ConfigError, FileFormatError
+from fedlora.savedfiles import load_safetensors, read_json
 from fedlora.server.checkpoint import atomic_folder
 from fedlora.server.strategies import OptimizerState
 
@@ -72,21 +73,30 @@ def load_state(out_dir: Path) -> ServerState | None:
     folder = out_dir / STATE_DIR
     if not (folder / "state.json").is_file():
         return None
-    meta = json.loads((folder / "state.json").read_text())
-    arrays = load_file(str(folder / "state.safetensors"))
+    fix = (
+        f"the checkpoint is truncated or corrupted; delete {folder} to start the run over "
+        f"(or set resume=false), or restore it from a backup"
+    )
+    meta = read_json(folder / "state.json", fix)
+    arrays = load_safetensors(folder / "state.safetensors", fix)
 
     def part(prefix: str) -> Arrays:
         return {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
 
-    return ServerState(
-        completed_round=int(meta["completed-round"]),
-        global_adapter=part("global/"),
-        optimizer=OptimizerState.from_arrays(part("optimizer/")),
-        residuals=part("residual/"),
-        history=list(meta["history"]),
-        settings=dict(meta["settings"]),
-        python_random=_decode_random(meta["python-random"]),
-    )
+    try:
+        return ServerState(
+            completed_round=int(meta["completed-round"]),
+            global_adapter=part("global/"),
+            optimizer=OptimizerState.from_arrays(part("optimizer/")),
+            residuals=part("residual/"),
+            history=list(meta["history"]),
+            settings=dict(meta["settings"]),
+            python_random=_decode_random(meta["python-random"]),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise FileFormatError(
+            f"{folder} holds an incomplete checkpoint (missing or malformed {exc}): {fix}"
+        ) from None
 
 
 def check_resumable(saved: Mapping[str, Any], now: Mapping[str, Any], where: Path) -> None:

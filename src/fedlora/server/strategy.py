@@ -1,8 +1,11 @@
 """LoRA-aware aggregation on Flower's Message API: validate replies, aggregate, checkpoint.
 
-Each reply is checked against the wire format (fedlora.protocol), restricted to the factors the
-aggregation strategy has nodes send; a bad reply (error, wrong names/shapes/dtypes, NaN/Inf,
-metrics outside the whitelist) is logged and dropped and the round goes on with the rest. The
+Each reply passes the decoding gate (fedlora.protocol.gate), restricted to the factors the
+aggregation strategy has nodes send; a bad reply (an error, or any WireError: wrong names,
+shapes, dtypes or byte lengths, NaN/Inf, metrics outside the whitelist or their ranges) is logged
+in one line naming the node, counted in the round record (``dropped`` and ``rejected``: node and
+reason; ``eval-dropped`` / ``eval-rejected`` for evaluation) and dropped; the round goes on with
+the rest. The
 strategy (fedlora.server.strategies: FedIT, FFA-LoRA, FedSA-LoRA, FedEx-LoRA) turns the
 example-weighted deltas into an aggregated delta, the server optimizer (FedAvg, FedAvgM,
 FedAdam, FedYogi) applies it. With no usable reply, or a set of replies the strategy refuses,
@@ -21,7 +24,7 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +33,16 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fedlora.data.drugreview import SITES
+from fedlora.clipping import clip_l2
+from fedlora.errors import FedloraError, WireError
 from fedlora.protocol.adapter import AdapterSpec, restrict
-from fedlora.protocol.messages import EvalReply, ProtocolError, TrainReply, to_array_record
+from fedlora.protocol.messages import (
+    CONFIG,
+    EvalReply,
+    RoundConfig,
+    TrainReply,
+    to_array_record,
+)
 from fedlora.protocol.secagg import CLIPPED, NORM_BEFORE_CLIP, SecAggSettings
 from fedlora.server.privacy import PrivacyLedger, effective_noise_multiplier
 from fedlora.server.secagg import (
@@ -48,7 +58,6 @@ from fedlora.server.strategies import (
     LoraAggregator,
     OptimizerState,
     ServerOptimizer,
-    clip_update_norm,
     step,
 )
 from fedlora.server.strategies.fedex_lora import add_residuals
@@ -81,6 +90,7 @@ class LoraFedAvg(FedAvg):
         codec: str = "none",
         codec_block: int = 64,
         dp: PrivacyLedger | None = None,
+        site_names: Sequence[str] = (),
         **fedavg: Any,
     ) -> None:
         super().__init__(**fedavg)
@@ -100,6 +110,7 @@ class LoraFedAvg(FedAvg):
         self.evaluate_every = evaluate_every  # federated evaluation every N rounds; 0 = never
         self.num_rounds = num_rounds  # rounds of the whole run (the last one is evaluated)
         self.central_eval = central_eval
+        self.site_names = tuple(site_names)  # a node's site-id indexes this; else node-<id>
         self._pending: dict[str, Any] | None = None  # trained round awaiting its evaluation
         self.secagg = secagg  # None: plain replies; else SecAgg+ settings for n sampled nodes
         self.round_timeout = round_timeout
@@ -135,10 +146,13 @@ class LoraFedAvg(FedAvg):
         messages = list(messages)
         content = messages[0].content if messages else None
         if content is not None and self.dp is not None:  # nodes add their share of the noise
-            config = content.config_records["config"]
-            config["dp-noise-multiplier"] = float(self.dp.settings.noise_multiplier)
-            config["dp-clip-norm"] = float(self.dp.settings.clip_norm)
-            config["dp-expected-clients"] = len(messages)
+            rc = RoundConfig.from_record(content.config_records[CONFIG])
+            content.config_records[CONFIG] = dataclasses.replace(
+                rc,
+                dp_noise_multiplier=float(self.dp.settings.noise_multiplier),
+                dp_clip_norm=float(self.dp.settings.clip_norm),
+                dp_expected_clients=len(messages),
+            ).to_record()
         self._secure_round = (grid, [m.metadata.dst_node_id for m in messages], content)
         return []
 
@@ -150,24 +164,24 @@ class LoraFedAvg(FedAvg):
             return self._aggregate_secure(server_round)
         accepted: list[TrainReply] = []
         names: list[str] = []
-        dropped = 0
+        rejected: list[dict[str, Any]] = []
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
                 log.warning("Round %d: node %s failed: %s", server_round, node, msg.error.reason)
-                dropped += 1
+                rejected.append(_rejection(node, f"node error: {msg.error.reason}"))
                 continue
             try:
-                accepted.append(
-                    TrainReply.from_content(
-                        msg.content, self.reply_spec, self.codec, self.codec_block
-                    )
+                reply = TrainReply.from_content(
+                    msg.content, self.reply_spec, self.codec, self.codec_block
                 )
-                names.append(site_name(accepted[-1].site_id, node))
-            except (ProtocolError, KeyError) as exc:
+            except WireError as exc:
                 log.warning("Round %d: dropped reply from node %s: %s", server_round, node, exc)
-                dropped += 1
-        record = self._round_record(server_round, accepted, names, dropped)
+                rejected.append(_rejection(node, str(exc)))
+                continue
+            accepted.append(reply)
+            names.append(self.site_name(reply.site_id, node))
+        record = self._round_record(server_round, accepted, names, rejected)
         if len(accepted) < max(self.min_train_nodes, 1):
             log.warning(
                 "Round %d: %d usable replies, fewer than the minimum %d; the global "
@@ -196,10 +210,10 @@ class LoraFedAvg(FedAvg):
         if central_dp:
             assert self.dp is not None
             bound = self.dp.settings.clip_norm
-            updates = [ClientUpdate(clip_update_norm(u.delta, bound)[0], 1) for u in updates]
+            updates = [ClientUpdate(clip_l2(u.delta, bound, "dp-clip-norm")[0], 1) for u in updates]
         if self.clip_norm is not None:
-            clipped = [clip_update_norm(u.delta, self.clip_norm) for u in updates]
-            record["clipped"] = sum(norm > self.clip_norm for _, norm in clipped)
+            clipped = [clip_l2(u.delta, self.clip_norm) for u in updates]
+            record["clipped"] = sum(scale < 1.0 for _, _, scale in clipped)
             log.info(
                 "Round %d: clipped %d of %d updates to L2 norm %g",
                 server_round,
@@ -208,7 +222,8 @@ class LoraFedAvg(FedAvg):
                 self.clip_norm,
             )
             updates = [
-                ClientUpdate(d, u.num_examples) for (d, _), u in zip(clipped, updates, strict=True)
+                ClientUpdate(d, u.num_examples)
+                for (d, _, _), u in zip(clipped, updates, strict=True)
             ]
         try:
             result = self.aggregator.aggregate(self.global_adapter, updates, self.scale)
@@ -259,7 +274,8 @@ class LoraFedAvg(FedAvg):
         self._secure_round = None
         result: SecAggResult | None = None
         error = "no nodes sampled"
-        if grid is not None and nodes:
+        rejected: dict[int, str] = {}
+        if grid is not None and nodes and content is not None:
             try:
                 result = secure_weighted_sum(
                     grid,
@@ -270,8 +286,9 @@ class LoraFedAvg(FedAvg):
                     timeout=self.round_timeout,
                     group_id=str(server_round),
                 )
-            except SecAggError as exc:
+            except FedloraError as exc:  # SecAggError, or any WireError from the nodes' input
                 error = str(exc)
+                rejected = dict(getattr(exc, "rejected", {}) or {})
         if result is None:
             log.warning(
                 "Round %d: secure aggregation failed (%s); the global adapter is unchanged",
@@ -279,7 +296,9 @@ class LoraFedAvg(FedAvg):
                 error,
             )
             record = self._secure_record(server_round, None, len(nodes))
-            record.update({"skipped": True, "secagg-error": error})
+            record.update(
+                {"skipped": True, "secagg-error": error, "rejected": _rejected_list(rejected)}
+            )
             self._finish_round(server_round, record)
             return None, None
         record = self._secure_record(server_round, result, len(nodes))
@@ -324,7 +343,7 @@ class LoraFedAvg(FedAvg):
         losses: list[tuple[float, int]] = []
         for node, m in (result.metrics if result else {}).items():
             n = int(m.get("num-examples", 0))
-            name = site_name(int(m.get("site-id", -1)), node)
+            name = self.site_name(int(m.get("site-id", -1)), node)
             sites[name] = {
                 "train-loss": float(m.get("train-loss", float("nan"))),
                 "num-examples": n,
@@ -352,6 +371,7 @@ class LoraFedAvg(FedAvg):
         if result is not None:
             record.update(
                 {
+                    "rejected": _rejected_list(result.rejected),
                     "secagg-clipped": result.num_clipped,
                     "secagg-tolerance": result.tolerance,
                     "secagg-seconds": result.seconds,
@@ -372,6 +392,12 @@ class LoraFedAvg(FedAvg):
             )
         return record
 
+    def site_name(self, site_id: int, node_id: int) -> str:
+        """The name of the site a node reports (an index into ``site_names``), else node-<id>."""
+        if 0 <= site_id < len(self.site_names):
+            return self.site_names[site_id]
+        return f"node-{node_id}"
+
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
@@ -388,20 +414,26 @@ class LoraFedAvg(FedAvg):
         if record is None:  # no evaluation this round: it completed after training
             return None
         results: list[tuple[str, EvalReply]] = []
+        rejected: list[dict[str, Any]] = []
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
                 log.warning(
                     "Round %d: node %s did not evaluate: %s", server_round, node, msg.error.reason
                 )
+                rejected.append(_rejection(node, f"node error: {msg.error.reason}"))
                 continue
             try:
                 reply = EvalReply.from_content(msg.content)
-                results.append((site_name(reply.site_id, node), reply))
-            except (ProtocolError, KeyError) as exc:
+            except WireError as exc:
                 log.warning(
                     "Round %d: dropped eval reply from node %s: %s", server_round, node, exc
                 )
+                rejected.append(_rejection(node, str(exc)))
+                continue
+            results.append((self.site_name(reply.site_id, node), reply))
+        record["eval-dropped"] = len(rejected)
+        record["eval-rejected"] = rejected
         metrics: dict[str, float] = {}
         if results:
             metrics = weighted_eval([r for _, r in results])
@@ -428,10 +460,14 @@ class LoraFedAvg(FedAvg):
                 ", ".join(f"{k} {v:.4f}" for k, v in central.items()),
             )
         self._complete_round(server_round, record)
-        return MetricRecord(metrics) if metrics else None
+        return MetricRecord(dict(metrics)) if metrics else None
 
     def _round_record(
-        self, server_round: int, accepted: list[TrainReply], names: list[str], dropped: int
+        self,
+        server_round: int,
+        accepted: list[TrainReply],
+        names: list[str],
+        rejected: list[dict[str, Any]],
     ) -> dict[str, Any]:
         n = sum(r.num_examples for r in accepted)
         sites = {}
@@ -461,7 +497,7 @@ class LoraFedAvg(FedAvg):
             loss,
             n,
             len(accepted),
-            dropped,
+            len(rejected),
         )
         started = getattr(self, "_round_started", None)
         seconds = time.monotonic() - started if started is not None else float("nan")
@@ -470,7 +506,8 @@ class LoraFedAvg(FedAvg):
             "train-loss": loss,
             "num-examples": n,
             "replies": len(accepted),
-            "dropped": dropped,
+            "dropped": len(rejected),
+            "rejected": rejected,
             "seconds": seconds,
             "sites": sites,
             "bytes-sent": sum(r.bytes_sent for r in accepted),
@@ -494,9 +531,16 @@ class LoraFedAvg(FedAvg):
                 fh.write(json.dumps(record) + "\n")
 
 
-def site_name(site_id: int, node_id: int) -> str:
-    """A packaged drug-review site's name, or ``node-<id>`` for a node with its own data."""
-    return SITES[site_id] if 0 <= site_id < len(SITES) else f"node-{node_id}"
+def _rejection(node: int, reason: str, limit: int = 300) -> dict[str, Any]:
+    """A dropped reply in the round record: the node and why (one line, bounded)."""
+    reason = " ".join(reason.split())
+    return {"node": node, "error": reason if len(reason) <= limit else reason[: limit - 3] + "..."}
+
+
+def _rejected_list(rejected: dict[int, str]) -> list[dict[str, Any]]:
+    """Nodes whose secure replies were refused (treated as dropouts), as the plain path lists
+    rejected replies in the round record."""
+    return [{"node": node, "error": why} for node, why in sorted(rejected.items())]
 
 
 def weighted_eval(results: list[EvalReply]) -> dict[str, float]:

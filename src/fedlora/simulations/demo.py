@@ -17,6 +17,7 @@ from typing import Any
 
 from fedlora.basemodel import resolve_base_model
 from fedlora.config import RunConfig
+from fedlora.console import status
 from fedlora.data.drugreview import LABELS, load_split
 from fedlora.errors import ConfigError
 from fedlora.simulations.run import SimulationResult, simulate
@@ -76,9 +77,11 @@ def run_demo(cfg: RunConfig, options: DemoOptions) -> dict[str, Any]:
     from fedlora.simulations import report
 
     out = Path(cfg.output_dir)
-    base_dir = resolve_base_model(cfg.base_model)
+    with status("Preparing the base model"):
+        base_dir = resolve_base_model(cfg.base_model)
     report.section("1/4 Base model on held-out reviews")
-    base_eval = evaluate_sample(base_dir, None, options.eval_samples)
+    with status(f"Scoring the base model on {options.eval_samples} reviews"):
+        base_eval = evaluate_sample(base_dir, None, options.eval_samples)
     report.accuracy("base", base_eval)
 
     report.section(
@@ -89,7 +92,8 @@ def run_demo(cfg: RunConfig, options: DemoOptions) -> dict[str, Any]:
     report.rounds(sim.history)
 
     report.section("3/4 Tuned model (base + global adapter) on the same reviews")
-    tuned_eval = evaluate_sample(base_dir, sim.adapter_dir, options.eval_samples)
+    with status(f"Scoring the tuned model on {options.eval_samples} reviews"):
+        tuned_eval = evaluate_sample(base_dir, sim.adapter_dir, options.eval_samples)
     report.accuracy("tuned", tuned_eval)
 
     result: dict[str, Any] = {
@@ -107,7 +111,8 @@ def run_demo(cfg: RunConfig, options: DemoOptions) -> dict[str, Any]:
 
         report.section("4/4 Export: merge, ONNX, ONNX Runtime")
         held_out = load_split("test")[options.eval_samples]  # outside the evaluated sample
-        exp = export_adapter(base_dir, sim.adapter_dir, out / "export", messages(held_out.text))
+        with status("Merging, exporting to ONNX and checking parity"):
+            exp = export_adapter(base_dir, sim.adapter_dir, out / "export", messages(held_out.text))
         result["export"] = report.export(exp, held_out)
     (out / "demo-report.json").write_text(json.dumps(result, indent=2, default=str))
     report.section(

@@ -43,8 +43,6 @@ def offline_environment() -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    # Library deprecation notices (torch.jit, Ray) also reach the Ray workers through this.
-    os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning,ignore::FutureWarning")
 
 
 def simulate(
@@ -61,6 +59,10 @@ def simulate(
     from fedlora.server.app import make_server_app
 
     resolve_base_model(cfg.base_model)  # prepare or check once, before any node starts
+    if cfg.resume:
+        from fedlora.server.state import load_state
+
+        load_state(Path(cfg.output_dir))  # a corrupted checkpoint: one line, before Ray starts
     by_site = split_by_site(load_split("train"))
     empty = [s for s in cfg.site_names if not by_site[s]]
     if empty:

@@ -20,7 +20,7 @@ from fedlora.server.strategies.fedit import FedIT
 from fedlora.server.strategies.fedsa_lora import FedSALoRA
 from fedlora.server.strategies.ffa_lora import FFALoRA
 from fedlora.server.strategies.optimizers import OptimizerState, ServerOptimizer, step
-from fedlora.server.strategies.robust import Reducer, clip_update_norm, make_reducer
+from fedlora.server.strategies.robust import Reducer, make_reducer
 
 STRATEGIES: dict[str, type[LoraAggregator]] = {
     cls.name: cls for cls in (FedIT, FFALoRA, FedSALoRA, FedExLoRA)
@@ -55,7 +55,6 @@ __all__ = [
     "OptimizerState",
     "Reducer",
     "ServerOptimizer",
-    "clip_update_norm",
     "get_strategy",
     "layer_pairs",
     "make_reducer",

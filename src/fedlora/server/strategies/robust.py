@@ -1,8 +1,9 @@
-"""Robust aggregation: per-client norm clipping, coordinate-wise median and trimmed mean.
+"""Robust aggregation: coordinate-wise median and trimmed mean (and norm clipping, elsewhere).
 
 For untrusted settings, where some clients may send corrupted or malicious deltas:
 
-- :func:`clip_update_norm` scales a client's whole delta down to a maximum L2 norm, bounding
+- ``clip-norm``: the server scales each client's whole delta down to a maximum L2 norm with
+  :func:`fedlora.clipping.clip_l2` (the one clipper, shared with DP and SecAgg+), bounding
   how far any one client can move the global adapter (norm clipping as a defence against
   model replacement and backdoors: Sun, Kairouz, Suresh & McMahan, 2019, "Can You Really
   Backdoor Federated Learning?", arXiv:1911.07963).
@@ -41,36 +42,6 @@ log = logging.getLogger(__name__)
 
 Arrays = dict[str, np.ndarray]
 REDUCERS = ("mean", "median", "trimmed-mean")
-
-
-def clip_update_norm(delta: Mapping[str, np.ndarray], max_norm: float) -> tuple[Arrays, float]:
-    """``(clipped, norm)``: ``delta`` scaled down to L2 norm ``max_norm`` if its norm is larger.
-
-    The norm is the global one, over every tensor of the update together (float64), so the
-    update's direction is kept. An update within the bound is returned unchanged (the same
-    arrays, not copies); a larger one is multiplied by ``max_norm / norm`` (float64 inside,
-    each tensor's dtype out). ``norm`` is the update's norm before clipping.
-    """
-    if not (math.isfinite(max_norm) and max_norm > 0):
-        raise ValueError(
-            f"max_norm is {max_norm}: set a positive, finite L2 bound on a client's "
-            f"whole delta (e.g. the median norm of honest updates), or turn "
-            f"clipping off"
-        )
-    squares = 0.0
-    for arr in delta.values():
-        flat = np.asarray(arr, dtype=np.float64).ravel()
-        squares += float(flat @ flat)
-    norm = math.sqrt(squares)
-    if not math.isfinite(norm):
-        raise ValueError("the update holds NaN or Inf: drop it instead of clipping it")
-    if norm <= max_norm:
-        return dict(delta), norm
-    factor = max_norm / norm
-    clipped = {
-        k: (np.asarray(v, dtype=np.float64) * factor).astype(v.dtype) for k, v in delta.items()
-    }
-    return clipped, norm
 
 
 def _check_same_tensors(deltas: Sequence[Mapping[str, np.ndarray]]) -> list[str]:

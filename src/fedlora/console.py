@@ -1,0 +1,96 @@
+"""What reaches the console: fedlora's own lines, Flower's warnings and errors, nothing else.
+
+Libraries under fedlora (torch, transformers, peft, bitsandbytes, optimum, Ray) print deprecation
+notices, tracer warnings and kernel-loading notices in every process, which hides what matters.
+:func:`configure` quiets them in this process and, through environment variables, in every
+process started from it (Ray actors, ``flwr-clientapp`` processes, subprocesses);
+:func:`configure_worker` applies the same in a process fedlora did not start itself (a Ray actor
+or a ClientApp process), reading the choice from the environment. ``--verbose`` (or
+``FEDLORA_VERBOSE=1``) shows everything.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+VERBOSE_ENV = "FEDLORA_VERBOSE"
+# Loggers of libraries whose INFO and WARNING lines are noise for a fedlora user.
+NOISY_LOGGERS = (
+    "transformers",
+    "peft",
+    "bitsandbytes",
+    "accelerate",
+    "optimum",
+    "torch",
+    "ray",
+    "onnxruntime",
+    "onnxscript",
+    "datasets",
+    "urllib3",
+    "filelock",
+    "matplotlib",
+)
+# Flower lines that are noise: fedlora calls run_simulation on purpose (the same apps also run
+# under `flwr run`), and Ray actors are terminated by Flower itself at the end of every run.
+FLOWER_NOISE = ("is deprecated", "fraction_evaluate is set to 0.0", "Manually terminating")
+
+
+class FlowerWarningsOnly(logging.Filter):
+    """Keep Flower's warnings and errors except :data:`FLOWER_NOISE`.
+
+    Flower resets its handler levels when a run starts, so this filter sits on its logger.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return record.levelno >= logging.WARNING and not any(n in message for n in FLOWER_NOISE)
+
+
+def verbose_requested() -> bool:
+    return os.environ.get(VERBOSE_ENV, "") not in ("", "0", "false")
+
+
+def configure(verbose: bool = False) -> None:
+    """Set up the console for this process and every process it starts."""
+    os.environ[VERBOSE_ENV] = "1" if verbose else "0"
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
+    logging.getLogger("fedlora").setLevel(logging.DEBUG if verbose else logging.INFO)
+    flwr_logger = logging.getLogger("flwr")
+    flwr_logger.propagate = False  # Flower has its own console handler
+    if not verbose:
+        # Inherited by Ray workers and subprocesses, read at their interpreter start.
+        os.environ["PYTHONWARNINGS"] = "ignore"
+        os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    configure_worker()
+
+
+def configure_worker() -> None:
+    """Quiet the libraries in this process, unless verbose output was asked for (idempotent)."""
+    if verbose_requested():
+        return
+    warnings.simplefilter("ignore")
+    warnings.filterwarnings("default", module=r"fedlora(\..*)?$")
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    flwr_logger = logging.getLogger("flwr")
+    if not any(isinstance(f, FlowerWarningsOnly) for f in flwr_logger.filters):
+        flwr_logger.addFilter(FlowerWarningsOnly())
+
+
+@contextmanager
+def status(text: str) -> Iterator[None]:
+    """A spinner with ``text`` while a long step runs, on a terminal only (logs stay clean)."""
+    if not sys.stderr.isatty() or verbose_requested():
+        yield
+        return
+    from rich.console import Console
+
+    with Console(stderr=True).status(text, spinner="dots"):
+        yield
