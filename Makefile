@@ -35,13 +35,18 @@ lint: setup
 	$(VENV)/bin/mypy
 
 # Long fuzzing run: FUZZ_EXAMPLES generated inputs per network entry point (default 10,000);
-# every input must end in acceptance or a typed project error. Last line: crashes: C of N inputs.
+# every input must end in acceptance or a typed project error. The plain and the SecAgg+ entry
+# points run side by side (one process each). Last line: crashes: C of N inputs.
 FUZZ_EXAMPLES ?= 10000
+FUZZ_ENV = HYPOTHESIS_PROFILE=fuzz FEDLORA_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES)
 fuzz: setup
-	@rm -f runs/fuzz-report.json; mkdir -p runs
-	-HYPOTHESIS_PROFILE=fuzz FEDLORA_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) \
-	  FEDLORA_FUZZ_REPORT=runs/fuzz-report.json $(VENV)/bin/python -m pytest -q -m fuzz
-	@$(VENV)/bin/python tests/fuzz_summary.py runs/fuzz-report.json
+	@rm -f runs/fuzz-plain.json runs/fuzz-secagg.json; mkdir -p runs
+	-$(FUZZ_ENV) FEDLORA_FUZZ_REPORT=runs/fuzz-plain.json \
+	  $(VENV)/bin/python -m pytest -q -p no:cacheprovider -m fuzz tests/test_fuzz_plain.py & \
+	$(FUZZ_ENV) FEDLORA_FUZZ_REPORT=runs/fuzz-secagg.json \
+	  $(VENV)/bin/python -m pytest -q -p no:cacheprovider -m fuzz tests/test_fuzz_secagg.py; \
+	wait
+	@$(VENV)/bin/python tests/fuzz_summary.py runs/fuzz-plain.json runs/fuzz-secagg.json
 
 # Aggregation time and peak memory per strategy at 10/100/1000 clients (ARGS=--quick: 10/100).
 bench-server: setup

@@ -1,5 +1,5 @@
-"""Print ``make fuzz``'s table from the report the fuzz session wrote; the last line is
-``crashes: C of N inputs``. Exits 1 when any input crashed or the report is missing."""
+"""Print ``make fuzz``'s table from the reports the fuzz sessions wrote; the last line is
+``crashes: C of N inputs``. Exits 1 when any input crashed or a report is missing."""
 
 from __future__ import annotations
 
@@ -8,12 +8,14 @@ import sys
 from pathlib import Path
 
 
-def main(path: str) -> int:
-    report = Path(path)
-    if not report.is_file():
-        print(f"{path}: no fuzz report (the fuzz session did not finish)")
-        return 1
-    rows = json.loads(report.read_text())
+def main(paths: list[str]) -> int:
+    rows: dict[str, dict[str, int]] = {}
+    for path in paths:
+        report = Path(path)
+        if not report.is_file():
+            print(f"{path}: no fuzz report (the fuzz session did not finish)")
+            return 1
+        rows.update(json.loads(report.read_text()))
     width = max((len(name) for name in rows), default=10)
     print(f"{'entry point':<{width}}  {'inputs':>8}  {'refused':>8}  {'crashes':>8}")
     for name, row in rows.items():
@@ -25,4 +27,4 @@ def main(path: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    sys.exit(main(sys.argv[1:]))

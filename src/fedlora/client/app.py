@@ -271,10 +271,17 @@ def _answer(msg: Message, work: Any) -> Message:
         )
 
 
+def _quiet_console(msg: Message, context: Context, call_next: Any) -> Message:
+    """A Flower mod: quiet library noise in the process that runs the ClientApp (a Ray actor or
+    a ``flwr-clientapp`` process), which fedlora's CLI did not set up itself."""
+    configure_worker()
+    reply: Message = call_next(msg, context)
+    return reply
+
+
 def make_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
     base = dict(defaults or {})
-    configure_worker()  # a Ray actor or flwr-clientapp process: quiet library noise
-    app = ClientApp()
+    app = ClientApp(mods=[_quiet_console])
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
