@@ -15,7 +15,8 @@ from dp_accounting import dp_event
 from dp_accounting.pld import PLDAccountant
 from dp_accounting.rdp import RdpAccountant
 
-from fedlora.client.privacy import add_noise, noise_share_std
+from fedlora.client.privacy import noise_share_std
+from fedlora.clipping import add_noise
 from fedlora.errors import ConfigError
 from fedlora.server.privacy import DpSettings, PrivacyLedger, effective_noise_multiplier
 

@@ -1,9 +1,12 @@
-"""L2 norm clipping of a whole update, the one implementation every room uses.
+"""L2 norm clipping and Gaussian noise of a whole update: the one implementation of each.
 
-A node clips its delta before DP noise (client/privacy.py) and before SecAgg+ quantization
-(client/secagg.py); the server clips plain replies for central DP and norm-bounded robust
+A node clips its delta before DP noise and before SecAgg+ quantization (client/app.py,
+client/secagg.py); the server clips plain replies for central DP and norm-bounded robust
 aggregation (server/strategy.py). All of them call :func:`clip_l2`: the norm is global, over
-every tensor together, accumulated in float64, so an update's direction is kept. Numpy only.
+every tensor together, accumulated in float64, so an update's direction is kept. DP noise, a
+node's share under secure aggregation or the server's on a plain mean, is added by
+:func:`add_noise` on both sides (the standard deviations: client/privacy.py, server/privacy.py).
+Numpy only.
 """
 
 from __future__ import annotations
@@ -54,3 +57,15 @@ def clip_l2(
         k: (np.asarray(a, dtype=np.float64) * scale).astype(a.dtype) for k, a in arrays.items()
     }
     return clipped, norm, scale
+
+
+def add_noise(delta: Mapping[str, np.ndarray], std: float, rng: np.random.Generator) -> Arrays:
+    """``delta`` plus independent N(0, std^2) noise on every value (tensors in sorted order)."""
+    if not (math.isfinite(std) and std >= 0):
+        raise ValueError(f"std={std}: noise standard deviation must be finite and >= 0")
+    out: Arrays = {}
+    for name in sorted(delta):
+        a = delta[name]
+        noise = rng.standard_normal(a.shape) * std
+        out[name] = (a.astype(np.float64) + noise).astype(a.dtype)
+    return out

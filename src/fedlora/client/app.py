@@ -32,10 +32,10 @@ from fedlora.client.node import (
     set_trainable,
     warm_model,
 )
-from fedlora.client.privacy import add_noise, noise_share_std
+from fedlora.client.privacy import noise_share_std
 from fedlora.client.secagg import handle_secagg
 from fedlora.client.train import TrainOptions, sample_batches, steps_for_epochs, train_lora
-from fedlora.clipping import clip_l2
+from fedlora.clipping import add_noise, clip_l2
 from fedlora.console import configure_worker
 from fedlora.errors import ConfigError, DataError, FedloraError
 from fedlora.evaluate import eval_loss, label_accuracy

@@ -26,23 +26,10 @@ not accounted for. Numpy only.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 
 import numpy as np
 
 Arrays = dict[str, np.ndarray]
-
-
-def add_noise(delta: Mapping[str, np.ndarray], std: float, rng: np.random.Generator) -> Arrays:
-    """``delta`` plus independent N(0, std^2) noise on every value (tensors in sorted order)."""
-    if not (math.isfinite(std) and std >= 0):
-        raise ValueError(f"std={std}: noise standard deviation must be finite and >= 0")
-    out: Arrays = {}
-    for name in sorted(delta):
-        a = delta[name]
-        noise = rng.standard_normal(a.shape) * std
-        out[name] = (a.astype(np.float64) + noise).astype(a.dtype)
-    return out
 
 
 def noise_share_std(noise_multiplier: float, clip_norm: float, expected_clients: int) -> float:
@@ -56,4 +43,4 @@ def noise_share_std(noise_multiplier: float, clip_norm: float, expected_clients:
     return noise_multiplier * clip_norm / math.sqrt(expected_clients)
 
 
-__all__ = ["add_noise", "noise_share_std"]
+__all__ = ["noise_share_std"]

@@ -33,7 +33,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fedlora.clipping import clip_l2
+from fedlora.clipping import add_noise, clip_l2
 from fedlora.errors import FedloraError, WireError
 from fedlora.protocol.adapter import AdapterSpec, restrict
 from fedlora.protocol.messages import (
@@ -241,9 +241,7 @@ class LoraFedAvg(FedAvg):
             assert self.dp is not None
             rng = np.random.default_rng()  # OS entropy: DP noise must not be predictable
             std = self.dp.settings.noise_std / len(updates)  # noise on the sum, of the mean
-            delta = {
-                k: (v + rng.normal(0.0, std, v.shape)).astype(v.dtype) for k, v in delta.items()
-            }
+            delta = add_noise(delta, std, rng)
         if self.dp is not None:
             z = self.dp.settings.noise_multiplier
             if not central_dp:
