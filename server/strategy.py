@@ -63,6 +63,7 @@ from fedlora.server.strategies import (
 from fedlora.server.strategies.fedex_lora import add_residuals
 
 log = logging.getLogger(__name__)
+SITE_LINES = 10  # more replies than this: one aggregate line per round, per-site lines at debug
 
 Arrays = dict[str, np.ndarray]
 RoundHook = Callable[[int, Arrays, Arrays, dict[str, Any]], None]
@@ -83,6 +84,7 @@ class LoraFedAvg(FedAvg):
         history_file: Path | None = None,
         on_round: RoundHook | None = None,
         evaluate_every: int = 0,
+        federated_eval: bool = True,
         num_rounds: int = 0,
         central_eval: CentralEval | None = None,
         secagg: Callable[[int], SecAggSettings] | None = None,
@@ -108,6 +110,7 @@ class LoraFedAvg(FedAvg):
         self.on_round = on_round
         self.round_offset = 0  # rounds completed before this start (a resumed run)
         self.evaluate_every = evaluate_every  # federated evaluation every N rounds; 0 = never
+        self.federated_eval = federated_eval  # False: only the central evaluation runs
         self.num_rounds = num_rounds  # rounds of the whole run (the last one is evaluated)
         self.central_eval = central_eval
         self.site_names = tuple(site_names)  # a node's site-id indexes this; else node-<id>
@@ -400,8 +403,8 @@ class LoraFedAvg(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         server_round += self.round_offset
-        if not self.evaluates(server_round):
-            return []
+        if not self.evaluates(server_round) or not self.federated_eval:
+            return []  # aggregate_evaluate still completes the round (and the central eval)
         return super().configure_evaluate(server_round, arrays, config, grid)
 
     def aggregate_evaluate(
@@ -479,7 +482,8 @@ class LoraFedAvg(FedAvg):
                 "bytes-sent": r.bytes_sent,
                 "bytes-received": r.bytes_received,
             }
-            log.info(
+            log.log(
+                logging.INFO if len(accepted) <= SITE_LINES else logging.DEBUG,
                 "Round %d | site %-12s | loss %.4f | examples %4d | %.1f s",
                 server_round,
                 name,

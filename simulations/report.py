@@ -8,6 +8,7 @@ from rich.console import Console
 from rich.table import Table
 
 console = Console(highlight=False)
+MAX_SITE_COLUMNS = 8  # more sites: the table counts them instead of a column each
 
 
 def section(title: str) -> None:
@@ -16,21 +17,35 @@ def section(title: str) -> None:
 
 def rounds(history: list[dict[str, Any]]) -> None:
     sites = sorted({s for rec in history for s in rec["sites"]})
-    table = Table(title="Train loss per round (mean over local steps); federated eval accuracy")
+    per_site = len(sites) <= MAX_SITE_COLUMNS
+    central = any("central-eval-accuracy" in rec for rec in history)
+    table = Table(title="Train loss per round (mean over local steps); evaluation accuracy")
     table.add_column("round", justify="right")
-    for s in sites:
+    for s in sites if per_site else ():
         table.add_column(s, justify="right")
+    if not per_site:
+        table.add_column("sites trained", justify="right")
     table.add_column("aggregate", justify="right", style="bold")
     table.add_column("eval acc.", justify="right")
+    if central:
+        table.add_column("central acc.", justify="right")
     for rec in history:
-        cells = [
-            f"{rec['sites'][s]['train-loss']:.4f}"
-            if "train-loss" in rec["sites"].get(s, {})
-            else "-"
-            for s in sites
-        ]
+        cells = (
+            [
+                f"{rec['sites'][s]['train-loss']:.4f}"
+                if "train-loss" in rec["sites"].get(s, {})
+                else "-"
+                for s in sites
+            ]
+            if per_site
+            else [str(rec.get("replies", len(rec["sites"])))]
+        )
         acc = f"{rec['eval-accuracy']:.1%}" if "eval-accuracy" in rec else "-"
-        table.add_row(str(rec["round"]), *cells, f"{rec.get('train-loss', float('nan')):.4f}", acc)
+        row = [str(rec["round"]), *cells, f"{rec.get('train-loss', float('nan')):.4f}", acc]
+        if central:
+            c = rec.get("central-eval-accuracy")
+            row.append(f"{c:.1%}" if c is not None else "-")
+        table.add_row(*row)
     console.print(table)
     secure = [rec for rec in history if rec.get("secure-aggregation")]
     if secure:

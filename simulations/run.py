@@ -23,6 +23,8 @@ from fedlora.errors import DataError, FedloraError
 if TYPE_CHECKING:
     from flwr.clientapp import ClientApp
 
+    from fedlora.simulations.partition import Partition
+
 log = logging.getLogger(__name__)
 
 
@@ -45,10 +47,37 @@ def offline_environment() -> None:
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
 
+def partitioned_config(cfg: RunConfig, part: Partition, given: set[str]) -> RunConfig:
+    """``cfg`` for a run on ``part``: the server scores the partition's test split.
+
+    Keys in ``given`` (set by the user) are kept. Otherwise: ``central-eval`` is the test split,
+    scored whole; ``eval-labels`` are the labels the data shows (when its answers form a label
+    set); nodes' federated evaluation on their own small splits is off, and they train on all of
+    their examples.
+    """
+    changes: dict[str, Any] = {"central-eval": part.test}
+    if "central-eval-samples" not in given:
+        changes["central-eval-samples"] = max(part.test_examples, 1)
+    if part.labels and "eval-labels" not in given:
+        changes["eval-labels"] = ",".join(part.labels)
+    if "federated-eval" not in given:
+        changes["federated-eval"] = False  # clients' own splits are tiny: the server scores
+        if "eval-fraction" not in given:
+            changes["eval-fraction"] = 0.0  # so clients train on all of their examples
+    if part.num_clients < 2 and cfg.secure_aggregation:
+        changes["secure-aggregation"] = False  # one client: nothing to hide a sum among
+        log.warning("One client: secure aggregation needs two or more, so it is off")
+    return RunConfig.from_mapping(cfg.to_mapping() | changes, source="simulate --data")
+
+
 def simulate(
-    cfg: RunConfig, client_cpus: float = 1.0, client_app: ClientApp | None = None
+    cfg: RunConfig,
+    client_cpus: float = 1.0,
+    client_app: ClientApp | None = None,
+    partition: Partition | None = None,
 ) -> SimulationResult:
-    """Run the federation described by ``cfg`` with one virtual node per site.
+    """Run the federation described by ``cfg``: one virtual node per site, or per client of
+    ``partition`` (written by :func:`fedlora.simulations.partition.prepare`).
 
     ``client_app`` replaces fedlora's ClientApp (tests use it to plant slow or failing nodes).
     """
@@ -63,16 +92,21 @@ def simulate(
         from fedlora.server.state import load_state
 
         load_state(Path(cfg.output_dir))  # a corrupted checkpoint: one line, before Ray starts
-    by_site = split_by_site(load_split("train"))
-    empty = [s for s in cfg.site_names if not by_site[s]]
-    if empty:
-        raise DataError(f"sites {empty} have no training reviews: remove them from 'sites'")
-    node_defaults = {
+    node_defaults: dict[str, Any] = {
         "base-model": cfg.base_model,
         "quantization": cfg.quantization,
         "sites": cfg.sites,
     }
-    n = len(cfg.site_names)
+    if partition is None:
+        by_site = split_by_site(load_split("train"))
+        empty = [s for s in cfg.site_names if not by_site[s]]
+        if empty:
+            raise DataError(f"sites {empty} have no training reviews: remove them from 'sites'")
+        n = len(cfg.site_names)
+    else:
+        n = partition.num_clients
+        node_defaults["partition-dir"] = str(partition.folder)
+        node_defaults["personal-state-dir"] = str(Path(cfg.output_dir) / "personal-state")
     run_cfg = cfg.to_mapping() | {"min-available-nodes": n}  # every site joins round 1
     backend = {
         "client_resources": {"num_cpus": client_cpus, "num_gpus": 0.0},

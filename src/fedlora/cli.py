@@ -90,21 +90,108 @@ def demo(
     run_demo(cfg, options)
 
 
+FormatOpt = Annotated[
+    str, typer.Option("--format", help="data format: auto | chat | pairs | csv | tsv | text")
+]
+PromptColOpt = Annotated[str, typer.Option(help="column with the prompt")]
+ResponseColOpt = Annotated[str, typer.Option(help="column with the answer")]
+SystemColOpt = Annotated[str, typer.Option(help="column with a system prompt")]
+TextColOpt = Annotated[str, typer.Option(help="column with plain text instead")]
+BadRecordOpt = Annotated[str, typer.Option(help="stop | skip")]
+EncodingOpt = Annotated[str, typer.Option(help="the files' text encoding")]
+
+
 @cli.command()
 def simulate(
     config: ConfigOpt = None,
     rounds: RoundsOpt = None,
     output: OutputOpt = None,
     base_model: BaseOpt = None,
+    data: Annotated[
+        str | None,
+        typer.Option(
+            help="training data: a file or folder check-data accepts, or 'drugreview'; "
+            "default: the five packaged drug-review sites"
+        ),
+    ] = None,
+    num_clients: Annotated[
+        int, typer.Option(help="simulated clients (column:NAME: one per value)")
+    ] = 0,
+    partition: Annotated[
+        str, typer.Option(help="iid | dirichlet:ALPHA[:COLUMN] | column:NAME | shards:K")
+    ] = "iid",
+    test: Annotated[str, typer.Option(help="held-out test data the server scores")] = "",
+    test_fraction: Annotated[
+        float, typer.Option(help="hold out this share of --data as the test split instead")
+    ] = 0.0,
+    fmt: FormatOpt = "auto",
+    prompt_column: PromptColOpt = "prompt",
+    response_column: ResponseColOpt = "response",
+    system_column: SystemColOpt = "",
+    text_column: TextColOpt = "",
+    on_bad_record: BadRecordOpt = "stop",
+    encoding: EncodingOpt = "utf-8",
 ) -> None:
-    """Run only the federation on the simulation engine."""
+    """Run only the federation on the simulation engine: the packaged sites, or your data
+    split across --num-clients clients."""
     from fedlora.simulations import report
     from fedlora.simulations.run import simulate as run_sim
 
-    cfg, _ = _load(
-        config, {"num-server-rounds": rounds, "output-dir": output, "base-model": base_model}
+    overrides = {"num-server-rounds": rounds, "output-dir": output, "base-model": base_model}
+    cfg, _ = _load(config, overrides)
+    if data is None:
+        if num_clients or test or test_fraction or partition != "iid":
+            raise ConfigError("--num-clients, --partition and --test need --data")
+        report.rounds(run_sim(cfg).history)
+        return
+    from fedlora.simulations.partition import PartitionSpec, prepare
+    from fedlora.simulations.run import partitioned_config
+
+    spec = PartitionSpec.parse(partition)
+    if not num_clients and spec.kind != "column":
+        raise ConfigError(f"--partition {spec} needs --num-clients N")
+    part = prepare(
+        data,
+        Path(cfg.output_dir) / "partition",
+        num_clients,
+        spec,
+        seed=cfg.seed,
+        test=test,
+        test_fraction=test_fraction,
+        spec_kwargs={
+            "format": fmt,
+            "prompt_column": prompt_column,
+            "response_column": response_column,
+            "system_column": system_column,
+            "text_column": text_column,
+            "on_bad_record": on_bad_record,
+            "encoding": encoding,
+        },
     )
-    report.rounds(run_sim(cfg).history)
+    given = _given_keys(config, overrides)
+    report.rounds(run_sim(partitioned_config(cfg, part, given), partition=part).history)
+
+
+@cli.command()
+def compare(
+    config: Annotated[Path, typer.Option("--config", "-c", help="comparison TOML file")],
+) -> None:
+    """Centralized, local-only and federated methods on one data set, split and test set."""
+    from fedlora.simulations.compare import CompareConfig, run_compare
+
+    cc = CompareConfig.from_toml(config)
+    run_compare(cc)
+    from fedlora.simulations import report
+
+    report.console.print((Path(cc.output) / "compare.md").read_text())
+
+
+def _given_keys(config: Path | None, overrides: dict[str, Any]) -> set[str]:
+    """The run-config keys the user set (in the TOML file or as options)."""
+    from fedlora.config import read_toml
+
+    keys = {k for k, v in overrides.items() if v is not None}
+    return keys | (set(read_toml(config)) if config else set())
 
 
 @cli.command()
@@ -138,15 +225,13 @@ def prepare_base() -> None:
 @cli.command("check-data")
 def check_data(
     path: Annotated[Path, typer.Argument(help="a data file, or a folder of them")],
-    fmt: Annotated[
-        str, typer.Option("--format", help="auto | chat | pairs | csv | tsv | text")
-    ] = "auto",
-    prompt_column: Annotated[str, typer.Option(help="column with the prompt")] = "prompt",
-    response_column: Annotated[str, typer.Option(help="column with the answer")] = "response",
-    system_column: Annotated[str, typer.Option(help="column with a system prompt")] = "",
-    text_column: Annotated[str, typer.Option(help="column with plain text instead")] = "",
-    on_bad_record: Annotated[str, typer.Option(help="stop | skip")] = "stop",
-    encoding: Annotated[str, typer.Option(help="the files' text encoding")] = "utf-8",
+    fmt: FormatOpt = "auto",
+    prompt_column: PromptColOpt = "prompt",
+    response_column: ResponseColOpt = "response",
+    system_column: SystemColOpt = "",
+    text_column: TextColOpt = "",
+    on_bad_record: BadRecordOpt = "stop",
+    encoding: EncodingOpt = "utf-8",
 ) -> None:
     """Read training data as a node would, and report what it holds or what to fix."""
     from fedlora.data.formats import DataSpec, describe, load_examples

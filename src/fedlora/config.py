@@ -56,6 +56,8 @@ class RunConfig:
     eval_fraction: float = 0.1  # share of each node's examples held out (seeded) for evaluation
     evaluate_every: int = 1  # federated evaluation every N rounds and after the last; 0 = off
     fraction_evaluate: float = 1.0  # share of connected nodes asked to evaluate
+    federated_eval: bool = True  # nodes evaluate on their own held-out split (false: only the
+    # server's central-eval scores, e.g. many simulated clients with a few examples each)
     eval_labels: str = ""  # label task: comma-separated answers scored for accuracy ("" = none;
     # the packaged drug reviews always use negative,neutral,positive)
     central_eval: str = ""  # server-held test data: "" (off), "drugreview" or a data file/folder

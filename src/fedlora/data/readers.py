@@ -15,10 +15,18 @@ import csv
 import io
 import json
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from fedlora.data.records import Example, Problem, chat_example, column_example, json_type
+from fedlora.data.records import (
+    Example,
+    Problem,
+    chat_example,
+    column_example,
+    json_type,
+    scalar_fields,
+)
 
 if TYPE_CHECKING:
     from fedlora.data.formats import DataSpec
@@ -119,15 +127,30 @@ def _json_record(record: object, where: str, spec: DataSpec) -> Example | Proble
                 "missing field 'messages': write the record as "
                 '{"messages": [{"role": "user", "content": "..."}, ...]}',
             )
-        return chat_example(record["messages"], where)
-    return column_example(
+        return _with_fields(chat_example(record["messages"], where), record, spec)
+    return _with_fields(
+        column_example(
+            record,
+            where,
+            prompt=spec.prompt_column,
+            response=spec.response_column,
+            system=spec.system_column,
+            text=spec.text_column,
+        ),
         record,
-        where,
-        prompt=spec.prompt_column,
-        response=spec.response_column,
-        system=spec.system_column,
-        text=spec.text_column,
+        spec,
     )
+
+
+def _with_fields(
+    result: Example | Problem, record: Mapping[str, object], spec: DataSpec
+) -> Example | Problem:
+    """The example with the record's other scalar fields attached (for partitioning)."""
+    if isinstance(result, Problem):
+        return result
+    used = {"messages", spec.prompt_column, spec.response_column}
+    used |= {c for c in (spec.system_column, spec.text_column) if c}
+    return replace(result, fields=scalar_fields(record, used))
 
 
 def read_csv(
@@ -183,13 +206,18 @@ def read_csv(
                 "or fill in the missing cells",
             )
             continue
-        yield column_example(
-            dict(zip(header, row, strict=True)),
-            f"{source}:{start}",
-            prompt=spec.prompt_column,
-            response=spec.response_column,
-            system=spec.system_column,
-            text=spec.text_column,
+        record = dict(zip(header, row, strict=True))
+        yield _with_fields(
+            column_example(
+                record,
+                f"{source}:{start}",
+                prompt=spec.prompt_column,
+                response=spec.response_column,
+                system=spec.system_column,
+                text=spec.text_column,
+            ),
+            record,
+            spec,
         )
 
 

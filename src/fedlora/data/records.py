@@ -30,6 +30,9 @@ class Example:
     source: str  # "path/to/file.jsonl:12": where the record starts (csv: file line, header = 1)
     turns: tuple[Turn, ...] = ()  # a chat: >= 1 assistant turn, and the last turn is one
     text: str = ""  # plain text (continued pre-training)
+    # the record's other scalar fields as text (JSON keys, CSV columns), for partitioning by a
+    # column in simulation; never sent anywhere
+    fields: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if bool(self.turns) == bool(self.text):
@@ -50,6 +53,15 @@ class Problem(NamedTuple):
 
     def __str__(self) -> str:
         return f"{self.where}: {self.message}"
+
+
+def scalar_fields(record: Mapping[str, object], used: set[str]) -> tuple[tuple[str, str], ...]:
+    """The record's scalar fields (text, numbers, true/false) other than ``used``, as text."""
+    return tuple(
+        (str(key), str(value))
+        for key, value in record.items()
+        if key not in used and isinstance(value, str | int | float | bool)
+    )
 
 
 def json_type(value: object) -> str:

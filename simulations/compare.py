@@ -1,0 +1,314 @@
+"""Baselines side by side: centralized LoRA, local-only and federated strategies on one split.
+
+``fedlora compare --config FILE`` reads a TOML file::
+
+    [compare]
+    data = "drugreview"            # a file/folder check-data accepts, or a packaged task
+    partition = "column:site"      # as fedlora simulate --partition
+    num-clients = 0                # 0 with column:NAME (one client per value)
+    test = ""                      # held-out test data, or test-fraction = 0.1
+    methods = ["centralized", "local", "fedit", "ffa-lora", "fedex-lora", "fedsa-lora",
+               "fedit+adam"]
+    output = "runs/compare"
+
+    [run]                          # the recipe: run-config keys every method shares
+    num-server-rounds = 3
+    local-steps = 10
+
+    [methods.fedit-dp]             # optional: a named method = run-config overrides
+    dp-noise-multiplier = 0.5
+
+Every method trains on the same pool, split and test set, at equal total client optimizer steps
+of the same batch size: a federated round trains K sampled clients for S steps each, so R rounds
+are R x K x S steps. ``centralized`` trains one adapter on the pooled training data for that many
+steps (one run, one round); ``local`` trains each client alone for R x S steps (what it would
+have trained had it joined every round) and reports the mean (and range) of their test
+accuracies. Federated methods are run-config overrides: a strategy name sets ``strategy``,
+``NAME+OPT`` also sets ``server-optimizer`` (e.g. ``fedit+adam``). The server scores every
+method's final adapter on the same test set (central evaluation).
+
+Writes ``compare.json``, ``compare.md`` and ``compare.png`` (accuracy per method) to ``output``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedlora.choices import SERVER_OPTIMIZERS, STRATEGIES
+from fedlora.config import RunConfig, read_toml
+from fedlora.data import partitioned
+from fedlora.errors import ConfigError
+from fedlora.simulations.partition import Partition, PartitionSpec, prepare
+from fedlora.simulations.run import partitioned_config, simulate
+
+log = logging.getLogger(__name__)
+
+DEFAULT_METHODS = (
+    "centralized",
+    "local",
+    "fedit",
+    "ffa-lora",
+    "fedex-lora",
+    "fedsa-lora",
+    "fedit+adam",
+)
+BASELINES = ("centralized", "local")
+COMPARE_KEYS = {"data", "partition", "num-clients", "test", "test-fraction", "methods", "output"}
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    data: str = "drugreview"
+    partition: str = "column:site"
+    num_clients: int = 0
+    test: str = ""
+    test_fraction: float = 0.0
+    methods: tuple[str, ...] = DEFAULT_METHODS
+    output: str = "runs/compare"
+    run: dict[str, Any] = field(default_factory=dict)  # run-config keys shared by every method
+    custom: dict[str, dict[str, Any]] = field(default_factory=dict)  # [methods.NAME] overrides
+
+    def __post_init__(self) -> None:
+        PartitionSpec.parse(self.partition)
+        if not self.methods:
+            raise ConfigError("[compare] methods: list at least one method")
+        for m in self.methods:
+            method_overrides(m, self.custom)  # an unknown method fails here, before any run
+        if len(set(self.methods)) != len(self.methods):
+            raise ConfigError(f"[compare] methods: {list(self.methods)} lists a method twice")
+        RunConfig.from_mapping(self.run, source="[run]")
+
+    @classmethod
+    def from_toml(cls, path: Path) -> CompareConfig:
+        raw = read_toml(path)
+        unknown = set(raw) - {"compare", "run", "methods"}
+        if unknown:
+            raise ConfigError(
+                f"{path}: unknown tables {sorted(unknown)}; use compare, run, methods"
+            )
+        compare = dict(raw.get("compare", {}))
+        bad = set(compare) - COMPARE_KEYS
+        if bad:
+            raise ConfigError(
+                f"{path}: [compare] unknown keys {sorted(bad)}; known: {sorted(COMPARE_KEYS)}"
+            )
+        if "methods" in compare:
+            compare["methods"] = tuple(compare["methods"])
+        try:
+            return cls(
+                **{k.replace("-", "_"): v for k, v in compare.items()},
+                run=dict(raw.get("run", {})),
+                custom={k: dict(v) for k, v in raw.get("methods", {}).items()},
+            )
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+
+
+def method_overrides(name: str, custom: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The run-config keys a federated method sets ({} for the baselines)."""
+    if name in BASELINES:
+        return {}
+    if name in custom:
+        return dict(custom[name])
+    strategy, _, optimizer = name.partition("+")
+    if strategy in STRATEGIES and (not optimizer or optimizer in SERVER_OPTIMIZERS):
+        return {"strategy": strategy} | ({"server-optimizer": optimizer} if optimizer else {})
+    raise ConfigError(
+        f"[compare] methods: unknown method {name!r}; use centralized, local, a strategy "
+        f"({', '.join(STRATEGIES)}), STRATEGY+OPTIMIZER ({', '.join(SERVER_OPTIMIZERS)}), or "
+        f"define [methods.{name}]"
+    )
+
+
+def merged_partition(part: Partition, clients: list[int], folder: Path) -> Partition:
+    """A one-client partition holding the examples of ``clients`` (the pooled data, or one)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(part.folder / partitioned.POOL, folder / partitioned.POOL)
+    idx = np.concatenate([np.asarray(partitioned.client_indices(part.folder, c)) for c in clients])
+    partitioned.write_indices(folder, [np.sort(idx)])
+    return Partition(
+        folder=folder,
+        num_clients=1,
+        test=part.test,
+        test_examples=part.test_examples,
+        labels=part.labels,
+        stats={"clients": clients, "examples": len(idx)},
+    )
+
+
+def run_compare(cc: CompareConfig) -> dict[str, Any]:
+    """Run every method and write the comparison; returns what compare.json holds."""
+    out = Path(cc.output)
+    out.mkdir(parents=True, exist_ok=True)
+    base = RunConfig.from_mapping(cc.run, source="[run]")
+    part = prepare(
+        cc.data,
+        out / "partition",
+        cc.num_clients,
+        PartitionSpec.parse(cc.partition),
+        seed=base.seed,
+        test=cc.test,
+        test_fraction=cc.test_fraction,
+    )
+    per_round = max(1, round(base.fraction_train * part.num_clients))
+    rounds, steps = base.num_server_rounds, base.local_steps
+    total = rounds * per_round * steps
+    given = set(cc.run)
+    cpus = float(os.cpu_count() or 1)
+    results: dict[str, dict[str, Any]] = {}
+    for method in cc.methods:
+        start = time.perf_counter()
+        if method == "centralized":
+            one = merged_partition(part, list(range(part.num_clients)), out / "pooled")
+            cfg = single_client(base, one, out / method, rounds=1, steps=total, given=given)
+            res = metrics_of(simulate(cfg, client_cpus=cpus, partition=one).history)
+            res["steps"] = total
+        elif method == "local":
+            accs, losses = [], []
+            for c in range(part.num_clients):
+                one = merged_partition(part, [c], out / "local" / f"client-{c}" / "partition")
+                cfg = single_client(
+                    base,
+                    one,
+                    out / "local" / f"client-{c}",
+                    rounds=1,
+                    steps=rounds * steps,
+                    given=given,
+                )
+                m = metrics_of(simulate(cfg, client_cpus=cpus, partition=one).history)
+                accs.append(m.get("accuracy", float("nan")))
+                losses.append(m["loss"])
+            res = {
+                "accuracy": float(np.mean(accs)),
+                "accuracy-min": float(np.min(accs)),
+                "accuracy-max": float(np.max(accs)),
+                "loss": float(np.mean(losses)),
+                "bytes-per-client-round": 0.0,
+                "steps": rounds * steps * part.num_clients,
+            }
+        else:
+            values = base.to_mapping() | method_overrides(method, cc.custom)
+            values["output-dir"] = str(out / method)
+            cfg = partitioned_config(
+                RunConfig.from_mapping(values, source=f"method {method}"), part, given
+            )
+            res = metrics_of(simulate(cfg, partition=part).history)
+            res["steps"] = total
+            res["secure-aggregation"] = cfg.secure_aggregation
+            if "dp-epsilon" in res:
+                res["dp"] = f"epsilon {res['dp-epsilon']:.2f}"
+        res["seconds"] = time.perf_counter() - start
+        results[method] = res
+        log.info("compare: %s done: %s", method, _brief(res))
+        write(out, cc, part, results, total)
+    return json.loads((out / "compare.json").read_text())
+
+
+def single_client(
+    base: RunConfig, part: Partition, out: Path, rounds: int, steps: int, given: set[str]
+) -> RunConfig:
+    values = base.to_mapping() | {
+        "num-server-rounds": rounds,
+        "local-steps": steps,
+        "local-epochs": 0.0,
+        "output-dir": str(out),
+        "secure-aggregation": False,  # one node: no sum to hide it in
+        "min-nodes": 1,
+        "fraction-train": 1.0,
+        "strategy": "fedit",
+        "server-optimizer": "sgd",
+        "server-lr": 0.0,
+        "dp-noise-multiplier": 0.0,
+        "codec": "none",
+    }
+    return partitioned_config(RunConfig.from_mapping(values, source="baseline"), part, given)
+
+
+def metrics_of(history: list[dict[str, Any]]) -> dict[str, Any]:
+    last = history[-1]
+    replies = sum(r.get("replies", 0) for r in history) or 1
+    moved = sum(r.get("bytes-sent", 0) + r.get("bytes-received", 0) for r in history)
+    res: dict[str, Any] = {
+        "loss": last.get("central-eval-loss", float("nan")),
+        "bytes-per-client-round": moved / replies,
+    }
+    if "central-eval-accuracy" in last:
+        res["accuracy"] = last["central-eval-accuracy"]
+    if "dp-epsilon" in last:
+        res["dp-epsilon"] = last["dp-epsilon"]
+    return res
+
+
+def write(
+    out: Path, cc: CompareConfig, part: Partition, results: dict[str, Any], total: int
+) -> None:
+    central = results.get("centralized", {}).get("accuracy")
+    for res in results.values():
+        if central and "accuracy" in res:
+            res["of-centralized"] = res["accuracy"] / central
+    doc = {
+        "data": cc.data,
+        "partition": part.stats.get("partition", cc.partition),
+        "clients": part.num_clients,
+        "test": part.test,
+        "test-examples": part.test_examples,
+        "total-client-steps": total,
+        "run": cc.run,
+        "methods": results,
+    }
+    (out / "compare.json").write_text(json.dumps(doc, indent=1))
+    lines = [
+        f"# fedlora compare: {cc.data}, {doc['partition']}, {part.num_clients} clients",
+        "",
+        f"Test: {part.test} ({part.test_examples} examples; `central-eval-samples` in [run] "
+        f"scores only the first N). Every method: {total} client optimizer steps in total "
+        f"(local: {total // max(part.num_clients, 1)} per client x {part.num_clients}).",
+        "",
+        "| method | accuracy | % of centralized | loss | bytes / client / round | secure agg. "
+        "| privacy | wall s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in results.items():
+        acc = f"{r['accuracy']:.1%}" if "accuracy" in r else "-"
+        if name == "local" and "accuracy-min" in r:
+            acc += f" ({r['accuracy-min']:.1%}-{r['accuracy-max']:.1%})"
+        pct = f"{r['of-centralized']:.1%}" if "of-centralized" in r else "-"
+        lines.append(
+            f"| {name} | {acc} | {pct} | {r['loss']:.4f} | {r['bytes-per-client-round']:,.0f} "
+            f"| {'on' if r.get('secure-aggregation') else 'off'} | {r.get('dp', '-')} "
+            f"| {r['seconds']:.0f} |"
+        )
+    (out / "compare.md").write_text("\n".join(lines) + "\n")
+    _plot(results, out / "compare.png")
+
+
+def _plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n, r in results.items() if "accuracy" in r]
+    if not names:
+        return
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(names)), 3.5))
+    ax.bar(names, [results[n]["accuracy"] for n in names], color="tab:blue")
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(0, 1)
+    ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _brief(res: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in res.items())
