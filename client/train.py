@@ -8,6 +8,7 @@ round's steps. Gradient checkpointing trades compute for activation memory.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Iterator, Sequence
@@ -97,6 +98,7 @@ def train_lora(model: Any, batches: Iterator[dict[str, Any]], options: TrainOpti
         num_training_steps=options.steps,
     )
     _checkpointing(model, options.gradient_checkpointing)
+    low_precision = _lora_in_compute_dtype(model, params)
     model.train()
     start, losses, tokens, scored = time.perf_counter(), [], 0, 0
     try:
@@ -105,7 +107,8 @@ def train_lora(model: Any, batches: Iterator[dict[str, Any]], options: TrainOpti
             total = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro)
             step_loss = 0.0
             for batch in micro:
-                logits, targets = answer_logits(model, batch)
+                with low_precision():
+                    logits, targets = answer_logits(model, batch)
                 loss = torch.nn.functional.cross_entropy(
                     logits.float().flatten(0, 1),
                     targets.flatten(),
@@ -136,6 +139,31 @@ def train_lora(model: Any, batches: Iterator[dict[str, Any]], options: TrainOpti
         first_loss=losses[0],
         last_loss=losses[-1],
     )
+
+
+def _lora_in_compute_dtype(model: Any, params: list[Any]) -> Any:
+    """A context in which the LoRA path computes in the base's half precision.
+
+    PEFT keeps the LoRA tensors in fp32 and, by default, casts each LoRA layer's input (the
+    base's bf16 activations) up to fp32 and the result back: on CPU those copies and the fp32
+    matrix products cost more than the LoRA maths itself. Under ``torch.autocast`` with PEFT's
+    input casting off, the activations stay in bf16 and only the small LoRA weights are cast;
+    the weights, their gradients and AdamW's state stay fp32. With an fp32 base, nothing changes.
+    """
+    import torch
+    from peft.helpers import disable_input_dtype_casting
+
+    half = model.get_input_embeddings().weight.dtype
+    if half not in (torch.bfloat16, torch.float16) or params[0].dtype != torch.float32:
+        return contextlib.nullcontext
+    device = params[0].device.type
+
+    @contextlib.contextmanager
+    def context() -> Iterator[None]:
+        with torch.autocast(device, dtype=half), disable_input_dtype_casting(model):
+            yield
+
+    return context
 
 
 def _checkpointing(model: Any, on: bool) -> None:

@@ -10,6 +10,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+MAX_LISTED_SITES = 10  # more sites per round: min / median / max train loss instead
+
 
 def plot_loss(history: Sequence[Mapping[str, Any]], path: Path) -> Path:
     """Aggregate train loss per round (bold) and each site's (thin), as a PNG."""
@@ -113,8 +117,15 @@ def summary_markdown(history: Sequence[Mapping[str, Any]], settings: Mapping[str
     nan = float("nan")
     for r in history:
         loss = "skipped" if r.get("skipped") else _num(r.get("train-loss", nan))
-        sites = ", ".join(
-            f"{s} {_num(v.get('train-loss', nan))}" for s, v in sorted(r["sites"].items())
+        losses = [v["train-loss"] for v in r["sites"].values() if "train-loss" in v]
+        sites = (
+            ", ".join(
+                f"{s} {_num(v.get('train-loss', nan))}" for s, v in sorted(r["sites"].items())
+            )
+            if len(r["sites"]) <= MAX_LISTED_SITES
+            else f"{len(losses)} sites: min {_num(min(losses, default=nan))}, "
+            f"median {_num(float(np.median(losses)) if losses else nan)}, "
+            f"max {_num(max(losses, default=nan))}"
         )
         lines.append(
             f"| {r['round']} | {loss} | {_num(r.get('eval-loss', nan))} | "

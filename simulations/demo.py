@@ -62,11 +62,21 @@ def evaluate_sample(base_dir: Path, adapter_dir: Path | None, n: int) -> dict[st
     ]
     res = label_accuracy(model, tokenizer, examples, LABELS)
     majority = max(LABELS, key=lambda lab: sum(r.label == lab for r in reviews))
+    confusion = {
+        true: {
+            pred: sum(
+                r.label == true and p == pred for r, p in zip(reviews, res.predictions, strict=True)
+            )
+            for pred in LABELS
+        }
+        for true in LABELS
+    }
     return {
         "accuracy": res.accuracy,
         "n": res.n,
         "seconds": time.perf_counter() - start,
         "predicted": {lab: res.predictions.count(lab) for lab in LABELS},
+        "confusion": confusion,  # true label -> predicted label -> count
         "majority-label": majority,
         "majority-accuracy": sum(r.label == majority for r in reviews) / len(reviews),
     }
@@ -95,6 +105,9 @@ def run_demo(cfg: RunConfig, options: DemoOptions) -> dict[str, Any]:
     with status(f"Scoring the tuned model on {options.eval_samples} reviews"):
         tuned_eval = evaluate_sample(base_dir, sim.adapter_dir, options.eval_samples)
     report.accuracy("tuned", tuned_eval)
+    report.confusion(tuned_eval["confusion"])
+    with (out / "report.md").open("a") as f:  # the server's report, plus the demo's scoring
+        f.write(report.confusion_markdown("Tuned model (base + global adapter)", tuned_eval))
 
     result: dict[str, Any] = {
         "config": cfg.to_mapping(),

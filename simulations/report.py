@@ -70,6 +70,41 @@ def accuracy(name: str, ev: dict[str, Any]) -> None:
     )
 
 
+def confusion(matrix: dict[str, dict[str, int]]) -> None:
+    """Rows: the true label; columns: what the model answered."""
+    labels = list(matrix)
+    table = Table(title="Confusion matrix (rows: true label, columns: answer)")
+    table.add_column("true \\ answer")
+    for lab in labels:
+        table.add_column(lab, justify="right")
+    table.add_column("recall", justify="right")
+    for true in labels:
+        total = sum(matrix[true].values())
+        recall = f"{matrix[true][true] / total:.1%}" if total else "-"
+        table.add_row(true, *(str(matrix[true][p]) for p in labels), recall)
+    console.print(table)
+
+
+def confusion_markdown(title: str, ev: dict[str, Any]) -> str:
+    matrix = ev["confusion"]
+    labels = list(matrix)
+    lines = [
+        "",
+        f"## {title}: {ev['accuracy']:.1%} on {ev['n']} held-out reviews",
+        "",
+        "Confusion matrix (rows: true label, columns: the model's answer).",
+        "",
+        "| true \\ answer | " + " | ".join(labels) + " | recall |",
+        "|---" * (len(labels) + 2) + "|",
+    ]
+    for true in labels:
+        total = sum(matrix[true].values())
+        recall = f"{matrix[true][true] / total:.1%}" if total else "-"
+        cells = " | ".join(str(matrix[true][p]) for p in labels)
+        lines.append(f"| {true} | {cells} | {recall} |")
+    return "\n".join(lines) + "\n"
+
+
 def export(exp: Any, held_out: Any) -> dict[str, Any]:
     parity = exp.parity
     console.print(

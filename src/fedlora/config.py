@@ -35,13 +35,13 @@ class RunConfig:
     base_model: str = "default"  # "default" (packaged SmolLM2-135M-Instruct) or a model folder
     quantization: str = "nf4"  # frozen base: nf4 | int8 | quanto-int4 | quanto-int8 | bf16 | fp32
     num_server_rounds: int = 3  # federated rounds
-    local_steps: int = 5  # optimizer steps per node per round
+    local_steps: int = 10  # optimizer steps per node per round
     batch_size: int = 4  # examples per step
-    lr: float = 3e-4  # AdamW learning rate for the LoRA tensors
+    lr: float = 5e-4  # AdamW learning rate for the LoRA tensors
     max_length: int = 256  # tokens per example; longer reviews are cut
     lora_r: int = 8  # LoRA rank
     lora_alpha: float = 16.0  # LoRA scaling numerator (update scaled by alpha / r)
-    lora_dropout: float = 0.05  # dropout on the LoRA path
+    lora_dropout: float = 0.0  # dropout on the LoRA path (0: none, and ~1.8x faster on CPU)
     target_modules: str = "all-linear"  # "all-linear" or comma-separated module names
     lora_rslora: bool = False  # rank-stabilised LoRA scaling alpha / sqrt(r)
     local_epochs: float = 0.0  # > 0: passes over each node's data per round, instead of local-steps

@@ -26,7 +26,7 @@ RESIDUAL_FILE = "fedex-residual.safetensors"
 class LoraSettings:
     r: int = 8  # rank of each update B @ A
     alpha: float = 16.0  # scaling numerator: the update is multiplied by alpha / r
-    dropout: float = 0.05  # dropout on the LoRA path during training
+    dropout: float = 0.0  # dropout on the LoRA path during training
     target_modules: str = "all-linear"  # "all-linear" or comma-separated module names
     rslora: bool = False  # rank-stabilised LoRA: scale by alpha / sqrt(r) (Kalajdzievski, 2023)
 

@@ -128,6 +128,11 @@ def _json_record(record: object, where: str, spec: DataSpec) -> Example | Proble
                 '{"messages": [{"role": "user", "content": "..."}, ...]}',
             )
         return _with_fields(chat_example(record["messages"], where), record, spec)
+    return _columns_example(record, where, spec)
+
+
+def _columns_example(record: Mapping[str, object], where: str, spec: DataSpec) -> Example | Problem:
+    """An example from a record's named columns (as ``spec`` maps them), with its other fields."""
     return _with_fields(
         column_example(
             record,
@@ -206,19 +211,7 @@ def read_csv(
                 "or fill in the missing cells",
             )
             continue
-        record = dict(zip(header, row, strict=True))
-        yield _with_fields(
-            column_example(
-                record,
-                f"{source}:{start}",
-                prompt=spec.prompt_column,
-                response=spec.response_column,
-                system=spec.system_column,
-                text=spec.text_column,
-            ),
-            record,
-            spec,
-        )
+        yield _columns_example(dict(zip(header, row, strict=True)), f"{source}:{start}", spec)
 
 
 def read_tsv(text: str, source: str, spec: DataSpec) -> Iterator[Example | Problem]:
