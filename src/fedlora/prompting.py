@@ -99,11 +99,25 @@ def answer_logits(model: Any, batch: dict[str, Any]) -> tuple[Any, Any]:
         raise ValueError("the batch has no scored tokens")
     first = int(scored.int().argmax())
     k = labels.shape[1] - max(first, 1)  # the first token is never a target
-    out = model(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
-        position_ids=batch["position_ids"],
-        logits_to_keep=k + 1,
-        use_cache=False,
-    )
+    # transformers hands the lm_head a strided slice of the hidden states; on CPU a matmul of a
+    # strided 3-d tensor by the (tied, 49k x 576) embedding falls back to a batched matmul that
+    # copies the whole weight once per row, forward and backward (a third of a training step).
+    # A contiguous input keeps it one matrix product, with the same numbers.
+    head = model.get_output_embeddings()
+    hook = head.register_forward_pre_hook(_contiguous_input) if head is not None else None
+    try:
+        out = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            position_ids=batch["position_ids"],
+            logits_to_keep=k + 1,
+            use_cache=False,
+        )
+    finally:
+        if hook is not None:
+            hook.remove()
     return out.logits[:, :-1], labels[:, -k:]
+
+
+def _contiguous_input(module: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    return (args[0].contiguous(), *args[1:])
