@@ -92,10 +92,13 @@ def simulate(
         from fedlora.server.state import load_state
 
         load_state(Path(cfg.output_dir))  # a corrupted checkpoint: one line, before Ray starts
-    node_defaults: dict[str, Any] = {
+    node_defaults: dict[str, Any] = {  # what a deployed node sets in its own node config
         "base-model": cfg.base_model,
         "quantization": cfg.quantization,
         "sites": cfg.sites,
+        "eval-fraction": cfg.eval_fraction,
+        "eval-labels": cfg.eval_labels,
+        "seed": cfg.seed,
     }
     if partition is None:
         by_site = split_by_site(load_split("train"))

@@ -68,6 +68,7 @@ num-server-rounds = 2
 local-steps = 2
 lr = 0.005
 secure-aggregation = true
+min-nodes = 2
 """,
     )
     doc = run_compare(CompareConfig.from_toml(path))
