@@ -101,7 +101,7 @@ def load_adapter(
     content: Any,
     rc: RoundConfig,
     state: RecordDict | None,
-    settings: NodeSettings | None = None,
+    settings: NodeSettings,
 ) -> dict[str, Any]:
     """Put the global adapter (plus this node's personal factors) into the warm model."""
     # The node checks what the server sends, too, before decoding any of it (a ProtocolError).
@@ -109,16 +109,34 @@ def load_adapter(
     validate(global_adapter, node.spec)
     start = dict(global_adapter)
     personal_spec = restrict(node.spec, rc.personal_factors) if rc.personal_factors else {}
-    personal = None
-    if personal_spec and settings is not None and settings.personal_dir:
-        personal = load_personal(settings)
-    elif personal_spec and state is not None and PERSONAL in state.array_records:
-        personal = arrays_of(state.array_records[PERSONAL])
+    personal = _restore_personal(settings, state) if personal_spec else None
     if personal is not None:
         validate(personal, personal_spec)
         start.update(personal)
     set_lora_state(node.model, start)
     return global_adapter
+
+
+def _restore_personal(
+    settings: NodeSettings, state: RecordDict | None
+) -> dict[str, np.ndarray] | None:
+    """This node's personal factors from its files (simulation) or its Flower state; None at
+    first."""
+    if settings.personal_dir:
+        return load_personal(settings)
+    if state is not None and PERSONAL in state.array_records:
+        return arrays_of(state.array_records[PERSONAL])
+    return None
+
+
+def _keep_personal(
+    settings: NodeSettings, state: RecordDict | None, arrays: dict[str, np.ndarray]
+) -> None:
+    """Where :func:`_restore_personal` finds them next round."""
+    if settings.personal_dir:
+        save_personal(settings, arrays)
+    elif state is not None:
+        state[PERSONAL] = to_array_record(arrays)
 
 
 def run_round(
@@ -170,10 +188,8 @@ def run_round(
     local = get_lora_state(node.model)
     node.rounds_served += 1
     personal_spec = restrict(node.spec, rc.personal_factors) if rc.personal_factors else {}
-    if personal_spec and settings.personal_dir:
-        save_personal(settings, {k: local[k] for k in personal_spec})
-    elif personal_spec and state is not None:
-        state[PERSONAL] = to_array_record({k: local[k] for k in personal_spec})
+    if personal_spec:
+        _keep_personal(settings, state, {k: local[k] for k in personal_spec})
     log.info(
         "Round %d site %s: loss %.4f -> %.4f over %d steps in %.1f s (%d tokens)",
         rc.server_round,

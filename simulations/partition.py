@@ -297,23 +297,17 @@ def prepare(
     held_out: list[Example] = []
     if test_fraction:
         pool, held_out = train_eval_split(pool, test_fraction, seed)
-        test_source, n_test = str(folder / partitioned.TEST), len(held_out)
-    elif test:
-        test_source = test
-        n_test = len(load_pool(test, spec_kwargs)) if test != "drugreview" else 0
-    elif data == "drugreview":
-        test_source, n_test = "drugreview", 0
+        test_source = str(folder / partitioned.TEST)
+    elif test or data == "drugreview":
+        test_source = test or "drugreview"  # the packaged task brings its own test split
     else:
         raise ConfigError(
             f"--data {data}: say where the held-out test data is: --test PATH or "
             f"--test-fraction F (e.g. 0.1)"
         )
-    if n_test == 0 and test_source == "drugreview":
-        from fedlora.data.drugreview import load_split
-
-        n_test = len(load_split("test"))
+    n_test = len(held_out) if held_out else _test_size(test_source, spec_kwargs)
     parts = split(pool, spec, num_clients, seed)  # every check before anything is written
-    labels = infer_labels(columns(pool)["label"])
+    labels = infer_labels([label_of(ex) for ex in pool])
     folder.mkdir(parents=True, exist_ok=True)
     if held_out:
         partitioned.write_examples(Path(test_source), held_out)
@@ -358,3 +352,12 @@ def prepare(
         labels=labels,
         stats=stats,
     )
+
+
+def _test_size(source: str, spec_kwargs: dict[str, Any] | None) -> int:
+    """Examples in a test source: the packaged test split, or a file/folder."""
+    if source == "drugreview":
+        from fedlora.data.drugreview import load_split
+
+        return len(load_split("test"))
+    return len(load_pool(source, spec_kwargs))

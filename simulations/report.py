@@ -78,10 +78,8 @@ def confusion(matrix: dict[str, dict[str, int]]) -> None:
     for lab in labels:
         table.add_column(lab, justify="right")
     table.add_column("recall", justify="right")
-    for true in labels:
-        total = sum(matrix[true].values())
-        recall = f"{matrix[true][true] / total:.1%}" if total else "-"
-        table.add_row(true, *(str(matrix[true][p]) for p in labels), recall)
+    for row in _confusion_rows(matrix):
+        table.add_row(*row)
     console.print(table)
 
 
@@ -97,12 +95,18 @@ def confusion_markdown(title: str, ev: dict[str, Any]) -> str:
         "| true \\ answer | " + " | ".join(labels) + " | recall |",
         "|---" * (len(labels) + 2) + "|",
     ]
-    for true in labels:
-        total = sum(matrix[true].values())
-        recall = f"{matrix[true][true] / total:.1%}" if total else "-"
-        cells = " | ".join(str(matrix[true][p]) for p in labels)
-        lines.append(f"| {true} | {cells} | {recall} |")
+    lines += ["| " + " | ".join(row) + " |" for row in _confusion_rows(matrix)]
     return "\n".join(lines) + "\n"
+
+
+def _confusion_rows(matrix: dict[str, dict[str, int]]) -> list[list[str]]:
+    """Per true label: the label, the count for each answer, and the recall."""
+    rows = []
+    for true, answers in matrix.items():
+        total = sum(answers.values())
+        recall = f"{answers[true] / total:.1%}" if total else "-"
+        rows.append([true, *(str(answers[p]) for p in matrix), recall])
+    return rows
 
 
 def export(exp: Any, held_out: Any) -> dict[str, Any]:

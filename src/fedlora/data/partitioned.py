@@ -71,10 +71,6 @@ def write_indices(folder: Path, parts: list[np.ndarray]) -> None:
     np.save(folder / OFFSETS, offsets)
 
 
-def num_clients(folder: str | Path) -> int:
-    return int(len(np.load(Path(folder) / OFFSETS, mmap_mode="r")) - 1)
-
-
 def client_indices(folder: str | Path, client: int) -> np.ndarray:
     """Client ``client``'s indices into the pool (memory-mapped)."""
     folder = Path(folder)
