@@ -16,7 +16,7 @@ from typing import Any
 
 from fedlora.export.merge import merge_adapter
 from fedlora.export.onnx import export_onnx, onnx_size_mib
-from fedlora.export.parity import ParityReport, check_parity
+from fedlora.export.parity import ATOL, NOISE_FACTOR, ParityReport, check_parity
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,8 @@ def export_adapter(
     out_dir: Path,
     messages: list[dict[str, Any]],
     max_new_tokens: int = 16,
-    atol: float = 1e-4,
+    atol: float = ATOL,
+    noise_factor: float = NOISE_FACTOR,
 ) -> ExportReport:
     """Merge ``adapter_dir`` into ``base_dir``, export to ONNX and check parity on ``messages``."""
     out_dir = Path(out_dir)
@@ -59,7 +60,14 @@ def export_adapter(
     seconds["onnx"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    parity = check_parity(merged_dir, onnx_dir, messages, max_new_tokens=max_new_tokens, atol=atol)
+    parity = check_parity(
+        merged_dir,
+        onnx_dir,
+        messages,
+        max_new_tokens=max_new_tokens,
+        atol=atol,
+        noise_factor=noise_factor,
+    )
     seconds["parity"] = time.perf_counter() - start
 
     report = ExportReport(

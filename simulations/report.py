@@ -118,7 +118,8 @@ def export(exp: Any, held_out: Any) -> dict[str, Any]:
     console.print(f"ONNX Runtime answer: [bold]{exp.answer!r}[/]")
     console.print(
         f"max |logits(ONNX Runtime) - logits(merged PyTorch, fp64)| = "
-        f"[bold]{parity.max_abs_logits_diff:.2e}[/] (tolerance {parity.atol:.0e}) over "
+        f"[bold]{parity.max_abs_logits_diff:.2e}[/] (tolerance {parity.tolerance:.2e}: the "
+        f"larger of {parity.atol:.0e} and {parity.noise_factor:g} x PyTorch's fp32 noise) over "
         f"{parity.prompt_tokens} prompt tokens; same greedy tokens: {parity.same_tokens}"
     )
     console.print(
@@ -134,6 +135,8 @@ def export(exp: Any, held_out: Any) -> dict[str, Any]:
         "true-label": held_out.label,
         "max-abs-logits-diff": parity.max_abs_logits_diff,
         "atol": parity.atol,
+        "noise-factor": parity.noise_factor,
+        "tolerance": parity.tolerance,
         "vs-torch-fp32": parity.vs_torch_fp32,
         "torch-fp32-vs-fp64": parity.torch_fp32_vs_fp64,
         "same-greedy-tokens": parity.same_tokens,

@@ -288,13 +288,15 @@ def test_parity_error_when_tolerance_is_zero(exported: ExportReport) -> None:
 
     # Execute
     with pytest.raises(ParityError) as exc:
-        check_parity(exported.merged_dir, exported.onnx_dir, messages(REVIEW), atol=0.0)
+        check_parity(
+            exported.merged_dir, exported.onnx_dir, messages(REVIEW), atol=0.0, noise_factor=0.0
+        )
 
     # Assert
     report = exc.value.report
     assert report is not None
     assert 0.0 < report.max_abs_logits_diff <= 1e-4
-    assert "atol 0.0e+00" in str(exc.value)
+    assert "tolerance 0.00e+00 = max(atol 0.0e+00, 0 x the fp32 noise floor)" in str(exc.value)
     assert f"{report.max_abs_logits_diff:.3e}" in str(exc.value)
 
 
@@ -313,6 +315,7 @@ def test_parity_error_when_onnx_is_a_different_model(
     assert report is not None
     assert report.max_abs_logits_diff > 1e-2
     assert "max abs logits diff" in str(exc.value) and "atol 1.0e-04" in str(exc.value)
+    assert report.max_abs_logits_diff > 100 * report.torch_fp32_vs_fp64  # far past the noise
 
 
 @pytest.mark.slow

@@ -208,6 +208,16 @@ def export(
     adapter: Annotated[Path, typer.Option(help="PEFT adapter folder")],
     output: Annotated[Path, typer.Option("--output", "-o")] = Path("runs/export"),
     base_model: BaseOpt = "default",
+    atol: Annotated[
+        float, typer.Option(help="parity: logits tolerance floor against PyTorch fp64")
+    ] = 1e-4,
+    noise_factor: Annotated[
+        float,
+        typer.Option(
+            help="parity: ONNX Runtime may be this many times as far from PyTorch fp64 as "
+            "PyTorch's own fp32 is (the noise floor measured in the same run)"
+        ),
+    ] = 2.0,
 ) -> None:
     """Merge an adapter into the base, export to ONNX, check parity, answer one review."""
     from fedlora.basemodel import resolve_base_model
@@ -218,7 +228,12 @@ def export(
 
     review = load_split("test")[-1]
     exp = export_adapter(
-        resolve_base_model(base_model or "default"), adapter, output, messages(review.text)
+        resolve_base_model(base_model or "default"),
+        adapter,
+        output,
+        messages(review.text),
+        atol=atol,
+        noise_factor=noise_factor,
     )
     report.export(exp, review)
 
