@@ -9,11 +9,12 @@ Usage (``make bench-client``)::
     .venv/bin/python benchmarks/bench_client.py --quick            # nf4 and bf16, 2 steps
     .venv/bin/python benchmarks/bench_client.py --backends nf4,fp32 --steps 8 --budget-s 0
 
-Both loops train the same LoRA (``LoraSettings()``: r=8, alpha 16, dropout 0.05, all linear
-layers) on the same base, loaded by ``fedlora.client.quantization.load_base`` (what nodes run),
-on the rows nodes train on: the packaged drug reviews of one site, chat-templated and tokenized by
-``fedlora.encoding.encode_examples`` with completion-only labels (the node default), batch 4,
-max-length 256, in the order ``fedlora.client.train.sample_batches`` draws them (seed 0).
+Both loops train the same LoRA (``LoraSettings()``: r=8, alpha 16, the recipe's dropout, all
+linear layers) on the same base, loaded by ``fedlora.client.quantization.load_base`` (what nodes
+run), on the rows nodes train on: the packaged drug reviews of one site, chat-templated and
+tokenized by ``fedlora.encoding.encode_examples`` with completion-only labels (the node
+default), batch 4, max-length 256, in the order ``fedlora.client.train.sample_batches`` draws
+them (seed 0).
 
 - fedlora: ``train_lora`` (left padding, vocabulary logits from the first scored column on only).
 - bare: what a user writes with plain peft + transformers: the same rows right-padded with an
@@ -25,6 +26,13 @@ Each (backend, loop) runs in a fresh subprocess, so its peak RSS (``ru_maxrss``)
 warmup step (not timed), then the timed steps. tokens/s counts non-padding tokens; useful tokens
 are the scored (response) ones. For the default backend, fedlora also trains on packed rows
 (``fedlora.encoding.pack``: several examples per 256-token row, no padding).
+
+Hardware use: a first run measures this machine's matmul peak, bf16 and fp32, on the model's own
+linear shapes (1024 tokens, the same torch threads as the runs). Model FLOP utilisation (MFU) of a
+run = tokens/s x model FLOPs per token / the peak of its compute dtype (fp32 for the fp32 backend,
+bf16 otherwise). Model FLOPs per token = 4 x the non-embedding parameters (forward plus input
+gradients; a frozen base needs no weight gradients; LoRA's own FLOPs and attention scores are left
+out, and so is the lm_head, which the bare loop runs on every token and fedlora on scored ones).
 
 Time budget (``--budget-s``, 540 s by default, so that ``make bench-client`` ends within 10
 minutes on a 2-core machine that other work shares): before each backend, the runs left get a
@@ -67,7 +75,7 @@ JOB_TIMEOUT_S = 900
 
 @dataclass
 class Job:
-    loop: str  # "fedlora" or "bare"
+    loop: str  # "fedlora", "bare", or "peak" (the matmul peak; no training)
     backend: str
     steps: int  # timed steps at most (after one warmup step)
     packing: bool = False
@@ -233,6 +241,54 @@ def fedlora_loop(model: Any, rows: Sequence[Any], pad_id: int, job: Job) -> tupl
     return timer, loss
 
 
+PEAK_TOKENS = 1024
+PEAK_REPEATS = 5
+
+
+def linear_shapes(config: Any) -> list[tuple[int, int]]:
+    """(in, out) of one decoder layer's linear layers, from a Llama-style config."""
+    h = config.hidden_size
+    kv = config.num_key_value_heads * (h // config.num_attention_heads)
+    i = config.intermediate_size
+    return [(h, h), (h, kv), (h, kv), (h, h), (h, i), (h, i), (i, h)]
+
+
+def model_flops_per_token(config: Any) -> float:
+    """4 x non-embedding parameters: forward (2) plus the input gradients (2) of a frozen base."""
+    per_layer = sum(a * b for a, b in linear_shapes(config))
+    return 4.0 * per_layer * config.num_hidden_layers
+
+
+def peak_worker(job: Job) -> Result:
+    """This machine's matmul throughput (FLOP/s) on the model's linear shapes, bf16 and fp32."""
+    import torch
+    from transformers import AutoConfig
+
+    from fedlora.basemodel import resolve_base_model
+
+    if job.threads:
+        torch.set_num_threads(job.threads)
+    config = AutoConfig.from_pretrained(resolve_base_model("default"))
+    shapes = linear_shapes(config)
+    result = Result(job)
+    for dtype in (torch.bfloat16, torch.float32):
+        xs = {k: torch.randn(PEAK_TOKENS, k, dtype=dtype) for k in {a for a, _ in shapes}}
+        ws = [torch.randn(a, b, dtype=dtype) for a, b in shapes]
+        flops = sum(2.0 * PEAK_TOKENS * a * b for a, b in shapes)
+        for w in ws:  # warmup
+            torch.mm(xs[w.shape[0]], w)
+        best = float("inf")
+        for _ in range(PEAK_REPEATS):
+            start = time.perf_counter()
+            for w in ws:
+                torch.mm(xs[w.shape[0]], w)
+            best = min(best, time.perf_counter() - start)
+        result.extra[str(dtype).removeprefix("torch.")] = flops / best
+    result.extra["threads"] = torch.get_num_threads()
+    result.extra["flops_per_token"] = model_flops_per_token(config)
+    return result
+
+
 def worker(job: Job) -> Result:
     import torch
     from peft import get_peft_model
@@ -273,6 +329,7 @@ def worker(job: Job) -> Result:
     result.seconds, result.cpu_seconds = timer.seconds, timer.cpu_seconds
     result.peak_mib = _peak_mib()
     result.extra["threads"] = torch.get_num_threads()
+    result.extra["flops_per_token"] = model_flops_per_token(model.config)
     return result
 
 
@@ -327,6 +384,13 @@ def time_share(
 
 
 def _describe(r: Result) -> str:
+    if r.job.loop == "peak":
+        if r.error:
+            return f"  matmul peak: {r.error}"
+        return (
+            f"  matmul peak: bf16 {r.extra['bfloat16'] / 1e9:.0f} GFLOP/s, fp32 "
+            f"{r.extra['float32'] / 1e9:.0f} GFLOP/s"
+        )
     what = f"{r.job.backend:<12} {r.job.loop:<8}{' packed' if r.job.packing else '':<7}"
     if r.error:
         return f"  {what} {r.error}"
@@ -339,11 +403,13 @@ def _describe(r: Result) -> str:
 
 
 def measure(backends: Sequence[str], steps: int, budget_s: float, threads: int = 0) -> list[Result]:
+    """The peak run, then each backend's runs; returns every result, the peak first."""
     todo = groups(backends)
     runs_left = sum(len(g) for g in todo)
     overheads, step_times = [FIRST_OVERHEAD_S], [FIRST_STEP_S]
     start = time.perf_counter()
-    results: list[Result] = []
+    results: list[Result] = [run_job(Job("peak", "-", 0, threads=threads))]
+    print(_describe(results[0]), file=sys.stderr, flush=True)
     for group in todo:
         share: float | None = 0.0
         if budget_s > 0:
@@ -390,17 +456,28 @@ def _find(
     )
 
 
+def mfu(r: Result, peak: Result | None) -> str:
+    """Model FLOP utilisation of run ``r`` against the peak of its compute dtype."""
+    if peak is None or peak.error:
+        return "-"
+    flops = r.tok_s * float(r.extra["flops_per_token"])
+    return f"{flops / peak.extra['float32' if r.job.backend == 'fp32' else 'bfloat16']:.1%}"
+
+
 def backend_table(results: Sequence[Result]) -> str:
+    peak = _find(results, "-", "peak")
     lines = [
-        "| backend | steps | fedlora tok/s | bare tok/s | ratio | fedlora peak MiB | "
-        "bare peak MiB | load peak MiB | CPU use fedlora / bare | note |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| backend | steps | fedlora tok/s | bare tok/s | ratio | MFU fedlora / bare | "
+        "fedlora peak MiB | bare peak MiB | load peak MiB | CPU use fedlora / bare | note |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
-    for name in dict.fromkeys(r.job.backend for r in results):
+    for name in dict.fromkeys(r.job.backend for r in results if r.job.loop != "peak"):
         fed, bare = _find(results, name, "fedlora"), _find(results, name, "bare")
         assert fed is not None and bare is not None
         if fed.error or bare.error:
-            lines.append(f"| {name} | - | - | - | - | - | - | - | - | {fed.error or bare.error} |")
+            lines.append(
+                f"| {name} | - | - | - | - | - | - | - | - | - | {fed.error or bare.error} |"
+            )
             continue
         steps = str(fed.steps) if fed.steps == bare.steps else f"{fed.steps} / {bare.steps}"
         notes = [] if fed.steps == bare.steps else ["steps differ (budget)"]
@@ -408,7 +485,8 @@ def backend_table(results: Sequence[Result]) -> str:
             notes.append("other work took the CPUs: ratio unreliable")
         lines.append(
             f"| {name} | {steps} | {fed.tok_s:.0f} | {bare.tok_s:.0f} | "
-            f"{fed.tok_s / bare.tok_s:.2f}x | {fed.peak_mib:.0f} | "
+            f"{fed.tok_s / bare.tok_s:.2f}x | {mfu(fed, peak)} / {mfu(bare, peak)} | "
+            f"{fed.peak_mib:.0f} | "
             f"{bare.peak_mib:.0f} | {max(fed.load_mib, bare.load_mib):.0f} | "
             f"{fed.cpu_use:.0%} / {bare.cpu_use:.0%} | {'; '.join(notes)} |"
         )
@@ -458,6 +536,15 @@ def report(results: Sequence[Result], elapsed: float, loads: Sequence[float]) ->
         f"timings are noisy.\n"
     )
     print(backend_table(results))
+    peak = _find(results, "-", "peak")
+    if peak is not None and not peak.error:
+        print(
+            f"\nMFU: tokens/s x {peak.extra['flops_per_token'] / 1e6:.0f} MFLOP per token (4 x the "
+            f"non-embedding parameters) / this machine's matmul peak on the model's linear "
+            f"shapes, measured in this run: bf16 {peak.extra['bfloat16'] / 1e9:.0f} GFLOP/s, "
+            f"fp32 {peak.extra['float32'] / 1e9:.0f} GFLOP/s (fp32 backend against fp32, the "
+            f"others against bf16, their compute dtype)."
+        )
     useful = useful_table(results)
     if useful:
         packed = _find(ok, DEFAULT_BACKEND, "fedlora", packing=True)
@@ -518,12 +605,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        print(json.dumps(asdict(worker(Job(**json.loads(args.worker)))), default=str))
+        job = Job(**json.loads(args.worker))
+        run = peak_worker if job.loop == "peak" else worker
+        print(json.dumps(asdict(run(job)), default=str))
         return 0
     if args.steps is not None and args.steps < 1:
         parser.error("--steps must be >= 1")
 
     from fedlora.client.quantization import BACKEND_NAMES
+    from fedlora.lora import LoraSettings
 
     backends = [b.strip() for b in args.backends.split(",") if b.strip()] or list(
         QUICK_BACKENDS if args.quick else BACKEND_NAMES
@@ -533,7 +623,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unknown backends {unknown}: use {', '.join(BACKEND_NAMES)}")
     steps = args.steps or (QUICK_STEPS if args.quick else MAX_STEPS)
     print(
-        f"Client training: SmolLM2-135M-Instruct + LoRA r=8 (all linear layers, dropout 0.05), "
+        f"Client training: SmolLM2-135M-Instruct + LoRA r=8 (all linear layers, dropout "
+        f"{LoraSettings().dropout}), "
         f"site {SITE!r}, batch {BATCH_SIZE}, max-length {MAX_LENGTH}, completion-only loss, "
         f"lr {LR}. Each run in its own process: 1 warmup step (not timed), then up to {steps} "
         f"timed steps within a budget of {args.budget_s:.0f} s for all runs.",
