@@ -16,6 +16,8 @@ statistics (JSON and a PNG) to a folder that nodes read (:mod:`fedlora.data.part
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import warnings
@@ -181,8 +183,10 @@ def split(
         )
     part.dataset = dataset
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # Dirichlet retries warn; the error below says it
+        # Dirichlet retries warn (the error below says it); NaturalIdPartitioner draws a tqdm
+        # bar on stderr that no option turns off.
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
             parts = [
                 np.sort(np.asarray(part.load_partition(i)["idx"], dtype=np.int64))
                 for i in range(num_clients)
