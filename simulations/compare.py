@@ -18,6 +18,10 @@
     [methods.fedit-dp]             # optional: a named method = run-config overrides
     dp-noise-multiplier = 0.5
 
+    [methods.centralized-lr1e-3]   # a baseline variant: method = "centralized" or "local"
+    method = "centralized"
+    lr = 0.001
+
 Every method trains on the same pool, split and test set, at equal total client optimizer steps
 of the same batch size: a federated round trains K sampled clients for S steps each, so R rounds
 are R x K x S steps. ``centralized`` trains one adapter on the pooled training data for that many
@@ -25,7 +29,9 @@ steps (one run, one round); ``local`` trains each client alone for R x S steps (
 have trained had it joined every round) and reports the mean (and range) of their test
 accuracies. Federated methods are run-config overrides: a strategy name sets ``strategy``,
 ``NAME+OPT`` also sets ``server-optimizer`` (e.g. ``fedit+adam``). The server scores every
-method's final adapter on the same test set (central evaluation).
+method's final adapter on the same test set (central evaluation). "% of centralized" is measured
+against the best centralized row, so a federated recipe with its own learning rate is compared
+with centralized training at its own best, not at the federated one.
 
 Writes ``compare.json``, ``compare.md`` and ``compare.png`` (accuracy per method) to ``output``.
 """
@@ -83,9 +89,32 @@ class CompareConfig:
             raise ConfigError("[compare] methods: list at least one method")
         for m in self.methods:
             method_overrides(m, self.custom)  # an unknown method fails here, before any run
+            method_kind(m, self.custom)
         if len(set(self.methods)) != len(self.methods):
             raise ConfigError(f"[compare] methods: {list(self.methods)} lists a method twice")
-        RunConfig.from_mapping(self.run, source="[run]")
+        base = RunConfig.from_mapping(self.run, source="[run]")
+        for m in self.methods:
+            self._check_budget(m, base)
+
+    def _check_budget(self, method: str, base: RunConfig) -> None:
+        """A method's overrides must be a valid run config that keeps the comparison's budget:
+        the same rounds x local steps x fraction of clients, and the same batch size."""
+        values = method_overrides(method, self.custom)
+        if not values:
+            return
+        cfg = RunConfig.from_mapping(base.to_mapping() | values, source=f"[methods.{method}]")
+
+        def budget(c: RunConfig) -> float:
+            return c.num_server_rounds * c.local_steps * c.fraction_train
+
+        if budget(cfg) != budget(base) or cfg.batch_size != base.batch_size:
+            raise ConfigError(
+                f"[methods.{method}]: num-server-rounds x local-steps x fraction-train = "
+                f"{budget(cfg):g} with batch-size {cfg.batch_size}, but [run] has "
+                f"{budget(base):g} with batch-size {base.batch_size}; every method gets the "
+                f"same total client steps and examples, so change them together (e.g. twice "
+                f"the rounds, half the local steps)"
+            )
 
     @classmethod
     def from_toml(cls, path: Path) -> CompareConfig:
@@ -113,12 +142,26 @@ class CompareConfig:
             raise ConfigError(f"{path}: {exc}") from None
 
 
+def method_kind(name: str, custom: dict[str, dict[str, Any]]) -> str:
+    """``centralized``, ``local`` or ``federated``: what a method runs. A ``[methods.NAME]``
+    table is federated unless its ``method`` key names a baseline (a baseline variant, e.g. the
+    centralized run at another learning rate)."""
+    if name in BASELINES:
+        return name
+    kind = str(custom.get(name, {}).get("method", "federated"))
+    if kind not in (*BASELINES, "federated"):
+        raise ConfigError(
+            f"[methods.{name}] method = {kind!r}: use centralized, local or federated"
+        )
+    return kind
+
+
 def method_overrides(name: str, custom: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The run-config keys a federated method sets ({} for the baselines)."""
+    """The run-config keys a method sets ({} for the plain baselines)."""
     if name in BASELINES:
         return {}
     if name in custom:
-        return dict(custom[name])
+        return {k: v for k, v in custom[name].items() if k != "method"}
     strategy, _, optimizer = name.partition("+")
     if strategy in STRATEGIES and (not optimizer or optimizer in SERVER_OPTIMIZERS):
         return {"strategy": strategy} | ({"server-optimizer": optimizer} if optimizer else {})
@@ -167,19 +210,23 @@ def run_compare(cc: CompareConfig) -> dict[str, Any]:
     results: dict[str, dict[str, Any]] = {}
     for method in cc.methods:
         start = time.perf_counter()
-        if method == "centralized":
+        kind = method_kind(method, cc.custom)
+        own = RunConfig.from_mapping(
+            base.to_mapping() | method_overrides(method, cc.custom), source=f"method {method}"
+        )
+        if kind == "centralized":
             one = merged_partition(part, list(range(part.num_clients)), out / "pooled")
-            cfg = single_client(base, one, out / method, rounds=1, steps=total, given=given)
+            cfg = single_client(own, one, out / method, rounds=1, steps=total, given=given)
             res = metrics_of(simulate(cfg, client_cpus=cpus, partition=one).history)
             res["steps"] = total
-        elif method == "local":
+        elif kind == "local":
             accs, losses = [], []
             for c in range(part.num_clients):
-                one = merged_partition(part, [c], out / "local" / f"client-{c}" / "partition")
+                one = merged_partition(part, [c], out / method / f"client-{c}" / "partition")
                 cfg = single_client(
-                    base,
+                    own,
                     one,
-                    out / "local" / f"client-{c}",
+                    out / method / f"client-{c}",
                     rounds=1,
                     steps=rounds * steps,
                     given=given,
@@ -196,8 +243,7 @@ def run_compare(cc: CompareConfig) -> dict[str, Any]:
                 "steps": rounds * steps * part.num_clients,
             }
         else:
-            values = base.to_mapping() | method_overrides(method, cc.custom)
-            values["output-dir"] = str(out / method)
+            values = own.to_mapping() | {"output-dir": str(out / method)}
             cfg = partitioned_config(
                 RunConfig.from_mapping(values, source=f"method {method}"), part, given
             )
@@ -207,6 +253,8 @@ def run_compare(cc: CompareConfig) -> dict[str, Any]:
             if "dp-epsilon" in res:
                 res["dp"] = f"epsilon {res['dp-epsilon']:.2f}"
         res["seconds"] = time.perf_counter() - start
+        res["method"] = kind
+        res["lr"] = own.lr
         results[method] = res
         log.info("compare: %s done: %s", method, _brief(res))
         write(out, cc, part, results, total)
@@ -251,7 +299,14 @@ def metrics_of(history: list[dict[str, Any]]) -> dict[str, Any]:
 def write(
     out: Path, cc: CompareConfig, part: Partition, results: dict[str, Any], total: int
 ) -> None:
-    central = results.get("centralized", {}).get("accuracy")
+    central = max(
+        (
+            r["accuracy"]
+            for r in results.values()
+            if r["method"] == "centralized" and "accuracy" in r
+        ),
+        default=None,
+    )
     for res in results.values():
         if central and "accuracy" in res:
             res["of-centralized"] = res["accuracy"] / central
@@ -262,6 +317,7 @@ def write(
         "test": part.test,
         "test-examples": part.test_examples,
         "total-client-steps": total,
+        "centralized-accuracy": central,
         "run": cc.run,
         "methods": results,
     }
@@ -271,19 +327,21 @@ def write(
         "",
         f"Test: {part.test} ({part.test_examples} examples; `central-eval-samples` in [run] "
         f"scores only the first N). Every method: {total} client optimizer steps in total "
-        f"(local: {total // max(part.num_clients, 1)} per client x {part.num_clients}).",
+        f"(local: {total // max(part.num_clients, 1)} per client x {part.num_clients}). "
+        f"% of centralized: against the best centralized row.",
         "",
-        "| method | accuracy | % of centralized | loss | bytes / client / round | secure agg. "
-        "| privacy | wall s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | accuracy | % of centralized | loss | client lr | bytes / client / round "
+        "| secure agg. | privacy | wall s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
         acc = f"{r['accuracy']:.1%}" if "accuracy" in r else "-"
-        if name == "local" and "accuracy-min" in r:
+        if r["method"] == "local" and "accuracy-min" in r:
             acc += f" ({r['accuracy-min']:.1%}-{r['accuracy-max']:.1%})"
         pct = f"{r['of-centralized']:.1%}" if "of-centralized" in r else "-"
         lines.append(
-            f"| {name} | {acc} | {pct} | {r['loss']:.4f} | {r['bytes-per-client-round']:,.0f} "
+            f"| {name} | {acc} | {pct} | {r['loss']:.4f} | {r['lr']:g} "
+            f"| {r['bytes-per-client-round']:,.0f} "
             f"| {'on' if r.get('secure-aggregation') else 'off'} | {r.get('dp', '-')} "
             f"| {r['seconds']:.0f} |"
         )

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from fedlora.errors import ConfigError
-from fedlora.simulations.compare import CompareConfig, method_overrides
+from fedlora.simulations.compare import CompareConfig, method_kind, method_overrides
 from test_partition import write_chat
 
 
@@ -22,6 +22,19 @@ def test_methods_are_strategies_optimizers_or_named_overrides():
     assert method_overrides("fedit+adam", {}) == {"strategy": "fedit", "server-optimizer": "adam"}
     custom = {"fedit-dp": {"dp-noise-multiplier": 0.5}}
     assert method_overrides("fedit-dp", custom) == {"dp-noise-multiplier": 0.5}
+    assert method_kind("fedit-dp", custom) == "federated"
+    assert method_kind("local", {}) == "local"
+    custom = {"central-lr": {"method": "centralized", "lr": 1e-3}}
+    assert method_kind("central-lr", custom) == "centralized"
+    assert method_overrides("central-lr", custom) == {"lr": 1e-3}
+
+
+def test_a_method_may_trade_rounds_for_local_steps(tmp_path):
+    text = (
+        '[compare]\nmethods = ["fedit", "often"]\n[run]\nnum-server-rounds = 3\n'
+        "local-steps = 10\n[methods.often]\nnum-server-rounds = 6\nlocal-steps = 5\n"
+    )
+    assert CompareConfig.from_toml(toml(tmp_path, text)).methods == ("fedit", "often")
 
 
 @pytest.mark.parametrize(
@@ -36,6 +49,19 @@ def test_methods_are_strategies_optimizers_or_named_overrides():
         ("[run]\nlocal-stepz = 3\n", "unknown key 'local-stepz'"),
         ("[runs]\n", "unknown tables"),
         ("[compare\n", "fix the TOML syntax"),
+        (
+            '[compare]\nmethods = ["short"]\n[methods.short]\nlocal-steps = 1\n',
+            "same total client steps",
+        ),
+        (
+            '[compare]\nmethods = ["big"]\n[methods.big]\nbatch-size = 8\n',
+            "batch-size 8, but \\[run\\] has",
+        ),
+        ('[compare]\nmethods = ["bad"]\n[methods.bad]\nlr = 2.0\n', "lr=2.0: must be in"),
+        (
+            '[compare]\nmethods = ["c2"]\n[methods.c2]\nmethod = "pooled"\n',
+            "method = 'pooled': use centralized, local or federated",
+        ),
     ],
 )
 def test_bad_compare_files_fail_before_any_run(tmp_path, text, message):
@@ -58,8 +84,12 @@ data = "{data}"
 partition = "iid"
 num-clients = 2
 test-fraction = 0.2
-methods = ["centralized", "local", "fedit"]
+methods = ["centralized", "local", "fedit", "central-slow"]
 output = "{out}"
+
+[methods.central-slow]
+method = "centralized"
+lr = 0.0005
 
 [run]
 base-model = "{tiny_model_dir}"
@@ -79,7 +109,13 @@ min-nodes = 2
     assert methods["fedit"]["secure-aggregation"] is True
     for r in methods.values():
         assert 0 <= r["accuracy"] <= 1 and r["loss"] > 0
-    assert methods["centralized"]["of-centralized"] == 1.0
+    # % of centralized is against the best centralized row, whichever learning rate it used
+    best = max(methods["centralized"]["accuracy"], methods["central-slow"]["accuracy"])
+    assert doc["centralized-accuracy"] == best
+    assert methods["fedit"]["of-centralized"] == pytest.approx(methods["fedit"]["accuracy"] / best)
+    assert methods["central-slow"]["method"] == "centralized"
+    assert (methods["central-slow"]["lr"], methods["centralized"]["lr"]) == (0.0005, 0.005)
+    assert methods["central-slow"]["steps"] == 8
     # the centralized run trained one node for all 8 steps on the pooled training data
     lines = (out / "centralized" / "metrics.jsonl").read_text().splitlines()
     central = [json.loads(x) for x in lines]
