@@ -14,10 +14,10 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
-from flwr.app import Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common import Error
 
@@ -35,7 +35,7 @@ from fedlora.client.node import (
     warm_model,
 )
 from fedlora.client.privacy import noise_share_std
-from fedlora.client.secagg import handle_secagg
+from fedlora.client.secagg import SecAggPolicy, handle_secagg
 from fedlora.client.train import TrainOptions, sample_batches, steps_for_epochs, train_lora
 from fedlora.clipping import add_noise, clip_l2
 from fedlora.console import configure_worker
@@ -59,6 +59,7 @@ from fedlora.protocol.messages import (
 log = logging.getLogger(__name__)
 
 PERSONAL = "fedlora.personal-lora"  # node state: trained factors that never leave the node
+SECURE_ROUNDS = "fedlora.secagg.rounds"  # node state: the last round trained under SecAgg+
 REFUSED, DATA_FAILED = 4001, 4002  # error codes of replies the server logs and drops
 
 
@@ -92,6 +93,12 @@ def round_settings(content: Any, settings: NodeSettings) -> tuple[RoundConfig, L
         raise RoundRefused(
             f"batch-size={rc.batch_size} exceeds this node's max-batch-size="
             f"{settings.max_batch_size}"
+        )
+    if rc.dp_noise_multiplier < settings.dp_min_noise_multiplier:
+        raise RoundRefused(
+            f"dp-noise-multiplier={rc.dp_noise_multiplier} is below this node's "
+            f"dp-min-noise-multiplier={settings.dp_min_noise_multiplier} (the nodes add the "
+            f"noise under secure aggregation; without it, this node cannot check it)"
         )
     return rc, lora
 
@@ -299,6 +306,24 @@ def _answer(msg: Message, work: Any) -> Message:
         )
 
 
+def _once_per_round(content: Any, context: Context) -> None:
+    """Train at most once per server round under SecAgg+: a second setup in the same round
+    would mask the same update (same seeds, same data) twice, and a server that asks one set of
+    holders for the self-mask seed and another for the mask key would recover it."""
+    try:
+        rnd = RoundConfig.from_record(content[CONFIG]).server_round
+    except (ProtocolError, KeyError) as exc:
+        raise RoundRefused(f"the round config cannot be used: {exc}") from None
+    seen = context.state.config_records.get(SECURE_ROUNDS)
+    last = int(cast(int, seen["last-round"])) if seen is not None else -1
+    if rnd <= last:
+        raise RoundRefused(
+            f"secure round {rnd} asked after round {last} was set up on this node: "
+            f"a node trains once per round under secure aggregation"
+        )
+    context.state.config_records[SECURE_ROUNDS] = ConfigRecord({"last-round": rnd})
+
+
 def _quiet_console(msg: Message, context: Context, call_next: Any) -> Message:
     """A Flower mod: quiet library noise in the process that runs the ClientApp (a Ray actor or
     a ``flwr-clientapp`` process), which fedlora's CLI did not set up itself."""
@@ -322,14 +347,17 @@ def make_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
         merged = {**base, **context.run_config, **context.node_config}
 
         def train_fn(content: RecordDict) -> tuple[Any, int, Any]:
+            _once_per_round(content, context)
             reply = run_round(content, merged, context.state)
             # Under DP every node weighs 1: one node's whole contribution is bounded by the clip.
             weight = 1 if reply.dp_norm_before_clip >= 0 else reply.num_examples
             return reply.delta, weight, reply.metrics()
 
         try:
-            return handle_secagg(msg, context, train_fn)
-        except RoundRefused as exc:
+            # the node's own policy: its node config (or defaults), never the server's run config
+            policy = SecAggPolicy.from_config({**base, **context.node_config})
+            return handle_secagg(msg, context, train_fn, policy)
+        except (RoundRefused, ConfigError) as exc:
             log.warning("Refusing round: %s", exc)
             return Message(error=Error(code=REFUSED, reason=str(exc)), reply_to=msg)
         except DataError as exc:

@@ -59,6 +59,9 @@ class NodeSettings:
     seed: int = 0  # seeds the train/eval split
     max_local_steps: int = 0  # the node refuses rounds asking for more steps; 0 = no limit
     max_batch_size: int = 0  # the node refuses rounds asking for larger batches; 0 = no limit
+    # the node refuses rounds whose DP noise multiplier (sent under secure aggregation, where
+    # the nodes add the noise) is below this; 0 = no minimum
+    dp_min_noise_multiplier: float = 0.0
     # simulation: a partition folder (fedlora.data.partitioned); this node trains on client
     # ``partition_id`` of it
     partition_dir: str = ""
@@ -118,6 +121,7 @@ class NodeSettings:
                 seed=int(merged.get("seed", 0)),
                 max_local_steps=int(merged.get("max-local-steps", 0)),
                 max_batch_size=int(merged.get("max-batch-size", 0)),
+                dp_min_noise_multiplier=float(merged.get("dp-min-noise-multiplier", 0.0)),
                 partition_dir=partition_dir,
                 partition_id=partition_id,
                 personal_dir=str(merged.get("personal-state-dir", "") or ""),
@@ -128,6 +132,10 @@ class NodeSettings:
     def __post_init__(self) -> None:
         if not 0 <= self.eval_fraction < 1:
             raise ConfigError(f"eval-fraction={self.eval_fraction}: must be in [0, 1)")
+        if not 0 <= self.dp_min_noise_multiplier < float("inf"):
+            raise ConfigError(
+                f"dp-min-noise-multiplier={self.dp_min_noise_multiplier}: must be a number >= 0"
+            )
 
 
 @dataclass

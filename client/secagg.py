@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, cast
 
 import numpy as np
@@ -56,13 +57,69 @@ METRICS = "fedlora.secagg.metrics"  # MetricRecord: sent with the masked vector
 MAX_SESSION_CHARS = 256
 
 
-def handle_secagg(msg: Message, context: Context, train_fn: TrainFn) -> Message:
+@dataclass(frozen=True)
+class SecAggPolicy:
+    """What this node accepts from a server, whatever the server's settings say.
+
+    Node config keys (set by the node's operator, never by the server):
+
+    - ``secagg-min-nodes`` (3): fewest share holders (this node included) in a round. With two,
+      the other node and the server together learn this node's update from the sum.
+    - ``secagg-min-threshold`` (2): fewest shares the server may need to rebuild a secret.
+
+    Always enforced: the threshold is more than half of the holders actually given (else the
+    server could ask some holders for the self-mask seed and the others for the mask key).
+    """
+
+    min_nodes: int = 3
+    min_threshold: int = 2
+
+    @classmethod
+    def from_config(cls, merged: Mapping[str, Any]) -> SecAggPolicy:
+        values = {}
+        for key, attr, least in (
+            ("secagg-min-nodes", "min_nodes", 2),
+            ("secagg-min-threshold", "min_threshold", 2),
+        ):
+            if key not in merged:
+                continue
+            value = merged[key]
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise ConfigError(f"node config {key}={value!r}: use an integer >= {least}")
+            values[attr] = value
+        return cls(**values)
+
+    def check(self, holders: int, threshold: int) -> None:
+        """Refuse (SecAggProtocolError) a share graph this node should not join."""
+        what = Stage.SHARE_KEYS
+        if holders < self.min_nodes:
+            raise SecAggProtocolError(
+                f"{what}: {holders} share holders, fewer than this node's secagg-min-nodes="
+                f"{self.min_nodes} (the other nodes and the server could learn its update)"
+            )
+        if threshold < self.min_threshold:
+            raise SecAggProtocolError(
+                f"{what}: threshold {threshold} below this node's secagg-min-threshold="
+                f"{self.min_threshold}"
+            )
+        if 2 * threshold <= holders:
+            raise SecAggProtocolError(
+                f"{what}: threshold {threshold} is not more than half of the {holders} share "
+                f"holders: the server could rebuild both of this node's secrets"
+            )
+
+
+def handle_secagg(
+    msg: Message, context: Context, train_fn: TrainFn, policy: SecAggPolicy | None = None
+) -> Message:
     """Answer one SecAgg+ stage message; raise (an error reply) on anything suspicious.
 
     Every check on the server's message raises :class:`SecAggProtocolError` (a WireError) and
-    wipes this node's secrets; errors of ``train_fn`` pass through unchanged.
+    wipes this node's secrets; errors of ``train_fn`` pass through unchanged. ``policy`` is the
+    node's own (default: :class:`SecAggPolicy`).
     """
     me = msg.metadata.dst_node_id
+    policy = policy or SecAggPolicy()
     try:
         cfg, stage, session = _stage_of(msg.content)
         if stage == Stage.SETUP:
@@ -75,6 +132,11 @@ def handle_secagg(msg: Message, context: Context, train_fn: TrainFn) -> Message:
                 Stage.COLLECT: _collect,
                 Stage.UNMASK: _unmask,
             }[stage]
+            if stage == Stage.SHARE_KEYS:
+                policy.check(
+                    len(id_list(cfg, Key.NODES, stage)),
+                    SecAggSettings.from_record(st).reconstruction_threshold,
+                )
             out = handler(me, cfg, st, context)
     except Exception:
         _wipe(context)  # a failed round leaves no secrets behind

@@ -99,6 +99,9 @@ def simulate(
         "eval-fraction": cfg.eval_fraction,
         "eval-labels": cfg.eval_labels,
         "seed": cfg.seed,
+        # one machine, one owner: simulated nodes join secure rounds of two (a deployed node
+        # refuses fewer than three holders unless its operator sets this)
+        "secagg-min-nodes": 2,
     }
     if partition is None:
         by_site = split_by_site(load_split("train"))

@@ -19,7 +19,7 @@ import numpy as np
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.serverapp import Grid
 
-from fedlora.client.secagg import handle_secagg
+from fedlora.client.secagg import SecAggPolicy, handle_secagg
 from fedlora.clipping import clip_l2
 from fedlora.protocol import secagg_crypto as crypto
 from fedlora.protocol.secagg import MESSAGE_TYPE, Key, SecAggSettings, Stage, flatten
@@ -78,7 +78,9 @@ class LocalGrid(Grid):
         record: bool = False,
         train_fn: Callable[[int], Callable] = train_fn_for,
         vanish: Mapping[int, str] | None = None,
+        policy: SecAggPolicy | None = None,
     ) -> None:
+        self.policy = policy or SecAggPolicy()
         self.contexts = {
             n: Context(run_id=1, node_id=n, node_config={}, state=RecordDict(), run_config={})
             for n in nodes
@@ -121,7 +123,7 @@ class LocalGrid(Grid):
         try:
             if self.vanish.get(node) == stage:
                 raise RuntimeError(f"node {node} vanishes at {stage}")
-            reply = handle_secagg(msg, ctx, self.train_fn(node))
+            reply = handle_secagg(msg, ctx, self.train_fn(node), self.policy)
         except Exception as exc:  # noqa: BLE001 - an error reply, as Flower sends one
             self.errors.append(f"{node} {stage}: {exc!r}")
             return Message(Error(code=0, reason=repr(exc)), reply_to=msg)

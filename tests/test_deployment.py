@@ -97,7 +97,9 @@ def test_flwr_run_on_a_local_superlink_with_two_supernodes(tiny_model_dir: Path,
                 "--port",
                 str(_free_port()),
                 "--node-config",
-                f'site="{site}" base-model="{tiny_model_dir}" quantization="bf16"',
+                f'site="{site}" base-model="{tiny_model_dir}" quantization="bf16" '
+                # two hospitals: each node's operator accepts secure rounds of two
+                "secagg-min-nodes=2",
             )
         out_dir = tmp_path / "run"
         run_config = (

@@ -1,0 +1,113 @@
+"""A node's own SecAgg+ policy: what it refuses whatever the server's settings say."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+from flwr.app import Context, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedlora.client.app import RoundRefused, _once_per_round
+from fedlora.client.secagg import SecAggPolicy
+from fedlora.errors import ConfigError
+from fedlora.protocol.messages import CONFIG
+from fedlora.protocol.secagg import SecAggProtocolError, SecAggSettings
+from fedlora.server.secagg import SecAggError, secure_weighted_sum
+from hostile import VALID_ROUND
+from secagg_transcript import SPEC, LocalGrid, expected_mean, max_diff
+
+PAIR = SecAggSettings(clip_norm=4.0, num_shares=3, reconstruction_threshold=2)
+
+
+@pytest.fixture
+def task_identity():
+    """Messages built outside a running app need a task identity (as in test_secagg_hostile)."""
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+def test_a_node_refuses_a_round_of_two_unless_its_operator_allows_it(task_identity):
+    grid = LocalGrid((11, 22))
+    with pytest.raises(SecAggError):
+        secure_weighted_sum(grid, (11, 22), RecordDict(), PAIR, SPEC)
+    assert len(grid.errors) == 2 and all("secagg-min-nodes=3" in e for e in grid.errors)
+
+    grid = LocalGrid((11, 22), policy=SecAggPolicy(min_nodes=2))
+    result = secure_weighted_sum(grid, (11, 22), RecordDict(), PAIR, SPEC)
+    assert max_diff(result.mean(), expected_mean((11, 22), PAIR)) <= result.tolerance
+    assert not grid.errors
+
+
+def test_three_nodes_join_by_default(task_identity):
+    grid = LocalGrid((11, 22, 33))
+    result = secure_weighted_sum(grid, (11, 22, 33), RecordDict(), PAIR, SPEC)
+    assert list(result.contributors) == [11, 22, 33] and not grid.errors
+
+
+@pytest.mark.parametrize(
+    ("holders", "threshold", "policy", "message"),
+    [
+        (2, 2, SecAggPolicy(), "fewer than this node's secagg-min-nodes=3"),
+        (6, 3, SecAggPolicy(), "not more than half of the 6 share holders"),
+        (7, 3, SecAggPolicy(), "not more than half of the 7 share holders"),
+        (5, 3, SecAggPolicy(min_threshold=4), "below this node's secagg-min-threshold=4"),
+    ],
+)
+def test_share_graphs_a_node_refuses(holders, threshold, policy, message):
+    with pytest.raises(SecAggProtocolError, match=message):
+        policy.check(holders, threshold)
+
+
+def test_share_graphs_a_node_joins():
+    SecAggPolicy().check(5, 3)  # k = 5, t = 3: the default settings
+    SecAggPolicy().check(3, 2)
+    SecAggPolicy(min_nodes=2).check(2, 2)
+
+
+def test_policy_comes_from_node_config_keys():
+    assert SecAggPolicy.from_config({}) == SecAggPolicy(min_nodes=3, min_threshold=2)
+    got = SecAggPolicy.from_config({"secagg-min-nodes": 5, "secagg-min-threshold": 3, "lr": 1})
+    assert got == SecAggPolicy(min_nodes=5, min_threshold=3)
+    for key, value in (("secagg-min-nodes", 1), ("secagg-min-threshold", "3")):
+        with pytest.raises(ConfigError, match=f"node config {key}="):
+            SecAggPolicy.from_config({key: value})
+
+
+def _content(server_round: int) -> RecordDict:
+    rc = dataclasses.replace(VALID_ROUND, server_round=server_round)
+    return RecordDict({CONFIG: rc.to_record()})
+
+
+def test_a_node_trains_once_per_secure_round():
+    ctx = Context(run_id=1, node_id=7, node_config={}, state=RecordDict(), run_config={})
+    _once_per_round(_content(1), ctx)
+    with pytest.raises(RoundRefused, match="secure round 1 asked after round 1"):
+        _once_per_round(_content(1), ctx)  # a second setup in the same round
+    _once_per_round(_content(2), ctx)
+    with pytest.raises(RoundRefused, match="secure round 1 asked after round 2"):
+        _once_per_round(_content(1), ctx)
+    with pytest.raises(RoundRefused, match="round config cannot be used"):
+        _once_per_round(RecordDict(), ctx)
+    assert np.isscalar(ctx.state.config_records["fedlora.secagg.rounds"]["last-round"])
+
+
+def test_a_node_refuses_less_dp_noise_than_its_minimum():
+    from fedlora.client.app import round_settings
+    from fedlora.client.node import NodeSettings
+
+    merged = {"site": "pain", "dp-min-noise-multiplier": 0.8}
+    settings = NodeSettings.from_config(merged)
+    assert settings.dp_min_noise_multiplier == 0.8
+    for z in (0.0, 0.5):
+        rc = dataclasses.replace(VALID_ROUND, dp_noise_multiplier=z, dp_clip_norm=1.0)
+        with pytest.raises(RoundRefused, match="below this node's dp-min-noise-multiplier=0.8"):
+            round_settings(RecordDict({CONFIG: rc.to_record()}), settings)
+    rc = dataclasses.replace(VALID_ROUND, dp_noise_multiplier=1.0, dp_clip_norm=1.0)
+    got, _ = round_settings(RecordDict({CONFIG: rc.to_record()}), settings)
+    assert got.dp_noise_multiplier == 1.0
+    with pytest.raises(ConfigError, match="dp-min-noise-multiplier=-1.0"):
+        NodeSettings.from_config({"site": "pain", "dp-min-noise-multiplier": -1})
