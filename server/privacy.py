@@ -23,8 +23,11 @@ node keeps. It holds under these assumptions:
   number of examples would raise the sensitivity above ``C``); the noise on the sum really has
   std ``z * C`` (under distributed noise: as many honest contributors as promised, see
   :func:`effective_noise_multiplier`, and record what was achieved).
-- Only rounds whose aggregate is released (applied to the global adapter) are recorded; a round
-  skipped for lack of replies releases nothing.
+- Every aggregate the server sees is recorded: each round applied to the global adapter, and
+  each secure round whose noised sum was decoded, even if it is then skipped (too few
+  contributors). A round skipped before any sum is formed releases nothing. Under secure
+  aggregation a round with ``a`` contributors is charged for ``a - 1`` noise shares: the
+  protected client may be the one missing.
 
 Accounting: each round is one ``PoissonSampledDpEvent(q, GaussianDpEvent(z))`` composed in
 Google's ``dp-accounting`` library, by its RDP accountant (default; Mironov, Talwar & Zhang,

@@ -245,12 +245,10 @@ class LoraFedAvg(FedAvg):
             rng = np.random.default_rng()  # OS entropy: DP noise must not be predictable
             std = self.dp.settings.noise_std / len(updates)  # noise on the sum, of the mean
             delta = add_noise(delta, std, rng)
-        if self.dp is not None:
-            z = self.dp.settings.noise_multiplier
-            if not central_dp:
-                expected = int(record.get("asked", len(updates)))
-                z = effective_noise_multiplier(z, expected, int(record["replies"]))
-            record.update(self.dp.record_round(server_round, noise_multiplier=z).metrics())
+        if self.dp is not None and central_dp:
+            record.update(self.dp.record_round(server_round).metrics())
+        elif self.dp is not None:
+            self._charge_secure_dp(server_round, record)
         self.global_adapter, self.opt_state = step(
             self.global_adapter, delta, self.opt_state, self.optimizer
         )
@@ -312,9 +310,28 @@ class LoraFedAvg(FedAvg):
                 self.min_train_nodes,
             )
             record["skipped"] = True
+            if self.dp is not None:  # the noised sum was decoded: the server has seen it
+                self._charge_secure_dp(server_round, record)
             self._finish_round(server_round, record)
             return None, None
         return self._apply(server_round, [as_client_update(result, self.global_adapter)], record)
+
+    def _charge_secure_dp(self, server_round: int, record: dict[str, Any]) -> None:
+        """Account for a decoded secure sum whose noise the nodes added.
+
+        Each of the ``asked`` nodes added a share sized for all of them, so ``a`` contributors
+        give ``z * sqrt(a / asked)``. Under add/remove-one-client the protected node may be the
+        one missing, so only the other ``a - 1`` shares protect it: the ledger is charged for
+        ``z * sqrt((a - 1) / asked)`` (a >= the reconstruction threshold >= 2 in any decoded
+        round).
+        """
+        assert self.dp is not None
+        contributors = int(record["replies"])
+        expected = int(record.get("asked", contributors))
+        z = effective_noise_multiplier(
+            self.dp.settings.noise_multiplier, expected, max(contributors - 1, 0)
+        )
+        record.update(self.dp.record_round(server_round, noise_multiplier=z).metrics())
 
     def _secagg_settings(self, nodes: int) -> SecAggSettings:
         """The round's SecAgg+ settings; with DP the clip also covers each node's noise share."""

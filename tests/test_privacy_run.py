@@ -6,6 +6,7 @@ codec's ratio and still train.
 """
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -75,4 +76,8 @@ def test_distributed_dp_under_secure_aggregation_reports_epsilon(tiny_model_dir,
     assert record["secure-aggregation"] and record["replies"] == 3
     # Each node clipped its own delta and added its share of the noise before masking.
     assert all(s["dp-noised"] for s in record["sites"].values())
-    assert record["dp-epsilon"] == pytest.approx(_epsilon(0.8, 1.0, 1, 1e-5), rel=1e-9)
+    # Charged conservatively: the protected node may be the one missing, so only the other two
+    # of the three shares count, z * sqrt(2 / 3).
+    z = 0.8 * math.sqrt(2 / 3)
+    assert record["dp-noise-multiplier"] == pytest.approx(z)
+    assert record["dp-epsilon"] == pytest.approx(_epsilon(z, 1.0, 1, 1e-5), rel=1e-9)

@@ -19,6 +19,7 @@ from fedlora.protocol.adapter import spec_of
 from fedlora.protocol.secagg import SECURE_METRICS, Key, SecAggSettings, Stage
 from fedlora.server.secagg import SecAggError, secure_weighted_sum
 from fedlora.server.strategy import LoraFedAvg
+from hostile import VALID_ROUND
 from secagg_transcript import (
     NODES,
     SETTINGS,
@@ -265,3 +266,51 @@ def test_a_hostile_site_is_dropped_every_round_of_a_real_federation(
     b = load_file(str(good.adapter_dir / "adapter_model.safetensors"))
     worst = max(float(np.abs(a[k] - b[k]).max()) for k in a)
     assert worst <= 2 * records[0]["secagg-tolerance"] + 1e-6, worst
+
+
+# ---- DP accounting of secure rounds ---------------------------------------------------
+
+
+def _dp_strategy(nodes, settings, min_train_nodes: int, z: float = 1.0):
+    from fedlora.server.privacy import DpSettings, PrivacyLedger
+
+    glob = {k: np.zeros(s, np.float32) for k, s in LORA.items()}
+    ledger = PrivacyLedger(DpSettings(noise_multiplier=z, clip_norm=1.0, sampling_rate=1.0))
+    return LoraFedAvg(
+        spec=spec_of(glob),
+        global_adapter=dict(glob),
+        secagg=lambda n: settings,
+        dp=ledger,
+        min_available_nodes=len(nodes),
+        min_train_nodes=min_train_nodes,
+        fraction_evaluate=0.0,
+    )
+
+
+def _secure_round(strategy, nodes, vanish=None):
+    grid = LocalGrid(nodes, train_fn=lora_train_fn, vanish=vanish)
+    arrays = ArrayRecord({k: Array(v) for k, v in strategy.global_adapter.items()})
+    config = VALID_ROUND.to_record()  # the round config the server app sends
+    assert list(strategy.configure_train(1, arrays, config, grid)) == []
+    strategy.aggregate_train(1, [])
+    return strategy.history[-1]
+
+
+def test_secure_dp_is_charged_for_the_others_shares_only():
+    nodes = (11, 22, 33, 44)
+    strategy = _dp_strategy(nodes, SETTINGS, min_train_nodes=2)
+    record = _secure_round(strategy, nodes)
+    assert not record.get("skipped") and record["replies"] == 4
+    # the protected node may be the one missing: 3 of the 4 shares protect it
+    assert record["dp-noise-multiplier"] == pytest.approx(np.sqrt(3 / 4))
+
+
+def test_a_decoded_secure_sum_is_charged_even_when_the_round_is_skipped():
+    nodes = (11, 22, 33, 44)
+    strategy = _dp_strategy(nodes, SETTINGS, min_train_nodes=4)
+    record = _secure_round(strategy, nodes, vanish={44: Stage.COLLECT})
+    assert record["skipped"] and record["replies"] == 3
+    assert all(not v.any() for v in strategy.global_adapter.values())  # nothing applied
+    assert record["dp-epsilon"] > 0  # but the server saw the sum: charged
+    assert record["dp-noise-multiplier"] == pytest.approx(np.sqrt(2 / 4))
+    assert strategy.dp is not None and len(strategy.dp.records) == 1
