@@ -11,5 +11,7 @@ light (no torch, transformers, optimum or Flower at import time):
   jinja2 only): chat template, full-forward logits, greedy generation with the KV cache.
 - :mod:`fedlora.export.parity`: ``check_parity(...)``, PyTorch vs ONNX logits and greedy tokens;
   ``ParityError`` when they disagree.
+- :mod:`fedlora.export.card`: ``MODEL_CARD.md`` and ``model-card.json`` at the bundle's root:
+  base and adapter sha256, the federation, each variant's size, gates and decode speed, licences.
 - :mod:`fedlora.export.pipeline`: ``export_adapter(...)``, all of the above with timings.
 """

@@ -22,6 +22,7 @@ while a broken export (wrong weights, a lost adapter, a bad graph) is off by ord
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,11 @@ class ParityReport:
     vs_torch_fp32: float = float("nan")  # ONNX Runtime vs PyTorch fp32 (both rounded)
     torch_fp32_vs_fp64: float = float("nan")  # PyTorch's own fp32 rounding: the noise floor
     noise_factor: float = NOISE_FACTOR  # ONNX Runtime may be this many noise floors from fp64
+    decode_seconds: float = float("nan")  # ONNX Runtime's greedy decode of onnx_tokens (KV cache)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return len(self.onnx_tokens) / self.decode_seconds if self.decode_seconds > 0 else 0.0
 
     @property
     def tolerance(self) -> float:
@@ -193,7 +199,9 @@ def check_parity(
             f"logits shapes differ: torch {torch_side.logits.shape} vs onnx {onnx_logits.shape}"
         )
     onnx64, torch32 = onnx_logits.astype(np.float64), torch_side.logits.astype(np.float64)
+    start = time.perf_counter()
     onnx_tokens = edge.generate_ids(edge_ids, max_new_tokens)
+    decode_seconds = time.perf_counter() - start
     report = ParityReport(
         max_abs_logits_diff=float(np.max(np.abs(onnx64 - torch_side.logits64))),
         atol=atol,
@@ -205,6 +213,7 @@ def check_parity(
         vs_torch_fp32=float(np.max(np.abs(onnx64 - torch32))),
         torch_fp32_vs_fp64=float(np.max(np.abs(torch32 - torch_side.logits64))),
         noise_factor=noise_factor,
+        decode_seconds=decode_seconds,
     )
     log.info("Parity: %s", report.summary())
     if not report.ok:

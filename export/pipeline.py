@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedlora.export.card import Variant, build_card, write_card
 from fedlora.export.merge import merge_adapter
 from fedlora.export.onnx import export_onnx, onnx_size_mib
 from fedlora.export.parity import ATOL, NOISE_FACTOR, ParityReport, check_parity
@@ -45,6 +46,8 @@ def export_adapter(
     max_new_tokens: int = 16,
     atol: float = ATOL,
     noise_factor: float = NOISE_FACTOR,
+    default_base: bool = False,
+    eval_data: dict[str, str] | None = None,
 ) -> ExportReport:
     """Merge ``adapter_dir`` into ``base_dir``, export to ONNX and check parity on ``messages``."""
     out_dir = Path(out_dir)
@@ -78,6 +81,27 @@ def export_adapter(
         onnx_mib=onnx_size_mib(onnx_dir),
         seconds=seconds,
     )
+    fp32 = Variant(
+        name="fp32",
+        folder=onnx_dir.name,
+        size_mib=report.onnx_mib,
+        gates={
+            "parity": {
+                "passed": parity.ok,
+                "figures": {
+                    "max-abs-logits-diff-vs-fp64": parity.max_abs_logits_diff,
+                    "tolerance": parity.tolerance,
+                    "torch-fp32-vs-fp64": parity.torch_fp32_vs_fp64,
+                    "same-greedy-tokens": parity.same_tokens,
+                },
+            }
+        },
+        decode_tokens_per_s=parity.decode_tokens_per_s,
+    )
+    card = build_card(
+        Path(base_dir), Path(adapter_dir), [fp32], default_base=default_base, eval_data=eval_data
+    )
+    write_card(out_dir, card)
     log.info(
         "Exported %s (%.1f MiB) in %s; %s",
         report.onnx_file,

@@ -119,17 +119,25 @@ def run_demo(cfg: RunConfig, options: DemoOptions) -> dict[str, Any]:
         "adapter": str(sim.adapter_dir),
     }
     if options.export:
+        from fedlora.export.card import DRUG_REVIEWS
         from fedlora.export.pipeline import export_adapter
         from fedlora.prompting import messages
 
         report.section("4/4 Export: merge, ONNX, ONNX Runtime")
         held_out = load_split("test")[options.eval_samples]  # outside the evaluated sample
         with status("Merging, exporting to ONNX and checking parity"):
-            exp = export_adapter(base_dir, sim.adapter_dir, out / "export", messages(held_out.text))
+            exp = export_adapter(
+                base_dir,
+                sim.adapter_dir,
+                out / "export",
+                messages(held_out.text),
+                default_base=cfg.base_model == "default",
+                eval_data=DRUG_REVIEWS,
+            )
         result["export"] = report.export(exp, held_out)
     (out / "demo-report.json").write_text(json.dumps(result, indent=2, default=str))
     report.section(
         f"Done. Outputs in {out}/ (global-adapter/, rounds/, metrics.jsonl, "
-        f"export/onnx/, demo-report.json)"
+        f"export/onnx/, export/MODEL_CARD.md, demo-report.json)"
     )
     return result

@@ -150,6 +150,30 @@ def test_export_adapter_writes_onnx_that_matches_pytorch(exported: ExportReport)
     assert set(report.seconds) == {"merge", "onnx", "parity"}
 
 
+def test_the_bundle_carries_a_model_card(exported: ExportReport, adapter_dir: Path) -> None:
+    import hashlib
+
+    from fedlora.export.card import CARD_JSON, CARD_MD
+
+    bundle = exported.onnx_dir.parent
+    card = json.loads((bundle / CARD_JSON).read_text())
+    weights = adapter_dir / "adapter_model.safetensors"
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert card["adapter"]["sha256"] == {"adapter_model.safetensors": digest}
+    assert card["adapter"]["r"] == 4
+    assert list(card["base-model"]["sha256"]) == ["model.safetensors"]
+    assert "not recorded" in card["base-model"]["licence"]  # a config-built base, not the default
+    (fp32,) = card["variants"]
+    assert fp32["name"] == "fp32" and fp32["folder"] == "onnx"
+    assert fp32["size_mib"] == pytest.approx(exported.onnx_mib)
+    gate = fp32["gates"]["parity"]
+    assert gate["passed"] is True and gate["figures"]["same-greedy-tokens"] is True
+    assert gate["figures"]["max-abs-logits-diff-vs-fp64"] == exported.parity.max_abs_logits_diff
+    assert fp32["decode_tokens_per_s"] > 0
+    md = (bundle / CARD_MD).read_text()
+    assert digest in md and "| fp32 | `onnx` |" in md and "parity: pass" in md
+
+
 def test_edge_model_kv_cache_matches_full_recompute_and_stops_at_eos(
     exported: ExportReport,
 ) -> None:

