@@ -37,7 +37,7 @@ class RunConfig:
     num_server_rounds: int = 3  # federated rounds
     local_steps: int = 10  # optimizer steps per node per round
     batch_size: int = 4  # examples per step
-    lr: float = 2e-3  # AdamW learning rate for the LoRA tensors (the federated recipe, measured)
+    lr: float = 5e-4  # AdamW learning rate for the LoRA tensors
     max_length: int = 256  # tokens per example; longer reviews are cut
     lora_r: int = 8  # LoRA rank
     lora_alpha: float = 16.0  # LoRA scaling numerator (update scaled by alpha / r)
