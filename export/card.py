@@ -47,6 +47,7 @@ class Variant:
     folder: str  # relative to the bundle
     size_mib: float
     gates: dict[str, Any] = field(default_factory=dict)  # gate -> its measured figures and verdict
+    # greedy tokens / seconds of ONNX Runtime's first decode (the parity prompt: prefill included)
     decode_tokens_per_s: float = float("nan")
 
 
@@ -193,7 +194,7 @@ def card_markdown(card: Mapping[str, Any]) -> str:
         lines.append("- not recorded (the adapter is not inside a fedlora run folder)")
     lines += ["", f"Training data: {card['training-data']}.", "", "## Variants", ""]
     lines += [
-        "| variant | folder | size MiB | decode tokens/s | gates |",
+        "| variant | folder | size MiB | greedy tokens/s (first call, prompt included) | gates |",
         "|---|---|---:|---:|---|",
     ]
     for v in card["variants"]:
