@@ -127,17 +127,11 @@ def handle_secagg(
             out = _setup(msg.content, cfg, context, train_fn)
         else:
             st = _expect(context, session, stage)
-            handler = {
-                Stage.SHARE_KEYS: _share_keys,
-                Stage.COLLECT: _collect,
-                Stage.UNMASK: _unmask,
-            }[stage]
             if stage == Stage.SHARE_KEYS:
-                policy.check(
-                    len(id_list(cfg, Key.NODES, stage)),
-                    SecAggSettings.from_record(st).reconstruction_threshold,
-                )
-            out = handler(me, cfg, st, context)
+                out = _share_keys(me, cfg, st, context, policy)
+            else:
+                handler = {Stage.COLLECT: _collect, Stage.UNMASK: _unmask}[stage]
+                out = handler(me, cfg, st, context)
     except Exception:
         _wipe(context)  # a failed round leaves no secrets behind
         raise
@@ -266,11 +260,15 @@ def _spec_of(cfg: ConfigRecord) -> tuple[list[str], list[int]]:
     return names, sizes
 
 
-def _share_keys(me: int, cfg: ConfigRecord, st: ConfigRecord, context: Context) -> RecordDict:
-    """Check the neighbours' keys; Shamir-share ``b`` and ``s_sk``; encrypt one share each."""
+def _share_keys(
+    me: int, cfg: ConfigRecord, st: ConfigRecord, context: Context, policy: SecAggPolicy
+) -> RecordDict:
+    """Check the neighbours' keys against the server's settings and this node's policy;
+    Shamir-share ``b`` and ``s_sk``; encrypt one share each."""
     what = Stage.SHARE_KEYS
     settings = SecAggSettings.from_record(st)
     nodes = id_list(cfg, Key.NODES, what)
+    policy.check(len(nodes), settings.reconstruction_threshold)
     c_pks = bytes_list(cfg, Key.C_PK, what, len(nodes), MAX_KEY_BYTES)
     s_pks = bytes_list(cfg, Key.S_PK, what, len(nodes), MAX_KEY_BYTES)
     if len(nodes) > settings.num_shares + 1:
