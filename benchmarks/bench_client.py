@@ -57,11 +57,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedlora.config import RunConfig
+
 DEFAULT_BACKEND = "nf4"
 BATCH_SIZE = 4
 MAX_LENGTH = 256
 SITE = "reproductive"
 LR = 3e-4
+LENGTH_GROUPING = RunConfig().length_grouping  # fedlora's default: batches sorted by length
 MAX_STEPS = 6  # timed steps per run unless --steps or the budget says otherwise
 QUICK_BACKENDS = ("nf4", "bf16")
 QUICK_STEPS = 2
@@ -81,6 +84,7 @@ class Job:
     packing: bool = False
     max_seconds: float = 0.0  # no step starts after this many timed seconds (0 = no limit)
     threads: int = 0  # torch intra-op threads (0 = torch's default)
+    draw: int = 0  # bare loop: the batch count fedlora's sampler drew for its run (0 = steps)
 
 
 @dataclass
@@ -163,17 +167,48 @@ class Timed:
             self.cpu_seconds = time.process_time() - self.cpu
 
 
-def _order(n_rows: int, count: int, pad_id: int) -> list[list[int]]:
-    """The row indices of the ``count`` batches ``sample_batches`` draws (seed 0), taken from
-    fedlora's own sampler by feeding it one-token rows that hold their own index."""
+def _draw(rows: Sequence[Any], count: int, grouping: int, pad_id: int) -> list[list[int]]:
+    """The row indices of the ``count`` batches ``sample_batches`` draws (seed 0) with
+    ``length_grouping=grouping``, taken from fedlora's own sampler by feeding it rows of the
+    real lengths whose tokens are their own index (left padding: the last column is real)."""
     from fedlora.client.train import sample_batches
     from fedlora.prompting import Encoded
 
-    marks = [Encoded([i], [i], False) for i in range(n_rows)]
-    return [
-        b["input_ids"][:, 0].tolist()
-        for b in sample_batches(marks, BATCH_SIZE, count, seed=(0,), pad_id=pad_id)
+    marks = [
+        Encoded([i] * len(r.input_ids), [i] * len(r.input_ids), False) for i, r in enumerate(rows)
     ]
+    return [
+        b["input_ids"][:, -1].tolist()
+        for b in sample_batches(
+            marks, BATCH_SIZE, count, seed=(0,), pad_id=pad_id, length_grouping=grouping
+        )
+    ]
+
+
+def bare_order(rows: Sequence[Any], steps: int, draw: int, pad_id: int) -> list[list[int]]:
+    """The bare loop's ``steps`` batches: exactly the rows of fedlora's first ``steps`` timed
+    batches (fedlora's sampler drew ``draw`` batches for its run), in the order they were drawn,
+    cut into consecutive batches as a plain shuffled DataLoader does. When fedlora ran all the
+    batches it drew, these are the sampler's draws without length grouping."""
+    natural = [i for b in _draw(rows, draw, 1, pad_id) for i in b]
+    used = [i for b in _draw(rows, draw, LENGTH_GROUPING, pad_id)[:steps] for i in b]
+    pending = list(used)
+    ordered = []
+    for i in natural:  # draw order, each used row once per time it was used
+        if i in pending:
+            pending.remove(i)
+            ordered.append(i)
+    return [ordered[k : k + BATCH_SIZE] for k in range(0, len(ordered), BATCH_SIZE)]
+
+
+def _warmup_batch(rows: Sequence[Any], pad_id: int) -> list[int]:
+    """One batch, drawn apart from the timed ones (seed 1), for both loops' untimed step."""
+    from fedlora.client.train import sample_batches
+    from fedlora.prompting import Encoded
+
+    marks = [Encoded([i], [i], False) for i in range(len(rows))]
+    batch = next(sample_batches(marks, BATCH_SIZE, 1, seed=(1,), pad_id=pad_id))
+    return batch["input_ids"][:, -1].tolist()
 
 
 def _bare_batch(rows: Sequence[Any], pad_id: int) -> dict[str, Any]:
@@ -216,11 +251,11 @@ def bare_loop(model: Any, rows: Sequence[Any], pad_id: int, job: Job) -> tuple[T
         optimizer.zero_grad()
         return float(loss.item())
 
+    step(_bare_batch([rows[i] for i in _warmup_batch(rows, pad_id)], pad_id))  # warmup
     batches = (
         _bare_batch([rows[i] for i in take], pad_id)
-        for take in _order(len(rows), 1 + job.steps, pad_id)
+        for take in bare_order(rows, job.steps, job.draw or job.steps, pad_id)
     )
-    step(next(batches))  # warmup
     timer = Timed(batches, job.max_seconds, _bare_counts)
     losses = [step(batch) for batch in timer]
     timer.stop()
@@ -230,9 +265,13 @@ def bare_loop(model: Any, rows: Sequence[Any], pad_id: int, job: Job) -> tuple[T
 def fedlora_loop(model: Any, rows: Sequence[Any], pad_id: int, job: Job) -> tuple[Timed, float]:
     """fedlora's ``train_lora`` on ``sample_batches``: a warmup step, then the timed ones."""
     from fedlora.client.train import TrainOptions, sample_batches, train_lora
+    from fedlora.prompting import collate
 
-    batches = sample_batches(rows, BATCH_SIZE, 1 + job.steps, seed=(0,), pad_id=pad_id)
-    train_lora(model, batches, TrainOptions(lr=LR, steps=1))  # warmup: the first batch
+    warmup = collate([rows[i] for i in _warmup_batch(rows, pad_id)], pad_id)
+    train_lora(model, iter([warmup]), TrainOptions(lr=LR, steps=1))
+    batches = sample_batches(
+        rows, BATCH_SIZE, job.steps, seed=(0,), pad_id=pad_id, length_grouping=LENGTH_GROUPING
+    )
     timer = Timed(batches, job.max_seconds, _fedlora_counts)
     loss = float("nan")
     with contextlib.suppress(StopIteration):  # stopped early by the time budget
@@ -431,8 +470,10 @@ def measure(backends: Sequence[str], steps: int, budget_s: float, threads: int =
             else:
                 if first is None or first.error:
                     job.max_seconds = share
-                else:  # the same batches as the first run; a limit only against runaways
+                else:  # the same rows as the first run; a limit only against runaways
                     job.steps, job.max_seconds = first.steps, 3 * share
+                    if job.loop == "bare" and first.job.loop == "fedlora":
+                        job.draw = first.job.steps  # what fedlora's sampler drew
                 results.append(run_job(job))
                 first = first or results[-1]
             r = results[-1]

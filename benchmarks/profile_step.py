@@ -7,7 +7,8 @@ Usage::
 
 Loads the default model as a node does (``fedlora.client.node.warm_model``), trains one untimed
 warm-up step of ``fedlora.client.train.train_lora`` on the packaged site "mental" (batch 4,
-max-length 256, completion-only loss), then profiles ``--steps`` steps and prints the seconds
+max-length 256, completion-only loss), then profiles ``--steps`` steps (batches length-grouped as
+nodes draw them) and prints the seconds
 per step and the top operators by self CPU time, overall and by input shape.
 """
 
@@ -36,6 +37,7 @@ def main() -> None:
         warm_model,
     )
     from fedlora.client.train import TrainOptions, sample_batches, train_lora
+    from fedlora.config import RunConfig
     from fedlora.lora import LoraSettings
 
     torch.set_num_threads(args.threads)
@@ -45,7 +47,9 @@ def main() -> None:
     set_trainable(node.model, "AB")
     pad = node.tokenizer.pad_token_id
     train_lora(node.model, sample_batches(rows, 4, 1, (0, 1, 2), pad), TrainOptions(steps=1))
-    batches = sample_batches(rows, 4, args.steps, (0, 1, 3), pad)
+    batches = sample_batches(
+        rows, 4, args.steps, (0, 1, 3), pad, length_grouping=RunConfig().length_grouping
+    )
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         stats = train_lora(node.model, batches, TrainOptions(steps=args.steps))
     print(

@@ -190,6 +190,7 @@ def run_round(
         steps * rc.grad_accum,
         seed=(rc.seed, settings.seed_id, rc.server_round),
         pad_id=node.tokenizer.pad_token_id,
+        length_grouping=rc.length_grouping,
     )
     stats = train_lora(node.model, batches, options)
     local = get_lora_state(node.model)

@@ -56,6 +56,7 @@ ROUND_BOUNDS: dict[str, Bound] = {
     "lora_dropout": Bound(float, 0.0, 1.0, high_open=True),
     "local_epochs": _NON_NEGATIVE,
     "grad_accum": _POSITIVE,
+    "length_grouping": _POSITIVE,
     "warmup_steps": _NON_NEGATIVE_INT,
     "max_grad_norm": _NON_NEGATIVE,
     "weight_decay": _NON_NEGATIVE,
@@ -92,6 +93,7 @@ class RoundConfig:
     weight_decay: float = 0.0  # AdamW weight decay
     loss: str = "completion"  # completion (answer tokens only) | full (every token)
     packing: bool = False  # pack several examples into one row of max_length tokens
+    length_grouping: int = 1  # batches whose examples are sorted by length together; 1 = off
     gradient_checkpointing: bool = False  # recompute activations in backward (less memory)
     codec: str = "none"  # how nodes encode their delta: none | fp16 | int8 | int8-block
     codec_block: int = 64  # int8-block: values per scale

@@ -55,3 +55,33 @@ def test_mfu_uses_the_peak_of_the_runs_compute_dtype(bench) -> None:
     assert bench.mfu(run("fp32"), peak) == "20.0%"  # 1e11 / 5e11
     assert bench.mfu(run("bf16"), None) == "-"
     assert bench.mfu(run("bf16"), bench.Result(bench.Job("peak", "-", 0), error="x")) == "-"
+
+
+def _rows(lengths):
+    from fedlora.prompting import Encoded
+
+    return [Encoded([1] * n, [1] * n, False) for n in lengths]
+
+
+@pytest.mark.parametrize("steps,draw", [(6, 6), (3, 6), (5, 7), (9, 9)])
+def test_bare_loop_trains_exactly_the_rows_fedlora_trained(bench, steps, draw) -> None:
+    # Whether fedlora ran all the batches it drew or was stopped early by the budget, the bare
+    # loop gets the same rows (a multiset), grouped as drawn instead of by length.
+    rows = _rows([(37 * i) % 200 + 5 for i in range(60)])
+    fed = bench._draw(rows, draw, bench.LENGTH_GROUPING, pad_id=0)[:steps]
+    bare = bench.bare_order(rows, steps, draw, pad_id=0)
+    assert len(bare) == steps and all(len(b) == bench.BATCH_SIZE for b in bare)
+    assert sorted(i for b in bare for i in b) == sorted(i for b in fed for i in b)
+    if steps == draw:  # a complete draw: the sampler's own batches without grouping
+        assert bare == bench._draw(rows, draw, 1, pad_id=0)
+
+
+def test_length_grouping_pads_less_on_the_bench_rows(bench) -> None:
+    rows = _rows([(37 * i) % 200 + 5 for i in range(60)])
+
+    def padded(batches):
+        return sum(max(len(rows[i].input_ids) for i in b) * len(b) for b in batches)
+
+    grouped = bench._draw(rows, 8, bench.LENGTH_GROUPING, pad_id=0)
+    plain = bench._draw(rows, 8, 1, pad_id=0)
+    assert bench.LENGTH_GROUPING > 1 and padded(grouped) < 0.8 * padded(plain)

@@ -95,3 +95,56 @@ def test_rslora_scales_by_the_square_root_of_the_rank(tiny_model_dir):
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
     assert layer.scaling["default"] == pytest.approx(4.0)
     assert LoraSettings(r=4, alpha=8.0).scaling == pytest.approx(2.0)
+
+
+def _lengths(batches) -> list[list[int]]:
+    return [b["attention_mask"].sum(dim=1).tolist() for b in batches]
+
+
+def test_length_grouping_regroups_the_same_draw_by_length(setup):
+    from fedlora.prompting import Encoded
+
+    rows = [Encoded([7] * n, [7] * n, False) for n in (3, 40, 9, 27, 5, 33, 18, 2, 11, 30)]
+    plain = _lengths(sample_batches(rows, 2, 5, seed=(4,), pad_id=0))
+    grouped = _lengths(sample_batches(rows, 2, 5, seed=(4,), pad_id=0, length_grouping=5))
+    # The same examples (one window of 5 batches covers the same draw) ...
+    assert sorted(n for b in plain for n in b) == sorted(n for b in grouped for n in b)
+    # ... cut into batches of neighbouring lengths, so the padded area shrinks,
+    assert sum(max(b) * 2 for b in grouped) < sum(max(b) * 2 for b in plain)
+    assert sorted(sorted(b) for b in grouped) == [[2, 3], [5, 9], [11, 18], [27, 30], [33, 40]]
+    # ... in a seeded order that is not simply shortest first.
+    again = _lengths(sample_batches(rows, 2, 5, seed=(4,), pad_id=0, length_grouping=5))
+    assert again == grouped
+    # A grouping of 1 is the plain sampler; a partial last window keeps the draw too.
+    assert _lengths(sample_batches(rows, 2, 5, seed=(4,), pad_id=0, length_grouping=1)) == plain
+    tail = _lengths(sample_batches(rows, 2, 7, seed=(4,), pad_id=0, length_grouping=5))
+    plain7 = _lengths(sample_batches(rows, 2, 7, seed=(4,), pad_id=0))
+    assert sorted(n for b in tail[5:] for n in b) == sorted(n for b in plain7[5:] for n in b)
+    with pytest.raises(ConfigError, match="length-grouping=0"):
+        next(sample_batches(rows, 2, 1, seed=(4,), pad_id=0, length_grouping=0))
+
+
+def test_cpu_training_uses_eager_attention_and_restores_sdpa(setup):
+    # Eager attention trains to the same adapter as sdpa (within fp32 rounding) and the model
+    # goes back to its own implementation afterwards, so evaluation keeps sdpa.
+    model = setup[0]
+    assert model.config._attn_implementation == "sdpa"
+    seen: list[str] = []
+    hook = model.register_forward_pre_hook(
+        lambda *_: seen.append(model.config._attn_implementation)
+    )
+    try:
+        eager = _train(setup, batch_size=4, steps=2)
+    finally:
+        hook.remove()
+    assert seen == ["eager", "eager"] and model.config._attn_implementation == "sdpa"
+    import fedlora.client.train as train_module
+
+    limit = train_module.EAGER_MAX_LENGTH
+    train_module.EAGER_MAX_LENGTH = 0  # every row is "too long": sdpa throughout
+    try:
+        sdpa = _train(setup, batch_size=4, steps=2)
+    finally:
+        train_module.EAGER_MAX_LENGTH = limit
+    moved = _max_diff(eager, setup[2])
+    assert moved > 1e-3 and _max_diff(eager, sdpa) < 1e-4 * max(1.0, moved)

@@ -52,6 +52,7 @@ class RunConfig:
     weight_decay: float = 0.0  # AdamW weight decay on the LoRA tensors
     loss: str = "completion"  # completion (answer tokens only) | full (every token)
     packing: bool = False  # pack several examples into each row of max-length tokens
+    length_grouping: int = 8  # sort each N batches' examples by length (less padding); 1 = off
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory
     eval_fraction: float = 0.1  # share of each node's examples held out (seeded) for evaluation
     evaluate_every: int = 1  # federated evaluation every N rounds and after the last; 0 = off
@@ -113,7 +114,7 @@ class RunConfig:
             raise ConfigError(f"loss={self.loss!r}: use one of {LOSSES}")
         if self.lr_schedule not in SCHEDULES:
             raise ConfigError(f"lr-schedule={self.lr_schedule!r}: use one of {SCHEDULES}")
-        for name in ("grad_accum", "central_eval_samples"):
+        for name in ("grad_accum", "central_eval_samples", "length_grouping"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{_key(name)}={getattr(self, name)}: must be >= 1")
         for name in (
