@@ -8,8 +8,8 @@ Usage::
 Loads the default model as a node does (``fedlora.client.node.warm_model``), trains one untimed
 warm-up step of ``fedlora.client.train.train_lora`` on the packaged site "mental" (batch 4,
 max-length 256, completion-only loss), then profiles ``--steps`` steps (batches length-grouped as
-nodes draw them) and prints the seconds
-per step and the top operators by self CPU time, overall and by input shape.
+nodes draw them) and prints the seconds per step and the top operators by self CPU time, overall
+and by input shape.
 """
 
 from __future__ import annotations
