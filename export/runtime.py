@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -121,6 +122,13 @@ def _compile_chat_template(source: str) -> jinja2.Template:
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = strftime_now
     return env.from_string(source)
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    """log softmax over the last axis, in float64."""
+    x = logits.astype(np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    return np.asarray(x - np.log(np.exp(x).sum(axis=-1, keepdims=True)))
 
 
 class EdgeModel:
@@ -316,6 +324,47 @@ class EdgeModel:
                 break
             ids = np.asarray([[token]], dtype=np.int64)
         return new
+
+    def continuation_logprobs(
+        self, context_ids: list[int], continuations: list[list[int]]
+    ) -> list[list[float]]:
+        """Per-token log-probabilities of each continuation after ``context_ids``.
+
+        The context runs once; each continuation is scored from its KV cache (the cache arrays
+        are inputs, never modified, so every continuation starts from the same context).
+        """
+        if not context_ids or any(not c for c in continuations):
+            raise FedloraError(
+                "continuation_logprobs: the context and every continuation need tokens"
+            )
+        ids = np.asarray([context_ids], dtype=np.int64)
+        logits, past = self._run(ids, self._empty_past(1), past_len=0)
+        first = _log_softmax(logits[0, -1])
+        scores = []
+        for cont in continuations:
+            picked = [float(first[cont[0]])]
+            if len(cont) > 1:
+                more, _ = self._run(
+                    np.asarray([cont[:-1]], dtype=np.int64), past, past_len=len(context_ids)
+                )
+                logp = _log_softmax(more[0])
+                picked += [float(logp[i, t]) for i, t in enumerate(cont[1:])]
+            scores.append(picked)
+        return scores
+
+    def decode_speed(self, prompt_ids: list[int], new_tokens: int = 32) -> tuple[float, float]:
+        """(seconds to the first token, decode tokens/s) of greedy decoding ``new_tokens``
+        tokens after ``prompt_ids``, eos ignored, so that every model decodes the same length."""
+        start = time.perf_counter()
+        logits, past = self._run(np.asarray([prompt_ids], dtype=np.int64), self._empty_past(1), 0)
+        first = time.perf_counter() - start
+        token, length = int(np.argmax(logits[0, -1])), len(prompt_ids)
+        start = time.perf_counter()
+        for _ in range(new_tokens):
+            logits, past = self._run(np.asarray([[token]], dtype=np.int64), past, length)
+            length += 1
+            token = int(np.argmax(logits[0, -1]))
+        return first, new_tokens / (time.perf_counter() - start)
 
     def generate(self, messages: list[dict[str, Any]], max_new_tokens: int) -> GenerationResult:
         """Render ``messages`` with the chat template and decode greedily up to eos."""

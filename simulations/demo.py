@@ -134,7 +134,7 @@ def run_demo(cfg: RunConfig, options: DemoOptions) -> dict[str, Any]:
                 default_base=cfg.base_model == "default",
                 eval_data=DRUG_REVIEWS,
             )
-        result["export"] = report.export(exp, held_out)
+        result["export"] = report.export(exp, held_out.text, held_out.label)
     (out / "demo-report.json").write_text(json.dumps(result, indent=2, default=str))
     report.section(
         f"Done. Outputs in {out}/ (global-adapter/, rounds/, metrics.jsonl, "

@@ -109,12 +109,9 @@ def _confusion_rows(matrix: dict[str, dict[str, int]]) -> list[list[str]]:
     return rows
 
 
-def export(exp: Any, held_out: Any) -> dict[str, Any]:
+def export(exp: Any, prompt: str, true_answer: str) -> dict[str, Any]:
     parity = exp.parity
-    console.print(
-        f"held-out review ({held_out.condition}, true label: {held_out.label}): "
-        f"{held_out.text[:160]}..."
-    )
+    console.print(f"held-out prompt (true answer: {true_answer[:80]!r}): {prompt[:200]}...")
     console.print(f"ONNX Runtime answer: [bold]{exp.answer!r}[/]")
     console.print(
         f"max |logits(ONNX Runtime) - logits(merged PyTorch, fp64)| = "
@@ -130,9 +127,19 @@ def export(exp: Any, held_out: Any) -> dict[str, Any]:
         f"  model.onnx: {exp.onnx_mib:.0f} MiB; "
         + ", ".join(f"{k} {v:.0f} s" for k, v in exp.seconds.items())
     )
+    if exp.gates:
+        from fedlora.export.gates import describe
+
+        console.print(f"task gates on {exp.reference.n} held-out examples, against fp32 ONNX:")
+        console.print(describe(exp.reference, exp.gates), markup=False)
+        for v in exp.variants:
+            console.print(
+                f"  {v.folder}: {v.size_mib:.0f} MiB, greedy decode "
+                f"{v.decode_tokens_per_s:.1f} tokens/s"
+            )
     return {
         "answer": exp.answer,
-        "true-label": held_out.label,
+        "true-answer": true_answer,
         "max-abs-logits-diff": parity.max_abs_logits_diff,
         "atol": parity.atol,
         "noise-factor": parity.noise_factor,
@@ -141,4 +148,8 @@ def export(exp: Any, held_out: Any) -> dict[str, Any]:
         "torch-fp32-vs-fp64": parity.torch_fp32_vs_fp64,
         "same-greedy-tokens": parity.same_tokens,
         "onnx-dir": str(exp.onnx_dir),
+        "variants": [
+            {"name": v.name, "folder": v.folder, "size-mib": v.size_mib, "gates": v.gates}
+            for v in exp.variants
+        ],
     }

@@ -218,27 +218,89 @@ def export(
             "PyTorch's own fp32 is (the noise floor measured in the same run)"
         ),
     ] = 2.0,
+    quantize: Annotated[
+        str,
+        typer.Option(help="weight-only quantized variants to build and gate: int8, int4, or none"),
+    ] = "int8",
+    block_size: Annotated[int, typer.Option(help="quantization: weights per scale")] = 32,
+    accuracy_level: Annotated[
+        int, typer.Option(help="quantized matmuls: 4 = int8 compute (fast), 1 = fp32")
+    ] = 4,
+    eval_data: Annotated[
+        Path | None,
+        typer.Option(
+            help="held-out data of the adapter's task (any file check-data accepts) for the "
+            "gates and the parity prompt; default: the packaged drug reviews' test split"
+        ),
+    ] = None,
+    eval_labels: Annotated[
+        str,
+        typer.Option(help="comma-separated answers of a label task (scored by accuracy)"),
+    ] = "",
+    eval_samples: Annotated[int, typer.Option(help="held-out examples the gates use")] = 150,
+    gate: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="a gate threshold, VARIANT.NAME=VALUE, e.g. int4.max-accuracy-drop=3 (repeat)"
+        ),
+    ] = None,
 ) -> None:
-    """Merge an adapter into the base, export to ONNX, check parity, answer one review."""
+    """Merge an adapter into the base, export to ONNX with parity and task gates, answer once."""
     from fedlora.basemodel import resolve_base_model
-    from fedlora.data.drugreview import load_split
     from fedlora.export.card import DRUG_REVIEWS
+    from fedlora.export.gates import parse_overrides
     from fedlora.export.pipeline import export_adapter
-    from fedlora.prompting import messages
+    from fedlora.export.quantize import QuantSettings, parse_variants
     from fedlora.simulations import report
 
-    review = load_split("test")[-1]
+    if eval_samples < 1:
+        raise ConfigError(f"--eval-samples {eval_samples}: must be >= 1")
+    variants = () if quantize.strip().lower() == "none" else parse_variants(quantize)
+    thresholds = parse_overrides(gate or [])
+    quant = QuantSettings(block_size=block_size, accuracy_level=accuracy_level)
+    examples, labels, described = held_out_task(eval_data, eval_labels, eval_samples)
+    first = examples[0]
+    prompt = [{"role": t.role, "content": t.content} for t in first.turns[:-1]]
     exp = export_adapter(
         resolve_base_model(base_model or "default"),
         adapter,
         output,
-        messages(review.text),
+        prompt,
         atol=atol,
         noise_factor=noise_factor,
         default_base=(base_model or "default") == "default",
-        eval_data=DRUG_REVIEWS,  # the parity prompt is a held-out drug review
+        eval_data=described if eval_data is not None else DRUG_REVIEWS,
+        quantize=variants,
+        quant=quant,
+        eval_examples=examples,
+        labels=labels,
+        thresholds=thresholds,
     )
-    report.export(exp, review)
+    report.export(exp, first.turns[-2].content, first.turns[-1].content)
+
+
+def held_out_task(
+    path: Path | None, labels: str, samples: int
+) -> tuple[list[Any], list[str], dict[str, str]]:
+    """The first ``samples`` held-out chat examples, the task's labels, the data's card entry."""
+    if path is None:
+        from fedlora.data.drugreview import LABELS, load_split
+        from fedlora.prompting import review_example
+
+        reviews = load_split("test")[:samples]
+        examples = [
+            review_example(r.text, r.label, f"drugreview:test:{i + 2}")
+            for i, r in enumerate(reviews)
+        ]
+        return examples, list(LABELS), {}
+    from fedlora.data.formats import DataSpec, load_examples
+
+    result = load_examples(DataSpec(str(path)))
+    chats = [e for e in result.examples if e.turns][:samples]
+    if not chats:
+        raise ConfigError(f"--eval-data {path}: no chat or prompt/response examples to gate on")
+    names = [x.strip() for x in labels.split(",") if x.strip()]
+    return chats, names, {"name": str(path), "licence": "the data owner's", "source": str(path)}
 
 
 @cli.command("prepare-base")

@@ -1,0 +1,246 @@
+"""Edge inference benchmark: PyTorch eager fp32 (the baseline) against ONNX fp32, int8 and int4.
+
+Usage (``make bench-edge``, after ``make demo``)::
+
+    .venv/bin/python benchmarks/bench_edge.py                         # runs/demo/export
+    .venv/bin/python benchmarks/bench_edge.py --bundle runs/export --prompts 3 --new-tokens 32
+
+For a bundle written by ``fedlora export`` (``merged/``, ``onnx/`` and ``onnx-int8/``; the
+variants the bundle lacks, int4 by default, are quantized into ``bench-edge/`` beside it with the
+same settings), every model decodes the same prompts (the first ``--prompts`` held-out drug
+reviews, chat-templated) for exactly ``--new-tokens`` greedy tokens (eos ignored), each model in
+its own process (its peak RSS is its own), with the same number of threads:
+
+- time to first token: the prompt's forward pass (prefill), median over prompts;
+- decode tokens/s: the tokens after the first over their wall time, median over prompts;
+- peak RSS of the process, and the model's file size.
+
+The baseline is what a user would run without fedlora's export: the merged model in PyTorch fp32
+with ``transformers``' ``generate`` (KV cache, greedy). ONNX models run on
+:class:`fedlora.export.runtime.EdgeModel` (onnxruntime, numpy; no torch). The task gates
+(:mod:`fedlora.export.gates`: label accuracy on the held-out reviews, answer perplexity, greedy
+agreement, degeneration) are measured in the same run for each quantized variant against ONNX
+fp32. The last line prints ``int8 / eager decode tokens/s = X.XX``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+PROMPTS = 3
+NEW_TOKENS = 32
+GATE_SAMPLES = 150  # held-out reviews the gates score (the demo's fixed 150)
+THREADS = 0  # 0 = every core (os.cpu_count())
+VARIANTS = ("int8", "int4")
+
+
+def _peak_mib() -> float:
+    """This process's peak RSS: VmHWM (reset by exec), not ru_maxrss, which a child started by
+    a large parent inherits as its floor on Linux."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _prompts(n: int) -> list[list[dict[str, str]]]:
+    from fedlora.data.drugreview import load_split
+    from fedlora.prompting import messages
+
+    return [messages(r.text) for r in load_split("test")[:n]]
+
+
+def eager_worker(merged: Path, prompts: int, new_tokens: int, threads: int) -> dict[str, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(threads)
+    tok = AutoTokenizer.from_pretrained(merged)
+    model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
+    firsts, speeds = [], []
+    with torch.inference_mode():
+        for k, msgs in enumerate(_prompts(prompts + 1)):
+            ids = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt")
+            start = time.perf_counter()
+            out = model(input_ids=ids, use_cache=True)
+            first = time.perf_counter() - start
+            past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            start = time.perf_counter()
+            for _ in range(new_tokens):
+                out = model(input_ids=token, past_key_values=past, use_cache=True)
+                past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            if k:  # the first prompt warms up
+                firsts.append(first)
+                speeds.append(new_tokens / (time.perf_counter() - start))
+    return {"first": statistics.median(firsts), "speed": statistics.median(speeds)}
+
+
+def onnx_worker(folder: Path, prompts: int, new_tokens: int, threads: int) -> dict[str, Any]:
+    from fedlora.export.runtime import EdgeModel
+
+    model = EdgeModel(folder, num_threads=threads)
+    firsts, speeds = [], []
+    for k, msgs in enumerate(_prompts(prompts + 1)):
+        first, speed = model.decode_speed(model.encode(model.render(msgs)), new_tokens)
+        if k:
+            firsts.append(first)
+            speeds.append(speed)
+    return {"first": statistics.median(firsts), "speed": statistics.median(speeds)}
+
+
+def gates_worker(bundle: Path, folders: dict[str, str], samples: int) -> dict[str, Any]:
+    """Task figures of ONNX fp32 and each variant on the held-out reviews."""
+    from fedlora.data.drugreview import LABELS, load_split
+    from fedlora.export.gates import DEFAULT_THRESHOLDS, judge, measure, task_items
+    from fedlora.export.runtime import EdgeModel
+    from fedlora.prompting import review_example
+
+    reviews = load_split("test")[:samples]
+    examples = [review_example(r.text, r.label) for r in reviews]
+    fp32 = EdgeModel(bundle / "onnx")
+    items = task_items(fp32, examples, LABELS)
+    ref = measure(fp32, items, True)
+    out: dict[str, Any] = {"fp32": ref.summary()}
+    for name, folder in folders.items():
+        result = judge(name, ref, measure(EdgeModel(folder), items, True), DEFAULT_THRESHOLDS[name])
+        out[name] = result.as_card()
+    return out
+
+
+def _run(kind: str, *args: Any) -> dict[str, Any]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps([kind, *args])]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "TRANSFORMERS_VERBOSITY": "error"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"error": f"failed (exit {proc.returncode}): {tail[:300]}"}
+    return dict(json.loads(lines[-1]))
+
+
+def _worker(spec: str) -> None:
+    kind, *args = json.loads(spec)
+    if kind == "eager":
+        result = eager_worker(Path(args[0]), *args[1:])
+    elif kind == "onnx":
+        result = onnx_worker(Path(args[0]), *args[1:])
+    else:
+        result = gates_worker(Path(args[0]), args[1], args[2])
+    result["peak_mib"] = _peak_mib()
+    print(json.dumps(result))
+
+
+def _size_mib(path: Path) -> float:
+    if path.is_file():
+        return path.stat().st_size / 2**20
+    return sum(p.stat().st_size for p in path.glob("*.safetensors")) / 2**20
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--bundle", type=Path, default=Path("runs/demo/export"))
+    ap.add_argument("--prompts", type=int, default=PROMPTS)
+    ap.add_argument("--new-tokens", type=int, default=NEW_TOKENS)
+    ap.add_argument("--gate-samples", type=int, default=GATE_SAMPLES)
+    ap.add_argument("--threads", type=int, default=THREADS)
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        _worker(args.worker)
+        return 0
+
+    from fedlora.export.onnx import onnx_size_mib
+    from fedlora.export.quantize import quantize_variant
+
+    bundle = args.bundle
+    if not (bundle / "merged").is_dir() or not (bundle / "onnx" / "model.onnx").is_file():
+        print(f"{bundle}: no merged/ and onnx/ folders; run `make demo` (or fedlora export) first")
+        return 2
+    threads = args.threads or os.cpu_count() or 1
+    folders = {}
+    for name in VARIANTS:
+        folder = bundle / f"onnx-{name}"
+        if not (folder / "model.onnx").is_file():
+            folder = quantize_variant(bundle / "onnx", bundle.parent / "bench-edge" / name, name)
+        folders[name] = str(folder)
+    load = os.getloadavg()[0]
+    print(
+        f"Edge decode: {args.prompts} held-out reviews (after one warm-up prompt), "
+        f"{args.new_tokens} greedy tokens each (eos ignored), {threads} threads, each model in "
+        f"its own process; bundle {bundle}.",
+        flush=True,
+    )
+    start = time.perf_counter()
+    rows: list[tuple[str, dict[str, Any], float]] = []
+    jobs = [("PyTorch eager fp32", "eager", str(bundle / "merged"))]
+    jobs += [("ONNX fp32", "onnx", str(bundle / "onnx"))]
+    jobs += [(f"ONNX {n}", "onnx", f) for n, f in folders.items()]
+    for label, kind, path in jobs:
+        res = _run(kind, path, args.prompts, args.new_tokens, threads)
+        size = _size_mib(Path(path)) if kind == "eager" else onnx_size_mib(Path(path))
+        rows.append((label, res, size))
+        print(f"  {label}: {res}", file=sys.stderr, flush=True)
+    gates = _run("gates", str(bundle), folders, args.gate_samples)
+    eager = rows[0][1]
+    print("\n| model | file MiB | time to first token ms | decode tok/s | x eager | peak RSS MiB |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for label, res, size in rows:
+        if "error" in res:
+            print(f"| {label} | {size:.0f} | - | - | - | {res['error']} |")
+            continue
+        ratio = res["speed"] / eager["speed"] if "speed" in eager else float("nan")
+        print(
+            f"| {label} | {size:.0f} | {1000 * res['first']:.0f} | {res['speed']:.1f} | "
+            f"{ratio:.2f}x | {res['peak_mib']:.0f} |"
+        )
+    if "error" in gates:
+        print(f"\ngates: {gates['error']}")
+    else:
+        ref = gates["fp32"]
+        print(
+            f"\nTask gates on the first {ref['n']} held-out reviews, against ONNX fp32 "
+            f"({ref['metric']} {100 * ref['accuracy']:.1f}%, answer perplexity "
+            f"{ref['answer_perplexity']:.4f}):\n"
+        )
+        print(
+            "| variant | accuracy | points vs fp32 | perplexity x fp32 | greedy agreement | "
+            "degenerate | gate |"
+        )
+        print("|---|---:|---:|---:|---:|---:|---|")
+        for name in folders:
+            g = gates[name]
+            f = g["figures"]
+            print(
+                f"| {name} | {100 * f['accuracy']:.1f}% | "
+                f"{-f['accuracy-drop-points-vs-fp32']:+.1f} | "
+                f"{f['perplexity-ratio-vs-fp32']:.3f} | {f['greedy-agreement-vs-fp32']:.0%} | "
+                f"{f['degenerate-outputs']} | {'passed' if g['passed'] else 'FAILED'} |"
+            )
+    print(
+        f"\nTotal {time.perf_counter() - start:.0f} s; 1-minute load average {load:.1f} at the "
+        f"start, {os.getloadavg()[0]:.1f} at the end."
+    )
+    int8 = rows[2][1]
+    value = (
+        f"{int8['speed'] / eager['speed']:.2f}"
+        if "speed" in int8 and "speed" in eager
+        else "not measured"
+    )
+    print(f"int8 / eager decode tokens/s = {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

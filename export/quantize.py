@@ -1,0 +1,123 @@
+"""Weight-only quantized variants of an exported ONNX model, with onnxruntime's own tools.
+
+Each linear layer's ``MatMul`` with a constant weight becomes a ``MatMulNBits`` node
+(onnxruntime's ``MatMulNBitsQuantizer``): the weight is stored in ``bits`` (8 or 4) per value in
+blocks of ``block_size`` values along the input dimension, each block with its own fp32 scale
+(symmetric by default: asymmetric int4 is the setting reported to produce garbage on small
+decoders), and the product runs on int8 activations at ``accuracy_level`` 4 (onnxruntime's
+fastest CPU path) or in fp32 at level 1. Everything else (embeddings, norms, attention) stays
+fp32; the tied embedding, which the export reads through a ``Gather`` and a transposed
+``MatMul``, stays one shared fp32 tensor.
+
+A variant lands in its own folder beside the fp32 one, with the tokenizer and config files the
+edge runtime reads, so every folder of a bundle is a complete model for
+:class:`fedlora.export.runtime.EdgeModel`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedlora.errors import ConfigError, FedloraError
+
+log = logging.getLogger(__name__)
+
+BITS = {"int8": 8, "int4": 4}  # variant name -> bits per weight
+DEFAULT_VARIANTS = ("int8",)  # what `fedlora export` ships unless --quantize says otherwise
+
+
+@dataclass(frozen=True)
+class QuantSettings:
+    """How weights are quantized (``fedlora export --block-size --accuracy-level``)."""
+
+    block_size: int = 32  # values per scale along the input dimension (16, 32, 64, 128, 256)
+    accuracy_level: int = 4  # MatMulNBits compute: 4 = int8 activations (fast), 1 = fp32
+    symmetric: bool = True  # zero point fixed at 0
+
+    def __post_init__(self) -> None:
+        if self.block_size not in (16, 32, 64, 128, 256):
+            raise ConfigError(
+                f"block-size={self.block_size}: use 16, 32, 64, 128 or 256 (values per scale)"
+            )
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise ConfigError(
+                f"accuracy-level={self.accuracy_level}: use 0-4 (4 = int8 compute, 1 = fp32)"
+            )
+
+
+def parse_variants(text: str) -> tuple[str, ...]:
+    """``"int8,int4"`` -> ("int8", "int4"); ConfigError naming the bad entry otherwise."""
+    names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    unknown = [n for n in names if n not in BITS]
+    if unknown:
+        raise ConfigError(
+            f"--quantize {text!r}: unknown variant {unknown[0]!r}; use a comma-separated "
+            f"subset of {', '.join(BITS)} (or 'none')"
+        )
+    return names
+
+
+def quantize_variant(
+    fp32_dir: Path, out_dir: Path, variant: str, settings: QuantSettings | None = None
+) -> Path:
+    """Write ``out_dir/model.onnx``: ``fp32_dir``'s model with weight-only ``variant`` MatMuls.
+
+    Returns ``out_dir``. FedloraError if the quantizer changed no MatMul (nothing to quantize).
+    """
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
+
+    from fedlora.export.onnx import MODEL_FILE, copy_runtime_files
+
+    if variant not in BITS:
+        raise ConfigError(f"quantized variant {variant!r}: use one of {', '.join(BITS)}")
+    fp32_dir, out_dir = Path(fp32_dir), Path(out_dir)
+    source = fp32_dir / MODEL_FILE
+    if not source.is_file():
+        raise FedloraError(f"{fp32_dir} has no {MODEL_FILE}: export the fp32 model first")
+    bits = BITS[variant]
+    settings = settings or QuantSettings()
+    model = onnx.load(str(source))
+    config = DefaultWeightOnlyQuantConfig(
+        block_size=settings.block_size,
+        is_symmetric=settings.symmetric,
+        accuracy_level=settings.accuracy_level,
+        bits=bits,
+    )
+    quantizer = MatMulNBitsQuantizer(
+        model,
+        bits=bits,
+        block_size=settings.block_size,
+        is_symmetric=settings.symmetric,
+        accuracy_level=settings.accuracy_level,
+        algo_config=config,
+    )
+    quantizer.process()
+    quantized = quantizer.model.model
+    count = sum(node.op_type == "MatMulNBits" for node in quantized.graph.node)
+    if count == 0:
+        raise FedloraError(
+            f"{source}: no MatMul with a constant weight to quantize; is it a decoder export?"
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / MODEL_FILE
+    for stale in out_dir.glob(MODEL_FILE + "*"):
+        stale.unlink()
+    large = quantized.ByteSize() > 1_900_000_000  # protobuf's 2 GB limit: external data above
+    quantizer.model.save_model_to_file(str(target), use_external_data_format=large)
+    copy_runtime_files(fp32_dir, out_dir)
+    log.info(
+        "Quantized %s to %s: %d MatMulNBits (%d bits, block %d, accuracy level %d)",
+        source,
+        target,
+        count,
+        bits,
+        settings.block_size,
+        settings.accuracy_level,
+    )
+    return out_dir
