@@ -1,0 +1,1 @@
+../../../src/fedlora/__init__.py

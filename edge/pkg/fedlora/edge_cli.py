@@ -1,0 +1,1 @@
+../../../src/fedlora/edge_cli.py

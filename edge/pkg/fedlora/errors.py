@@ -1,0 +1,1 @@
+../../../src/fedlora/errors.py

@@ -1,0 +1,82 @@
+"""``fedlora-edge``: answer a prompt or hold a chat with an exported ONNX model, without torch.
+
+Installed by both distributions: the full ``fedlora`` and the edge-only ``fedlora-edge``
+(``edge/``: numpy, onnxruntime, tokenizers and jinja2, nothing else). Imports nothing but
+:mod:`fedlora.export.runtime` and :mod:`fedlora.errors`.
+
+Usage::
+
+    fedlora-edge generate --model runs/edge/onnx-int8 "Is this review positive? ..."
+    fedlora-edge chat --model runs/edge/onnx-int8          # one user turn per line; empty line ends
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from fedlora.errors import FedloraError
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="fedlora-edge", description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    for name, help_text in (
+        ("generate", "answer one prompt (a user turn) and exit"),
+        ("chat", "a conversation: one user turn per line on stdin, an empty line ends it"),
+    ):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--model", type=Path, required=True, help="an exported ONNX folder")
+        p.add_argument("--max-new-tokens", type=int, default=128)
+        p.add_argument("--system", default="", help="a system prompt")
+        p.add_argument("--threads", type=int, default=None, help="onnxruntime threads")
+        if name == "generate":
+            p.add_argument("prompt", help="the user's message")
+    return ap
+
+
+def chat(model: Any, lines: TextIO, out: TextIO, system: str, max_new_tokens: int) -> int:
+    """Alternate user turns read from ``lines`` with the model's answers; returns the turns."""
+    history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+    turns = 0
+    for line in lines:
+        text = line.strip()
+        if not text:
+            break
+        history.append({"role": "user", "content": text})
+        answer = model.generate(history, max_new_tokens).text
+        history.append({"role": "assistant", "content": answer})
+        print(answer, file=out, flush=True)
+        turns += 1
+    return turns
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.max_new_tokens < 1:
+        print(
+            f"fedlora-edge: error: --max-new-tokens {args.max_new_tokens}: must be >= 1",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        from fedlora.export.runtime import EdgeModel
+
+        model = EdgeModel(args.model, num_threads=args.threads)
+        if args.command == "generate":
+            turns = [{"role": "system", "content": args.system}] if args.system else []
+            turns.append({"role": "user", "content": args.prompt})
+            print(model.generate(turns, args.max_new_tokens).text)
+        else:
+            chat(model, sys.stdin, sys.stdout, args.system, args.max_new_tokens)
+    except FedloraError as exc:
+        print(f"fedlora-edge: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
