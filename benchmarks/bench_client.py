@@ -52,6 +52,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -191,12 +192,11 @@ def bare_order(rows: Sequence[Any], steps: int, draw: int, pad_id: int) -> list[
     cut into consecutive batches as a plain shuffled DataLoader does. When fedlora ran all the
     batches it drew, these are the sampler's draws without length grouping."""
     natural = [i for b in _draw(rows, draw, 1, pad_id) for i in b]
-    used = [i for b in _draw(rows, draw, LENGTH_GROUPING, pad_id)[:steps] for i in b]
-    pending = list(used)
+    pending = Counter(i for b in _draw(rows, draw, LENGTH_GROUPING, pad_id)[:steps] for i in b)
     ordered = []
-    for i in natural:  # draw order, each used row once per time it was used
-        if i in pending:
-            pending.remove(i)
+    for i in natural:  # draw order, each used row as many times as it was used
+        if pending[i]:
+            pending[i] -= 1
             ordered.append(i)
     return [ordered[k : k + BATCH_SIZE] for k in range(0, len(ordered), BATCH_SIZE)]
 

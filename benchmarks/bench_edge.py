@@ -102,21 +102,14 @@ def onnx_worker(folder: Path, prompts: int, new_tokens: int, threads: int) -> di
 
 def gates_worker(bundle: Path, folders: dict[str, str], samples: int) -> dict[str, Any]:
     """Task figures of ONNX fp32 and each variant on the held-out reviews."""
-    from fedlora.data.drugreview import LABELS, load_split
-    from fedlora.export.gates import DEFAULT_THRESHOLDS, judge, measure, task_items
+    from fedlora.export.gates import DEFAULT_THRESHOLDS, gate
     from fedlora.export.runtime import EdgeModel
-    from fedlora.prompting import review_example
+    from fedlora.server.central import central_examples
 
-    reviews = load_split("test")[:samples]
-    examples = [review_example(r.text, r.label) for r in reviews]
-    fp32 = EdgeModel(bundle / "onnx")
-    items = task_items(fp32, examples, LABELS)
-    ref = measure(fp32, items, True)
-    out: dict[str, Any] = {"fp32": ref.summary()}
-    for name, folder in folders.items():
-        result = judge(name, ref, measure(EdgeModel(folder), items, True), DEFAULT_THRESHOLDS[name])
-        out[name] = result.as_card()
-    return out
+    examples, labels = central_examples("drugreview", samples, ())
+    variants = {name: EdgeModel(Path(folder)) for name, folder in folders.items()}
+    ref, results = gate(EdgeModel(bundle / "onnx"), variants, examples, labels, DEFAULT_THRESHOLDS)
+    return {"fp32": ref.summary(), **{r.variant: r.as_card() for r in results}}
 
 
 def _run(kind: str, *args: Any) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -126,7 +126,6 @@ def train_lora(model: Any, batches: Iterator[dict[str, Any]], options: TrainOpti
     _checkpointing(model, options.gradient_checkpointing)
     low_precision = _lora_in_compute_dtype(model, params)
     attention = _training_attention(model, params[0].device.type)
-    original_attention = getattr(model.config, "_attn_implementation", None)
     model.train()
     start, losses, tokens, scored = time.perf_counter(), [], 0, 0
     try:
@@ -136,7 +135,7 @@ def train_lora(model: Any, batches: Iterator[dict[str, Any]], options: TrainOpti
             step_loss = 0.0
             for batch in micro:
                 if attention is not None:
-                    attention(batch["input_ids"].shape[1])
+                    attention.use(batch["input_ids"].shape[1])
                 with low_precision():
                     logits, targets = answer_logits(model, batch)
                 loss = torch.nn.functional.cross_entropy(
@@ -160,8 +159,8 @@ def train_lora(model: Any, batches: Iterator[dict[str, Any]], options: TrainOpti
     finally:
         model.eval()
         _checkpointing(model, False)
-        if attention is not None and model.config._attn_implementation != original_attention:
-            model.set_attn_implementation(original_attention)
+        if attention is not None:
+            attention.restore()
     return TrainStats(
         loss=float(np.mean(losses)),
         steps=len(losses),
@@ -198,7 +197,23 @@ def _lora_in_compute_dtype(model: Any, params: list[Any]) -> Any:
     return context
 
 
-def _training_attention(model: Any, device: str) -> Callable[[int], None] | None:
+@dataclass
+class _AttentionSwitch:
+    """Eager attention for rows up to ``EAGER_MAX_LENGTH`` tokens, the model's own above."""
+
+    model: Any
+    original: str
+
+    def use(self, width: int) -> None:
+        want = "eager" if width <= EAGER_MAX_LENGTH else self.original
+        if self.model.config._attn_implementation != want:
+            self.model.set_attn_implementation(want)
+
+    def restore(self) -> None:
+        self.use(EAGER_MAX_LENGTH + 1)
+
+
+def _training_attention(model: Any, device: str) -> _AttentionSwitch | None:
     """On CPU, eager attention for training rows of up to ``EAGER_MAX_LENGTH`` tokens.
 
     PyTorch's CPU flash-attention kernel (what ``sdpa`` runs there) is fast forward but slow
@@ -206,20 +221,13 @@ def _training_attention(model: Any, device: str) -> Callable[[int], None] | None
     forward plus backward took 34.5 ms with ``sdpa`` and 20.3 ms with the plain matmul-softmax
     (eager) path, a training step 7-9% less (README, "Client training"). Eager keeps each layer's
     attention probabilities for backward (batch x heads x width^2 values), so longer rows keep
-    ``sdpa``. Returns the switch to call with each batch's width (None: nothing to switch);
-    :func:`train_lora` restores the model's own implementation afterwards, so evaluation and
-    generation keep ``sdpa``.
+    ``sdpa``. None when there is nothing to switch; :func:`train_lora` calls ``restore`` after
+    training, so evaluation and generation keep ``sdpa``.
     """
     original = getattr(model.config, "_attn_implementation", None)
     if device != "cpu" or original != "sdpa" or not hasattr(model, "set_attn_implementation"):
         return None
-
-    def use(width: int) -> None:
-        want = "eager" if width <= EAGER_MAX_LENGTH else original
-        if model.config._attn_implementation != want:
-            model.set_attn_implementation(want)
-
-    return use
+    return _AttentionSwitch(model, original)
 
 
 def _checkpointing(model: Any, on: bool) -> None:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -133,39 +133,43 @@ class GateResult:
         }
 
 
+class _EdgeTokenizer:
+    """An :class:`~fedlora.export.runtime.EdgeModel` behind the two tokenizer calls
+    :func:`fedlora.encoding.prompt_and_answers` makes, so the edge runtime's own chat template
+    and tokenizer cut the prompts and answers the gates score."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+
+    def apply_chat_template(
+        self, turns: list[dict[str, str]], tokenize: bool, add_generation_prompt: bool
+    ) -> str:
+        return str(self.model.render(turns, add_generation_prompt=add_generation_prompt))
+
+    def __call__(self, text: str, add_special_tokens: bool) -> dict[str, list[int]]:
+        return {"input_ids": self.model.encode(text)}
+
+
 def task_items(
     model: Any, examples: Sequence[Any], labels: Sequence[str], max_length: int = 512
 ) -> list[TaskItem]:
     """Held-out ``examples`` (fedlora ``Example`` records) as :class:`TaskItem`, tokenized with
-    ``model``'s own chat template and tokenizer (an :class:`~fedlora.export.runtime.EdgeModel`).
-    With ``labels``, every label is a candidate; otherwise the reference answer alone."""
+    ``model``'s own chat template and tokenizer (an :class:`~fedlora.export.runtime.EdgeModel`)
+    as the PyTorch evaluation tokenizes them. With ``labels``, every label is a candidate;
+    otherwise the reference answer alone."""
+    from fedlora.encoding import prompt_and_answers
+
+    tokenizer = _EdgeTokenizer(model)
     items = []
     for ex in examples:
-        turns = [{"role": t.role, "content": t.content} for t in ex.turns[:-1]]
         reference = ex.turns[-1].content
-        head = model.render(turns, add_generation_prompt=True)
-        answers = list(labels) if labels else [reference]
-        options = []
-        for answer in answers:
-            full = model.render(
-                [*turns, {"role": "assistant", "content": answer}], add_generation_prompt=False
-            )
-            if not full.startswith(head):
-                raise ConfigError(
-                    f"{ex.source}: the chat template does not render the answer after the "
-                    f"assistant header"
-                )
-            options.append(model.encode(full[len(head) :]))
-        context = model.encode(head)
-        room = max_length - max(len(o) for o in options)
-        if len(context) > room:  # middle cut: keep the start (system prompt) and the end
-            keep = max(room, 2)
-            context = context[: keep // 2] + context[len(context) - (keep - keep // 2) :]
-        gold = answers.index(reference.strip()) if labels and reference.strip() in answers else 0
-        if labels and reference.strip() not in answers:
+        if labels and reference.strip() not in labels:
             raise ConfigError(
                 f"{ex.source}: answer {reference!r} is not one of the labels {list(labels)}"
             )
+        answers = list(labels) if labels else [reference]
+        context, options = prompt_and_answers(tokenizer, ex, answers, max_length)
+        gold = answers.index(reference.strip()) if labels else 0
         items.append(TaskItem(context, options, gold, reference))
     return items
 
@@ -265,6 +269,25 @@ def judge(
             f"or not text) against fp32's {ref.degenerate}"
         )
     return GateResult(variant, var, drop, ratio, agreement, thresholds, failures)
+
+
+def gate(
+    reference: Any,
+    variants: Mapping[str, Any],
+    examples: Sequence[Any],
+    labels: Sequence[str],
+    thresholds: Mapping[str, GateThresholds],
+    greedy_prompts: int = 20,
+) -> tuple[TaskFigures, list[GateResult]]:
+    """fp32's figures (``reference``, an EdgeModel) and each variant's gate result on
+    ``examples``; the variants are EdgeModels by name."""
+    items = task_items(reference, examples, labels)
+    ref = measure(reference, items, bool(labels), greedy_prompts)
+    results = [
+        judge(name, ref, measure(model, items, bool(labels), greedy_prompts), thresholds[name])
+        for name, model in variants.items()
+    ]
+    return ref, results
 
 
 def describe(ref: TaskFigures, results: Sequence[GateResult]) -> str:

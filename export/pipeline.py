@@ -23,9 +23,7 @@ from fedlora.export.gates import (
     GateThresholds,
     TaskFigures,
     describe,
-    judge,
-    measure,
-    task_items,
+    gate,
 )
 from fedlora.export.merge import merge_adapter
 from fedlora.export.onnx import export_onnx, onnx_size_mib
@@ -131,7 +129,15 @@ def export_adapter(
             raise GateError("quantized variants need held-out examples of the task to be gated")
         settings = quant or QuantSettings()
         _quantized(
-            report, out_dir, quantize, settings, eval_examples, labels, thresholds, greedy_prompts
+            report,
+            out_dir,
+            quantize,
+            settings,
+            messages,
+            eval_examples,
+            labels,
+            thresholds,
+            greedy_prompts,
         )
     card = build_card(
         Path(base_dir),
@@ -156,40 +162,40 @@ def _quantized(
     out_dir: Path,
     names: Sequence[str],
     quant: QuantSettings,
+    messages: list[dict[str, Any]],
     examples: Sequence[Any],
     labels: Sequence[str],
     thresholds: Mapping[str, GateThresholds] | None,
     greedy_prompts: int,
 ) -> None:
-    """Build, measure and gate each quantized variant; GateError if any fails."""
+    """Build each quantized variant, gate all of them against fp32; GateError if any fails."""
     from fedlora.export.runtime import EdgeModel
 
-    limits = {**DEFAULT_THRESHOLDS, **(thresholds or {})}
-    start = time.perf_counter()
-    fp32 = EdgeModel(report.onnx_dir)
-    items = task_items(fp32, examples, labels)
-    report.reference = ref = measure(fp32, items, bool(labels), greedy_prompts)
-    prompt = items[0].context
+    folders = {}
     for name in names:
-        start_q = time.perf_counter()
-        folder = quantize_variant(report.onnx_dir, out_dir / f"onnx-{name}", name, quant)
-        report.seconds[f"quantize-{name}"] = time.perf_counter() - start_q
-        model = EdgeModel(folder)
-        result = judge(name, ref, measure(model, items, bool(labels), greedy_prompts), limits[name])
-        report.gates.append(result)
-        _, speed = model.decode_speed(prompt, new_tokens=32)
+        start = time.perf_counter()
+        folders[name] = quantize_variant(report.onnx_dir, out_dir / f"onnx-{name}", name, quant)
+        report.seconds[f"quantize-{name}"] = time.perf_counter() - start
+    models = {name: EdgeModel(folder) for name, folder in folders.items()}
+    start = time.perf_counter()
+    limits = {**DEFAULT_THRESHOLDS, **(thresholds or {})}
+    ref, report.gates = gate(
+        EdgeModel(report.onnx_dir), models, examples, labels, limits, greedy_prompts
+    )
+    report.reference = ref
+    report.seconds["gates"] = time.perf_counter() - start
+    for result in report.gates:
+        model = models[result.variant]
+        _, speed = model.decode_speed(model.encode(model.render(messages)), new_tokens=32)
         report.variants.append(
             Variant(
-                name=name,
-                folder=folder.name,
-                size_mib=onnx_size_mib(folder),
+                name=result.variant,
+                folder=folders[result.variant].name,
+                size_mib=onnx_size_mib(folders[result.variant]),
                 gates={"task": result.as_card(), "quantization": asdict(quant)},
                 decode_tokens_per_s=speed,
             )
         )
-    report.seconds["gates"] = (
-        time.perf_counter() - start - sum(report.seconds[f"quantize-{n}"] for n in names)
-    )
     text = describe(ref, report.gates)
     if not all(g.passed for g in report.gates):
         raise GateError(f"a quantized export failed its task gate:\n{text}")

@@ -27,9 +27,10 @@ Arrays = dict[str, np.ndarray]
 
 
 def central_examples(
-    source: str, n: int, labels: tuple[str, ...]
+    source: str, n: int, labels: tuple[str, ...], option: str = "central-eval"
 ) -> tuple[list[Example], tuple[str, ...]]:
-    """The first ``n`` server-held test examples, and the labels to score (may be empty)."""
+    """The first ``n`` server-held test examples, and the labels to score (may be empty).
+    ``option`` names the setting in errors (``fedlora export`` reads its data here too)."""
     if source == "drugreview":
         from fedlora.data.drugreview import LABELS, load_split
         from fedlora.prompting import review_example
@@ -45,10 +46,10 @@ def central_examples(
     from fedlora.data.formats import DataSpec, load_examples
 
     if not Path(source).exists():
-        raise ConfigError(f"central-eval={source!r}: not 'drugreview' and no such file or folder")
+        raise ConfigError(f"{option}={source!r}: not 'drugreview' and no such file or folder")
     examples = [ex for ex in load_examples(DataSpec(path=source)).examples if ex.kind == "chat"]
     if not examples:
-        raise ConfigError(f"central-eval={source!r}: no chat examples to evaluate on")
+        raise ConfigError(f"{option}={source!r}: no chat examples to evaluate on")
     return examples[:n], labels
 
 

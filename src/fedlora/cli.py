@@ -251,6 +251,7 @@ def export(
     from fedlora.export.gates import parse_overrides
     from fedlora.export.pipeline import export_adapter
     from fedlora.export.quantize import QuantSettings, parse_variants
+    from fedlora.server.central import central_examples
     from fedlora.simulations import report
 
     if eval_samples < 1:
@@ -258,7 +259,9 @@ def export(
     variants = () if quantize.strip().lower() == "none" else parse_variants(quantize)
     thresholds = parse_overrides(gate or [])
     quant = QuantSettings(block_size=block_size, accuracy_level=accuracy_level)
-    examples, labels, described = held_out_task(eval_data, eval_labels, eval_samples)
+    names = tuple(x.strip() for x in eval_labels.split(",") if x.strip())
+    source = str(eval_data) if eval_data is not None else "drugreview"
+    examples, labels = central_examples(source, eval_samples, names, option="--eval-data")
     first = examples[0]
     prompt = [{"role": t.role, "content": t.content} for t in first.turns[:-1]]
     exp = export_adapter(
@@ -269,7 +272,11 @@ def export(
         atol=atol,
         noise_factor=noise_factor,
         default_base=(base_model or "default") == "default",
-        eval_data=described if eval_data is not None else DRUG_REVIEWS,
+        eval_data=(
+            DRUG_REVIEWS
+            if eval_data is None
+            else {"name": source, "licence": "the data owner's", "source": source}
+        ),
         quantize=variants,
         quant=quant,
         eval_examples=examples,
@@ -277,30 +284,6 @@ def export(
         thresholds=thresholds,
     )
     report.export(exp, first.turns[-2].content, first.turns[-1].content)
-
-
-def held_out_task(
-    path: Path | None, labels: str, samples: int
-) -> tuple[list[Any], list[str], dict[str, str]]:
-    """The first ``samples`` held-out chat examples, the task's labels, the data's card entry."""
-    if path is None:
-        from fedlora.data.drugreview import LABELS, load_split
-        from fedlora.prompting import review_example
-
-        reviews = load_split("test")[:samples]
-        examples = [
-            review_example(r.text, r.label, f"drugreview:test:{i + 2}")
-            for i, r in enumerate(reviews)
-        ]
-        return examples, list(LABELS), {}
-    from fedlora.data.formats import DataSpec, load_examples
-
-    result = load_examples(DataSpec(str(path)))
-    chats = [e for e in result.examples if e.turns][:samples]
-    if not chats:
-        raise ConfigError(f"--eval-data {path}: no chat or prompt/response examples to gate on")
-    names = [x.strip() for x in labels.split(",") if x.strip()]
-    return chats, names, {"name": str(path), "licence": "the data owner's", "source": str(path)}
 
 
 @cli.command("prepare-base")
