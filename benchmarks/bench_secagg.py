@@ -5,6 +5,7 @@ Usage (``make bench-secagg``)::
     .venv/bin/python benchmarks/bench_secagg.py            # 10 clients, demo settings
     .venv/bin/python benchmarks/bench_secagg.py --quick    # 4 clients, 1 local step, 1 run
     .venv/bin/python benchmarks/bench_secagg.py --rounds 2 # two plain/secure pairs
+    .venv/bin/python benchmarks/bench_secagg.py --wire-bits 64,32,16  # narrow wires in (2), (3)
 
 Three measurements, on the default model's adapter (SmolLM2-135M, LoRA r=8 on all linear
 layers: 2,442,240 float32; FFA-LoRA sends the B half, 1,244,160):
@@ -23,10 +24,12 @@ layers: 2,442,240 float32; FFA-LoRA sends the B half, 1,244,160):
    averages them, the plain way (train replies, ``TrainReply.from_content``, the strategy's
    ``aggregate``) and the secure way (``secure_weighted_sum`` + the same strategy on its
    mean), for all factors (FedIT) and for B only (FFA-LoRA). Median of ``--reps`` runs after
-   one warm-up, plain and secure alternating.
+   one warm-up, plain and secure alternating. One secure row per ``--wire-bits`` (default 64;
+   16 and 32 are the narrow wires, weights capped at the largest node's examples).
 3. **Bytes per client per round**, against sending the full fp32 model each way. Plain rows are
    the codec payloads (``fedlora.protocol.compression``); secure rows are what the SecAgg+
-   stages of (2) carried (public keys, encrypted shares, uint64 masked vectors, lists).
+   stages of (2) carried (public keys, encrypted shares, uint64 / uint32 / uint16 masked
+   vectors, lists). Rounds in (1) use the run config's wire (64 bits).
 
 Ray runs as many nodes at once as the machine has CPUs (one CPU each). Round times follow the
 machine's load: on a shared machine the measured ratio (the last line) moves with whatever else
@@ -131,6 +134,7 @@ class AggRow:
     factors: str  # "AB" (FedIT) or "B" (FFA-LoRA)
     mode: str  # "plain" or "secure"
     values: int  # float32 values each node sends
+    wire_bits: int = 0  # secure: the masked vectors' width (64, 32 or 16); plain: 0
     seconds: list[float] = field(default_factory=list)
     stages: list[dict[str, float]] = field(default_factory=list)  # secure: per stage, per run
     up: float = 0.0  # payload bytes per node, node -> server
@@ -183,17 +187,41 @@ def fixed_update_app(shapes: Mapping[str, tuple[int, ...]]) -> Any:
     return app
 
 
-def aggregation_runs(
-    grid: Any, n: int, shapes: Mapping[str, tuple[int, ...]], reps: int
-) -> list[AggRow]:
-    """The ServerApp body of (2): plain and secure aggregation, alternating, per factor set."""
-    from flwr.app import ConfigRecord, Message, RecordDict
+def bench_settings(n: int, wire_bits: int) -> Any:
+    """The run defaults (clip 10, 5 shares) on a ``wire_bits`` wire; a narrow wire caps weights at
+    the largest of (2)'s fixed example counts (no node's weight is capped)."""
+    import dataclasses
 
     from fedlora.config import RunConfig
+    from fedlora.protocol.secagg import SecAggSettings
+    from fedlora.server.app import secagg_settings
+
+    wide = secagg_settings(RunConfig(), n)
+    if wire_bits == 64:
+        return wide
+    fields = dataclasses.asdict(wide)
+    for key in ("clip_norm", "quantization_bits", "modulus_bits", "max_weight", "wire_bits"):
+        del fields[key]
+    most = max(weight_of(pid) for pid in range(n))
+    return SecAggSettings.for_nodes(
+        wide.clip_norm, n, wire_bits=wire_bits, max_weight=most, **fields
+    )
+
+
+def aggregation_runs(
+    grid: Any,
+    n: int,
+    shapes: Mapping[str, tuple[int, ...]],
+    reps: int,
+    wire_bits: Sequence[int] = (64,),
+) -> list[AggRow]:
+    """The ServerApp body of (2): plain and secure aggregation (one per wire width),
+    alternating, per factor set."""
+    from flwr.app import ConfigRecord, Message, RecordDict
+
     from fedlora.lora import LoraSettings, initial_adapter
     from fedlora.protocol.adapter import restrict, spec_of
     from fedlora.protocol.messages import TrainReply, to_array_record
-    from fedlora.server.app import secagg_settings
     from fedlora.server.secagg import as_client_update, secure_weighted_sum
     from fedlora.server.secagg_stages import record_bytes
     from fedlora.server.strategies import ClientUpdate, FedIT, FFALoRA
@@ -201,12 +229,14 @@ def aggregation_runs(
     nodes = wait_for_nodes(grid, n)
     glob = initial_adapter(dict(shapes), seed=0)
     scale = LoraSettings().scaling
-    settings = secagg_settings(RunConfig(), len(nodes))  # the run defaults: clip 10, 5 shares
+    settings = {bits: bench_settings(len(nodes), bits) for bits in wire_bits}
     rows: list[AggRow] = []
     for factors, agg in (("AB", FedIT()), ("B", FFALoRA())):
         spec = restrict(spec_of(glob), factors)
         values = sum(int(np.prod(s.shape)) for s in spec.values())
-        plain, secure = AggRow(factors, "plain", values), AggRow(factors, "secure", values)
+        plain = AggRow(factors, "plain", values)
+        secures = {bits: AggRow(factors, "secure", values, bits) for bits in wire_bits}
+        modes = ["plain", *(f"secure-{bits}" for bits in wire_bits)]
         for rep in range(reps + 1):  # run 0 warms up: fills every node's cached update
             content = RecordDict(
                 {
@@ -215,7 +245,7 @@ def aggregation_runs(
                 }
             )
             new: dict[str, dict[str, np.ndarray]] = {}
-            for mode in ("plain", "secure") if rep % 2 == 0 else ("secure", "plain"):
+            for mode in modes if rep % 2 == 0 else modes[::-1]:
                 start = time.perf_counter()
                 if mode == "plain":
                     msgs = [
@@ -241,11 +271,12 @@ def aggregation_runs(
                     plain.down = record_bytes(msgs[0].content)
                     row = plain
                 else:
+                    secure = secures[int(mode.removeprefix("secure-"))]
                     res = secure_weighted_sum(
                         grid,
                         nodes,
                         content,
-                        settings,
+                        settings[secure.wire_bits],
                         {k: v.shape for k, v in spec.items()},
                         timeout=TIMEOUT_S,
                     )
@@ -265,16 +296,21 @@ def aggregation_runs(
                 if rep:
                     row.seconds.append(seconds)
                 warm = " (warm-up)" if not rep else ""
-                note(f"aggregation {factors:>2} {mode:<6} run {rep}{warm}: {seconds:.2f} s")
-            secure.max_diff = max(
-                float(np.abs(new["secure"][k].astype(np.float64) - new["plain"][k]).max())
-                for k in glob
-            )
-        rows += [plain, secure]
+                note(f"aggregation {factors:>2} {mode:<9} run {rep}{warm}: {seconds:.2f} s")
+            for bits, secure in secures.items():
+                secure.max_diff = max(
+                    float(
+                        np.abs(new[f"secure-{bits}"][k].astype(np.float64) - new["plain"][k]).max()
+                    )
+                    for k in glob
+                )
+        rows += [plain, *secures.values()]
     return rows
 
 
-def run_aggregation(n: int, shapes: Mapping[str, tuple[int, ...]], reps: int) -> list[AggRow]:
+def run_aggregation(
+    n: int, shapes: Mapping[str, tuple[int, ...]], reps: int, wire_bits: Sequence[int] = (64,)
+) -> list[AggRow]:
     from flwr.app import Context
     from flwr.serverapp import Grid, ServerApp
     from flwr.simulation import run_simulation
@@ -285,7 +321,7 @@ def run_aggregation(n: int, shapes: Mapping[str, tuple[int, ...]], reps: int) ->
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         try:
-            out["rows"] = aggregation_runs(grid, n, shapes, reps)
+            out["rows"] = aggregation_runs(grid, n, shapes, reps, wire_bits)
         except BaseException:  # noqa: BLE001 - reported below, not lost in Flower's thread
             out["error"] = traceback.format_exc()
 
@@ -439,7 +475,7 @@ def bytes_rows(
     for r in agg:
         if r.mode == "secure":
             name = "FedIT A+B" if r.factors == "AB" else "FFA-LoRA B"
-            rows.append(BytesRow(f"secure {name}, uint64 (SecAgg+)", r.up, r.down))
+            rows.append(BytesRow(f"secure {name}, uint{r.wire_bits} (SecAgg+)", r.up, r.down))
     return rows
 
 
@@ -537,23 +573,26 @@ def report_aggregation(n: int, agg: Sequence[AggRow]) -> None:
         f"collect, average, apply"
     )
     head = (
-        f"{'factors':<8} {'mode':<7} {'values/client':>13} {'median s':>9} {'runs':>4} "
-        f"{'x plain':>8} {'up MB/client':>13} {'down MB/client':>15}  secure stages (s)"
+        f"{'factors':<8} {'mode':<7} {'wire':>4} {'values/client':>13} {'median s':>9} "
+        f"{'runs':>4} {'x plain':>8} {'up MB/client':>13} {'down MB/client':>15}  "
+        f"secure stages (s)"
     )
     print(head + "\n" + "-" * len(head))
     for r in agg:
         base = next(p for p in agg if p.factors == r.factors and p.mode == "plain")
         stages = fmt_stages(median_stages(r.stages)) if r.stages else "-"
         label = "A+B" if r.factors == "AB" else "B only"
+        wire = str(r.wire_bits) if r.wire_bits else "-"
         print(
-            f"{label:<8} {r.mode:<7} {r.values:>13,} {r.median:>9.2f} {len(r.seconds):>4} "
-            f"{r.median / base.median:>8.2f} {r.up / MB:>13.2f} {r.down / MB:>15.2f}  {stages}"
+            f"{label:<8} {r.mode:<7} {wire:>4} {r.values:>13,} {r.median:>9.2f} "
+            f"{len(r.seconds):>4} {r.median / base.median:>8.2f} {r.up / MB:>13.2f} "
+            f"{r.down / MB:>15.2f}  {stages}"
         )
     for r in agg:
         if r.mode == "secure":
             print(
-                f"secure {'A+B' if r.factors == 'AB' else 'B only'}: new global adapter "
-                f"within {r.max_diff:.2e} of the plain one (SecAgg tolerance "
+                f"secure {'A+B' if r.factors == 'AB' else 'B only'} ({r.wire_bits}-bit wire): "
+                f"new global adapter within {r.max_diff:.2e} of the plain one (SecAgg tolerance "
                 f"{r.tolerance:.2e}, plus float32 rounding)"
             )
 
@@ -576,7 +615,8 @@ def report_bytes(byt: Sequence[BytesRow], b_values: int) -> tuple[float, float]:
         "Plain rows: codec payloads (what nodes report as bytes-sent; int8 adds one float32 "
         "scale per tensor, int8-block one per 64 values). Download: the global adapter, A "
         "and B in fp32, for every strategy and codec (codecs compress uploads only). Secure "
-        "rows: measured in (2), all four stages (masked vectors are uint64 of 1 + values)."
+        "rows: measured in (2), all four stages (masked vectors are uint64, uint32 or uint16 "
+        "of 1 + values)."
     )
     int8 = next(r for r in byt if r.label == "FFA-LoRA B, int8")
     print(
@@ -611,7 +651,9 @@ def report(
         f"{n} clients; Ray runs {min(n, os.cpu_count() or 1)} at a time (1 CPU each). "
         f"Load average: {'; '.join(loads)}."
     )
-    by = {(r.factors, r.mode): r.median for r in agg}
+    # (1) runs the 64-bit wire: its estimate uses the widest secure row of (2)
+    first = max(r.wire_bits for r in agg)
+    by = {(r.factors, r.mode): r.median for r in agg if r.mode == "plain" or r.wire_bits == first}
     ratio, estimate = report_rounds(n, steps, rounds, by[("AB", "secure")] - by[("AB", "plain")])
     report_aggregation(n, agg)
     up_x, rt_x = report_bytes(byt, b_values)
@@ -652,6 +694,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="plain/secure round pairs in (1), alternating order (default 1)",
     )
     parser.add_argument(
+        "--wire-bits",
+        default="64",
+        help="comma-separated widths of the masked vectors in (2) and (3): 64, 32, 16 (default 64)",
+    )
+    parser.add_argument(
         "--reps",
         type=int,
         default=3,
@@ -660,6 +707,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.clients, args.local_steps, args.reps = 4, 1, 1
+    try:
+        wire_bits = [int(b) for b in args.wire_bits.split(",") if b.strip()]
+    except ValueError:
+        wire_bits = []
+    if not wire_bits or set(wire_bits) - {16, 32, 64} or len(set(wire_bits)) != len(wire_bits):
+        parser.error(f"--wire-bits {args.wire_bits!r}: distinct values from 64, 32, 16")
     if args.clients < 3 or args.local_steps < 1 or args.rounds < 1 or args.reps < 1:
         parser.error(
             "need --clients >= 3 (SecAgg+ threshold) and positive --local-steps, --rounds, --reps"
@@ -672,7 +725,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     loads = [f"start {load_average()}"]
     shapes, full_params = default_model()
     note(f"(2) aggregation alone: {args.clients} clients, {args.reps} timed runs per row")
-    agg = run_aggregation(args.clients, shapes, args.reps)
+    agg = run_aggregation(args.clients, shapes, args.reps, wire_bits)
     loads.append(f"after (2) {load_average()}")
     note(
         f"(1) rounds with training: {args.clients} clients, {args.local_steps} local steps, "

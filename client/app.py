@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from typing import Any, cast
 
 import numpy as np
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common import Error
 
@@ -41,9 +41,10 @@ from fedlora.clipping import add_noise, clip_l2
 from fedlora.console import configure_worker
 from fedlora.errors import ConfigError, DataError, FedloraError
 from fedlora.evaluate import eval_loss, label_accuracy
-from fedlora.lora import LoraSettings
-from fedlora.protocol.adapter import restrict, validate
+from fedlora.lora import LoraSettings, initial_adapter
+from fedlora.protocol.adapter import AdapterSpec, restrict, validate
 from fedlora.protocol.compression import nbytes, wire_spec
+from fedlora.protocol.downlink import EXACT, apply_delta, digest
 from fedlora.protocol.gate import array_record, read_arrays
 from fedlora.protocol.messages import (
     ARRAYS,
@@ -77,6 +78,7 @@ def round_settings(content: Any, settings: NodeSettings) -> tuple[RoundConfig, L
             dropout=float(rc.lora_dropout),
             target_modules=rc.target_modules,
             rslora=rc.lora_rslora,
+            sb=rc.train_factors == "R",
         )
     except (ProtocolError, ConfigError, KeyError) as exc:
         raise RoundRefused(f"round config not accepted: {exc}") from None
@@ -109,11 +111,26 @@ def load_adapter(
     rc: RoundConfig,
     state: RecordDict | None,
     settings: NodeSettings,
-) -> dict[str, Any]:
-    """Put the global adapter (plus this node's personal factors) into the warm model."""
+) -> tuple[dict[str, np.ndarray], int]:
+    """Put the global adapter (plus this node's personal factors) into the warm model.
+
+    Returns the global value of every factor (what the node's delta is taken against) and the
+    payload bytes received. The server sends every factor (exact), or only the factors nodes
+    send back (fedlora.protocol.downlink): exact, or as the change since the version this node
+    holds; the other factors are derived from the run's seed and checked against its digest.
+    """
     # The node checks what the server sends, too, before decoding any of it (a ProtocolError).
-    global_adapter = read_arrays(array_record(content, ARRAYS), wire_spec("none", node.spec))
-    validate(global_adapter, node.spec)
+    record = array_record(content, ARRAYS)
+    if rc.down_version < 0:  # an untracked downlink: every factor, exact
+        if rc.down_base != EXACT:
+            raise RoundRefused("downlink: a delta needs the version it leads to (down-version)")
+        global_adapter = read_arrays(record, wire_spec("none", node.spec))
+        validate(global_adapter, node.spec)
+        received = nbytes(global_adapter)
+    else:
+        sent_spec = restrict(node.spec, rc.send_factors)
+        held, received = _receive(record, rc, sent_spec, state, settings)
+        global_adapter = {**derived_factors(node.spec, sent_spec, rc), **held}
     start = dict(global_adapter)
     personal_spec = restrict(node.spec, rc.personal_factors) if rc.personal_factors else {}
     personal = _restore_personal(settings, state) if personal_spec else None
@@ -121,7 +138,100 @@ def load_adapter(
         validate(personal, personal_spec)
         start.update(personal)
     set_lora_state(node.model, start)
-    return global_adapter
+    return global_adapter, received
+
+
+def _receive(
+    record: Any,
+    rc: RoundConfig,
+    sent_spec: AdapterSpec,
+    state: RecordDict | None,
+    settings: NodeSettings,
+) -> tuple[dict[str, np.ndarray], int]:
+    """The global values of the sent factors from the downlink payload, and its bytes."""
+    if rc.down_base == EXACT:
+        wire = read_arrays(record, wire_spec("none", sent_spec))
+        validate(wire, sent_spec)
+        held = dict(wire)
+    else:
+        version, before = _restore_held(settings, state)
+        if before is None or version != rc.down_base:
+            raise RoundRefused(
+                f"downlink: the server sent the change since version {rc.down_base}, but this "
+                f"node holds {'none' if before is None else f'version {version}'}; the server "
+                f"sends the exact adapter next round"
+            )
+        validate(before, sent_spec)
+        if rc.down_base == rc.down_version:  # nothing changed since
+            wire = read_arrays(record, {})
+            held = before
+        else:
+            wire = read_arrays(record, wire_spec(rc.down_codec, sent_spec, rc.codec_block))
+            shapes = {k: v.shape for k, v in sent_spec.items()}
+            held = apply_delta(before, wire, rc.down_codec, shapes, rc.codec_block)
+            validate(held, sent_spec)
+    if rc.down_digest and digest(held) != rc.down_digest:
+        raise RoundRefused(
+            f"downlink: the adapter this node holds after version {rc.down_version} does not "
+            f"match the server's digest; the server sends the exact adapter next round"
+        )
+    if rc.down_codec != "none" and rc.down_version >= 0:
+        _keep_held(settings, state, rc.down_version, held)
+    return held, nbytes(wire)
+
+
+_DERIVED: dict[tuple[Any, ...], dict[str, np.ndarray]] = {}
+
+
+def derived_factors(
+    spec: AdapterSpec, sent_spec: AdapterSpec, rc: RoundConfig
+) -> dict[str, np.ndarray]:
+    """The factors the server does not send, from the run's seed (checked against its digest)."""
+    names = tuple(sorted(set(spec) - set(sent_spec)))
+    if not names:
+        return {}
+    key = (tuple((n, spec[n].shape) for n in sorted(spec)), rc.seed, names)
+    if key not in _DERIVED:
+        _DERIVED.clear()  # one run at a time per process: keep one set
+        init = initial_adapter({n: s.shape for n, s in spec.items()}, rc.seed)
+        _DERIVED[key] = {n: init[n] for n in names}
+    derived = _DERIVED[key]
+    if rc.frozen_digest and digest(derived) != rc.frozen_digest:
+        raise RoundRefused(
+            f"the factors this node derives from seed {rc.seed} ({names[0]}, ...) differ from "
+            f"the server's: its initial adapter was not built from the run's seed"
+        )
+    return derived
+
+
+HELD = "fedlora.downlink"  # node state: the sent factors as this node holds them, and version
+_VERSION_KEY = "fedlora::version"
+
+
+def _restore_held(
+    settings: NodeSettings, state: RecordDict | None
+) -> tuple[int, dict[str, np.ndarray] | None]:
+    arrays = None
+    if settings.personal_dir:
+        arrays = load_personal(settings, kind="downlink")
+    elif state is not None and HELD in state.array_records:
+        arrays = arrays_of(state.array_records[HELD])
+    if arrays is None or _VERSION_KEY not in arrays:
+        return -1, None
+    version = int(arrays.pop(_VERSION_KEY).reshape(-1)[0])
+    return version, arrays
+
+
+def _keep_held(
+    settings: NodeSettings, state: RecordDict | None, version: int, held: dict[str, np.ndarray]
+) -> None:
+    arrays = dict(held) | {_VERSION_KEY: np.array([version], dtype=np.float64)}
+    if settings.personal_dir:
+        save_personal(settings, arrays, kind="downlink")
+    elif state is not None:
+        state[HELD] = ArrayRecord(
+            {k: Array(np.ascontiguousarray(v)) for k, v in sorted(arrays.items())}
+        )
 
 
 def _restore_personal(
@@ -181,7 +291,7 @@ def run_round(
         weight_decay=rc.weight_decay,
         gradient_checkpointing=rc.gradient_checkpointing,
     )
-    global_adapter = load_adapter(node, message_content, rc, state, settings)
+    global_adapter, received = load_adapter(node, message_content, rc, state, settings)
     set_trainable(node.model, rc.train_factors)
     seed_torch(rc.seed, settings.seed_id, rc.server_round)  # LoRA dropout draws from it
     batches = sample_batches(
@@ -234,7 +344,7 @@ def run_round(
         scored_tokens=stats.scored_tokens,
         codec=rc.codec,
         codec_block=rc.codec_block,
-        bytes_received=nbytes(global_adapter),
+        bytes_received=received,
         dp_norm_before_clip=norm_before,
     )
 

@@ -27,7 +27,7 @@ from fedlora.data.partitioned import client_examples
 from fedlora.data.records import Example
 from fedlora.encoding import EncodeReport, encode_examples, pack
 from fedlora.errors import ConfigError, DataError
-from fedlora.lora import LoraSettings
+from fedlora.lora import R_WEIGHT, LoraSettings
 from fedlora.prompting import Encoded, review_example
 from fedlora.protocol.adapter import AdapterSpec, spec_of
 
@@ -245,26 +245,27 @@ def site_examples(site: str) -> list[Example]:
     ]
 
 
-def load_personal(settings: NodeSettings) -> dict[str, np.ndarray] | None:
-    """This node's personal factors from ``personal_dir`` (None before its first round)."""
-    path = _personal_path(settings)
+def load_personal(settings: NodeSettings, kind: str = "") -> dict[str, np.ndarray] | None:
+    """This node's personal factors (or another ``kind`` of its state, e.g. the downlink's
+    copy) from ``personal_dir`` (None before its first round)."""
+    path = _personal_path(settings, kind)
     if not path.is_file():
         return None
     with np.load(path) as f:
         return {k: f[k] for k in f.files}
 
 
-def save_personal(settings: NodeSettings, arrays: Mapping[str, np.ndarray]) -> None:
-    path = _personal_path(settings)
+def save_personal(settings: NodeSettings, arrays: Mapping[str, np.ndarray], kind: str = "") -> None:
+    path = _personal_path(settings, kind)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npz")
     np.savez(tmp, **arrays)
     tmp.replace(path)  # a crash mid-write leaves the previous factors
 
 
-def _personal_path(settings: NodeSettings) -> Path:
+def _personal_path(settings: NodeSettings, kind: str = "") -> Path:
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in settings.site)
-    return Path(settings.personal_dir) / f"{safe}.npz"
+    return Path(settings.personal_dir) / (f"{safe}.{kind}.npz" if kind else f"{safe}.npz")
 
 
 def loads_so_far() -> int:
@@ -284,6 +285,10 @@ def _load_model(settings: NodeSettings, lora: LoraSettings) -> WarmModel:
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = get_peft_model(load_base(base_dir, settings.quantization), lora.peft_config(base_dir))
+    if lora.sb:
+        from fedlora.client.lora_sb import attach_sb
+
+        attach_sb(model)
     _LOADS[0] += 1
     warm = WarmModel(
         model=model,
@@ -303,20 +308,29 @@ def _load_model(settings: NodeSettings, lora: LoraSettings) -> WarmModel:
 
 
 def get_lora_state(model: Any) -> dict[str, np.ndarray]:
-    """The LoRA tensors under their PEFT file names, as float32 numpy arrays."""
+    """The LoRA tensors under their PEFT file names (LoRA-SB's R as ``lora_R``), float32."""
     from peft import get_peft_model_state_dict
 
-    return {
-        k: v.detach().float().cpu().numpy() for k, v in get_peft_model_state_dict(model).items()
+    from fedlora.client.lora_sb import is_sb_key, sb_state
+
+    state = {
+        k: v.detach().float().cpu().numpy()
+        for k, v in get_peft_model_state_dict(model).items()
+        if not is_sb_key(k)
     }
+    return state | sb_state(model)
 
 
 def set_lora_state(model: Any, arrays: Mapping[str, np.ndarray]) -> None:
     import torch
     from peft import set_peft_model_state_dict
 
+    from fedlora.client.lora_sb import set_sb_state
+
+    set_sb_state(model, {k: v for k, v in arrays.items() if k.endswith(R_WEIGHT)})
     result = set_peft_model_state_dict(
-        model, {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}
+        model,
+        {k: torch.from_numpy(np.array(v)) for k, v in arrays.items() if not k.endswith(R_WEIGHT)},
     )
     bad = [k for k in result.unexpected_keys if "lora_" in k]
     if bad:
@@ -324,9 +338,13 @@ def set_lora_state(model: Any, arrays: Mapping[str, np.ndarray]) -> None:
 
 
 def set_trainable(model: Any, factors: str) -> None:
-    """Train the LoRA factors in ``factors`` ("AB" or "B"); freeze the others."""
+    """Train the LoRA factors in ``factors`` ("AB", "B" or "R"); freeze the others."""
+    from fedlora.client.lora_sb import SB_PARAM
+
     for name, param in model.named_parameters():
-        if ".lora_A." in name:
+        if name.endswith(f".{SB_PARAM}"):
+            param.requires_grad_("R" in factors)
+        elif ".lora_A." in name:
             param.requires_grad_("A" in factors)
         elif ".lora_B." in name:
             param.requires_grad_("B" in factors)

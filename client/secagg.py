@@ -16,6 +16,7 @@ server needs for reconstruction ever leave the node: never the update itself.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
@@ -39,10 +40,10 @@ from fedlora.protocol.secagg import (
     bytes_list,
     check_share,
     config_field,
+    encode_update,
     flatten,
     id_list,
-    quantize,
-    reduce_mod,
+    to_wire,
     weighted_vector,
 )
 
@@ -201,11 +202,16 @@ def _setup(
     )
     vec, clipped = clipped_update["update"], scale < 1.0
     weight = min(int(num_examples), settings.max_weight)
+    # max_weight 1 is a round of equal weights (a 16-bit wire, or DP): nothing is capped there.
+    capped = weight < num_examples and settings.max_weight > 1
     if clipped:
         log.info("secagg: update norm %.4g clipped to %g", norm, settings.clip_norm)
-    if weight < num_examples:
+    if capped:
         log.warning("secagg: weight %d capped at max_weight %d", num_examples, weight)
-    q = quantize(vec, settings)
+    # A narrow wire rounds stochastically from a fresh 64-bit seed, kept (and wiped) with the
+    # node's other secrets of the round.
+    seed = os.urandom(8) if settings.narrow else b""
+    q = encode_update(vec, weight, settings, int.from_bytes(seed, "little") if seed else None)
     dtype = np.uint32 if settings.quantization_bits <= 32 else np.uint64
     context.state.array_records[UPDATE] = ArrayRecord({"q": Array(q.astype(dtype))})
     metrics: dict[str, int | float | list[int] | list[float]] = {
@@ -216,7 +222,7 @@ def _setup(
     metrics |= {
         NORM_BEFORE_CLIP: norm,
         CLIPPED: int(clipped),
-        WEIGHT_CAPPED: int(weight < num_examples),
+        WEIGHT_CAPPED: int(capped),
     }
     context.state.metric_records[METRICS] = MetricRecord(metrics)
     c_sk, c_pk = crypto.new_key_pair()
@@ -234,6 +240,8 @@ def _setup(
             "b": crypto.new_seed(),
         }
     )
+    if seed:
+        context.state.config_records[STATE]["rounding-seed"] = seed
     return RecordDict({Key.CONFIG: ConfigRecord({Key.C_PK: c_pk, Key.S_PK: s_pk})})
 
 
@@ -325,7 +333,8 @@ def _keys_ok(c_pk: bytes, s_pk: bytes) -> bool:
 
 
 def _collect(me: int, cfg: ConfigRecord, st: ConfigRecord, context: Context) -> RecordDict:
-    """Store the shares addressed to this node; reply ``[w, w·q]`` + self and pairwise masks."""
+    """Store the shares addressed to this node; reply ``[w, w·q]`` (narrow: ``[w, q]``) + self
+    and pairwise masks, in the wire dtype."""
     what = Stage.COLLECT
     settings = SecAggSettings.from_record(st)
     srcs = id_list(cfg, Key.SRCS, what)
@@ -359,14 +368,14 @@ def _collect(me: int, cfg: ConfigRecord, st: ConfigRecord, context: Context) -> 
     for src in srcs:
         seed = crypto.agree(s_sk, s_pks[nodes.index(src)])
         crypto.add_mask(vec, seed, settings.modulus_bits, crypto.pair_sign(me, src))
-    reduce_mod(vec, settings.modulus_bits)
+    masked = to_wire(vec, settings)
     metrics = context.state.metric_records[METRICS]
     del context.state.array_records[UPDATE]
     st.update({"held-owners": owners, "held-b": held_b, "held-sk": held_sk})
     return RecordDict(
         {
             Key.CONFIG: ConfigRecord({}),
-            Key.MASKED: ArrayRecord({Key.VECTOR: Array(vec)}),
+            Key.MASKED: ArrayRecord({Key.VECTOR: Array(masked)}),
             Key.METRICS: MetricRecord(dict(metrics)),
         }
     )

@@ -16,7 +16,7 @@ import numpy as np
 from fedlora.errors import WireError
 
 WIRE_DTYPE = np.dtype(np.float32)
-_LORA_NAME = re.compile(r"^base_model\.model\.[A-Za-z0-9_.]+\.lora_(A|B)\.weight$")
+_LORA_NAME = re.compile(r"^base_model\.model\.[A-Za-z0-9_.]+\.lora_(A|B|R)\.weight$")
 
 
 class AdapterValidationError(WireError, ValueError):
@@ -42,7 +42,7 @@ def spec_of(arrays: Mapping[str, np.ndarray]) -> AdapterSpec:
 
 
 def factor_of(name: str) -> str:
-    """ "A" or "B" for a LoRA tensor name."""
+    """ "A", "B" or "R" (LoRA-SB's r x r matrix) for a LoRA tensor name."""
     match = _LORA_NAME.match(name)
     if match is None:
         raise ValueError(f"{name} is not a LoRA tensor name")
@@ -50,7 +50,7 @@ def factor_of(name: str) -> str:
 
 
 def restrict(spec: AdapterSpec, factors: str) -> AdapterSpec:
-    """The part of ``spec`` holding the given LoRA factors ("AB", "A" or "B")."""
+    """The part of ``spec`` holding the given LoRA factors ("AB", "A", "B", "R")."""
     return {k: v for k, v in spec.items() if factor_of(k) in factors}
 
 

@@ -61,6 +61,8 @@ ROUND_BOUNDS: dict[str, Bound] = {
     "max_grad_norm": _NON_NEGATIVE,
     "weight_decay": _NON_NEGATIVE,
     "codec_block": _POSITIVE,
+    "down_base": Bound(int, -1, INT64_MAX),
+    "down_version": Bound(int, -1, INT64_MAX),
     "dp_noise_multiplier": _NON_NEGATIVE,
     "dp_clip_norm": _NON_NEGATIVE,
     "dp_expected_clients": _NON_NEGATIVE_INT,
@@ -82,7 +84,8 @@ class RoundConfig:
     lora_alpha: float
     lora_dropout: float
     target_modules: str
-    train_factors: str = "AB"  # LoRA factors nodes train: "AB", or "B" (A frozen: FFA-LoRA)
+    train_factors: str = "AB"  # LoRA factors nodes train: "AB", "B" (A frozen: FFA-LoRA) or
+    # "R" (LoRA-SB: A and B frozen, the r x r matrix between them trained: Fed-SB)
     send_factors: str = "AB"  # factors nodes send; trained but unsent ones stay on the node
     lora_rslora: bool = False  # rank-stabilised scaling alpha / sqrt(r) (Kalajdzievski, 2023)
     local_epochs: float = 0.0  # > 0: passes over the node's data instead of local_steps
@@ -96,7 +99,15 @@ class RoundConfig:
     length_grouping: int = 1  # batches whose examples are sorted by length together; 1 = off
     gradient_checkpointing: bool = False  # recompute activations in backward (less memory)
     codec: str = "none"  # how nodes encode their delta: none | fp16 | int8 | int8-block
-    codec_block: int = 64  # int8-block: values per scale
+    codec_block: int = 64  # int8-block: values per scale (both ways)
+    # The downlink (fedlora.protocol.downlink): how the sent factors are encoded, the version
+    # the arrays are a delta from (-1: exact float32 values), the version the node then holds
+    # (-1: untracked) and digests of what it then holds and of the factors it derives itself.
+    down_codec: str = "none"
+    down_base: int = -1
+    down_version: int = -1
+    down_digest: str = ""
+    frozen_digest: str = ""
     dp_noise_multiplier: float = 0.0  # client-level DP under secure aggregation; 0 = off
     dp_clip_norm: float = 0.0  # DP: each node clips its delta to this L2 norm
     dp_expected_clients: int = 0  # DP: nodes sharing the noise (each adds 1/n of its variance)
@@ -129,13 +140,26 @@ class RoundConfig:
             raise ProtocolError(f"round config loss={self.loss!r}: use one of {LOSSES}")
         if self.codec not in CODECS:
             raise ProtocolError(f"round config codec={self.codec!r}: use one of {sorted(CODECS)}")
+        if self.down_codec not in CODECS:
+            raise ProtocolError(
+                f"round config down-codec={self.down_codec!r}: use one of {sorted(CODECS)}"
+            )
+        for name in ("down_digest", "frozen_digest"):
+            value = getattr(self, name)
+            if len(value) > 64 or any(c not in "0123456789abcdef" for c in value):
+                raise ProtocolError(f"round config {_key(name)}={show(value)}: not a hex digest")
+        if self.down_base > self.down_version:
+            raise ProtocolError(
+                f"round config down-base={self.down_base} after down-version="
+                f"{self.down_version}: a delta goes from an older version to a newer one"
+            )
         if self.lr_schedule not in SCHEDULES:
             raise ProtocolError(
                 f"round config lr-schedule={self.lr_schedule!r}: use one of {SCHEDULES}"
             )
-        if self.train_factors not in ("AB", "B"):
-            raise ProtocolError(f"train-factors={self.train_factors!r}: use 'AB' or 'B'")
-        if self.send_factors not in ("AB", "A", "B") or not set(self.send_factors) <= set(
+        if self.train_factors not in ("AB", "B", "R"):
+            raise ProtocolError(f"train-factors={self.train_factors!r}: use 'AB', 'B' or 'R'")
+        if self.send_factors not in ("AB", "A", "B", "R") or not set(self.send_factors) <= set(
             self.train_factors
         ):
             raise ProtocolError(
@@ -342,6 +366,11 @@ def arrays_of(record: ArrayRecord) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in record.items()}
 
 
+def wire_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    """Arrays already in their wire dtypes (an encoded payload) as an ArrayRecord, name-sorted."""
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in sorted(arrays.items())})
+
+
 def to_array_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord(
         {k: Array(np.ascontiguousarray(v, dtype=WIRE_DTYPE)) for k, v in sorted(arrays.items())}
@@ -363,4 +392,5 @@ __all__ = [
     "TrainReply",
     "arrays_of",
     "to_array_record",
+    "wire_record",
 ]

@@ -25,9 +25,27 @@ example-weighted mean of the *clipped* updates (computed in float64) by at most
 plus float64 rounding in decoding). See :attr:`SecAggSettings.tolerance`.
 
 No overflow: the sum of a coordinate is at most ``n · max_weight · L``; :meth:`check_overflow`
-refuses any ``n`` for which this could reach the modulus. Flower's own
-``flwr.common.secure_aggregation.quantization`` is not used: it clips every value silently and
-rounds stochastically with an unseeded generator. Needs numpy and Flower records; never torch.
+refuses any ``n`` for which this could reach the modulus.
+
+**Narrow wire** (``wire_bits`` 16 or 32, ``modulus_bits == wire_bits``): masked vectors travel
+as uint16 / uint32 instead of uint64. The weight is applied *before* quantizing, so the sum of a
+coordinate no longer grows with the weights: a node quantizes ``y = (w / max_weight) · x``
+(still ``|y| <= C``) and sends ``[w, q(y_1), ..., q(y_D)]``; the server recovers
+``Σ w_i x_i ≈ max_weight · (Δ·Σ q_i - C·n)`` with ``n`` the number of contributors. Rounding
+is stochastic, ``q = floor(s) + (u < s - floor(s))`` with ``s = (y + C) / Δ`` and ``u``
+uniform from numpy's generator seeded by a fresh 64-bit seed of the node: unbiased,
+reproducible per seed, error below one step. No overflow: ``n · max_weight < 2**m`` (weights)
+and ``n · L < 2**m`` (coordinates); :meth:`SecAggSettings.for_nodes` picks the largest
+``quantization_bits`` that keeps both. Error bound (:meth:`SecAggSettings.tolerance_for`):
+
+    |secure_mean - plain_mean| <= (max_weight · n / W) · (Δ + 16 · 2**-52 · C) + 16 · 2**-52 · C
+
+with ``W = Σ w_i`` (each node's error in ``y`` is below ``Δ``; scaled back by ``max_weight`` and
+divided by ``W``), so choose ``max_weight`` close to the largest weight of the round.
+
+Flower's own ``flwr.common.secure_aggregation.quantization`` is not used: it clips every value
+silently and rounds stochastically with an unseeded generator. Needs numpy and Flower records;
+never torch.
 """
 
 from __future__ import annotations
@@ -43,6 +61,19 @@ from flwr.app import ConfigRecord
 
 from fedlora.errors import ConfigError, WireError
 from fedlora.protocol.gate import TRAIN_METRICS, Bound, metric_problem
+from fedlora.protocol.secagg_encoding import (
+    Spec,
+    decode_sum,
+    encode_update,
+    flatten,
+    quantize,
+    quantize_stochastic,
+    reduce_mod,
+    to_wire,
+    unflatten,
+    vector_length,
+    weighted_vector,
+)
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +122,6 @@ NORM_BEFORE_CLIP = "secagg-norm-before-clip"
 CLIPPED = "secagg-clipped"
 WEIGHT_CAPPED = "secagg-weight-capped"
 
-Spec = Mapping[str, tuple[int, ...]]  # tensor name -> shape; vectors follow sorted(names)
 
 # The scalar metrics a node may send beside its masked vector: name -> (integer?, low, high).
 # Scalars only the secure path reports beside its masked vector (the clip report), with their
@@ -107,6 +137,8 @@ SECURE_METRICS: frozenset[str] = TRAIN_METRICS | frozenset(SECURE_ONLY_METRICS)
 MAX_ID = 2**64 - 1  # node ids are unsigned 64-bit integers (Flower; the share plaintext)
 MAX_KEY_BYTES = 4096  # a PEM public key of P-384 is 215 bytes
 MAX_CIPHERTEXT_BYTES = 2**16  # an encrypted share pair is under 1 KiB
+WIRE_BITS = (16, 32, 64)  # masked vectors travel as uint16 / uint32 / uint64
+FLOAT_SLACK = 16 * 2.0**-52  # float64 rounding in encoding and decoding, in units of clip_norm
 
 
 class SecAggProtocolError(WireError, ValueError):
@@ -208,13 +240,18 @@ class SecAggSettings:
     )
     modulus_bits: int = field(
         default=64,
-        metadata={
-            "help": "sums are taken modulo 2**modulus_bits (<= 64; vectors travel as uint64)"
-        },
+        metadata={"help": "sums are taken modulo 2**modulus_bits (<= 64; = wire_bits if narrow)"},
     )
     max_weight: int = field(
         default=2**20,
         metadata={"help": "cap on a client's weight (its number of examples), an exact integer"},
+    )
+    wire_bits: int = field(
+        default=64,
+        metadata={
+            "help": "masked values travel as uint16, uint32 or uint64; 16 and 32 (narrow) need "
+            "modulus_bits == wire_bits and quantize after weighting, rounding stochastically"
+        },
     )
 
     def __post_init__(self) -> None:
@@ -233,10 +270,18 @@ class SecAggSettings:
             "quantization_bits",
             "modulus_bits",
             "max_weight",
+            "wire_bits",
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
                 raise ConfigError(f"secagg {name}={value!r}: must be an integer")
+        if self.wire_bits not in WIRE_BITS:
+            raise ConfigError(f"secagg wire_bits={self.wire_bits}: use one of 16, 32, 64")
+        if self.narrow and self.modulus_bits != self.wire_bits:
+            raise ConfigError(
+                f"secagg wire_bits={self.wire_bits} with modulus_bits={self.modulus_bits}: a "
+                f"narrow wire sums modulo its own width, set modulus_bits={self.wire_bits}"
+            )
         t, k = self.reconstruction_threshold, self.num_shares
         if k < 3:
             raise ConfigError(f"secagg num_shares={k}: use at least 3")
@@ -258,6 +303,49 @@ class SecAggSettings:
             raise ConfigError(f"secagg max_weight={self.max_weight}: must be >= 1")
         self.check_overflow(1)
 
+    @classmethod
+    def for_nodes(
+        cls,
+        clip_norm: float,
+        num_nodes: int,
+        *,
+        wire_bits: int = 64,
+        max_weight: int = 2**20,
+        max_bits: int = 32,
+        **rest: Any,
+    ) -> SecAggSettings:
+        """Settings for rounds of up to ``num_nodes`` nodes with the largest quantization_bits
+        (at most ``max_bits``, below the modulus) that cannot overflow; ``modulus_bits`` is
+        ``wire_bits``. ConfigError (what to change) when not even one bit fits."""
+        if not isinstance(num_nodes, int) or num_nodes < 1:
+            raise ConfigError(f"secagg for {num_nodes!r} nodes: give at least one node")
+        if wire_bits not in WIRE_BITS:
+            raise ConfigError(f"secagg wire_bits={wire_bits}: use one of 16, 32, 64")
+        weight = max_weight if isinstance(max_weight, int) and max_weight >= 1 else 1
+        per_level = num_nodes if wire_bits < 64 else num_nodes * weight
+        levels = (2**wire_bits - 1) // per_level  # the largest L with no wrap
+        bits = max(1, min((levels + 1).bit_length() - 1, max_bits, wire_bits - 1))
+        settings = cls(
+            clip_norm=clip_norm,
+            quantization_bits=bits,
+            modulus_bits=wire_bits,
+            max_weight=max_weight,
+            wire_bits=wire_bits,
+            **rest,
+        )
+        settings.check_overflow(num_nodes)
+        return settings
+
+    @property
+    def narrow(self) -> bool:
+        """Whether masked vectors travel as uint16 / uint32 (weighted before quantizing)."""
+        return self.wire_bits < 64
+
+    @property
+    def wire_dtype(self) -> np.dtype:
+        """The dtype of masked vectors on the wire."""
+        return np.dtype(f"uint{self.wire_bits}")
+
     @property
     def levels(self) -> int:
         """``L``: quantized coordinates are integers in ``[0, L]``."""
@@ -270,15 +358,49 @@ class SecAggSettings:
 
     @property
     def tolerance(self) -> float:
-        """Per-coordinate bound on |secure mean - plain mean of clipped updates|."""
-        return self.clip_norm / self.levels + 16 * 2.0**-52 * self.clip_norm
+        """Per-coordinate bound on |secure mean - plain mean of clipped updates|.
+
+        64-bit wire: half a step, whatever the round. Narrow: the bound of any round whose
+        weights are all >= 1 (``tolerance_for`` with ``n = W``); a round's own bound,
+        :meth:`tolerance_for`, is usually far tighter.
+        """
+        if self.narrow:
+            return self.tolerance_for(1, 1)
+        return self.clip_norm / self.levels + FLOAT_SLACK * self.clip_norm
+
+    def tolerance_for(self, num_contributors: int, total_weight: int) -> float:
+        """Per-coordinate bound on |secure weighted mean - plain weighted mean of the clipped
+        updates| for a round of ``num_contributors`` nodes of total weight ``total_weight``.
+
+        64-bit wire: :attr:`tolerance`. Narrow: each node's stochastic rounding errs by less than
+        one step ``Δ`` of ``y = (w / max_weight) · x``, so the mean errs by less than
+        ``max_weight · n · Δ / W``, plus float64 slack.
+        """
+        if not self.narrow:
+            return self.tolerance
+        if num_contributors < 1 or total_weight < 1:
+            raise ValueError(
+                f"no bound for {num_contributors} contributors of total weight {total_weight}"
+            )
+        eps = FLOAT_SLACK * self.clip_norm
+        return self.max_weight * num_contributors / total_weight * (self.step + eps) + eps
 
     def max_clients(self) -> int:
         """The most clients whose sum cannot wrap the modulus."""
-        return (2**self.modulus_bits - 1) // (self.max_weight * self.levels)
+        room = 2**self.modulus_bits - 1
+        if self.narrow:
+            return min(room // self.max_weight, room // self.levels)
+        return room // (self.max_weight * self.levels)
 
     def check_overflow(self, num_clients: int) -> None:
-        """Raise ConfigError if ``num_clients * max_weight * L`` could wrap the modulus."""
+        """Raise ConfigError if the sums of ``num_clients`` nodes could wrap the modulus.
+
+        64-bit wire: ``num_clients * max_weight * L``; narrow: ``num_clients * max_weight``
+        (weights) and ``num_clients * L`` (coordinates), each below ``2**modulus_bits``.
+        """
+        if self.narrow:
+            self._check_narrow_overflow(num_clients)
+            return
         if num_clients * self.max_weight * self.levels < 2**self.modulus_bits:
             return
         room = 2**self.modulus_bits - 1
@@ -289,6 +411,26 @@ class SecAggSettings:
             f"to {max(bits, 0)}, or max_weight to {room // (num_clients * self.levels)}, or "
             f"raise modulus_bits (at most 64), or sample fewer clients "
             f"(at most {self.max_clients()})"
+        )
+
+    def _check_narrow_overflow(self, n: int) -> None:
+        most = self.max_clients()
+        if n <= most:
+            return
+        room = 2**self.modulus_bits - 1
+        fixes = [f"sample at most {most} nodes per round"] if most else []
+        lower = []
+        if n * self.max_weight > room:
+            lower.append(f"max_weight to {room // n}")
+        if n * self.levels > room:
+            lower.append(f"quantization_bits to {(room // n + 1).bit_length() - 1}")
+        if room // n:  # one level and weight 1 still fit
+            fixes.append("lower " + " and ".join(lower))
+        fixes.append("use wire_bits 32 or 64" if self.wire_bits == 16 else "use wire_bits 64")
+        raise ConfigError(
+            f"secagg overflow: {n} nodes on a {self.wire_bits}-bit wire can wrap 2**"
+            f"{self.modulus_bits} (weights {n} x max_weight {self.max_weight}, coordinates {n} x "
+            f"{self.levels} levels): {'; or '.join(fixes)}"
         )
 
     def to_record(self) -> ConfigRecord:
@@ -305,81 +447,6 @@ class SecAggSettings:
         return cls(**values)  # type: ignore[arg-type]
 
 
-def vector_length(spec: Spec) -> int:
-    """Length of an encoded vector: the weight plus every coordinate."""
-    return 1 + sum(math.prod(shape) for shape in spec.values())
-
-
-def flatten(arrays: Mapping[str, np.ndarray], spec: Spec) -> np.ndarray:
-    """One float64 vector in sorted-name order, after checking names and shapes against spec."""
-    if set(arrays) != set(spec):
-        missing, extra = sorted(set(spec) - set(arrays)), sorted(set(arrays) - set(spec))
-        raise ValueError(
-            f"update tensors differ from the spec: missing {missing[:2]}, unexpected {extra[:2]}"
-        )
-    parts = []
-    for name in sorted(spec):
-        arr = np.asarray(arrays[name])
-        if tuple(arr.shape) != tuple(spec[name]):
-            raise ValueError(f"{name} has shape {arr.shape}, expected {tuple(spec[name])}")
-        parts.append(arr.astype(np.float64, copy=False).ravel())
-    vec = np.concatenate(parts) if parts else np.zeros(0)
-    if not np.isfinite(vec).all():
-        raise ValueError("the update holds NaN or Inf: refusing to encode it")
-    return vec
-
-
-def unflatten(vec: np.ndarray, spec: Spec) -> dict[str, np.ndarray]:
-    out, start = {}, 0
-    for name in sorted(spec):
-        size = math.prod(spec[name])
-        out[name] = vec[start : start + size].reshape(spec[name])
-        start += size
-    return out
-
-
-def quantize(vec: np.ndarray, settings: SecAggSettings) -> np.ndarray:
-    """Deterministic ``rint((x + C) / Δ)`` in ``[0, L]`` (uint64); ``vec`` must be clipped.
-
-    ``np.clip`` only absorbs float rounding of the L2 scaling (at most an ulp past ``±C``).
-    """
-    c = settings.clip_norm
-    if vec.size and float(np.max(np.abs(vec))) > c * (1 + 1e-9):
-        raise ValueError(
-            f"a coordinate exceeds clip_norm {c}: clip the update (fedlora.clipping.clip_l2) first"
-        )
-    scaled = (np.clip(vec, -c, c) + c) / settings.step
-    return np.rint(np.clip(scaled, 0, settings.levels)).astype(np.uint64)
-
-
-def weighted_vector(q: np.ndarray, weight: int, settings: SecAggSettings) -> np.ndarray:
-    """``[w, w·q_1, ..., w·q_D]`` mod ``2**modulus_bits`` as uint64 (exact: w <= max_weight)."""
-    if not 0 <= weight <= settings.max_weight:
-        raise ValueError(f"weight {weight} outside [0, max_weight={settings.max_weight}]")
-    out = np.empty(q.size + 1, dtype=np.uint64)
-    out[0] = weight
-    np.multiply(q, np.uint64(weight), out=out[1:])
-    return reduce_mod(out, settings.modulus_bits)
-
-
-def reduce_mod(vec: np.ndarray, modulus_bits: int) -> np.ndarray:
-    """``vec mod 2**modulus_bits`` in place (uint64 arithmetic already wraps modulo 2**64)."""
-    if modulus_bits < 64:
-        np.bitwise_and(vec, np.uint64(2**modulus_bits - 1), out=vec)
-    return vec
-
-
-def decode_sum(
-    total: np.ndarray, settings: SecAggSettings, spec: Spec
-) -> tuple[dict[str, np.ndarray], int]:
-    """``(Σ w_i x_i by tensor name in float64, Σ w_i)`` from the unmasked sum vector."""
-    if total.shape != (vector_length(spec),):
-        raise ValueError(f"sum vector has shape {total.shape}, expected ({vector_length(spec)},)")
-    weight = int(total[0])
-    summed = total[1:].astype(np.float64) * settings.step - settings.clip_norm * weight
-    return unflatten(summed, spec), weight
-
-
 __all__ = [
     "ACTION",
     "CLIPPED",
@@ -390,6 +457,7 @@ __all__ = [
     "NORM_BEFORE_CLIP",
     "SECURE_METRICS",
     "WEIGHT_CAPPED",
+    "WIRE_BITS",
     "Key",
     "SecAggProtocolError",
     "SecAggSettings",
@@ -400,10 +468,13 @@ __all__ = [
     "check_share",
     "config_field",
     "decode_sum",
+    "encode_update",
     "flatten",
     "id_list",
     "quantize",
+    "quantize_stochastic",
     "reduce_mod",
+    "to_wire",
     "unflatten",
     "vector_length",
     "weighted_vector",

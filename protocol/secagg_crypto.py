@@ -103,8 +103,17 @@ def pair_sign(own: int, other: int) -> int:
 
 
 def add_mask(acc: np.ndarray, seed: bytes, modulus_bits: int, sign: int) -> None:
-    """``acc += sign * mask(seed)`` in place, modulo 2**64 (reduce to the modulus at the end)."""
+    """``acc += sign * mask(seed)`` in place, modulo ``2**(8 * acc.itemsize)``.
+
+    ``acc`` is an unsigned integer vector at least ``modulus_bits`` wide (uint64, or uint16 /
+    uint32 for a narrow wire): its arithmetic wraps modulo a multiple of ``2**modulus_bits``, so
+    reducing to the modulus at the end gives the sum modulo ``2**modulus_bits``.
+    """
+    if acc.dtype.kind != "u" or 8 * acc.itemsize < modulus_bits:
+        raise ValueError(f"masks modulo 2**{modulus_bits} need unsigned integers that wide")
     m = mask(seed, acc.size, modulus_bits)
+    if m.dtype != acc.dtype:
+        m = m.astype(acc.dtype)  # exact: every mask value is below 2**modulus_bits
     (np.add if sign > 0 else np.subtract)(acc, m, out=acc)
 
 

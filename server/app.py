@@ -64,14 +64,33 @@ def dp_settings(cfg: RunConfig) -> DpSettings:
 
 
 def secagg_settings(cfg: RunConfig, nodes: int) -> SecAggSettings:
-    """SecAgg+ settings for a round with ``nodes`` sampled nodes (shares capped at nodes)."""
+    """SecAgg+ settings for a round with ``nodes`` sampled nodes (shares capped at nodes).
+
+    A narrow wire (secagg-wire-bits 16 or 32) weighs before quantizing, so weights cost bits:
+    32-bit wires cap a node's weight (its training examples) at 4096, 16-bit wires and DP rounds
+    weigh every node 1 (16 bits leave no room for weights; under DP each node's contribution is
+    bounded by the clip alone). Quantization takes the most bits that cannot overflow.
+    """
     shares = max(3, min(cfg.secagg_num_shares, nodes))
     threshold = max(min(cfg.secagg_threshold, shares, nodes), shares // 2 + 1)
-    return SecAggSettings(
-        clip_norm=float(cfg.secagg_clip_norm),
+    if cfg.secagg_wire_bits == 64:
+        return SecAggSettings(
+            clip_norm=float(cfg.secagg_clip_norm),
+            num_shares=shares,
+            reconstruction_threshold=threshold,
+        )
+    equal = cfg.secagg_wire_bits == 16 or cfg.dp_noise_multiplier > 0
+    return SecAggSettings.for_nodes(
+        float(cfg.secagg_clip_norm),
+        nodes,
+        wire_bits=cfg.secagg_wire_bits,
+        max_weight=1 if equal else NARROW_MAX_WEIGHT,
         num_shares=shares,
         reconstruction_threshold=threshold,
     )
+
+
+NARROW_MAX_WEIGHT = 2**12  # a node's weight cap on 32-bit secure wires
 
 
 # RoundConfig fields that do not come from a run-config key of the same name, and where they
@@ -85,6 +104,11 @@ DERIVED_ROUND_FIELDS = {
     "dp_noise_multiplier": "the privacy ledger (LoraFedAvg.configure_train)",
     "dp_clip_norm": "the privacy ledger (LoraFedAvg.configure_train)",
     "dp_expected_clients": "the nodes sampled for the round (LoraFedAvg.configure_train)",
+    # The downlink, per node and round (server/downlink.py, LoraFedAvg.configure_train)
+    "down_base": "the version the node holds (server/downlink.py)",
+    "down_version": "the global adapter's version (server/downlink.py)",
+    "down_digest": "the global adapter's sent factors (server/downlink.py)",
+    "frozen_digest": "the factors nodes derive from the seed (server/downlink.py)",
     "wire_version": "the protocol",
 }
 
@@ -187,6 +211,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict[str, np.ndarray]:
         secagg=partial(secagg_settings, cfg) if cfg.secure_aggregation else None,
         codec=wire_codec(cfg),
         codec_block=cfg.codec_block,
+        down_codec=cfg.down_codec,
         dp=ledger,
         site_names=SITES,  # packaged drug-review sites report their index as site-id
     )

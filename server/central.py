@@ -19,7 +19,7 @@ import numpy as np
 
 from fedlora.data.records import Example
 from fedlora.errors import ConfigError
-from fedlora.lora import LoraSettings
+from fedlora.lora import LoraSettings, fold_sb
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def make_central_eval(
         model, tokenizer = state["model"], state["tokenizer"]
         set_peft_model_state_dict(
             model,
-            {k: torch.from_numpy(np.array(v)) for k, v in adapter.items()},
+            {k: torch.from_numpy(np.array(v)) for k, v in fold_sb(adapter).items()},
         )
         _apply_residuals(model, residuals(), state["originals"])  # type: ignore[arg-type]
         result = {}

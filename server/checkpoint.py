@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import save_file
 
-from fedlora.lora import RESIDUAL_FILE, LoraSettings
+from fedlora.lora import RESIDUAL_FILE, LoraSettings, fold_sb
 
 
 @contextmanager
@@ -54,7 +54,11 @@ def save_adapter(
     metadata: Mapping[str, Any] | None = None,
     residuals: Mapping[str, np.ndarray] | None = None,
 ) -> Path:
-    """Write ``arrays`` as a PEFT adapter folder at ``folder`` (replacing it atomically)."""
+    """Write ``arrays`` as a PEFT adapter folder at ``folder`` (replacing it atomically).
+
+    A LoRA-SB adapter (Fed-SB) is written folded (``A' = R @ A``): a standard PEFT adapter.
+    """
+    arrays = fold_sb(dict(arrays))
     with atomic_folder(folder) as tmp:
         save_file(
             {k: np.ascontiguousarray(v) for k, v in arrays.items()},

@@ -11,7 +11,8 @@ and ``cryptography``. One call runs one round over a ``Grid``; every stage is a
 2. ``share-keys``: each node gets its neighbours' keys (a random ``num_shares``-regular graph)
    and returns Shamir shares of its self-mask seed and mask key, encrypted per neighbour.
 3. ``collect-masked-vectors``: the server forwards the encrypted shares; nodes reply
-   ``[w, w·q(x)] + self mask ± pair masks (mod 2**modulus_bits)``. The server keeps the sum only.
+   ``[w, w·q(x)] + self mask ± pair masks (mod 2**modulus_bits)`` as uint64, or on a narrow
+   wire ``[w, q(w·x / max_weight)] + masks`` as uint16 / uint32. The server keeps the sum only.
 4. ``unmask``: survivors send shares of the self-mask seeds of contributors and of the mask keys
    of nodes that dropped before masking; the server removes all masks and decodes.
 
@@ -53,6 +54,7 @@ class SecAggResult:
     bytes_sent: dict[str, int] = field(default_factory=dict)  # payload bytes per stage
     bytes_received: dict[str, int] = field(default_factory=dict)
     tolerance: float = 0.0  # per-coordinate bound on |mean - plain mean of clipped updates|
+    # (settings.tolerance_for(len(contributors), total_weight))
     rejected: dict[int, str] = field(default_factory=dict)  # node -> why its reply was invalid
 
     def mean(self, dtype: DTypeLike = np.float64) -> dict[str, np.ndarray]:
@@ -67,7 +69,7 @@ class SecAggResult:
 def secure_weighted_sum(
     grid: Grid,
     node_ids: Iterable[int],
-    train_content: RecordDict,
+    train_content: RecordDict | Mapping[int, RecordDict],
     settings: SecAggSettings,
     spec: Spec,
     timeout: float | None = None,
@@ -77,9 +79,10 @@ def secure_weighted_sum(
 ) -> SecAggResult:
     """Run one SecAgg+ round on ``node_ids``; return the weighted sum or raise SecAggError.
 
-    ``train_content`` is what a plain round sends in its train message; nodes train on it in
-    the setup stage, which waits up to ``timeout`` seconds. The other stages wait up to
-    ``stage_timeout`` (default: ``timeout``). ``spec`` maps tensor names to shapes (the sent
+    ``train_content`` is what a plain round sends in its train message (one for all nodes, or
+    one per node id: each node's downlink differs); nodes train on it in the setup stage,
+    which waits up to ``timeout`` seconds. The other stages wait up to ``stage_timeout``
+    (default: ``timeout``). ``spec`` maps tensor names to shapes (the sent
     factors). Contributors that vanish after sending their masked vectors are recovered while
     at least ``reconstruction_threshold`` share holders answer the unmask stage; with fewer,
     SecAggError is raised and nothing is returned. ConfigError if the modulus could overflow.
@@ -112,7 +115,7 @@ def secure_weighted_sum(
         seconds=dict(s.seconds),
         bytes_sent=dict(s.bytes_sent),
         bytes_received=dict(s.bytes_received),
-        tolerance=settings.tolerance,
+        tolerance=settings.tolerance_for(len(u3), weight),
         rejected=dict(s.rejected),
     )
     log.info(
@@ -135,7 +138,7 @@ def _run_stages(
     grid: Grid,
     s: Session,
     nodes: list[int],
-    train_content: RecordDict,
+    train_content: RecordDict | Mapping[int, RecordDict],
     timeout: float | None,
     stage_timeout: float | None,
 ) -> list[int]:
@@ -156,8 +159,9 @@ def checked_decode(
     """Decode the unmasked sum after checking it is one that honest contributors can produce.
 
     The total weight lies in ``[1, survivors * max_weight]`` and every weighted coordinate
-    ``Σ w_i q_i`` in ``[0, W * L]`` (so each decoded value in ``[-C W, C W]``); anything else
-    means a wrong share or mask slipped through, and the round fails (SecAggError).
+    ``Σ w_i q_i`` in ``[0, W * L]`` (narrow: ``Σ q_i`` in ``[0, survivors * L]``), so each
+    decoded value in ``[-C W, C W]``; anything else means a wrong share or mask slipped through,
+    and the round fails (SecAggError).
     """
     if total.shape != (vector_length(spec),):
         raise SecAggError(f"the sum has shape {total.shape}, expected ({vector_length(spec)},)")
@@ -167,12 +171,14 @@ def checked_decode(
             f"the decoded total weight {weight} lies outside [1, {survivors} x "
             f"{settings.max_weight}]: the unmasking went wrong, nothing is aggregated"
         )
-    if total.size > 1 and int(total[1:].max()) > weight * settings.levels:
+    per_level, name = (survivors, "contributors") if settings.narrow else (weight, "weight")
+    if total.size > 1 and int(total[1:].max()) > per_level * settings.levels:
         raise SecAggError(
-            f"a decoded coordinate exceeds weight {weight} x {settings.levels} levels (beyond the "
-            f"clip range {settings.clip_norm:g}): the unmasking went wrong, nothing is aggregated"
+            f"a decoded coordinate exceeds {name} {per_level} x {settings.levels} levels (beyond "
+            f"the clip range {settings.clip_norm:g}): the unmasking went wrong, nothing is "
+            f"aggregated"
         )
-    return decode_sum(total, settings, spec)
+    return decode_sum(total, settings, spec, survivors)
 
 
 def _enough(survivors: list[int], threshold: int, stage: str) -> None:

@@ -16,7 +16,7 @@ import logging
 import random
 import secrets
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -230,42 +230,46 @@ def parse_share_keys_reply(
 
 
 @functools.lru_cache(maxsize=64)
-def _npy_size(length: int) -> int:
+def _npy_size(length: int, dtype: str = "uint64") -> int:
     buffer = io.BytesIO()
-    np.save(buffer, np.zeros(length, dtype=np.uint64), allow_pickle=False)
+    np.save(buffer, np.zeros(length, dtype=dtype), allow_pickle=False)
     return len(buffer.getvalue())
 
 
-def parse_masked_vector(arr: Any, length: int, modulus_bits: int, what: str) -> np.ndarray:
-    """The masked vector: uint64, ``(length,)``, below the modulus; checked before np.load."""
+def parse_masked_vector(
+    arr: Any, length: int, modulus_bits: int, what: str, dtype: str = "uint64"
+) -> np.ndarray:
+    """The masked vector: exactly ``dtype`` (the wire's: uint16, uint32 or uint64),
+    ``(length,)``, below the modulus; checked before np.load."""
+    size = _npy_size(length, dtype)
     if not isinstance(arr, Array):
         raise SecAggProtocolError(f"{what}: {Key.VECTOR!r} is not an array")
     if (
         arr.stype != "numpy.ndarray"
-        or arr.dtype != "uint64"
+        or arr.dtype != dtype
         or not isinstance(arr.shape, list | tuple)
         or list(arr.shape) != [length]
         or not isinstance(arr.data, bytes)
-        or len(arr.data) != _npy_size(length)
+        or len(arr.data) != size
     ):
         raise SecAggProtocolError(
             f"{what}: masked vector {arr.stype!r} {arr.dtype!r} {arr.shape!r} of "
             f"{len(arr.data) if isinstance(arr.data, bytes) else '?'} bytes, expected a numpy "
-            f"uint64 ({length},) of {_npy_size(length)} bytes"
+            f"{dtype} ({length},) of {size} bytes"
         )
     try:
         vec = arr.numpy()
     except Exception as exc:  # noqa: BLE001 - np.load of network bytes: any failure is a refusal
         raise SecAggProtocolError(f"{what}: the masked vector does not load: {exc}") from None
-    if vec.dtype != np.dtype(np.uint64) or vec.shape != (length,):
+    if vec.dtype != np.dtype(dtype) or vec.shape != (length,):
         raise SecAggProtocolError(f"{what}: the masked vector loads as {vec.dtype} {vec.shape}")
-    if modulus_bits < 64 and length and int(vec.max()) >= 2**modulus_bits:
+    if modulus_bits < 8 * vec.itemsize and length and int(vec.max()) >= 2**modulus_bits:
         raise SecAggProtocolError(f"{what}: the masked vector has values >= 2**{modulus_bits}")
     return vec
 
 
 def parse_collect_reply(
-    content: RecordDict, what: str, length: int, modulus_bits: int
+    content: RecordDict, what: str, length: int, modulus_bits: int, dtype: str = "uint64"
 ) -> tuple[np.ndarray, dict[str, int | float]]:
     """``(masked vector, whitelisted metrics)`` of a collect reply."""
     reply_config(content, set(), what, {Key.MASKED, Key.METRICS})
@@ -279,7 +283,7 @@ def parse_collect_reply(
         raise SecAggProtocolError(
             f"{what}: arrays {sorted(arrays.keys())[:5]}, expected [{Key.VECTOR!r}]"
         )
-    vec = parse_masked_vector(arrays[Key.VECTOR], length, modulus_bits, what)
+    vec = parse_masked_vector(arrays[Key.VECTOR], length, modulus_bits, what, dtype)
     return vec, check_metrics(metrics, what)
 
 
@@ -304,9 +308,16 @@ def _what(stage: str, node: int) -> str:
 
 
 def setup(
-    grid: Grid, s: Session, nodes: list[int], train_content: RecordDict, timeout: float | None
+    grid: Grid,
+    s: Session,
+    nodes: list[int],
+    train_content: RecordDict | Mapping[int, RecordDict],
+    timeout: float | None,
 ) -> list[int]:
-    """Stage 0: the train content and settings out; two public keys back from each node (U1)."""
+    """Stage 0: the train content and settings out; two public keys back from each node (U1).
+
+    ``train_content`` is one RecordDict for every node, or one per node id.
+    """
     cfg = ConfigRecord(
         {
             **s.settings.to_record(),
@@ -314,8 +325,16 @@ def setup(
             Key.SIZES: [int(np.prod(s.spec[k])) for k in sorted(s.spec)],
         }
     )
+    single = train_content if isinstance(train_content, RecordDict) else None
+
+    def content_of(node: int) -> RecordDict:
+        if single is not None:
+            return single
+        assert not isinstance(train_content, RecordDict)
+        return train_content[node]
+
     contents = {
-        n: RecordDict({**train_content, Key.CONFIG: ConfigRecord(dict(cfg))}) for n in nodes
+        n: RecordDict({**content_of(n), Key.CONFIG: ConfigRecord(dict(cfg))}) for n in nodes
     }
     for node, content in exchange(grid, s, Stage.SETUP, contents, timeout).items():
         try:
@@ -368,7 +387,8 @@ def share_keys(grid: Grid, s: Session, u1: list[int], timeout: float | None) -> 
 
 
 def collect(grid: Grid, s: Session, u2: list[int], timeout: float | None) -> list[int]:
-    """Stage 2: shares forwarded (from U2 only); masked vectors summed as they come (U3)."""
+    """Stage 2: shares forwarded (from U2 only); masked vectors (of the wire dtype) summed as
+    they come, in uint64 (U3)."""
     ok = set(u2)
     contents, srcs_of = {}, {}
     for node in u2:
@@ -387,7 +407,9 @@ def collect(grid: Grid, s: Session, u2: list[int], timeout: float | None) -> lis
     for node, content in exchange(grid, s, Stage.COLLECT, contents, timeout).items():
         what = _what(Stage.COLLECT, node)
         try:
-            vec, metrics = parse_collect_reply(content, what, length, s.settings.modulus_bits)
+            vec, metrics = parse_collect_reply(
+                content, what, length, s.settings.modulus_bits, s.settings.wire_dtype.name
+            )
         except SecAggProtocolError as exc:
             s.reject(Stage.COLLECT, node, str(exc))
             continue

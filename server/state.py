@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import save_file
 
+from fedlora.config import RunConfig
 from fedlora.errors import ConfigError, FileFormatError
 from fedlora.savedfiles import load_safetensors, read_json
 from fedlora.server.checkpoint import atomic_folder
@@ -100,12 +101,17 @@ def load_state(out_dir: Path) -> ServerState | None:
 
 
 def check_resumable(saved: Mapping[str, Any], now: Mapping[str, Any], where: Path) -> None:
-    """Refuse a resume whose result-shaping settings differ from the saved run's."""
+    """Refuse a resume whose result-shaping settings differ from the saved run's.
+
+    A key the saved run predates counts as its default (the run behaved as the default does).
+    """
+    defaults = RunConfig().to_mapping()
     for key in sorted(set(saved) | set(now)):
-        if key in RESUMABLE_KEYS or saved.get(key) == now.get(key):
+        was = saved.get(key, defaults.get(key))
+        if key in RESUMABLE_KEYS or was == now.get(key):
             continue
         raise ConfigError(
-            f"cannot resume the run in {where}: {key} was {saved.get(key)!r}, "
+            f"cannot resume the run in {where}: {key} was {was!r}, "
             f"now {now.get(key)!r}; use the same value or a new output-dir"
         )
 

@@ -29,21 +29,24 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedlora.clipping import add_noise, clip_l2
 from fedlora.errors import FedloraError, WireError
 from fedlora.protocol.adapter import AdapterSpec, restrict
+from fedlora.protocol.compression import nbytes
 from fedlora.protocol.messages import (
     CONFIG,
     EvalReply,
     RoundConfig,
     TrainReply,
     to_array_record,
+    wire_record,
 )
 from fedlora.protocol.secagg import CLIPPED, NORM_BEFORE_CLIP, SecAggSettings
+from fedlora.server.downlink import Downlink
 from fedlora.server.privacy import PrivacyLedger, effective_noise_multiplier
 from fedlora.server.secagg import (
     SecAggError,
@@ -93,6 +96,7 @@ class LoraFedAvg(FedAvg):
         codec_block: int = 64,
         dp: PrivacyLedger | None = None,
         site_names: Sequence[str] = (),
+        down_codec: str = "none",
         **fedavg: Any,
     ) -> None:
         super().__init__(**fedavg)
@@ -105,6 +109,13 @@ class LoraFedAvg(FedAvg):
         self.clip_norm = clip_norm  # per-client L2 bound on the delta; None: no clipping
         self.residuals: Arrays = {}  # FedEx-LoRA's dense corrections, summed over rounds
         self.reply_spec = restrict(spec, self.aggregator.factors()[1])
+        # What each node receives: the factors it sends back, exact or as the change since the
+        # version it holds (fedlora.server.downlink); the other factors it derives from the seed.
+        self.downlink = Downlink(
+            global_adapter, self.aggregator.factors()[1], down_codec, codec_block
+        )
+        self._sent: dict[int, int] = {}  # node -> the global version its last message carried
+        self._down_bytes: dict[int, int] = {}  # node -> payload bytes it was sent this round
         self.history_file = history_file
         self.history: list[dict[str, Any]] = []  # one record per completed round
         self.on_round = on_round
@@ -147,17 +158,45 @@ class LoraFedAvg(FedAvg):
             return messages
         # Secure rounds take four exchanges, run from aggregate_train; Flower's loop sends none.
         messages = list(messages)
-        content = messages[0].content if messages else None
-        if content is not None and self.dp is not None:  # nodes add their share of the noise
-            rc = RoundConfig.from_record(content.config_records[CONFIG])
-            content.config_records[CONFIG] = dataclasses.replace(
-                rc,
-                dp_noise_multiplier=float(self.dp.settings.noise_multiplier),
-                dp_clip_norm=float(self.dp.settings.clip_norm),
-                dp_expected_clients=len(messages),
-            ).to_record()
-        self._secure_round = (grid, [m.metadata.dst_node_id for m in messages], content)
+        contents = {m.metadata.dst_node_id: m.content for m in messages}
+        for content in contents.values():
+            if self.dp is not None:  # nodes add their share of the noise
+                rc = RoundConfig.from_record(content.config_records[CONFIG])
+                content.config_records[CONFIG] = dataclasses.replace(
+                    rc,
+                    dp_noise_multiplier=float(self.dp.settings.noise_multiplier),
+                    dp_clip_norm=float(self.dp.settings.clip_norm),
+                    dp_expected_clients=len(messages),
+                ).to_record()
+        self._secure_round = (grid, list(contents), contents)
         return []
+
+    def _construct_messages(
+        self, record: RecordDict, node_ids: list[int], message_type: str
+    ) -> Iterable[Message]:
+        """One message per node: the round config plus that node's downlink payload (only the
+        factors it sends back, exact or as the change since the version it holds)."""
+        messages = []
+        self._down_bytes = {}
+        base = record.config_records[self.configrecord_key]
+        for node in node_ids:
+            arrays, fields = self.downlink.payload(node)
+            config = ConfigRecord(dict(base))
+            config.update({k.replace("_", "-"): v for k, v in fields.items()})
+            content = RecordDict(
+                {self.arrayrecord_key: wire_record(arrays), self.configrecord_key: config}
+            )
+            self._sent[node] = self.downlink.version
+            self._down_bytes[node] = nbytes(arrays)
+            messages.append(Message(content=content, message_type=message_type, dst_node_id=node))
+        return messages
+
+    def _acknowledge(self, node: int, ok: bool) -> None:
+        """A node's reply was used (it holds what it was sent) or not (send it exact values)."""
+        if ok and node in self._sent:
+            self.downlink.acknowledge(node, self._sent[node])
+        else:
+            self.downlink.forget(node)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -173,6 +212,7 @@ class LoraFedAvg(FedAvg):
             if msg.has_error():
                 log.warning("Round %d: node %s failed: %s", server_round, node, msg.error.reason)
                 rejected.append(_rejection(node, f"node error: {msg.error.reason}"))
+                self._acknowledge(node, False)
                 continue
             try:
                 reply = TrainReply.from_content(
@@ -181,7 +221,9 @@ class LoraFedAvg(FedAvg):
             except WireError as exc:
                 log.warning("Round %d: dropped reply from node %s: %s", server_round, node, exc)
                 rejected.append(_rejection(node, str(exc)))
+                self._acknowledge(node, False)
                 continue
+            self._acknowledge(node, True)
             accepted.append(reply)
             names.append(self.site_name(reply.site_id, node))
         record = self._round_record(server_round, accepted, names, rejected)
@@ -249,9 +291,10 @@ class LoraFedAvg(FedAvg):
             record.update(self.dp.record_round(server_round).metrics())
         elif self.dp is not None:
             self._charge_secure_dp(server_round, record)
-        self.global_adapter, self.opt_state = step(
+        new_global, self.opt_state = step(
             self.global_adapter, delta, self.opt_state, self.optimizer
         )
+        self.global_adapter = self.downlink.publish(new_global)
         if result.residuals:
             self.residuals = add_residuals(self.residuals, result.residuals)
         self._finish_round(server_round, record)
@@ -271,6 +314,7 @@ class LoraFedAvg(FedAvg):
         assert self.secagg is not None
         grid, nodes, content = self._secure_round or (None, [], None)
         self._secure_round = None
+        down_bytes = sum(self._down_bytes.get(n, 0) for n in nodes)
         result: SecAggResult | None = None
         error = "no nodes sampled"
         rejected: dict[int, str] = {}
@@ -294,13 +338,18 @@ class LoraFedAvg(FedAvg):
                 server_round,
                 error,
             )
+            for node in nodes:
+                self._acknowledge(node, False)
             record = self._secure_record(server_round, None, len(nodes))
             record.update(
                 {"skipped": True, "secagg-error": error, "rejected": _rejected_list(rejected)}
             )
             self._finish_round(server_round, record)
             return None, None
+        for node in nodes:
+            self._acknowledge(node, node in result.contributors)
         record = self._secure_record(server_round, result, len(nodes))
+        record["downlink-bytes"] = down_bytes
         if len(result.contributors) < max(self.min_train_nodes, 1):
             log.warning(
                 "Round %d: %d contributors, fewer than the minimum %d; the global "
@@ -440,6 +489,7 @@ class LoraFedAvg(FedAvg):
                     "Round %d: node %s did not evaluate: %s", server_round, node, msg.error.reason
                 )
                 rejected.append(_rejection(node, f"node error: {msg.error.reason}"))
+                self._acknowledge(node, False)
                 continue
             try:
                 reply = EvalReply.from_content(msg.content)
@@ -448,7 +498,9 @@ class LoraFedAvg(FedAvg):
                     "Round %d: dropped eval reply from node %s: %s", server_round, node, exc
                 )
                 rejected.append(_rejection(node, str(exc)))
+                self._acknowledge(node, False)
                 continue
+            self._acknowledge(node, True)
             results.append((self.site_name(reply.site_id, node), reply))
         record["eval-dropped"] = len(rejected)
         record["eval-rejected"] = rejected
@@ -531,6 +583,7 @@ class LoraFedAvg(FedAvg):
             "sites": sites,
             "bytes-sent": sum(r.bytes_sent for r in accepted),
             "bytes-received": sum(r.bytes_received for r in accepted),
+            "downlink-bytes": sum(self._down_bytes.values()),
         }
 
     def _finish_round(self, server_round: int, record: dict[str, Any]) -> None:

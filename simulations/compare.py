@@ -284,16 +284,28 @@ def single_client(
 def metrics_of(history: list[dict[str, Any]]) -> dict[str, Any]:
     last = history[-1]
     replies = sum(r.get("replies", 0) for r in history) or 1
-    moved = sum(r.get("bytes-sent", 0) + r.get("bytes-received", 0) for r in history)
+    up = sum(_up_down(r)[0] for r in history)
+    down = sum(_up_down(r)[1] for r in history)
     res: dict[str, Any] = {
         "loss": last.get("central-eval-loss", float("nan")),
-        "bytes-per-client-round": moved / replies,
+        "bytes-per-client-round": (up + down) / replies,
+        "bytes-up-per-client-round": up / replies,
+        "bytes-down-per-client-round": down / replies,
     }
     if "central-eval-accuracy" in last:
         res["accuracy"] = last["central-eval-accuracy"]
     if "dp-epsilon" in last:
         res["dp-epsilon"] = last["dp-epsilon"]
     return res
+
+
+def _up_down(record: dict[str, Any]) -> tuple[int, int]:
+    """Bytes nodes sent and received in a round record. A plain record counts what nodes report
+    (their encoded delta out, the downlink payload in); a secure record counts what the SecAgg+
+    stages carried, seen from the server (``bytes-sent`` went down to the nodes)."""
+    if record.get("secure-aggregation"):
+        return record.get("bytes-received", 0), record.get("bytes-sent", 0)
+    return record.get("bytes-sent", 0), record.get("bytes-received", 0)
 
 
 def write(

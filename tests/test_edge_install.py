@@ -72,8 +72,12 @@ def tiny_onnx(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
 def _run(env_dir: Path, *args: str, stdin: str = "") -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
     env["PATH"] = f"{env_dir / 'bin'}:{env['PATH']}"
-    return subprocess.run(
-        list(args), input=stdin, capture_output=True, text=True, timeout=300, env=env, check=False
+    # Bytes, decoded here: text mode would turn a generated "\r" into "\n" (universal newlines).
+    raw = subprocess.run(
+        list(args), input=stdin.encode(), capture_output=True, timeout=300, env=env, check=False
+    )
+    return subprocess.CompletedProcess(
+        raw.args, raw.returncode, raw.stdout.decode("utf-8"), raw.stderr.decode("utf-8", "replace")
     )
 
 

@@ -46,8 +46,8 @@ def test_central_dp_with_int8_ffa_lora_reports_the_accountants_epsilon(tiny_mode
     result = simulate(cfg)
     for n, record in enumerate(result.history, start=1):
         assert record["dp-epsilon"] == pytest.approx(_epsilon(1.3, 1.0, n, 1e-4), rel=1e-9)
-        for site in record["sites"].values():  # int8 B factors: about a quarter of fp32 B
-            assert 0 < site["bytes-sent"] < site["bytes-received"] / 2 / 3.5
+        for site in record["sites"].values():  # int8 B up: about a quarter of the fp32 B down
+            assert 0 < site["bytes-sent"] < site["bytes-received"] / 3.5
     assert result.history[1]["dp-epsilon"] > result.history[0]["dp-epsilon"]
     meta = json.loads((result.adapter_dir / "fedlora.json").read_text())
     assert meta["privacy"]["epsilon"] == pytest.approx(result.history[-1]["dp-epsilon"])

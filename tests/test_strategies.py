@@ -40,12 +40,15 @@ def b(prefix: str) -> str:
     return f"{prefix}.lora_B.weight"
 
 
-def make_global(seed: int = 0) -> dict[str, np.ndarray]:
+def make_global(seed: int = 0, sb: bool = False) -> dict[str, np.ndarray]:
+    """A global adapter; ``sb``: with LoRA-SB's r x r matrix per layer (Fed-SB)."""
     rng = np.random.default_rng(seed)
     out = {}
     for prefix, (n_out, n_in) in SHAPES.items():
         out[a(prefix)] = rng.normal(0, 0.5, (R, n_in)).astype(np.float32)
         out[b(prefix)] = rng.normal(0, 0.5, (n_out, R)).astype(np.float32)
+        if sb:
+            out[f"{prefix}.lora_R.weight"] = rng.normal(0, 0.5, (R, R)).astype(np.float32)
     return out
 
 
@@ -103,7 +106,7 @@ def test_unpaired_or_foreign_names_raise(names, match):
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
 def test_mismatched_shapes_raise(name):
     # Prepare
-    glob = make_global()
+    glob = make_global(sb=name == "fed-sb")
     updates = make_updates(glob)
     bad_delta = dict(updates[1].delta, **{b(Q): np.zeros((4, 3), np.float32)})
     bad_updates = [updates[0], ClientUpdate(bad_delta, 5)]
@@ -245,7 +248,7 @@ KINDS = [
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
 def test_clients_equal_to_the_global_leave_it_unchanged(name, cfg):
     # Prepare: every client returns the global adapter (zero deltas)
-    glob = make_global()
+    glob = make_global(sb=name == "fed-sb")
     updates = [ClientUpdate({k: np.zeros_like(v) for k, v in glob.items()}, n) for n in EXAMPLES]
     # Execute
     result = get_strategy(name).aggregate(glob, updates, SCALE)

@@ -2,7 +2,8 @@
 
 Strategies (``get_strategy(name)``): ``fedit`` (FedIT, the baseline), ``ffa-lora`` (A frozen,
 B averaged; exact), ``fedsa-lora`` (A averaged, B personal), ``fedex-lora`` (FedIT plus an exact
-dense residual). Server optimizers (:mod:`.optimizers`): FedAvg, FedAvgM, FedAdam, FedYogi on
+dense residual), ``fed-sb`` (A and B frozen, the r x r matrix R between them averaged; exact).
+Server optimizers (:mod:`.optimizers`): FedAvg, FedAvgM, FedAdam, FedYogi on
 any strategy's aggregated delta. :func:`needs_individual_updates` tells secure aggregation
 which strategies it must refuse. Numpy only: no torch, no flwr.
 """
@@ -15,6 +16,7 @@ from fedlora.server.strategies.base import (
     LoraAggregator,
     layer_pairs,
 )
+from fedlora.server.strategies.fed_sb import FedSB
 from fedlora.server.strategies.fedex_lora import FedExLoRA
 from fedlora.server.strategies.fedit import FedIT
 from fedlora.server.strategies.fedsa_lora import FedSALoRA
@@ -23,7 +25,7 @@ from fedlora.server.strategies.optimizers import OptimizerState, ServerOptimizer
 from fedlora.server.strategies.robust import Reducer, make_reducer
 
 STRATEGIES: dict[str, type[LoraAggregator]] = {
-    cls.name: cls for cls in (FedIT, FFALoRA, FedSALoRA, FedExLoRA)
+    cls.name: cls for cls in (FedIT, FFALoRA, FedSALoRA, FedExLoRA, FedSB)
 }
 
 
@@ -51,6 +53,7 @@ __all__ = [
     "FedExLoRA",
     "FedIT",
     "FedSALoRA",
+    "FedSB",
     "LoraAggregator",
     "OptimizerState",
     "Reducer",

@@ -25,6 +25,7 @@ from fedlora.server.strategies.robust import Reducer
 
 A_SUFFIX = ".lora_A.weight"
 B_SUFFIX = ".lora_B.weight"
+R_SUFFIX = ".lora_R.weight"  # LoRA-SB's r x r matrix between B and A (Fed-SB)
 Arrays = dict[str, np.ndarray]
 LayerPair = tuple[str, str]  # (name of A, name of B)
 
@@ -61,10 +62,15 @@ class AggregationResult:
 
 
 def layer_pairs(names: Iterable[str]) -> dict[str, LayerPair]:
-    """Group LoRA tensor names by layer: ``{prefix: (a_name, b_name)}``, sorted by prefix."""
+    """Group LoRA tensor names by layer: ``{prefix: (a_name, b_name)}``, sorted by prefix.
+
+    LoRA-SB's ``lora_R`` tensors are allowed beside the pairs (see :func:`check_adapter`).
+    """
     a_of: dict[str, str] = {}
     b_of: dict[str, str] = {}
     for name in names:
+        if name.endswith(R_SUFFIX):
+            continue
         if name.endswith(A_SUFFIX):
             a_of[name[: -len(A_SUFFIX)]] = name
         elif name.endswith(B_SUFFIX):
@@ -87,14 +93,24 @@ def layer_pairs(names: Iterable[str]) -> dict[str, LayerPair]:
 
 
 def check_adapter(adapter: Mapping[str, np.ndarray]) -> dict[str, LayerPair]:
-    """The adapter's layer pairs, after checking that A is (r, in) and B is (out, r)."""
+    """The adapter's layer pairs, after checking that A is (r, in) and B is (out, r) (and any
+    LoRA-SB R is (r, r), with one per layer or none at all)."""
     pairs = layer_pairs(adapter)
-    for a_name, b_name in pairs.values():
+    r_names = {n[: -len(R_SUFFIX)] for n in adapter if n.endswith(R_SUFFIX)}
+    if r_names and r_names != set(pairs):
+        odd = sorted(r_names ^ set(pairs))[0]
+        raise ValueError(f"{odd}: a LoRA-SB adapter needs one lora_R per layer, and only those")
+    for prefix, (a_name, b_name) in pairs.items():
         a, b = adapter[a_name], adapter[b_name]
         if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
             raise ValueError(
                 f"{a_name} has shape {a.shape} and {b_name} {b.shape}: expected "
                 f"A (r, in) and B (out, r) with the same rank r"
+            )
+        if r_names and adapter[prefix + R_SUFFIX].shape != (a.shape[0], a.shape[0]):
+            raise ValueError(
+                f"{prefix + R_SUFFIX} has shape {adapter[prefix + R_SUFFIX].shape}: "
+                f"expected ({a.shape[0]}, {a.shape[0]}) for rank {a.shape[0]}"
             )
     return pairs
 
@@ -134,6 +150,21 @@ def mean_delta(updates: Sequence[ClientUpdate], names: Iterable[str]) -> Arrays:
     )
 
 
+def refuse_moved(
+    updates: Sequence[ClientUpdate], frozen: Iterable[str], rule: str, fix: str
+) -> None:
+    """ValueError naming the first update that changed a ``frozen`` tensor (absent is fine)."""
+    names = list(frozen)
+    for k, update in enumerate(updates):
+        for name in names:
+            if name in update.delta and np.any(update.delta[name] != 0):
+                largest = float(np.max(np.abs(update.delta[name])))
+                raise ValueError(
+                    f"{rule}: client update {k} changed {name} (largest |delta| "
+                    f"{largest:.3g}); {fix}"
+                )
+
+
 def zeros_like(adapter: Mapping[str, np.ndarray], names: Iterable[str]) -> Arrays:
     """Zero tensors shaped and typed like ``adapter[name]`` for each name."""
     return {n: np.zeros_like(adapter[n]) for n in names}
@@ -147,6 +178,7 @@ class LoraAggregator(ABC):
     sends_a: ClassVar[bool]  # clients train and send their A delta
     sends_b: ClassVar[bool]  # clients train and send their B delta
     trains_a: ClassVar[bool] = True  # False: A stays frozen at the shared init (FFA-LoRA)
+    sb: ClassVar[bool] = False  # LoRA-SB: A and B frozen, only R trained and sent (Fed-SB)
 
     def __init__(self, reducer: Reducer | None = None) -> None:
         self.reducer = reducer or Reducer()  # mean (example-weighted) | median | trimmed-mean
@@ -162,6 +194,8 @@ class LoraAggregator(ABC):
 
         A factor trained but not sent stays personal to the node (FedSA-LoRA's B).
         """
+        if cls.sb:
+            return "R", "R"
         train = ("A" if cls.trains_a else "") + "B"
         send = ("A" if cls.sends_a else "") + ("B" if cls.sends_b else "")
         return train, send
@@ -181,7 +215,7 @@ class LoraAggregator(ABC):
             for a, b in pairs.values()
             for n, sent in ((a, self.sends_a), (b, self.sends_b))
             if sent
-        ]
+        ] + [n for n in global_adapter if self.sb and n.endswith(R_SUFFIX)]
         check_updates(global_adapter, updates, required)
         delta, residuals = self.combine(global_adapter, pairs, updates, scale)
         return AggregationResult(apply_delta(global_adapter, delta), delta, residuals)

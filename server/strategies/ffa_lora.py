@@ -25,6 +25,7 @@ from fedlora.server.strategies.base import (
     ClientUpdate,
     LayerPair,
     LoraAggregator,
+    refuse_moved,
     zeros_like,
 )
 
@@ -47,15 +48,12 @@ class FFALoRA(LoraAggregator):
     ) -> tuple[Arrays, Arrays]:
         a_names = [a for a, _ in pairs.values()]
         b_names = [b for _, b in pairs.values()]
-        for k, update in enumerate(updates):
-            for a in a_names:
-                if a in update.delta and np.any(update.delta[a] != 0):
-                    largest = float(np.max(np.abs(update.delta[a])))
-                    raise ValueError(
-                        f"FFA-LoRA keeps A frozen: client update {k} changed {a} "
-                        f"(largest |delta| {largest:.3g}); freeze lora_A on the "
-                        f"clients or choose another strategy"
-                    )
+        refuse_moved(
+            updates,
+            a_names,
+            "FFA-LoRA keeps A frozen",
+            "freeze lora_A on the clients or choose another strategy",
+        )
         delta = zeros_like(global_adapter, a_names)
         delta.update(self.reducer(updates, b_names))
         return delta, {}

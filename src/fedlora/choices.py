@@ -17,7 +17,7 @@ SCHEDULES: tuple[str, ...] = ("constant", "cosine", "linear")
 # Wire encodings of a node's delta (protocol/compression.py).
 CODECS: tuple[str, ...] = ("none", "fp16", "int8", "int8-block")
 # LoRA aggregation strategies (server/strategies/).
-STRATEGIES: tuple[str, ...] = ("fedit", "ffa-lora", "fedsa-lora", "fedex-lora")
+STRATEGIES: tuple[str, ...] = ("fedit", "ffa-lora", "fedsa-lora", "fedex-lora", "fed-sb")
 # Server optimizers on the aggregated delta (server/strategies/optimizers.py).
 SERVER_OPTIMIZERS: tuple[str, ...] = ("sgd", "avgm", "adam", "yogi")
 # How deltas are combined (server/strategies/robust.py).
@@ -29,7 +29,7 @@ DP_ACCOUNTANTS: tuple[str, ...] = ("rdp", "pld")
 # run under secure aggregation (which reveals nothing else) with the "mean" aggregation.
 # FedEx-LoRA needs each client's factors for its residual; median and trimmed mean need every
 # individual update.
-SUM_ONLY_STRATEGIES: frozenset[str] = frozenset({"fedit", "ffa-lora", "fedsa-lora"})
+SUM_ONLY_STRATEGIES: frozenset[str] = frozenset({"fedit", "ffa-lora", "fedsa-lora", "fed-sb"})
 SUM_ONLY_AGGREGATIONS: frozenset[str] = frozenset({"mean"})
 
 

@@ -67,14 +67,18 @@ class RunConfig:
     secagg_clip_norm: float = 10.0  # SecAgg+: nodes clip their delta to this L2 norm (reported)
     secagg_num_shares: int = 5  # SecAgg+: shares per secret (neighbours + self); capped at nodes
     secagg_threshold: int = 3  # SecAgg+: shares needed to reconstruct; > half the shares
+    secagg_wire_bits: int = 64  # SecAgg+: masked values travel as 16/32/64-bit integers
+    # (narrow: quantized after weighting)
     codec: str = "none"  # how nodes encode their delta: none | fp16 | int8 | int8-block
     codec_block: int = 64  # int8-block: values per scale
+    down_codec: str = "none"  # server -> node: none (exact float32 every round) | fp16 | int8 |
+    # int8-block (the change since the version the node holds; exact to a node holding none)
     dp_noise_multiplier: float = 0.0  # client-level DP: noise std on the sum = z * clip; 0 = off
     dp_clip_norm: float = 1.0  # DP: L2 bound on each node's delta
     dp_delta: float = 1e-5  # DP: the delta of (epsilon, delta); below 1 / number of nodes
     dp_accountant: str = "rdp"  # DP accounting (dp-accounting): rdp | pld
     strategy: str = (
-        "fedit"  # fedit | ffa-lora | fedsa-lora | fedex-lora (fedlora.server.strategies)
+        "fedit"  # fedit | ffa-lora | fedsa-lora | fedex-lora | fed-sb (fedlora.server.strategies)
     )
     server_optimizer: str = "sgd"  # sgd (FedAvg) | avgm | adam | yogi, on the aggregated delta
     server_lr: float = 0.0  # server learning rate; 0 = the optimizer's default (1 sgd/avgm, 0.01)
@@ -145,8 +149,12 @@ class RunConfig:
         self._check_aggregation()
         if self.secure_aggregation:
             self._check_secure_aggregation()
+        if self.secagg_wire_bits not in (16, 32, 64):
+            raise ConfigError(f"secagg-wire-bits={self.secagg_wire_bits}: use 16, 32 or 64")
         if self.codec not in CODECS:
             raise ConfigError(f"codec={self.codec!r}: use one of {CODECS}")
+        if self.down_codec not in CODECS:
+            raise ConfigError(f"down-codec={self.down_codec!r}: use one of {CODECS}")
         if self.codec_block < 1:
             raise ConfigError(f"codec-block={self.codec_block}: must be >= 1")
         self._check_privacy()
@@ -254,6 +262,7 @@ class RunConfig:
             dropout=float(self.lora_dropout),
             target_modules=self.target_modules,
             rslora=self.lora_rslora,
+            sb=self.strategy == "fed-sb",
         )
 
     @classmethod

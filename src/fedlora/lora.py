@@ -4,6 +4,12 @@ LoRA (Hu et al., 2021, arXiv:2106.09685) adds ``B @ A`` (rank r) to frozen linea
 by ``alpha / r``. The server owns the initial adapter so every node starts from the same one:
 A ~ U(-1/sqrt(in), 1/sqrt(in)) as in peft's default Kaiming init, B = 0, from a seeded generator.
 Shapes come from the model's config alone, on the meta device (no weights are loaded).
+
+LoRA-SB (``sb=True``; Ponkshe et al., 2024; Fed-SB, Singhal et al., 2025) adds an r x r matrix
+``R`` between the factors: the update is ``scale * B @ R @ A`` with A and B frozen at a seeded
+initialization (Gaussian, nearly orthonormal rows of A and columns of B) and only R trained (zero at
+the start). Its tensor is ``<module>.lora_R.weight``. :func:`fold_sb` turns such an adapter
+into a standard PEFT one (``A' = R @ A``, B unchanged), exactly, since ``B (R A) = B R A``.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ class LoraSettings:
     dropout: float = 0.0  # dropout on the LoRA path during training
     target_modules: str = "all-linear"  # "all-linear" or comma-separated module names
     rslora: bool = False  # rank-stabilised LoRA: scale by alpha / sqrt(r) (Kalajdzievski, 2023)
+    sb: bool = False  # LoRA-SB: train only an r x r matrix R between frozen A and B (Fed-SB)
 
     @property
     def scaling(self) -> float:
@@ -74,17 +81,47 @@ def adapter_shapes(base_dir: Path, settings: LoraSettings) -> dict[str, tuple[in
         model = AutoModelForCausalLM.from_config(config)
     peft_model = get_peft_model(model, settings.peft_config())
     state = get_peft_model_state_dict(peft_model)
-    return {k: tuple(v.shape) for k, v in sorted(state.items())}
+    shapes = {k: tuple(v.shape) for k, v in sorted(state.items())}
+    if settings.sb:
+        for name in [n for n in shapes if n.endswith(A_WEIGHT)]:
+            shapes[name[: -len(A_WEIGHT)] + R_WEIGHT] = (settings.r, settings.r)
+    return dict(sorted(shapes.items()))
+
+
+A_WEIGHT, B_WEIGHT, R_WEIGHT = ".lora_A.weight", ".lora_B.weight", ".lora_R.weight"
 
 
 def initial_adapter(shapes: dict[str, tuple[int, ...]], seed: int) -> dict[str, np.ndarray]:
-    """Seeded initial LoRA tensors: A uniform in +-1/sqrt(fan_in), B zero."""
+    """Seeded initial LoRA tensors.
+
+    Plain LoRA: A uniform in +-1/sqrt(fan_in), B zero. LoRA-SB (the shapes hold ``lora_R``
+    tensors): A and B Gaussian with rows of A and columns of B of norm about 1 (nearly
+    orthonormal for r much below the layer's dimensions), R zero. Deterministic in ``(shapes,
+    seed)`` on any platform (numpy's PCG64, no LAPACK): a node derives the frozen factors it is
+    not sent from the same call, and checks them against the server's digest.
+    """
     rng = np.random.default_rng(seed)
+    sb = any(n.endswith(R_WEIGHT) for n in shapes)
     out: dict[str, np.ndarray] = {}
     for name, shape in sorted(shapes.items()):
-        if ".lora_A." in name:
+        if sb and name.endswith(A_WEIGHT):  # rows of norm ~1, nearly orthogonal (r << in)
+            out[name] = (rng.standard_normal(shape) / np.sqrt(shape[1])).astype(np.float32)
+        elif sb and name.endswith(B_WEIGHT):  # columns of norm ~1
+            out[name] = (rng.standard_normal(shape) / np.sqrt(shape[0])).astype(np.float32)
+        elif ".lora_A." in name:
             bound = 1.0 / np.sqrt(shape[1])
             out[name] = rng.uniform(-bound, bound, size=shape).astype(np.float32)
         else:
             out[name] = np.zeros(shape, dtype=np.float32)
+    return out
+
+
+def fold_sb(adapter: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A LoRA-SB adapter as a standard PEFT one (``A' = R @ A``); others unchanged."""
+    out = {k: v for k, v in adapter.items() if not k.endswith(R_WEIGHT)}
+    for name, r in adapter.items():
+        if name.endswith(R_WEIGHT):
+            a_name = name[: -len(R_WEIGHT)] + A_WEIGHT
+            folded = r.astype(np.float64) @ adapter[a_name].astype(np.float64)
+            out[a_name] = folded.astype(np.float32)
     return out
