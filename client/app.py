@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from typing import Any, cast
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common import Error
 
@@ -55,6 +55,7 @@ from fedlora.protocol.messages import (
     TrainReply,
     arrays_of,
     to_array_record,
+    wire_record,
 )
 
 log = logging.getLogger(__name__)
@@ -121,9 +122,7 @@ def load_adapter(
     """
     # The node checks what the server sends, too, before decoding any of it (a ProtocolError).
     record = array_record(content, ARRAYS)
-    if rc.down_version < 0:  # an untracked downlink: every factor, exact
-        if rc.down_base != EXACT:
-            raise RoundRefused("downlink: a delta needs the version it leads to (down-version)")
+    if rc.down_version < 0:  # an untracked downlink: every factor, exact (RoundConfig checks)
         global_adapter = read_arrays(record, wire_spec("none", node.spec))
         validate(global_adapter, node.spec)
         received = nbytes(global_adapter)
@@ -180,7 +179,7 @@ def _receive(
     return held, nbytes(wire)
 
 
-_DERIVED: dict[tuple[Any, ...], dict[str, np.ndarray]] = {}
+_DERIVED: dict[tuple[Any, ...], tuple[dict[str, np.ndarray], str]] = {}  # factors, digest
 
 
 def derived_factors(
@@ -194,9 +193,10 @@ def derived_factors(
     if key not in _DERIVED:
         _DERIVED.clear()  # one run at a time per process: keep one set
         init = initial_adapter({n: s.shape for n, s in spec.items()}, rc.seed)
-        _DERIVED[key] = {n: init[n] for n in names}
-    derived = _DERIVED[key]
-    if rc.frozen_digest and digest(derived) != rc.frozen_digest:
+        derived = {n: init[n] for n in names}
+        _DERIVED[key] = derived, digest(derived)
+    derived, derived_digest = _DERIVED[key]
+    if rc.frozen_digest and derived_digest != rc.frozen_digest:
         raise RoundRefused(
             f"the factors this node derives from seed {rc.seed} ({names[0]}, ...) differ from "
             f"the server's: its initial adapter was not built from the run's seed"
@@ -229,9 +229,7 @@ def _keep_held(
     if settings.personal_dir:
         save_personal(settings, arrays, kind="downlink")
     elif state is not None:
-        state[HELD] = ArrayRecord(
-            {k: Array(np.ascontiguousarray(v)) for k, v in sorted(arrays.items())}
-        )
+        state[HELD] = wire_record(arrays)
 
 
 def _restore_personal(

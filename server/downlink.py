@@ -19,7 +19,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from fedlora.protocol.adapter import restrict, spec_of
-from fedlora.protocol.compression import encode, nbytes
+from fedlora.protocol.compression import encode
 from fedlora.protocol.downlink import EXACT, Arrays, apply_delta, digest
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,3 @@ class Downlink:
     def forget(self, node: int) -> None:
         """``node`` failed: send it the exact values next time."""
         self.acknowledged.pop(node, None)
-
-    def bytes_for(self, node: int) -> int:
-        """Payload bytes ``node`` would receive now."""
-        return nbytes(self.payload(node)[0])
