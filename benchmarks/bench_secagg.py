@@ -432,7 +432,12 @@ def run_rounds(n: int, steps: int, pairs: int, workdir: Path) -> list[RoundRow]:
         except BaseException:  # noqa: BLE001 - reported below, not lost in Flower's thread
             out["error"] = traceback.format_exc()
 
-    node_defaults = {"base-model": "default", "quantization": DEMO["quantization"], "sites": sites}
+    node_defaults = {
+        "base-model": "default",
+        "quantization": DEMO["quantization"],
+        "sites": sites,
+        "secagg-allow-unauthenticated": True,  # one machine: no federation roster
+    }
     run_simulation(
         server_app=app,
         client_app=make_client_app(node_defaults),

@@ -37,6 +37,7 @@ from fedlora.client.node import (
 from fedlora.client.privacy import noise_share_std
 from fedlora.client.secagg import SecAggPolicy, handle_secagg
 from fedlora.client.train import TrainOptions, sample_batches, steps_for_epochs, train_lora
+from fedlora.client.worker import SOCKET_KEY, WorkerDown, WorkerFailed, forward
 from fedlora.clipping import add_noise, clip_l2
 from fedlora.console import configure_worker
 from fedlora.errors import ConfigError, DataError, FedloraError
@@ -63,6 +64,7 @@ log = logging.getLogger(__name__)
 PERSONAL = "fedlora.personal-lora"  # node state: trained factors that never leave the node
 SECURE_ROUNDS = "fedlora.secagg.rounds"  # node state: the last round trained under SecAgg+
 REFUSED, DATA_FAILED = 4001, 4002  # error codes of replies the server logs and drops
+WORKER_DOWN = 4003  # the node's warm worker (client/worker.py) is not running
 
 
 class RoundRefused(FedloraError):
@@ -433,6 +435,25 @@ def _once_per_round(content: Any, context: Context) -> None:
     context.state.config_records[SECURE_ROUNDS] = ConfigRecord({"last-round": rnd})
 
 
+def _to_worker(msg: Message, context: Context, call_next: Any) -> Message:
+    """A Flower mod: when the node names a warm worker (``worker-socket``), the worker runs the
+    message in its long-lived process, where the base model stays loaded; this process only
+    hands the message over and returns the reply and the node's updated state."""
+    path = context.node_config.get(SOCKET_KEY)
+    if not path:
+        reply: Message = call_next(msg, context)
+        return reply
+    try:
+        return forward(str(path), msg, context)
+    except WorkerDown as exc:
+        log.error("%s", exc)
+        reason = "the node's worker is not running; see the node's log"
+    except WorkerFailed as exc:
+        log.error("The node worker failed: %s", exc)
+        reason = "the node's worker failed; see the node's log"
+    return Message(error=Error(code=WORKER_DOWN, reason=reason), reply_to=msg)
+
+
 def _quiet_console(msg: Message, context: Context, call_next: Any) -> Message:
     """A Flower mod: quiet library noise in the process that runs the ClientApp (a Ray actor or
     a ``flwr-clientapp`` process), which fedlora's CLI did not set up itself."""
@@ -443,7 +464,7 @@ def _quiet_console(msg: Message, context: Context, call_next: Any) -> Message:
 
 def make_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
     base = dict(defaults or {})
-    app = ClientApp(mods=[_quiet_console])
+    app = ClientApp(mods=[_to_worker, _quiet_console])
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:

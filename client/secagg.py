@@ -46,6 +46,13 @@ from fedlora.protocol.secagg import (
     to_wire,
     weighted_vector,
 )
+from fedlora.protocol.secagg_auth import (
+    MAX_SIGNATURE_BYTES,
+    MAX_SIGNER_CHARS,
+    Identity,
+    Roster,
+    key_statement,
+)
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +74,11 @@ class SecAggPolicy:
     - ``secagg-min-nodes`` (3): fewest share holders (this node included) in a round. With two,
       the other node and the server together learn this node's update from the sum.
     - ``secagg-min-threshold`` (2): fewest shares the server may need to rebuild a secret.
+    - ``secagg-roster`` and ``secagg-identity-key``: the federation's roster (every node's
+      long-term public key, from the coordinator, out of band) and this node's private key.
+      The node signs its round keys and refuses neighbours whose keys are not signed by a
+      roster member (:mod:`fedlora.protocol.secagg_auth`). Required for a secure round unless
+      ``secagg-allow-unauthenticated = true`` (simulations, tests), which is logged loudly.
 
     Always enforced: the threshold is more than half of the holders actually given (else the
     server could ask some holders for the self-mask seed and the others for the mask key).
@@ -74,6 +86,8 @@ class SecAggPolicy:
 
     min_nodes: int = 3
     min_threshold: int = 2
+    roster: Roster | None = None  # None: neighbours' keys are not authenticated
+    identity: Identity | None = None
 
     @classmethod
     def from_config(cls, merged: Mapping[str, Any]) -> SecAggPolicy:
@@ -88,6 +102,21 @@ class SecAggPolicy:
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
                 raise ConfigError(f"node config {key}={value!r}: use an integer >= {least}")
             values[attr] = value
+        roster_path, key_path = merged.get("secagg-roster"), merged.get("secagg-identity-key")
+        if roster_path:
+            if not key_path:
+                raise ConfigError(
+                    "node config secagg-roster is set but secagg-identity-key is not: give this "
+                    "node's auth.key so it can sign its round keys"
+                )
+            roster = Roster.load(str(roster_path))
+            return cls(**values, roster=roster, identity=Identity.load(str(key_path), roster))
+        if merged.get("secagg-allow-unauthenticated") is not True:
+            raise ConfigError(
+                "secure aggregation needs this node's secagg-roster and secagg-identity-key "
+                "(from `fedlora federation init`), or secagg-allow-unauthenticated=true to take "
+                "the server's word for the other nodes' keys"
+            )
         return cls(**values)
 
     def check(self, holders: int, threshold: int) -> None:
@@ -126,6 +155,7 @@ def handle_secagg(
         if stage == Stage.SETUP:
             _wipe(context)
             out = _setup(msg.content, cfg, context, train_fn)
+            _sign(out, me, session, policy)
         else:
             st = _expect(context, session, stage)
             if stage == Stage.SHARE_KEYS:
@@ -245,6 +275,57 @@ def _setup(
     return RecordDict({Key.CONFIG: ConfigRecord({Key.C_PK: c_pk, Key.S_PK: s_pk})})
 
 
+def _sign(out: RecordDict, me: int, session: str, policy: SecAggPolicy) -> None:
+    """Sign the round keys of a setup reply with the node's long-term key (if it has one)."""
+    if policy.identity is None:
+        log.warning(
+            "secagg: this node's round keys are unsigned and its neighbours' keys unchecked "
+            "(secagg-allow-unauthenticated): a dishonest server could impersonate other nodes"
+        )
+        return
+    cfg = out.config_records[Key.CONFIG]
+    statement = key_statement(session, me, cast(bytes, cfg[Key.C_PK]), cast(bytes, cfg[Key.S_PK]))
+    cfg[Key.SIGNATURE] = policy.identity.sign(statement)
+    cfg[Key.SIGNER] = policy.identity.name
+
+
+def _check_signatures(
+    cfg: ConfigRecord,
+    nodes: list[int],
+    keys: list[tuple[bytes, bytes]],
+    session: str,
+    policy: SecAggPolicy,
+) -> None:
+    """Every neighbour's round keys signed by a distinct member of this node's roster."""
+    what = Stage.SHARE_KEYS
+    roster, identity = policy.roster, policy.identity
+    if roster is None or identity is None:
+        return
+    if Key.SIGNATURES not in cfg or Key.SIGNERS not in cfg:
+        raise SecAggProtocolError(
+            f"{what}: the neighbours' keys come unsigned; this node accepts only keys signed by "
+            f"members of its roster"
+        )
+    signatures = bytes_list(cfg, Key.SIGNATURES, what, len(nodes), MAX_SIGNATURE_BYTES)
+    signers = config_field(cfg, Key.SIGNERS, list, what)
+    if len(signers) != len(nodes) or not all(
+        isinstance(n, str) and 0 < len(n) <= MAX_SIGNER_CHARS for n in signers
+    ):
+        raise SecAggProtocolError(f"{what}: {Key.SIGNERS!r} must name one roster member per node")
+    if len(set(signers)) != len(signers):
+        raise SecAggProtocolError(f"{what}: one roster member is listed as several nodes")
+    for node, (c_pk, s_pk), signer, signature in zip(nodes, keys, signers, signatures, strict=True):
+        if signer not in roster.keys:
+            raise SecAggProtocolError(
+                f"{what}: node {node} names {signer!r}, not in this node's roster"
+            )
+        if not roster.verify(signer, signature, key_statement(session, node, c_pk, s_pk)):
+            raise SecAggProtocolError(
+                f"{what}: node {node}'s keys are not signed by {signer!r}'s key in this "
+                f"node's roster"
+            )
+
+
 def _settings(cfg: ConfigRecord) -> SecAggSettings:
     try:
         return SecAggSettings.from_record(cfg)
@@ -294,6 +375,13 @@ def _share_keys(
         raise SecAggProtocolError("the server did not echo this node's own public keys")
     if len(set(c_pks) | set(s_pks)) != 2 * len(nodes):
         raise SecAggProtocolError("repeated public keys among neighbours")
+    _check_signatures(
+        cfg, nodes, list(zip(c_pks, s_pks, strict=True)), cast(str, st[Key.SESSION]), policy
+    )
+    if policy.identity is not None:
+        signers = cast(list[str], cfg[Key.SIGNERS])
+        if signers[nodes.index(me)] != policy.identity.name:
+            raise SecAggProtocolError("the server did not echo this node's own roster name")
     if len(nodes) < settings.reconstruction_threshold:
         raise SecAggProtocolError(
             f"{len(nodes)} share holders, fewer than the threshold "

@@ -115,6 +115,10 @@ class Key:
     SK_OWNERS = "sk-owners"
     SK_SHARES = "sk-shares"
     B_COMMIT = "b-commit"  # SHA-256 commitment to the self-mask seed (share-keys reply)
+    SIGNATURE = "key-signature"  # setup reply: the node's signature of its round keys
+    SIGNER = "signer"  # setup reply: the node's name in the federation's roster
+    SIGNATURES = "key-signatures"  # share-keys: each neighbour's signature, as NODES
+    SIGNERS = "signers"  # share-keys: each neighbour's roster name, as NODES
 
 
 # Metric names a client reports with its masked vector.

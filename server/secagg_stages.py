@@ -42,6 +42,7 @@ from fedlora.protocol.secagg import (
     reduce_mod,
     vector_length,
 )
+from fedlora.protocol.secagg_auth import MAX_SIGNATURE_BYTES, MAX_SIGNER_CHARS
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,8 @@ class Session:
     group_id: str
     session: str = field(default_factory=lambda: secrets.token_hex(16))
     keys: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)  # node -> (c_pk, s_pk)
+    # node -> (signature of its keys, its roster name); (b"", "") from an unsigned node
+    signed: dict[int, tuple[bytes, str]] = field(default_factory=dict)
     commits: dict[int, bytes] = field(default_factory=dict)  # node -> commitment to its seed
     neighbours: dict[int, set[int]] = field(default_factory=dict)  # includes the node itself
     forwards: dict[int, list[tuple[int, bytes]]] = field(default_factory=dict)  # dst -> (src, ct)
@@ -196,9 +199,13 @@ def reply_config(
     return cfg
 
 
-def parse_setup_reply(content: RecordDict, what: str) -> tuple[bytes, bytes]:
-    """``(c_pk, s_pk)``: two distinct P-384 public keys in PEM."""
-    cfg = reply_config(content, {Key.C_PK, Key.S_PK}, what, set())
+def parse_setup_reply(content: RecordDict, what: str) -> tuple[bytes, bytes, bytes, str]:
+    """``(c_pk, s_pk, signature, signer)``: two distinct P-384 public keys in PEM, and the
+    node's signature of them with its roster name (``b""``, ``""`` from an unsigned node; the
+    nodes check signatures against their own rosters, the server only relays them)."""
+    signed = Key.SIGNATURE in content.config_records.get(Key.CONFIG, {})
+    fields = {Key.C_PK, Key.S_PK} | ({Key.SIGNATURE, Key.SIGNER} if signed else set())
+    cfg = reply_config(content, fields, what, set())
     c_pk = config_field(cfg, Key.C_PK, bytes, what)
     s_pk = config_field(cfg, Key.S_PK, bytes, what)
     for key, value in ((Key.C_PK, c_pk), (Key.S_PK, s_pk)):
@@ -206,7 +213,16 @@ def parse_setup_reply(content: RecordDict, what: str) -> tuple[bytes, bytes]:
             raise SecAggProtocolError(f"{what}: {key!r} is not a P-384 public key in PEM")
     if c_pk == s_pk:
         raise SecAggProtocolError(f"{what}: the two public keys are the same")
-    return c_pk, s_pk
+    if not signed:
+        return c_pk, s_pk, b"", ""
+    signature = config_field(cfg, Key.SIGNATURE, bytes, what)
+    signer = config_field(cfg, Key.SIGNER, str, what)
+    if not 0 < len(signature) <= MAX_SIGNATURE_BYTES or not 0 < len(signer) <= MAX_SIGNER_CHARS:
+        raise SecAggProtocolError(
+            f"{what}: a signature of {len(signature)} bytes by a name of {len(signer)} "
+            f"characters; expected 1..{MAX_SIGNATURE_BYTES} and 1..{MAX_SIGNER_CHARS}"
+        )
+    return c_pk, s_pk, signature, signer
 
 
 def parse_share_keys_reply(
@@ -338,7 +354,8 @@ def setup(
     }
     for node, content in exchange(grid, s, Stage.SETUP, contents, timeout).items():
         try:
-            s.keys[node] = parse_setup_reply(content, _what(Stage.SETUP, node))
+            c_pk, s_pk, signature, signer = parse_setup_reply(content, _what(Stage.SETUP, node))
+            s.keys[node], s.signed[node] = (c_pk, s_pk), (signature, signer)
         except SecAggProtocolError as exc:
             s.reject(Stage.SETUP, node, str(exc))
     shown: dict[bytes, int] = {}
@@ -358,17 +375,17 @@ def share_keys(grid: Grid, s: Session, u1: list[int], timeout: float | None) -> 
     contents = {}
     for node in u1:
         nb = sorted(s.neighbours[node])
-        contents[node] = RecordDict(
+        cfg = ConfigRecord(
             {
-                Key.CONFIG: ConfigRecord(
-                    {
-                        Key.NODES: nb,
-                        Key.C_PK: [s.keys[v][0] for v in nb],
-                        Key.S_PK: [s.keys[v][1] for v in nb],
-                    }
-                )
+                Key.NODES: nb,
+                Key.C_PK: [s.keys[v][0] for v in nb],
+                Key.S_PK: [s.keys[v][1] for v in nb],
             }
         )
+        if all(s.signed[v][1] for v in nb):  # relayed only when every neighbour signed
+            cfg[Key.SIGNATURES] = [s.signed[v][0] for v in nb]
+            cfg[Key.SIGNERS] = [s.signed[v][1] for v in nb]
+        contents[node] = RecordDict({Key.CONFIG: cfg})
     s.forwards = {n: [] for n in u1}
     u2 = []
     for node, content in exchange(grid, s, Stage.SHARE_KEYS, contents, timeout).items():

@@ -79,8 +79,12 @@ class LocalGrid(Grid):
         train_fn: Callable[[int], Callable] = train_fn_for,
         vanish: Mapping[int, str] | None = None,
         policy: SecAggPolicy | None = None,
+        policies: Mapping[int, SecAggPolicy] | None = None,
+        tamper: Corrupt | None = None,
     ) -> None:
         self.policy = policy or SecAggPolicy()
+        self.policies = dict(policies or {})  # node -> its own policy (default: ``policy``)
+        self.tamper = tamper  # a dishonest server: edits what it sends a node, in place
         self.contexts = {
             n: Context(run_id=1, node_id=n, node_config={}, state=RecordDict(), run_config={})
             for n in nodes
@@ -117,13 +121,16 @@ class LocalGrid(Grid):
         node = msg.metadata.dst_node_id
         ctx = self.contexts[node]
         stage = msg.content.config_records[Key.CONFIG][Key.STAGE]
+        if self.tamper is not None:
+            self.tamper(node, stage, msg.content)
         if self.record:
             self.sent.setdefault(stage, {})[node] = copy.deepcopy(msg.content)
             self.states.setdefault(stage, {})[node] = copy.deepcopy(ctx)
         try:
             if self.vanish.get(node) == stage:
                 raise RuntimeError(f"node {node} vanishes at {stage}")
-            reply = handle_secagg(msg, ctx, self.train_fn(node), self.policy)
+            policy = self.policies.get(node, self.policy)
+            reply = handle_secagg(msg, ctx, self.train_fn(node), policy)
         except Exception as exc:  # noqa: BLE001 - an error reply, as Flower sends one
             self.errors.append(f"{node} {stage}: {exc!r}")
             return Message(Error(code=0, reason=repr(exc)), reply_to=msg)

@@ -1,21 +1,27 @@
 """The Flower App on Flower's deployment engine: a real SuperLink, two SuperNodes, `flwr run`.
 
 Everything binds 127.0.0.1 on free ports; every process this test starts is stopped by its pid.
-Insecure transport here: the test checks the app wiring, not TLS.
+Insecure transport here: the test checks the app wiring and the nodes' warm workers, not TLS.
+Each node runs a warm worker (``client/worker.py``): the SuperNode's short-lived
+``flwr-clientapp`` processes hand it every message, so each node loads its base model once.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
+
+from fedlora.client.worker import start_worker, status
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -60,6 +66,7 @@ def test_flwr_run_on_a_local_superlink_with_two_supernodes(tiny_model_dir: Path,
     logs = tmp_path / "logs"
     logs.mkdir()
     procs: list[subprocess.Popen] = []
+    sockets = Path(tempfile.mkdtemp(prefix="fd", dir="/tmp"))  # socket paths must be short
 
     def start(name: str, *args: str) -> subprocess.Popen:
         out = (logs / f"{name}.log").open("w")
@@ -85,7 +92,10 @@ def test_flwr_run_on_a_local_superlink_with_two_supernodes(tiny_model_dir: Path,
             str(link_port),
         )
         _wait_for_port(link_port, link, logs / "superlink.log")
+        workers = {}
         for site in ("pain", "dermatology"):
+            workers[site] = sockets / site / "worker.sock"
+            procs.append(start_worker(workers[site], log_file=logs / f"worker-{site}.log"))
             start(
                 f"supernode-{site}",
                 "flower-supernode",
@@ -99,7 +109,9 @@ def test_flwr_run_on_a_local_superlink_with_two_supernodes(tiny_model_dir: Path,
                 "--node-config",
                 f'site="{site}" base-model="{tiny_model_dir}" quantization="bf16" '
                 # two hospitals: each node's operator accepts secure rounds of two
-                "secagg-min-nodes=2",
+                # no federation roster in this test (tests/test_federation_deploy.py has one)
+                f"secagg-min-nodes=2 secagg-allow-unauthenticated=true "
+                f'worker-socket="{workers[site]}"',
             )
         out_dir = tmp_path / "run"
         run_config = (
@@ -131,6 +143,9 @@ def test_flwr_run_on_a_local_superlink_with_two_supernodes(tiny_model_dir: Path,
         assert [r["round"] for r in history] == [1, 2]
         assert all(set(r["sites"]) == {"pain", "dermatology"} for r in history)
         assert (out_dir / "global-adapter" / "adapter_model.safetensors").is_file()
+        for site, path in workers.items():  # every message of the run, one base-model load
+            served = status(str(path))
+            assert served["model-loads"] == 1 and served["messages"] >= 4, (site, served)
     finally:
         for proc in procs:  # stop what we started, by pid (and its process group)
             if proc.poll() is None:
@@ -141,3 +156,4 @@ def test_flwr_run_on_a_local_superlink_with_two_supernodes(tiny_model_dir: Path,
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+        shutil.rmtree(sockets, ignore_errors=True)

@@ -456,7 +456,12 @@ def _federation(model: Path, out: Path, honest: bool):
             "output-dir": str(out),
         }
     )
-    defaults = {"base-model": str(model), "quantization": "fp32", "sites": cfg.sites}
+    defaults = {
+        "base-model": str(model),
+        "quantization": "fp32",
+        "sites": cfg.sites,
+        "secagg-allow-unauthenticated": True,  # simulated nodes: no federation roster
+    }
     return simulate(cfg, client_app=_app(defaults, honest, out / "bad-node.txt"))
 
 

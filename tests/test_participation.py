@@ -53,7 +53,12 @@ def test_rounds_end_at_the_timeout_and_aggregate_who_answered(tiny_model_dir, tm
         }
     )
     app = _app_with_a_hanging_site(
-        {"base-model": str(tiny_model_dir), "quantization": "fp32", "sites": cfg.sites},
+        {
+            "base-model": str(tiny_model_dir),
+            "quantization": "fp32",
+            "sites": cfg.sites,
+            "secagg-allow-unauthenticated": True,  # simulated nodes: no federation roster
+        },
         hanging_site="pain",
         out=tmp_path,
     )

@@ -4,6 +4,7 @@
 - server/: aggregates what nodes send; never imports client code (nor torch at import time).
 - export/: merge and ONNX conversion; never Flower.
 - export/runtime.py: the edge runtime; onnxruntime, tokenizers, numpy and jinja2 only.
+- deploy/: certificates, keys and Flower's command line tools; never torch nor the server.
 - the shared package (fedlora/*.py, fedlora/data/): below every room; imports none of them.
 """
 
@@ -20,7 +21,7 @@ import pytest
 import fedlora
 
 SRC = Path(fedlora.__file__).parent
-ROOMS = ("client", "server", "protocol", "export", "simulations")
+ROOMS = ("client", "server", "protocol", "export", "simulations", "deploy")
 
 
 def _modules(package: str) -> list[str]:
@@ -62,6 +63,10 @@ def _loaded_after_import(modules: list[str]) -> set[str]:
         ("fedlora.protocol", {"torch", "transformers", "peft", "fedlora.client", "fedlora.server"}),
         ("fedlora.server", {"fedlora.client", "fedlora.simulations", "torch", "transformers"}),
         ("fedlora.export", {"flwr", "fedlora.server", "fedlora.client", "fedlora.simulations"}),
+        (
+            "fedlora.deploy",
+            {"torch", "transformers", "peft", "fedlora.server", "fedlora.simulations"},
+        ),
         (
             "fedlora.export.runtime",
             {"torch", "transformers", "flwr", "peft", "optimum", "fedlora.server"},

@@ -28,7 +28,6 @@ from flwr.app import (
 from flwr.clientapp import ClientApp
 from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
 from flwr.serverapp import Grid
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedlora.client.secagg import SecAggProtocolError, handle_secagg
 from fedlora.clipping import clip_l2
@@ -58,6 +57,10 @@ from fedlora.server.strategies import ClientUpdate, FedExLoRA, FedIT, FFALoRA, R
 SPEC = {"layer.a": (4, 30), "layer.b": (50, 4), "head": (60,)}  # 380 values
 WEIGHTS = [12, 25, 31, 47, 58, 9, 70, 33]  # num_examples of partition 0, 1, ...
 SETTINGS = SecAggSettings(clip_norm=80.0, num_shares=5, reconstruction_threshold=3)
+
+
+# Messages built outside a ServerApp need a task identity (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def client_update(pid: int) -> dict[str, np.ndarray]:
@@ -160,15 +163,6 @@ class InProcessGrid(Grid):
 
     def pid(self, node: int) -> int:
         return int(self.contexts[node].node_config["partition-id"])
-
-
-@pytest.fixture(autouse=True)
-def task_identity():
-    """Messages built outside a ServerApp need a task identity (Flower sets one in a run)."""
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
 
 
 def run_in_process(

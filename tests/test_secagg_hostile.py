@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedlora.protocol.adapter import spec_of
 from fedlora.protocol.secagg import SECURE_METRICS, Key, SecAggSettings, Stage
@@ -33,12 +32,8 @@ from secagg_transcript import (
 BAD = 22
 
 
-@pytest.fixture(autouse=True)
-def task_identity():
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+# Messages built outside a ServerApp need a task identity (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def empty_masked_vector(content: RecordDict) -> None:
@@ -244,7 +239,12 @@ def _simulate(tiny_model_dir: Path, out: Path, sites: str, app: ClientApp | None
             "secagg-clip-norm": 50.0,
         }
     )
-    defaults = {"base-model": cfg.base_model, "quantization": cfg.quantization, "sites": cfg.sites}
+    defaults = {
+        "base-model": cfg.base_model,
+        "quantization": cfg.quantization,
+        "sites": cfg.sites,
+        "secagg-allow-unauthenticated": True,  # simulated nodes: no federation roster
+    }
     return simulate(cfg, client_app=app(defaults) if app else None)
 
 

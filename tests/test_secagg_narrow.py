@@ -13,7 +13,6 @@ import io
 import numpy as np
 import pytest
 from flwr.app import Array, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedlora.clipping import clip_l2
 from fedlora.config import RunConfig
@@ -39,6 +38,10 @@ from secagg_transcript import LocalGrid, max_diff
 
 SPEC = {"a": (4, 8), "b": (40,)}  # vectors of 1 + 72 values
 CLIP = 8.0  # above every update's norm (about 4.9): nothing clips
+
+
+# Messages built outside a ServerApp need a task identity (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def update_of(node: int) -> dict[str, np.ndarray]:
@@ -73,15 +76,6 @@ def local_grid(nodes: list[int], **kwargs) -> LocalGrid:
         return lambda content: (update_of(node), weight_of(node), {"train-loss": 0.25})
 
     return LocalGrid(nodes, train_fn=train_fn, **kwargs)
-
-
-@pytest.fixture(autouse=True)
-def task_identity():
-    """Messages built outside a ServerApp need a task identity (Flower sets one in a run)."""
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
 
 
 # ---- settings -------------------------------------------------------------------------------

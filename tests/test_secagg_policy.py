@@ -7,7 +7,6 @@ import dataclasses
 import numpy as np
 import pytest
 from flwr.app import Context, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedlora.client.app import RoundRefused, _once_per_round
 from fedlora.client.secagg import SecAggPolicy
@@ -19,15 +18,6 @@ from hostile import VALID_ROUND
 from secagg_transcript import SPEC, LocalGrid, expected_mean, max_diff
 
 PAIR = SecAggSettings(clip_norm=4.0, num_shares=3, reconstruction_threshold=2)
-
-
-@pytest.fixture
-def task_identity():
-    """Messages built outside a running app need a task identity (as in test_secagg_hostile)."""
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
 
 
 def test_a_node_refuses_a_round_of_two_unless_its_operator_allows_it(task_identity):
@@ -69,8 +59,11 @@ def test_share_graphs_a_node_joins():
 
 
 def test_policy_comes_from_node_config_keys():
-    assert SecAggPolicy.from_config({}) == SecAggPolicy(min_nodes=3, min_threshold=2)
-    got = SecAggPolicy.from_config({"secagg-min-nodes": 5, "secagg-min-threshold": 3, "lr": 1})
+    plain = {"secagg-allow-unauthenticated": True}  # tests/test_secagg_auth.py: rosters
+    assert SecAggPolicy.from_config(plain) == SecAggPolicy(min_nodes=3, min_threshold=2)
+    got = SecAggPolicy.from_config(
+        plain | {"secagg-min-nodes": 5, "secagg-min-threshold": 3, "lr": 1}
+    )
     assert got == SecAggPolicy(min_nodes=5, min_threshold=3)
     for key, value in (("secagg-min-nodes", 1), ("secagg-min-threshold", "3")):
         with pytest.raises(ConfigError, match=f"node config {key}="):

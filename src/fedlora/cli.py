@@ -323,6 +323,12 @@ def check_data(
     typer.echo(describe(result))
 
 
+# ---- fedlora federation: deployment tooling (deploy/, needs only cryptography and Flower) ----
+from fedlora.deploy.cli import federation as _federation  # noqa: E402
+
+cli.add_typer(_federation, name="federation")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors become one line on stderr and exit status 2."""
     from fedlora.simulations.run import offline_environment
@@ -330,7 +336,7 @@ def main(argv: list[str] | None = None) -> None:
     offline_environment()
     configure_console(verbose=verbose_requested())
     try:
-        cli(args=argv, standalone_mode=False)
+        code = cli(args=argv, standalone_mode=False)
     except FedloraError as exc:
         print(f"fedlora: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -345,6 +351,8 @@ def main(argv: list[str] | None = None) -> None:
         if isinstance(exc, click.exceptions.Abort):
             raise SystemExit(130) from None
         raise
+    if isinstance(code, int) and code:  # typer.Exit(code) without standalone mode
+        raise SystemExit(code)
 
 
 if __name__ == "__main__":

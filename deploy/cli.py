@@ -1,0 +1,116 @@
+"""``fedlora federation``: one command per role, TLS and node authentication on by default.
+
+Coordinator: ``init`` (CA, SuperLink certificate, node folders), ``add-node``, ``superlink``
+(start it, register the nodes, stay in the foreground). Hospital: ``node`` (start its SuperNode
+with the folder the coordinator handed over).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from fedlora.deploy import federation as fed
+from fedlora.deploy import launch
+
+federation = typer.Typer(
+    no_args_is_help=True,
+    help="Create a federation (CA, TLS certificate, node keys) and start its processes.",
+)
+
+FedArg = Annotated[Path, typer.Argument(help="the federation folder")]
+InsecureOpt = Annotated[
+    bool,
+    typer.Option(
+        "--insecure",
+        help="TLS and node authentication OFF: anyone on the network can read updates and join",
+    ),
+]
+
+
+@federation.command()
+def init(
+    fed_dir: FedArg,
+    host: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--host", help="a name or IP address hospitals dial (repeat; localhost is added)"
+        ),
+    ] = None,
+    node: Annotated[
+        list[str] | None, typer.Option("--node", help="a node (hospital) name (repeat)")
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="replace an existing federation in FED_DIR")
+    ] = False,
+) -> None:
+    """Create a CA, the SuperLink's TLS certificate and a key pair and folder per node."""
+    roster = fed.init_federation(fed_dir, host or [], node or [], force=force)
+    layout = fed.Federation(fed_dir)
+    typer.echo(f"federation created in {fed_dir} (keep {layout.ca_key} private)")
+    _echo_nodes(layout, roster.nodes)
+
+
+@federation.command("add-node")
+def add_node(
+    fed_dir: FedArg,
+    name: Annotated[str, typer.Argument(help="the new node's name")],
+) -> None:
+    """A new node: key pair and folder; every node folder's roster.json is refreshed."""
+    entry = fed.add_node(fed_dir, name)
+    layout = fed.Federation(fed_dir)
+    _echo_nodes(layout, [entry])
+    nodes = layout.root / "nodes"
+    typer.echo(f"roster updated: hand every node its refreshed {nodes}/*/roster.json")
+
+
+def _echo_nodes(layout: fed.Federation, entries: Iterable[fed.RosterEntry]) -> None:
+    for entry in entries:
+        typer.echo(f"  node {entry.name}: {entry.sha256}  -> {layout.node(entry.name).root}")
+
+
+@federation.command()
+def superlink(
+    fed_dir: FedArg,
+    host: Annotated[str, typer.Option("--host", help="address to listen on")] = "0.0.0.0",
+    port: Annotated[int, typer.Option("--port", help="port of all its APIs")] = launch.DEFAULT_PORT,
+    insecure: InsecureOpt = False,
+) -> None:
+    """Start the SuperLink with TLS and node authentication, register the nodes; Ctrl-C stops."""
+    code = launch.run_superlink(fed_dir, host, port, insecure)
+    if code:
+        raise SystemExit(code)  # the SuperLink's own status (typer.Exit's is lost in main())
+
+
+@federation.command()
+def node(
+    node_dir: Annotated[Path, typer.Argument(help="this node's folder from the coordinator")],
+    superlink: Annotated[str, typer.Option("--superlink", help="the SuperLink as HOST:PORT")],
+    node_config: Annotated[
+        str, typer.Option("--node-config", help="node settings: 'key=value ...'")
+    ] = "",
+    port: Annotated[
+        int | None, typer.Option("--port", help="local Runtime API port (one per SuperNode)")
+    ] = None,
+    insecure: InsecureOpt = False,
+    worker: Annotated[
+        bool,
+        typer.Option(
+            "--worker/--no-worker",
+            help="keep the base model loaded in a warm worker (default), or load it per message",
+        ),
+    ] = True,
+    worker_socket: Annotated[
+        Path | None, typer.Option("--worker-socket", help="the warm worker's Unix socket")
+    ] = None,
+) -> None:
+    """Start this hospital's warm worker and SuperNode (TLS, its key, authenticated SecAgg+
+    against its roster); Ctrl-C stops both."""
+    code = launch.run_node(
+        node_dir, superlink, node_config, port, insecure, worker=worker, worker_socket=worker_socket
+    )
+    if code:
+        raise SystemExit(code)  # the SuperNode's own status, e.g. 1 when it is refused
