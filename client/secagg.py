@@ -52,6 +52,7 @@ from fedlora.protocol.secagg_auth import (
     Identity,
     Roster,
     key_statement,
+    survivors_statement,
 )
 
 log = logging.getLogger(__name__)
@@ -157,12 +158,17 @@ def handle_secagg(
             out = _setup(msg.content, cfg, context, train_fn)
             _sign(out, me, session, policy)
         else:
-            st = _expect(context, session, stage)
+            order = Stage.SIGNED_ORDER if policy.identity is not None else Stage.ORDER
+            st = _expect(context, session, stage, order)
             if stage == Stage.SHARE_KEYS:
                 out = _share_keys(me, cfg, st, context, policy)
+            elif stage == Stage.CONSISTENCY:
+                out = _consistency(me, cfg, st, policy)
             else:
                 handler = {Stage.COLLECT: _collect, Stage.UNMASK: _unmask}[stage]
                 out = handler(me, cfg, st, context)
+                if stage == Stage.UNMASK and policy.roster is not None:
+                    _check_consistency(cfg, out, st, policy)
     except Exception:
         _wipe(context)  # a failed round leaves no secrets behind
         raise
@@ -181,7 +187,7 @@ def _stage_of(content: RecordDict) -> tuple[ConfigRecord, str, str]:
     if cfg is None:
         raise SecAggProtocolError(f"stage message without the {Key.CONFIG!r} config record")
     stage = cfg.get(Key.STAGE)
-    if not isinstance(stage, str) or stage not in Stage.ORDER:
+    if not isinstance(stage, str) or stage not in Stage.SIGNED_ORDER:
         raise SecAggProtocolError(f"unknown secagg stage {stage!r}")
     session = cfg.get(Key.SESSION)
     if not isinstance(session, str) or not 0 < len(session) <= MAX_SESSION_CHARS:
@@ -191,13 +197,13 @@ def _stage_of(content: RecordDict) -> tuple[ConfigRecord, str, str]:
     return cfg, stage, session
 
 
-def _expect(context: Context, session: str, stage: str) -> ConfigRecord:
+def _expect(context: Context, session: str, stage: str, order: tuple[str, ...]) -> ConfigRecord:
     if STATE not in context.state.config_records:
         raise SecAggProtocolError(f"stage {stage!r} without a setup: this node holds no round")
     st = context.state.config_records[STATE]
     if st[Key.SESSION] != session:
         raise SecAggProtocolError("stage message from another secagg session")
-    want = Stage.ORDER[Stage.ORDER.index(cast(str, st[Key.STAGE])) + 1]
+    want = order[order.index(cast(str, st[Key.STAGE])) + 1]
     if stage != want:
         raise SecAggProtocolError(f"expected stage {want!r}, got {stage!r}")
     return st
@@ -414,6 +420,57 @@ def _share_keys(
     reply = ConfigRecord({Key.DSTS: dsts, Key.CIPHERTEXTS: ciphertexts})
     reply[Key.B_COMMIT] = crypto.commit(cast(bytes, st["b"]))  # checked against the rebuilt b
     return RecordDict({Key.CONFIG: reply})
+
+
+def _consistency(me: int, cfg: ConfigRecord, st: ConfigRecord, policy: SecAggPolicy) -> RecordDict:
+    """Sign the survivors U3 the server says it summed (kept to check the unmask request)."""
+    what = Stage.CONSISTENCY
+    survivors = id_list(cfg, Key.ALIVE, what)
+    settings = SecAggSettings.from_record(st)
+    if me not in survivors or len(survivors) < settings.reconstruction_threshold:
+        raise SecAggProtocolError(
+            f"{what}: {len(survivors)} survivors {'with' if me in survivors else 'without'} "
+            f"this node, which sent its masked vector; refusing to go on"
+        )
+    assert policy.identity is not None
+    st["survivors"] = sorted(survivors)
+    signature = policy.identity.sign(survivors_statement(cast(str, st[Key.SESSION]), survivors))
+    return RecordDict({Key.CONFIG: ConfigRecord({Key.SIGNATURE: signature})})
+
+
+def _check_consistency(
+    cfg: ConfigRecord, out: RecordDict, st: ConfigRecord, policy: SecAggPolicy
+) -> None:
+    """Reveal shares only if at least t roster members signed this node's U3, and never the
+    mask-key share of a node in U3."""
+    what = Stage.UNMASK
+    assert policy.roster is not None
+    survivors = cast(list[int], st["survivors"])
+    settings = SecAggSettings.from_record(st)
+    signers = config_field(cfg, Key.SIGNERS, list, what) if Key.SIGNERS in cfg else []
+    signatures = (
+        bytes_list(cfg, Key.SIGNATURES, what, len(signers), MAX_SIGNATURE_BYTES)
+        if (Key.SIGNATURES in cfg)
+        else []
+    )
+    statement = survivors_statement(cast(str, st[Key.SESSION]), survivors)
+    valid = {
+        name
+        for name, signature in zip(signers, signatures, strict=False)
+        if isinstance(name, str) and policy.roster.verify(name, signature, statement)
+    }
+    if len(valid) < settings.reconstruction_threshold:
+        raise SecAggProtocolError(
+            f"{what}: {len(valid)} roster members signed the survivors this node was told, "
+            f"fewer than the threshold {settings.reconstruction_threshold}: refusing to unmask"
+        )
+    reply = out.config_records[Key.CONFIG]
+    if set(cast(list[int], reply[Key.SK_OWNERS])) & set(survivors):
+        raise SecAggProtocolError(
+            f"{what}: asked for the mask-key share of a node in the signed survivors: refusing"
+        )
+    if not set(cast(list[int], reply[Key.B_OWNERS])) <= set(survivors):
+        raise SecAggProtocolError(f"{what}: asked for self-mask shares of nodes not in the sum")
 
 
 def _keys_ok(c_pk: bytes, s_pk: bytes) -> bool:

@@ -87,8 +87,12 @@ class Stage:
     SETUP = "setup"  # carries the train content: train, clip, quantize; reply public keys
     SHARE_KEYS = "share-keys"  # neighbours' public keys in; encrypted Shamir shares out
     COLLECT = "collect-masked-vectors"  # shares addressed to the node in; masked vector out
+    # authenticated rounds only (every node signed its keys): the survivors U3 in; this
+    # node's signature of U3 out (Bonawitz et al., CCS 2017, section 4: consistency check)
+    CONSISTENCY = "consistency-check"
     UNMASK = "unmask"  # alive/dropped neighbours in; shares for reconstruction out
     ORDER = (SETUP, SHARE_KEYS, COLLECT, UNMASK)
+    SIGNED_ORDER = (SETUP, SHARE_KEYS, COLLECT, CONSISTENCY, UNMASK)
 
 
 class Key:

@@ -7,6 +7,13 @@ the active-adversary variant) answer with a PKI; here it is the federation's ros
 (``fedlora federation init``): every node's long-term public key, handed to each node out of
 band, never by the server.
 
+Consistency check (authenticated rounds): before unmasking, the server tells each survivor the
+set U3 of nodes whose masked vectors it summed; each signs ``(session, U3)``; the unmask
+request carries the survivors' signatures, and a node reveals shares only if at least t
+members of its roster signed the very U3 it was told, and only b-shares for nodes in U3 (never
+the mask-key share of a node that is in the sum). So the server cannot tell some nodes that a
+node dropped and others that it survived, and collect both of its secrets.
+
 In the setup stage a node signs the statement ``(session, its node id, c_pk, s_pk)`` with its
 long-term key (its SuperNode authentication key: EC P-384, ECDSA with SHA-384; the statement
 is domain-separated, so the signature means nothing elsewhere) and names itself as the roster
@@ -33,6 +40,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from fedlora.errors import ConfigError
 
 DOMAIN = b"fedlora secagg+ round keys v1"
+SURVIVORS_DOMAIN = b"fedlora secagg+ survivors v1"
 MAX_SIGNATURE_BYTES = 128  # a DER ECDSA P-384 signature has at most 104
 MAX_SIGNER_CHARS = 128
 
@@ -42,6 +50,17 @@ def key_statement(session: str, node_id: int, c_pk: bytes, s_pk: bytes) -> bytes
     digest = hashlib.sha384()
     for part in (DOMAIN, session.encode(), node_id.to_bytes(8, "big"), c_pk, s_pk):
         digest.update(len(part).to_bytes(4, "big") + part)
+    return digest.digest()
+
+
+def survivors_statement(session: str, survivors: list[int]) -> bytes:
+    """The SHA-384 digest a node signs in the consistency check: the round's survivors (U3),
+    the nodes whose masked vectors are in the sum (Bonawitz et al., 2017, section 4)."""
+    digest = hashlib.sha384()
+    for part in (SURVIVORS_DOMAIN, session.encode(), len(survivors).to_bytes(4, "big")):
+        digest.update(len(part).to_bytes(4, "big") + part)
+    for node in sorted(survivors):
+        digest.update(node.to_bytes(8, "big"))
     return digest.digest()
 
 

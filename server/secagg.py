@@ -35,7 +35,16 @@ from flwr.serverapp import Grid
 from numpy.typing import DTypeLike
 
 from fedlora.protocol.secagg import SecAggSettings, Spec, Stage, decode_sum, vector_length
-from fedlora.server.secagg_stages import SecAggError, Session, collect, setup, share_keys, unmask
+from fedlora.server.secagg_stages import (
+    SecAggError,
+    Session,
+    collect,
+    consistency_check,
+    setup,
+    share_keys,
+    signed_round,
+    unmask,
+)
 from fedlora.server.strategies.base import ClientUpdate, LoraAggregator
 
 log = logging.getLogger(__name__)
@@ -100,7 +109,11 @@ def secure_weighted_sum(
     s = Session(settings=settings, spec={k: tuple(v) for k, v in spec.items()}, group_id=group_id)
     try:
         u3 = _run_stages(grid, s, nodes, train_content, timeout, stage_timeout)
-        total = unmask(grid, s, s.u2, u3, stage_timeout)
+        u4 = None
+        if signed_round(s, sorted(s.keys)):
+            u4 = consistency_check(grid, s, u3, stage_timeout)
+            _enough(u4, settings.reconstruction_threshold, Stage.CONSISTENCY)
+        total = unmask(grid, s, s.u2, u3, stage_timeout, u4)
         weighted_sum, weight = checked_decode(total, settings, s.spec, len(u3))
     except SecAggError as exc:
         exc.rejected = dict(s.rejected)

@@ -76,6 +76,7 @@ class Session:
     forwards: dict[int, list[tuple[int, bytes]]] = field(default_factory=dict)  # dst -> (src, ct)
     u2: list[int] = field(default_factory=list)  # nodes that shared keys (U2)
     masked_with: dict[int, set[int]] = field(default_factory=dict)  # U3 node -> its pair masks
+    survivors_signed: dict[int, bytes] = field(default_factory=dict)  # node -> its U3 signature
     total: np.ndarray | None = None  # Σ masked vectors mod 2**modulus_bits
     metrics: dict[int, dict[str, Any]] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
@@ -437,18 +438,81 @@ def collect(grid: Grid, s: Session, u2: list[int], timeout: float | None) -> lis
     return sorted(s.masked_with)
 
 
+def signed_round(s: Session, u1: list[int]) -> bool:
+    """Whether every node of the round signed its keys (then the consistency check runs)."""
+    return bool(u1) and all(s.signed.get(n, (b"", ""))[1] for n in u1)
+
+
+def consistency_check(grid: Grid, s: Session, u3: list[int], timeout: float | None) -> list[int]:
+    """Authenticated rounds: each survivor signs U3; the nodes that did (U4) are returned and
+    their signatures relayed with the unmask request (the server cannot check them: the nodes
+    check them against their own rosters)."""
+    contents = {n: RecordDict({Key.CONFIG: ConfigRecord({Key.ALIVE: list(u3)})}) for n in u3}
+    for node, content in exchange(grid, s, Stage.CONSISTENCY, contents, timeout).items():
+        what = _what(Stage.CONSISTENCY, node)
+        try:
+            cfg = reply_config(content, {Key.SIGNATURE}, what, set())
+            signature = config_field(cfg, Key.SIGNATURE, bytes, what)
+            if not 0 < len(signature) <= MAX_SIGNATURE_BYTES:
+                raise SecAggProtocolError(f"{what}: a signature of {len(signature)} bytes")
+        except SecAggProtocolError as exc:
+            s.reject(Stage.CONSISTENCY, node, str(exc))
+            continue
+        s.survivors_signed[node] = signature
+    return sorted(s.survivors_signed)
+
+
+def short_neighbourhoods(
+    asked: Mapping[int, tuple[list[int], list[int]]],
+    alive: Iterable[int],
+    gone: Iterable[int],
+    threshold: int,
+) -> list[str]:
+    """Secrets the asked holders cannot rebuild: each survivor's self-mask seed and the mask
+    key of each dropped node that a survivor masked with need ``threshold`` holders among
+    those asked (``asked``: node -> the owners it would be asked about, alive and dropped). On
+    a sparse share graph (SecAgg+) this depends on *which* nodes dropped, not only how many,
+    so it is checked per neighbourhood before any share is asked for."""
+    holders = {("self-mask seed", n): 0 for n in alive} | {("mask key", n): 0 for n in gone}
+    for b_owners, sk_owners in asked.values():
+        for key in [("self-mask seed", n) for n in b_owners] + [("mask key", n) for n in sk_owners]:
+            holders[key] = holders.get(key, 0) + 1
+    return [
+        f"{count} holders of node {owner}'s {kind} remain, fewer than the threshold {threshold}"
+        for (kind, owner), count in sorted(holders.items(), key=lambda x: x[0][1])
+        if count < threshold
+    ]
+
+
 def unmask(
-    grid: Grid, s: Session, u2: list[int], u3: list[int], timeout: float | None
+    grid: Grid,
+    s: Session,
+    u2: list[int],
+    u3: list[int],
+    timeout: float | None,
+    asked_nodes: list[int] | None = None,
 ) -> np.ndarray:
-    """Stage 3: b-shares of U3 and s_sk-shares of U2 \\ U3 in; the unmasked sum out."""
+    """Stage 3: b-shares of U3 and s_sk-shares of U2 \\ U3 in (from ``asked_nodes``, default
+    U3; after a consistency check, U4 with the survivors' signatures); the unmasked sum out."""
     alive, gone = set(u3), set(u2) - set(u3)
     asked = {
-        n: (sorted((s.masked_with[n] | {n}) & alive), sorted(s.masked_with[n] & gone)) for n in u3
+        n: (sorted((s.masked_with[n] | {n}) & alive), sorted(s.masked_with[n] & gone))
+        for n in (u3 if asked_nodes is None else asked_nodes)
     }
-    contents = {
-        n: RecordDict({Key.CONFIG: ConfigRecord({Key.ALIVE: a, Key.DROPPED: d})})
-        for n, (a, d) in asked.items()
-    }
+    partners_gone = {d for n in alive for d in s.masked_with[n] & gone}  # masks to remove
+    short = short_neighbourhoods(asked, alive, partners_gone, s.settings.reconstruction_threshold)
+    if short:
+        raise SecAggError(
+            f"before unmasking: {'; '.join(short[:3])}: the round fails with nothing revealed"
+        )
+    contents = {}
+    for n, (a, d) in asked.items():
+        cfg = ConfigRecord({Key.ALIVE: a, Key.DROPPED: d})
+        if s.survivors_signed:
+            signed = sorted(s.survivors_signed)
+            cfg[Key.SIGNERS] = [s.signed[v][1] for v in signed]
+            cfg[Key.SIGNATURES] = [s.survivors_signed[v] for v in signed]
+        contents[n] = RecordDict({Key.CONFIG: cfg})
     b_shares: dict[int, list[bytes]] = {n: [] for n in alive}
     sk_shares: dict[int, list[bytes]] = {n: [] for n in gone}
     for node, content in exchange(grid, s, Stage.UNMASK, contents, timeout).items():

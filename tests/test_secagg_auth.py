@@ -209,3 +209,80 @@ def test_the_signature_covers_session_node_and_both_keys(federation):
 def test_a_path_in_the_policy_that_does_not_exist_names_the_setting(tmp_path: Path):
     with pytest.raises(ConfigError, match="secagg-roster=.*no such file"):
         Roster.load(tmp_path / "missing.json")
+
+
+# ---- the consistency check (Bonawitz et al., 2017, section 4) -----------------------------
+
+
+def test_survivors_sign_the_survivor_set_before_anyone_unmasks(task_identity, federation):
+    grid = _grid(federation)
+    secure_weighted_sum(grid, NODES, RecordDict(), SETTINGS, SPEC)
+    told = grid.sent[Stage.CONSISTENCY]
+    assert set(told) == set(NODES)
+    assert all(list(c.config_records[Key.CONFIG][Key.ALIVE]) == list(NODES) for c in told.values())
+    unmask = grid.sent[Stage.UNMASK][11].config_records[Key.CONFIG]
+    assert unmask[Key.SIGNERS] == [NAMES[n] for n in NODES] and len(unmask[Key.SIGNATURES]) == 4
+
+
+def test_a_node_that_vanishes_at_the_check_is_still_in_the_sum(task_identity, federation):
+    policies = {n: _policy(federation, NAMES[n]) for n in NODES}
+    grid = LocalGrid(NODES, record=True, policies=policies, vanish={44: Stage.CONSISTENCY})
+    result = secure_weighted_sum(grid, NODES, RecordDict(), SETTINGS, SPEC)
+    assert list(result.contributors) == list(NODES)  # its masked vector is in the sum
+    assert max_diff(result.mean(), expected_mean(NODES, SETTINGS)) <= result.tolerance
+    assert set(grid.sent[Stage.UNMASK]) == {11, 22, 33}
+
+
+def _no_shares_revealed(grid: LocalGrid, why: str, refusing=NODES) -> None:
+    """The round fails and no node in ``refusing`` sent an unmask reply."""
+    with pytest.raises(SecAggError):
+        secure_weighted_sum(grid, NODES, RecordDict(), SETTINGS, SPEC)
+    refused = [e for e in grid.errors if Stage.UNMASK in e]
+    assert {int(e.split()[0]) for e in refused} == set(refusing), grid.errors
+    assert all(why in e for e in refused), grid.errors
+    assert not set(grid.replies.get(Stage.UNMASK, {})) & set(refusing)
+
+
+def test_different_survivor_sets_for_different_nodes_are_refused(task_identity, federation):
+    """The server tells two nodes that riverside (33) dropped and the other two that it
+    survived: neither set gathers t = 3 signatures, so nobody reveals a share."""
+
+    def split(node: int, stage: str, content: RecordDict) -> None:
+        if stage == Stage.CONSISTENCY and node in (11, 22):
+            content.config_records[Key.CONFIG][Key.ALIVE] = [11, 22, 44]
+
+    _no_shares_revealed(_grid(federation, split), "fewer than the threshold 3")
+
+
+def test_a_request_for_the_mask_key_of_a_survivor_is_refused(task_identity, federation):
+    """After the check, the server asks st-marys for riverside's mask-key share as if it had
+    dropped: riverside is in the signed survivors, so st-marys refuses."""
+
+    def claim_dropped(node: int, stage: str, content: RecordDict) -> None:
+        if stage == Stage.UNMASK and node == 11:
+            cfg = content.config_records[Key.CONFIG]
+            cfg[Key.ALIVE] = [n for n in cfg[Key.ALIVE] if n != 33]
+            cfg[Key.DROPPED] = [33]
+
+    grid = _grid(federation, claim_dropped)
+    result = secure_weighted_sum(grid, NODES, RecordDict(), SETTINGS, SPEC)  # the others suffice
+    assert [e.split()[0] for e in grid.errors] == ["11"] and "mask-key share" in grid.errors[0]
+    assert 11 not in grid.replies[Stage.UNMASK]  # no share left st-marys
+    assert max_diff(result.mean(), expected_mean(NODES, SETTINGS)) <= result.tolerance
+
+
+def test_an_unmask_request_without_enough_signatures_is_refused(task_identity, federation):
+    def strip(node: int, stage: str, content: RecordDict) -> None:
+        if stage == Stage.UNMASK:
+            cfg = content.config_records[Key.CONFIG]
+            cfg[Key.SIGNERS] = list(cfg[Key.SIGNERS])[:2]
+            cfg[Key.SIGNATURES] = list(cfg[Key.SIGNATURES])[:2]
+
+    _no_shares_revealed(_grid(federation, strip), "2 roster members signed")
+
+
+def test_a_server_that_skips_the_check_is_refused(task_identity, federation, monkeypatch):
+    from fedlora.server import secagg as server
+
+    monkeypatch.setattr(server, "signed_round", lambda s, u1: False)
+    _no_shares_revealed(_grid(federation), "expected stage 'consistency-check'")

@@ -125,7 +125,7 @@ def test_seed_shares_no_subset_verifies_fail_the_round():
 def test_a_wrong_sum_is_refused_before_decoding(monkeypatch):
     from fedlora.server import secagg as server
 
-    def garbage(grid, s, u2, u3, timeout):
+    def garbage(grid, s, u2, u3, timeout, asked=None):
         return np.full(1 + 5, 2**39 + 12345, dtype=np.uint64)
 
     monkeypatch.setattr(server, "unmask", garbage)

@@ -12,7 +12,7 @@ from fedlora.client.app import RoundRefused, _once_per_round
 from fedlora.client.secagg import SecAggPolicy
 from fedlora.errors import ConfigError
 from fedlora.protocol.messages import CONFIG
-from fedlora.protocol.secagg import SecAggProtocolError, SecAggSettings
+from fedlora.protocol.secagg import SecAggProtocolError, SecAggSettings, Stage
 from fedlora.server.secagg import SecAggError, secure_weighted_sum
 from hostile import VALID_ROUND
 from secagg_transcript import SPEC, LocalGrid, expected_mean, max_diff
@@ -104,3 +104,35 @@ def test_a_node_refuses_less_dp_noise_than_its_minimum():
     assert got.dp_noise_multiplier == 1.0
     with pytest.raises(ConfigError, match="dp-min-noise-multiplier=-1.0"):
         NodeSettings.from_config({"site": "pain", "dp-min-noise-multiplier": -1})
+
+
+def test_dropouts_are_checked_per_neighbourhood_before_unmasking(task_identity):
+    """Ten nodes on a sparse graph (num_shares 4, t = 3): three dropouts, all neighbours of one
+    survivor, leave 7 survivors (plenty in number) but too few holders of that survivor's
+    self-mask seed. The server fails the round before asking anyone for a share."""
+    from fedlora.server.secagg_stages import Session, collect, setup, share_keys, unmask
+
+    nodes = list(range(101, 111))
+    settings = SecAggSettings(clip_norm=4.0, num_shares=4, reconstruction_threshold=3)
+    grid = LocalGrid(nodes, record=True)
+    s = Session(settings=settings, spec=dict(SPEC), group_id="")
+    s.u2 = share_keys(grid, s, setup(grid, s, nodes, RecordDict(), None), None)
+    victim = nodes[0]
+    gone = sorted(s.neighbours[victim] - {victim})[:3]
+    grid.vanish = {n: Stage.COLLECT for n in gone}
+    u3 = collect(grid, s, s.u2, None)
+    assert len(u3) == 7
+    with pytest.raises(SecAggError, match=f"holders of node {victim}'s self-mask seed remain"):
+        unmask(grid, s, s.u2, u3, None)
+    assert Stage.UNMASK not in grid.sent  # nothing was asked, so nothing was revealed
+
+
+def test_the_neighbourhood_check_counts_holders_per_secret():
+    from fedlora.server.secagg_stages import short_neighbourhoods
+
+    asked = {1: ([1, 2], [9]), 2: ([1, 2], [9]), 3: ([2, 3], [])}
+    assert short_neighbourhoods(asked, [1, 2, 3], [9], 2) == [
+        "1 holders of node 3's self-mask seed remain, fewer than the threshold 2"
+    ]
+    assert short_neighbourhoods(asked, [1, 2, 3], [9], 1) == []
+    assert "node 7's mask key" in short_neighbourhoods(asked, [1, 2], [7], 1)[0]
