@@ -1,8 +1,18 @@
 """``fedlora federation``: one command per role, TLS and node authentication on by default.
 
 Coordinator: ``init`` (CA, SuperLink certificate, node folders), ``add-node``, ``superlink``
-(start it, register the nodes, stay in the foreground). Hospital: ``node`` (start its SuperNode
-with the folder the coordinator handed over).
+(start it, register the nodes, stay in the foreground). Hospital: ``keygen`` (its own node key
+pair: only ``auth.pub`` goes to the coordinator), ``node`` (start its SuperNode with its key and
+the coordinator's ``ca.crt`` and ``roster.json``).
+
+Bring your own key (the coordinator never holds a hospital's private key)::
+
+    hospital$    fedlora federation keygen pain-node --name pain     # send pain-node/auth.pub
+    coordinator$ fedlora federation add-node FED pain --public-key auth.pub
+                 # (or: fedlora federation init FED --host ... --node pain=auth.pub)
+                 # hand back FED/nodes/pain/ca.crt and roster.json
+    hospital$    cp ca.crt roster.json pain-node/
+    hospital$    fedlora federation node pain-node --superlink HOST:9092
 """
 
 from __future__ import annotations
@@ -41,14 +51,23 @@ def init(
         ),
     ] = None,
     node: Annotated[
-        list[str] | None, typer.Option("--node", help="a node (hospital) name (repeat)")
+        list[str] | None,
+        typer.Option(
+            "--node",
+            help="a node (hospital): NAME (key pair made here) or NAME=PATH/auth.pub (the "
+            "hospital's own public key, from `fedlora federation keygen`) (repeat)",
+        ),
     ] = None,
     force: Annotated[
         bool, typer.Option("--force", help="replace an existing federation in FED_DIR")
     ] = False,
 ) -> None:
-    """Create a CA, the SuperLink's TLS certificate and a key pair and folder per node."""
-    roster = fed.init_federation(fed_dir, host or [], node or [], force=force)
+    """Create a CA, the SuperLink's TLS certificate and a folder per node (with the node's
+    public key if given, else a key pair made here)."""
+    specs = [fed.parse_node(spec) for spec in node or []]
+    public_keys = {name: path for name, path in specs if path is not None}
+    names = [name for name, _ in specs]
+    roster = fed.init_federation(fed_dir, host or [], names, force=force, public_keys=public_keys)
     layout = fed.Federation(fed_dir)
     typer.echo(f"federation created in {fed_dir} (keep {layout.ca_key} private)")
     _echo_nodes(layout, roster.nodes)
@@ -58,9 +77,18 @@ def init(
 def add_node(
     fed_dir: FedArg,
     name: Annotated[str, typer.Argument(help="the new node's name")],
+    public_key: Annotated[
+        Path | None,
+        typer.Option(
+            "--public-key",
+            help="the hospital's auth.pub (from `fedlora federation keygen`): no private key "
+            "is made or kept here",
+        ),
+    ] = None,
 ) -> None:
-    """A new node: key pair and folder; every node folder's roster.json is refreshed."""
-    entry = fed.add_node(fed_dir, name)
+    """A new node and its folder (from the hospital's public key, or with a key pair made
+    here); every node folder's roster.json is refreshed."""
+    entry = fed.add_node(fed_dir, name, public_key)
     layout = fed.Federation(fed_dir)
     _echo_nodes(layout, [entry])
     nodes = layout.root / "nodes"
@@ -69,7 +97,32 @@ def add_node(
 
 def _echo_nodes(layout: fed.Federation, entries: Iterable[fed.RosterEntry]) -> None:
     for entry in entries:
-        typer.echo(f"  node {entry.name}: {entry.sha256}  -> {layout.node(entry.name).root}")
+        folder = layout.node(entry.name)
+        typer.echo(f"  node {entry.name}: {entry.sha256}  -> {folder.root}")
+        if not folder.auth_key.exists():
+            typer.echo(
+                f"    its own key: hand it {folder.ca_cert.name} and {folder.roster.name} "
+                "to put next to its auth.key"
+            )
+
+
+@federation.command()
+def keygen(
+    node_dir: Annotated[Path, typer.Argument(help="this node's folder (created, mode 0700)")],
+    name: Annotated[str, typer.Option("--name", help="this node's name in the federation")],
+) -> None:
+    """Make this hospital's own node key pair: auth.key stays here, auth.pub goes to the
+    coordinator (who never sees the private key)."""
+    entry = fed.keygen(node_dir, name)
+    folder = fed.NodeFolder(node_dir)
+    typer.echo(f"node key for {entry.name} made in {node_dir} (keep {folder.auth_key} private)")
+    typer.echo(f"  public key: {folder.auth_pub}")
+    typer.echo(f"  fingerprint: {entry.sha256}")
+    typer.echo(
+        f"next: send {folder.auth_pub} to the coordinator (compare the fingerprint with theirs "
+        f"over another channel), then put the coordinator's ca.crt and roster.json into "
+        f"{node_dir}"
+    )
 
 
 @federation.command()
@@ -87,7 +140,10 @@ def superlink(
 
 @federation.command()
 def node(
-    node_dir: Annotated[Path, typer.Argument(help="this node's folder from the coordinator")],
+    node_dir: Annotated[
+        Path,
+        typer.Argument(help="this node's folder: auth.key, ca.crt and roster.json"),
+    ],
     superlink: Annotated[str, typer.Option("--superlink", help="the SuperLink as HOST:PORT")],
     node_config: Annotated[
         str, typer.Option("--node-config", help="node settings: 'key=value ...'")

@@ -10,6 +10,14 @@
                                           one hospital's folder, handed over out of band
     FED/roster.json                       every node: name, OpenSSH public key, fingerprint
 
+A node's key is also its long-term identity in authenticated SecAgg+ (it signs its round keys
+with it), so a coordinator holding it could impersonate the node. Hence the bring-your-own-key
+flow: the hospital runs ``fedlora federation keygen NODE_DIR --name NAME`` (:func:`keygen`),
+sends only ``auth.pub``, and the coordinator adds it with ``add-node NAME --public-key`` (or
+``init --node NAME=PATH``): that node's folder under FED then has no ``auth.key``, only
+``auth.pub``, ``ca.crt`` and ``roster.json``, which the hospital copies next to its own key.
+Without a public key the coordinator makes the key pair itself, as a convenience for trials.
+
 Every node folder holds its own copy of the roster: nodes will check their SecAgg+ neighbours'
 keys against it, so it must reach them out of band, never from the server. Private keys are
 written with mode 0600 in folders with mode 0700.
@@ -21,9 +29,11 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedlora.deploy import pki
 from fedlora.errors import ConfigError
@@ -162,26 +172,108 @@ def make_private_dir(path: Path) -> Path:
     return path
 
 
-def write_file(path: Path, data: bytes, *, private: bool = False) -> Path:
-    """Write ``data``; a private file gets mode 0600 before any byte is written."""
+def write_file(path: Path, data: bytes, *, private: bool = False, exclusive: bool = False) -> Path:
+    """Write ``data``; a private file gets mode 0600 before any byte is written.
+
+    ``exclusive``: fail (FileExistsError) rather than replace an existing file.
+    """
     make_private_dir(path.parent)
     mode = 0o600 if private else 0o644
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if exclusive else os.O_TRUNC)
+    fd = os.open(path, flags, mode)
     with os.fdopen(fd, "wb") as out:
         os.fchmod(out.fileno(), mode)  # an existing file keeps its old mode otherwise
         out.write(data)
     return path
 
 
-def _new_node(fed: Federation, name: str) -> RosterEntry:
-    """A node folder with a fresh key pair and the CA certificate (its roster comes after)."""
-    folder = fed.node(name)
+def _entry(name: str, key: ec.EllipticCurvePublicKey) -> RosterEntry:
+    line = pki.openssh_public_key(key, comment=name)
+    return RosterEntry(name, line, pki.fingerprint(line))
+
+
+def keygen(node_dir: Path, name: str) -> RosterEntry:
+    """A hospital's own node key pair: ``node_dir/auth.key`` (0600) and ``auth.pub``.
+
+    Run where the node runs; only ``auth.pub`` goes to the coordinator. An existing
+    ``auth.key`` is never replaced. The entry returned is what the roster will hold.
+    """
+    check_node_name(name)
+    node = NodeFolder(node_dir)
+    if node.auth_key.exists():
+        raise ConfigError(_key_exists(node))
+    if node_dir.exists() and not node_dir.is_dir():
+        raise ConfigError(f"{node_dir} exists and is not a folder; pick another node folder")
+    make_private_dir(node_dir)
+    if node_dir.stat().st_mode & 0o077:
+        node_dir.chmod(0o700)  # it holds a private key
     key = pki.new_key()
-    public_line = pki.openssh_public_key(key.public_key(), comment=name)
-    write_file(folder.auth_key, pki.openssh_private_key(key), private=True)
-    write_file(folder.auth_pub, (public_line + "\n").encode("ascii"))
+    entry = _entry(name, key.public_key())
+    try:
+        write_file(node.auth_key, pki.openssh_private_key(key), private=True, exclusive=True)
+    except FileExistsError:
+        raise ConfigError(_key_exists(node)) from None
+    write_file(node.auth_pub, (entry.public_key + "\n").encode("ascii"))
+    return entry
+
+
+def _key_exists(node: NodeFolder) -> str:
+    return (
+        f"{node.auth_key} exists: this node already has a key; send its {node.auth_pub.name} "
+        "to the coordinator, or move both files away to make a new key"
+    )
+
+
+def read_public_key(path: Path, name: str) -> RosterEntry:
+    """The roster entry of node ``name`` from a hospital's public key file (``auth.pub``)."""
+    try:
+        text = path.read_text(encoding="ascii")
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{path}: no such file; give the auth.pub the hospital made with "
+            "`fedlora federation keygen`"
+        ) from None
+    except (OSError, UnicodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not an OpenSSH public key"
+        raise ConfigError(f"{path}: cannot be read ({reason})") from None
+    return _entry(name, pki.load_node_public_key(text, str(path)))
+
+
+def _check_new_keys(
+    entries: Iterable[RosterEntry], sources: Mapping[str, Path], roster: Roster
+) -> None:
+    """Refuse a key that is already some node's (in ``roster`` or earlier in ``entries``)."""
+    holders = {e.sha256: e.name for e in roster.nodes}
+    for entry in entries:
+        holder = holders.get(entry.sha256)
+        if holder is not None:
+            raise ConfigError(
+                f"{sources[entry.name]}: this public key is already in the roster as node "
+                f"{holder!r}; every node needs its own key (the hospital makes one with "
+                "`fedlora federation keygen`)"
+            )
+        holders[entry.sha256] = entry.name
+
+
+def _node_folder(fed: Federation, name: str, entry: RosterEntry | None = None) -> RosterEntry:
+    """A node folder with the CA certificate (its roster comes after) and either the public key
+    ``entry`` the hospital sent (no private key here), or a fresh key pair made here."""
+    folder = fed.node(name)
+    if entry is None:
+        key = pki.new_key()
+        entry = _entry(name, key.public_key())
+        write_file(folder.auth_key, pki.openssh_private_key(key), private=True)
+    write_file(folder.auth_pub, (entry.public_key + "\n").encode("ascii"))
     shutil.copyfile(fed.ca_cert, folder.ca_cert)
-    return RosterEntry(name, public_line, pki.fingerprint(public_line))
+    return entry
+
+
+def parse_node(spec: str) -> tuple[str, Path | None]:
+    """``NAME`` or ``NAME=PATH`` (the node's public key file): the name and the path, if any."""
+    name, sep, path = spec.partition("=")
+    if sep and not path.strip():
+        raise ConfigError(f"--node {spec!r}: give NAME or NAME=PATH/auth.pub")
+    return check_node_name(name), Path(path) if sep else None
 
 
 def _publish_roster(fed: Federation, roster: Roster) -> None:
@@ -203,12 +295,26 @@ def _unique_names(names: Sequence[str], existing: Iterable[str] = ()) -> list[st
 
 
 def init_federation(
-    root: Path, hosts: Sequence[str] = (), nodes: Sequence[str] = (), force: bool = False
+    root: Path,
+    hosts: Sequence[str] = (),
+    nodes: Sequence[str] = (),
+    force: bool = False,
+    public_keys: Mapping[str, Path] | None = None,
 ) -> Roster:
-    """Create the CA, the SuperLink's certificate for ``hosts`` and a folder per node."""
+    """Create the CA, the SuperLink's certificate for ``hosts`` and a folder per node.
+
+    A node named in ``public_keys`` is added with that public key file (the hospital keeps its
+    private key); the others get a key pair made here.
+    """
     fed = Federation(root)
     names = _unique_names(nodes)
+    public_keys = dict(public_keys or {})
+    unknown = sorted(set(public_keys) - set(names))
+    if unknown:
+        raise ConfigError(f"public keys given for {', '.join(unknown)}, not among the nodes")
     pki.server_names(hosts)  # refuse a bad host before anything is written
+    given = {n: read_public_key(p, n) for n, p in public_keys.items()}
+    _check_new_keys(given.values(), public_keys, Roster())
     if fed.ca_key.exists() and not force:
         raise ConfigError(
             f"{fed.ca_key} exists: this folder already holds a federation; use "
@@ -228,13 +334,17 @@ def init_federation(
     write_file(fed.server_key, pki.pem_private_key(server_key), private=True)
     write_file(fed.server_cert, pki.pem_certificate(server_cert))
     shutil.copyfile(fed.ca_cert, fed.superlink_ca)
-    roster = Roster(tuple(_new_node(fed, name) for name in names))
+    roster = Roster(tuple(_node_folder(fed, name, given.get(name)) for name in names))
     _publish_roster(fed, roster)
     return roster
 
 
-def add_node(root: Path, name: str) -> RosterEntry:
-    """A new node: key pair and folder; the roster and every node's copy of it are updated."""
+def add_node(root: Path, name: str, public_key: Path | None = None) -> RosterEntry:
+    """A new node and its folder; the roster and every node's copy of it are updated.
+
+    With ``public_key`` (the hospital's ``auth.pub``) the node's folder gets that key and no
+    private key; without it a key pair is made here.
+    """
     fed = Federation(root)
     roster = read_roster(fed.roster)
     check_node_name(name)
@@ -247,6 +357,10 @@ def add_node(root: Path, name: str) -> RosterEntry:
         )
     if not fed.ca_cert.is_file():
         raise ConfigError(f"{fed.ca_cert} is missing: the federation folder is incomplete")
-    entry = _new_node(fed, name)
+    given = None
+    if public_key is not None:
+        given = read_public_key(public_key, name)
+        _check_new_keys([given], {name: public_key}, roster)
+    entry = _node_folder(fed, name, given)
     _publish_roster(fed, roster.with_node(entry))
     return entry

@@ -12,6 +12,12 @@ for, and then every start logs :data:`INSECURE_WARNING`. What Flower 1.41 does w
 - ``flower-supernode --root-certificates ca.crt --auth-supernode-private-key auth.key`` checks
   the SuperLink's certificate against the federation's CA and signs with the node's key.
 
+A node folder is either the one the coordinator made (``add-node`` without a public key) or one
+the hospital assembled: its own ``auth.key``/``auth.pub`` from ``fedlora federation keygen``
+and the coordinator's ``ca.crt`` and ``roster.json``. Before a node starts, its public key
+(derived from ``auth.key``) must be in its ``roster.json``. The SuperLink side only ever reads
+public keys (the roster's, through each node's ``auth.pub`` under FED).
+
 Each role's processes run in their own session, stopped by process group when the role's
 command ends (Ctrl-C or SIGTERM), whatever state they are in.
 """
@@ -36,7 +42,7 @@ from types import FrameType, TracebackType
 from typing import Any
 
 from fedlora.deploy import pki
-from fedlora.deploy.federation import Federation, NodeFolder, read_roster
+from fedlora.deploy.federation import Federation, NodeFolder, Roster, RosterEntry, read_roster
 from fedlora.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -102,7 +108,36 @@ def _readable(path: Path, what: str) -> bytes:
 def _folder_hint(path: Path) -> str:
     if path.parent.name == "superlink":
         return "create the federation with `fedlora federation init`"
-    return "ask the coordinator for this node's folder (`fedlora federation add-node`)"
+    if path.name == "auth.key":
+        return (
+            "make this node's own key here with `fedlora federation keygen`, or ask the "
+            "coordinator for this node's folder (`fedlora federation add-node`)"
+        )
+    return (
+        f"put the coordinator's {path.name} for this node here (from its "
+        "`fedlora federation add-node`)"
+    )
+
+
+def node_identity(node_dir: Path) -> RosterEntry:
+    """This node's roster entry: its public key, derived from ``auth.key``, must be in its
+    ``roster.json`` (the coordinator's, handed over out of band); refused in one line if not."""
+    node = NodeFolder(node_dir.resolve())
+    key = pki.load_node_private_key(_readable(node.auth_key, "node key"), str(node.auth_key))
+    roster = Roster.from_json(
+        _readable(node.roster, "roster").decode("utf-8", "replace"), str(node.roster)
+    )
+    line = pki.openssh_public_key(key.public_key())
+    own = pki.fingerprint(line)
+    entry = next((e for e in roster.nodes if e.sha256 == own), None)
+    if entry is None:
+        raise ConfigError(
+            f"{node.roster} does not list this node's key {own} (from {node.auth_key}): the "
+            "roster from the coordinator must include this node's key; send auth.pub to the "
+            "coordinator (`fedlora federation add-node FED NAME --public-key auth.pub`) and "
+            "put the roster.json it hands back here"
+        )
+    return entry
 
 
 def superlink_command(
@@ -157,6 +192,7 @@ def supernode_command(
     node = NodeFolder(node_dir.resolve())
     pki.load_node_private_key(_readable(node.auth_key, "node key"), str(node.auth_key))
     pki.load_certificate(_readable(node.ca_cert, "CA certificate"), str(node.ca_cert))
+    node_identity(node.root)
     return [
         *command,
         "--root-certificates",
@@ -196,9 +232,14 @@ def register_nodes(fed_dir: Path, address: str) -> dict[str, int | None]:
     write_connection(fed.flwr_home, address, fed.ca_cert)
     env = flower_env(FLWR_HOME=str(fed.flwr_home))
     registered: dict[str, int | None] = {}
-    for entry in roster.nodes:
+    for entry in roster.nodes:  # public keys only: a node's auth.key need not be here
         public_key = fed.node(entry.name).auth_pub
-        _readable(public_key, "node public key")
+        line = _readable(public_key, "node public key").decode("ascii", "replace")
+        if pki.fingerprint_or_none(line) != entry.sha256:
+            raise ConfigError(
+                f"{public_key} is not the key {fed.roster} lists for node {entry.name!r} "
+                f"({entry.sha256}); restore it from the roster or re-add the node"
+            )
         command = [flower_tool("flwr"), "supernode", "register", str(public_key), CONNECTION]
         command += ["--name", entry.name, "--format", "json"]
         done = subprocess.run(
@@ -358,6 +399,7 @@ def node_settings(node_dir: Path, node_config: str, worker_socket: Path | None) 
     node = NodeFolder(node_dir.resolve())
     extra = {}
     if node.roster.is_file() and node.auth_key.is_file():
+        node_identity(node.root)  # the key must be in the roster, or SecAgg+ would fail later
         extra["secagg-roster"] = str(node.roster)
         extra["secagg-identity-key"] = str(node.auth_key)
     if worker_socket is not None:

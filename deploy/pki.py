@@ -190,6 +190,19 @@ def fingerprint(public_key_line: str) -> str:
     return f"SHA256:{digest}"
 
 
+def fingerprint_or_none(text: str) -> str | None:
+    """:func:`fingerprint` of a public key line, or None when ``text`` is not one."""
+    try:
+        key = serialization.load_ssh_public_key(text.strip().encode("ascii"))
+    except (ValueError, UnicodeError, UnsupportedAlgorithm):
+        return None
+    return fingerprint(
+        key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode(
+            "ascii"
+        )
+    )
+
+
 def load_public_key(line: str, source: str) -> ec.EllipticCurvePublicKey:
     """An OpenSSH EC public key line; ``source`` names where it came from in the error."""
     try:
@@ -201,14 +214,41 @@ def load_public_key(line: str, source: str) -> ec.EllipticCurvePublicKey:
     return key
 
 
+def load_node_public_key(text: str, source: str) -> ec.EllipticCurvePublicKey:
+    """A node's public key file (one OpenSSH EC P-384 key line, as ``auth.pub`` holds).
+
+    ``source`` names the file in every error; a private key given by mistake is refused
+    without echoing it.
+    """
+    if "PRIVATE KEY" in text:
+        raise ConfigError(
+            f"{source}: this is a private key; give the node's public key (auth.pub), and keep "
+            "the private key where it was made"
+        )
+    lines = [line for line in text.splitlines() if line.strip()]
+    if len(lines) != 1:
+        raise ConfigError(
+            f"{source}: holds {len(lines)} key lines, not one; give one node's auth.pub "
+            "(made by `fedlora federation keygen`)"
+        )
+    key = load_public_key(lines[0], source)
+    if not isinstance(key.curve, CURVE):
+        raise ConfigError(
+            f"{source}: an EC key on {key.curve.name}, not P-384 (secp384r1); make the node's "
+            "key with `fedlora federation keygen`"
+        )
+    return key
+
+
 def load_node_private_key(data: bytes, source: str) -> ec.EllipticCurvePrivateKey:
     """A node's OpenSSH EC private key, as Flower's SuperNode will load it."""
     try:
         key = serialization.load_ssh_private_key(data, None)
     except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
         raise ConfigError(
-            f"{source}: not an unencrypted OpenSSH private key ({exc}); ask the coordinator "
-            "for the node folder made by `fedlora federation add-node`"
+            f"{source}: not an unencrypted OpenSSH private key ({exc}); use the auth.key made "
+            "by `fedlora federation keygen` (or by the coordinator's `fedlora federation "
+            "add-node`)"
         ) from None
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise ConfigError(

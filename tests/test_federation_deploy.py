@@ -25,7 +25,13 @@ import pytest
 
 from fedlora.client.worker import status
 from fedlora.deploy import launch, pki
-from fedlora.deploy.federation import Federation, init_federation, write_file
+from fedlora.deploy.federation import (
+    Federation,
+    RosterEntry,
+    init_federation,
+    read_roster,
+    write_file,
+)
 from fedlora.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -181,9 +187,16 @@ def _wait_for_line(log: Path, text: str, proc: subprocess.Popen, seconds: float)
 
 
 def _intruder_folder(fed: Federation, target: Path) -> Path:
-    """A node folder with the federation's CA but a key the SuperLink never registered."""
+    """A node folder with the federation's CA but a key the SuperLink never registered (its
+    roster copy forged to list that key, so that the node's own start-up check lets it dial)."""
     shutil.copytree(fed.node("pain").root, target)
-    write_file(target / "auth.key", pki.openssh_private_key(pki.new_key()), private=True)
+    key = pki.new_key()
+    write_file(target / "auth.key", pki.openssh_private_key(key), private=True)
+    line = pki.openssh_public_key(key.public_key(), comment="intruder")
+    forged = read_roster(target / "roster.json").with_node(
+        RosterEntry("intruder", line, pki.fingerprint(line))
+    )
+    write_file(target / "roster.json", forged.to_json().encode("utf-8"))
     return target
 
 
@@ -260,7 +273,7 @@ def test_a_tls_federation_with_node_authentication_runs_and_refuses_unregistered
             cwd=tmp_path,
             capture_output=True,
             text=True,
-            timeout=300,
+            timeout=900,  # five exchanges per secure round, each a fresh flwr-clientapp process
             check=False,
         )
         node_logs = "\n".join(p.read_text()[-2000:] for p in sorted(logs.iterdir()))
