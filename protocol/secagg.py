@@ -103,7 +103,7 @@ class Key:
     METRICS = "secagg-metrics"  # MetricRecord: clip and training scalars (client -> server)
     VECTOR = "vector"  # the one Array inside MASKED
     STAGE = "stage"
-    SESSION = "session"  # random per round: ties the four stages together
+    SESSION = "session"  # random per round: ties the stages of one round together
     NAMES = "tensor-names"
     SIZES = "tensor-sizes"
     C_PK = "c-pk"  # public key for encrypting shares (Bonawitz et al.: c^PK)

@@ -156,7 +156,8 @@ class LoraFedAvg(FedAvg):
         messages = super().configure_train(server_round + self.round_offset, arrays, config, grid)
         if self.secagg is None:
             return messages
-        # Secure rounds take four exchanges, run from aggregate_train; Flower's loop sends none.
+        # Secure rounds take four exchanges (five when authenticated), run from aggregate_train;
+        # Flower's loop sends none.
         messages = list(messages)
         contents = {m.metadata.dst_node_id: m.content for m in messages}
         for content in contents.values():

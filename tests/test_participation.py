@@ -14,7 +14,7 @@ from fedlora.simulations.run import simulate
 
 pytestmark = pytest.mark.integration
 
-TIMEOUT = 30.0  # covers a cold start: Ray actor, imports, model load
+TIMEOUT = 60.0  # covers a cold start (Ray actor, imports, model load) on a loaded machine
 SAFETY_CAP = 300.0  # the hanging node gives up waiting then (only if the timeout were broken)
 
 
