@@ -165,10 +165,10 @@ def handle_secagg(
             elif stage == Stage.CONSISTENCY:
                 out = _consistency(me, cfg, st, policy)
             else:
+                if stage == Stage.UNMASK and policy.roster is not None:
+                    _check_consistency(cfg, st, policy)  # before any share is looked up
                 handler = {Stage.COLLECT: _collect, Stage.UNMASK: _unmask}[stage]
                 out = handler(me, cfg, st, context)
-                if stage == Stage.UNMASK and policy.roster is not None:
-                    _check_consistency(cfg, out, st, policy)
     except Exception:
         _wipe(context)  # a failed round leaves no secrets behind
         raise
@@ -438,9 +438,7 @@ def _consistency(me: int, cfg: ConfigRecord, st: ConfigRecord, policy: SecAggPol
     return RecordDict({Key.CONFIG: ConfigRecord({Key.SIGNATURE: signature})})
 
 
-def _check_consistency(
-    cfg: ConfigRecord, out: RecordDict, st: ConfigRecord, policy: SecAggPolicy
-) -> None:
+def _check_consistency(cfg: ConfigRecord, st: ConfigRecord, policy: SecAggPolicy) -> None:
     """Reveal shares only if at least t roster members signed this node's U3, and never the
     mask-key share of a node in U3."""
     what = Stage.UNMASK
@@ -464,12 +462,12 @@ def _check_consistency(
             f"{what}: {len(valid)} roster members signed the survivors this node was told, "
             f"fewer than the threshold {settings.reconstruction_threshold}: refusing to unmask"
         )
-    reply = out.config_records[Key.CONFIG]
-    if set(cast(list[int], reply[Key.SK_OWNERS])) & set(survivors):
+    alive, dropped = id_list(cfg, Key.ALIVE, what), id_list(cfg, Key.DROPPED, what)
+    if set(dropped) & set(survivors):
         raise SecAggProtocolError(
             f"{what}: asked for the mask-key share of a node in the signed survivors: refusing"
         )
-    if not set(cast(list[int], reply[Key.B_OWNERS])) <= set(survivors):
+    if not set(alive) <= set(survivors):
         raise SecAggProtocolError(f"{what}: asked for self-mask shares of nodes not in the sum")
 
 
