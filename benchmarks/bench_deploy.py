@@ -140,7 +140,7 @@ class Row:
     clientapps: dict[str, int] = field(default_factory=dict)  # flwr-clientapp processes
     messages: dict[str, int] = field(default_factory=dict)  # worker status (warm rows)
     worker_loads: dict[str, int] = field(default_factory=dict)  # worker status (warm rows)
-    load_seconds: list[float] = field(default_factory=list)  # per site and round, from replies
+    load_seconds: list[float] = field(default_factory=list)  # per site and round (secure: sums)
     replies: list[int] = field(default_factory=list)
     left_behind: list[str] = field(default_factory=list)  # killed by the bench after the row
     error: str = ""
@@ -389,11 +389,12 @@ def measure(row: Row, workdir: Path, args: argparse.Namespace) -> None:
                 raise RowFailed(f"metrics.jsonl has rounds {[r.get('round') for r in history]}")
             row.round_seconds = [float(r["seconds"]) for r in history]
             row.replies = [int(r.get("replies", 0)) for r in history]
-            row.load_seconds = [
-                float(s.get("load-seconds", 0.0))
+            row.load_seconds = [  # secure rounds reveal only the sum over their sites
+                float(s["load-seconds"])
                 for r in history
                 for s in r.get("sites", {}).values()
-            ]
+                if "load-seconds" in s
+            ] + [float(r["load-seconds-sum"]) for r in history if "load-seconds-sum" in r]
             if any(n != len(SITES) for n in row.replies):
                 raise RowFailed(f"replies per round {row.replies}, not {len(SITES)}")
             for site in SITES:

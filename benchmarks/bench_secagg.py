@@ -356,6 +356,8 @@ class RoundRow:
 def round_row(mode: str, call_s: float, rec: Mapping[str, Any]) -> RoundRow:
     sites = rec.get("sites", {})
     train = [s["train-seconds"] for s in sites.values() if "train-seconds" in s]
+    if not train and rec.get("replies") and "train-seconds-sum" in rec:  # secure: a sum only
+        train = [rec["train-seconds-sum"] / rec["replies"]]
     if rec.get("secure-aggregation"):  # server-side totals: it sent the downloads
         asked = max(int(rec.get("asked", 1)), 1)
         up, down = rec["bytes-received"] / asked, rec["bytes-sent"] / asked

@@ -21,7 +21,10 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common import Error
 
+from fedlora.client.dp_ledger import BudgetExceeded, Charge, LedgerSettings, check_budget
+from fedlora.client.dp_ledger import charge as charge_ledger
 from fedlora.client.node import (
+    DATA_KEYS,
     NodeSettings,
     WarmModel,
     encoded_rows,
@@ -267,6 +270,17 @@ def run_round(
     """
     settings = NodeSettings.from_config(merged)
     rc, lora = round_settings(message_content, settings)
+    budget = LedgerSettings.from_config(merged)
+    dp_charge = Charge(
+        round=rc.server_round,
+        noise_multiplier=rc.dp_noise_multiplier,
+        expected_clients=max(rc.dp_expected_clients, 1),
+        clip_norm=rc.dp_clip_norm,
+    )
+    try:
+        check_budget(budget, state, dp_charge)
+    except BudgetExceeded as exc:
+        raise RoundRefused(str(exc)) from None
     node = warm_model(settings, lora)
     first = node.rounds_served == 0
     data = node_data(settings)
@@ -327,6 +341,7 @@ def run_round(
             rc.dp_noise_multiplier, rc.dp_clip_norm, max(rc.dp_expected_clients, 1)
         )
         delta = add_noise(delta, std, np.random.default_rng())  # OS entropy: never predictable
+        charge_ledger(budget, state, dp_charge)  # before the update leaves the node
         log.info(
             "DP: clipped the delta from L2 norm %.4f to %g and added N(0, %.3g^2) noise",
             norm_before,
@@ -356,6 +371,17 @@ def run_evaluation(
     start = time.perf_counter()
     settings = NodeSettings.from_config(merged)
     rc, lora = round_settings(message_content, settings)
+    budget = LedgerSettings.from_config(merged)
+    dp_charge = Charge(
+        round=rc.server_round,
+        noise_multiplier=rc.dp_noise_multiplier,
+        expected_clients=max(rc.dp_expected_clients, 1),
+        clip_norm=rc.dp_clip_norm,
+    )
+    try:
+        check_budget(budget, state, dp_charge)
+    except BudgetExceeded as exc:
+        raise RoundRefused(str(exc)) from None
     node = warm_model(settings, lora)
     data = node_data(settings)
     if not data.eval:
@@ -462,19 +488,46 @@ def _quiet_console(msg: Message, context: Context, call_next: Any) -> Message:
     return reply
 
 
+# Settings that only the node itself (its node config, or the simulation's defaults) may give:
+# its data, limits, DP ledger and budget, worker. The server's run config never sets them.
+NODE_ONLY_KEYS = frozenset(DATA_KEYS) | {
+    "site",
+    "partition-dir",
+    "partition-id",
+    "personal-state-dir",
+    "max-local-steps",
+    "max-batch-size",
+    "dp-min-noise-multiplier",
+    "dp-ledger",
+    "dp-max-epsilon",
+    "dp-ledger-delta",
+    SOCKET_KEY,
+}
+
+
+def node_view(base: Mapping[str, Any], context: Context) -> dict[str, Any]:
+    """The settings a node acts on: defaults, the run config without node-only keys (logged
+    when the server tried to set one), then the node config."""
+    ignored = sorted(set(context.run_config) & NODE_ONLY_KEYS)
+    if ignored:
+        log.warning("the run config sets node-only settings %s: ignored", ignored)
+    run = {k: v for k, v in context.run_config.items() if k not in NODE_ONLY_KEYS}
+    return {**base, **run, **context.node_config}
+
+
 def make_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
     base = dict(defaults or {})
     app = ClientApp(mods=[_to_worker, _quiet_console])
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        merged = {**base, **context.run_config, **context.node_config}
+        merged = node_view(base, context)
         return _answer(msg, lambda: run_round(msg.content, merged, context.state))
 
     @app.train("secagg")
     def secure_train(msg: Message, context: Context) -> Message:
         """SecAgg+ stages: the node trains in the first, then sends only masked sums."""
-        merged = {**base, **context.run_config, **context.node_config}
+        merged = node_view(base, context)
 
         def train_fn(content: RecordDict) -> tuple[Any, int, Any]:
             _once_per_round(content, context)
@@ -501,7 +554,7 @@ def make_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        merged = {**base, **context.run_config, **context.node_config}
+        merged = node_view(base, context)
         return _answer(msg, lambda: run_evaluation(msg.content, merged, context.state))
 
     return app

@@ -9,8 +9,9 @@ Plug :func:`handle_secagg` into the ClientApp under the ``train.secagg`` message
 Every stage arrives as its own message; secrets, the quantized update and the received shares
 live in ``context.state`` between them (Flower keeps a node's state for the whole run, in
 simulation and deployment alike) and are wiped after the last stage or on any error. Only
-public keys, encrypted shares, the masked integer vector, scalar metrics and the shares the
-server needs for reconstruction ever leave the node: never the update itself.
+public keys, encrypted shares, the masked integer vector (the training scalars ride inside it,
+so only their sums are revealed), the wire version and site index, and the shares the server
+needs for reconstruction ever leave the node: never the update itself nor its norm.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from fedlora.protocol.secagg import (
     CLIPPED,
     MAX_CIPHERTEXT_BYTES,
     MAX_KEY_BYTES,
-    NORM_BEFORE_CLIP,
+    SECURE_METRICS,
+    SUMMED_SCALARS,
     WEIGHT_CAPPED,
     Key,
     SecAggProtocolError,
@@ -62,7 +64,7 @@ TrainFn = Callable[[RecordDict], tuple[Mapping[str, np.ndarray], int, Mapping[st
 
 STATE = "fedlora.secagg"  # ConfigRecord: stage, session, settings, keys, seeds, shares
 UPDATE = "fedlora.secagg.update"  # ArrayRecord: the quantized update until it is masked
-METRICS = "fedlora.secagg.metrics"  # MetricRecord: sent with the masked vector
+METRICS = "fedlora.secagg.metrics"  # MetricRecord: clear metrics and the scalars to sum
 MAX_SESSION_CHARS = 256
 
 
@@ -250,13 +252,15 @@ def _setup(
     q = encode_update(vec, weight, settings, int.from_bytes(seed, "little") if seed else None)
     dtype = np.uint32 if settings.quantization_bits <= 32 else np.uint64
     context.state.array_records[UPDATE] = ArrayRecord({"q": Array(q.astype(dtype))})
+    # Kept on the node until the collect stage: the clear metrics (wire version, site index) and
+    # the scalars summed inside the masked vector. The norm before clipping never leaves.
     metrics: dict[str, int | float | list[int] | list[float]] = {
         k: float(v) if isinstance(v, float) else int(v)
         for k, v in train_metrics.items()
-        if isinstance(v, int | float)
+        if isinstance(v, int | float) and (k in SECURE_METRICS or k in SUMMED_SCALARS)
     }
     metrics |= {
-        NORM_BEFORE_CLIP: norm,
+        "num-examples": int(num_examples),
         CLIPPED: int(clipped),
         WEIGHT_CAPPED: int(capped),
     }
@@ -504,7 +508,9 @@ def _collect(me: int, cfg: ConfigRecord, st: ConfigRecord, context: Context) -> 
         held_b.append(b_share)
         held_sk.append(sk_share)
     q = context.state.array_records[UPDATE]["q"].numpy().astype(np.uint64)
-    vec = weighted_vector(q, cast(int, st["weight"]), settings)
+    kept = context.state.metric_records[METRICS]
+    scalars = {k: float(cast(float, v)) for k, v in kept.items() if k in SUMMED_SCALARS}
+    vec = weighted_vector(q, cast(int, st["weight"]), settings, scalars)
     del q
     crypto.add_mask(vec, cast(bytes, st["b"]), settings.modulus_bits, +1)
     s_sk = cast(bytes, st["s-sk"])
@@ -512,14 +518,14 @@ def _collect(me: int, cfg: ConfigRecord, st: ConfigRecord, context: Context) -> 
         seed = crypto.agree(s_sk, s_pks[nodes.index(src)])
         crypto.add_mask(vec, seed, settings.modulus_bits, crypto.pair_sign(me, src))
     masked = to_wire(vec, settings)
-    metrics = context.state.metric_records[METRICS]
+    clear = MetricRecord({k: v for k, v in kept.items() if k in SECURE_METRICS})
     del context.state.array_records[UPDATE]
     st.update({"held-owners": owners, "held-b": held_b, "held-sk": held_sk})
     return RecordDict(
         {
             Key.CONFIG: ConfigRecord({}),
             Key.MASKED: ArrayRecord({Key.VECTOR: Array(masked)}),
-            Key.METRICS: MetricRecord(dict(metrics)),
+            Key.METRICS: clear,
         }
     )
 

@@ -395,9 +395,10 @@ def run_superlink(
 
 def node_settings(node_dir: Path, node_config: str, worker_socket: Path | None) -> str:
     """``node_config`` plus what the node folder gives: the roster and key that authenticate
-    SecAgg+ neighbours, and the warm worker's socket (keys the operator set are kept)."""
+    SecAgg+ neighbours, the node's own DP ledger (``dp-ledger.json``) and the warm worker's
+    socket (keys the operator set are kept)."""
     node = NodeFolder(node_dir.resolve())
-    extra = {}
+    extra = {"dp-ledger": str(node.root / "dp-ledger.json")}
     if node.roster.is_file() and node.auth_key.is_file():
         node_identity(node.root)  # the key must be in the roster, or SecAgg+ would fail later
         extra["secagg-roster"] = str(node.roster)

@@ -7,12 +7,14 @@ This module turns a client's float update into such a vector and the server's su
 floats, with no silent damage:
 
 1. **Clip** (client side, explicit): the whole update is scaled to global L2 norm at most
-   ``C = clip_norm``; the norm before clipping and whether it clipped are logged and reported.
+   ``C = clip_norm``; the node logs the norm before clipping and reports only whether it
+   clipped, inside the masked vector (so the server learns how many nodes clipped).
    Every coordinate then lies in ``[-C, C]``.
 2. **Quantize** deterministically (round half to even, no random numbers):
    ``q(x) = rint((x + C) / Δ)`` with ``L = 2**quantization_bits - 1`` levels and
    ``Δ = 2C / L``, so ``q(x)`` is an integer in ``[0, L]`` and ``|q(x)·Δ - C - x| <= Δ/2``.
-3. **Weight exactly**: a client sends ``[w, w·q(x_1), ..., w·q(x_D)]`` where ``w`` is its
+3. **Weight exactly**: a client sends ``[w, s, w·q(x_1), ..., w·q(x_D)]`` (``s``: its training
+   scalars in limbs, :mod:`fedlora.protocol.secagg_encoding`) where ``w`` is its
    number of examples, an exact integer (capped at ``max_weight``, which is logged and reported).
    The server recovers ``W = Σ w_i`` and ``Σ w_i x_i = Δ·Σ w_i q_i - C·W`` (up to rounding).
 
@@ -60,15 +62,20 @@ import numpy as np
 from flwr.app import ConfigRecord
 
 from fedlora.errors import ConfigError, WireError
-from fedlora.protocol.gate import TRAIN_METRICS, Bound, metric_problem
+from fedlora.protocol.gate import TRAIN_METRICS, metric_problem
 from fedlora.protocol.secagg_encoding import (
+    SCALAR_BITS,
+    SUMMED_SCALARS,
     Spec,
+    decode_scalars,
     decode_sum,
+    encode_scalars,
     encode_update,
     flatten,
     quantize,
     quantize_stochastic,
     reduce_mod,
+    scalar_slots,
     to_wire,
     unflatten,
     vector_length,
@@ -125,23 +132,18 @@ class Key:
     SIGNERS = "signers"  # share-keys: each neighbour's roster name, as NODES
 
 
-# Metric names a client reports with its masked vector.
-NORM_BEFORE_CLIP = "secagg-norm-before-clip"
+# Flags a node sums inside its masked vector (fedlora.protocol.secagg_encoding.SUMMED_SCALARS).
 CLIPPED = "secagg-clipped"
 WEIGHT_CAPPED = "secagg-weight-capped"
 
-
-# The scalar metrics a node may send beside its masked vector: name -> (integer?, low, high).
-# Scalars only the secure path reports beside its masked vector (the clip report), with their
-# bounds; the training scalars are the plain path's, checked against the one metric table
-# (fedlora.protocol.gate.METRIC_SPECS). Anything else, a wrong type, NaN or a value out of range
-# makes the whole reply invalid (that node drops out).
-SECURE_ONLY_METRICS: dict[str, Bound] = {
-    NORM_BEFORE_CLIP: Bound(float, 0.0),
-    CLIPPED: Bound(int, 0, 1),
-    WEIGHT_CAPPED: Bound(int, 0, 1),
-}
-SECURE_METRICS: frozenset[str] = TRAIN_METRICS | frozenset(SECURE_ONLY_METRICS)
+# The only metrics a node sends in the clear beside its masked vector: the wire version and the
+# simulated site index (-1 in deployment), checked against the one metric table
+# (fedlora.protocol.gate.METRIC_SPECS). Its training scalars (examples, loss, tokens, seconds,
+# clipped and capped flags) travel inside the masked vector, so only their sums are revealed;
+# the norm before clipping is never sent. Anything else, a wrong type, NaN or a value out of
+# range makes the whole reply invalid (that node drops out).
+SECURE_METRICS: frozenset[str] = frozenset({"wire-version", "site-id"})
+assert SECURE_METRICS <= TRAIN_METRICS
 MAX_ID = 2**64 - 1  # node ids are unsigned 64-bit integers (Flower; the share plaintext)
 MAX_KEY_BYTES = 4096  # a PEM public key of P-384 is 215 bytes
 MAX_CIPHERTEXT_BYTES = 2**16  # an encrypted share pair is under 1 KiB
@@ -206,13 +208,7 @@ def check_metrics(metrics: Mapping[str, Any], what: str) -> dict[str, int | floa
         raise SecAggProtocolError(f"{what}: metrics outside the whitelist: {extra[:3]}")
     out: dict[str, int | float] = {}
     for name, value in metrics.items():
-        bound = SECURE_ONLY_METRICS.get(name)
-        if bound is None:
-            problem = metric_problem(name, value)
-        elif not bound.accepts(value):
-            problem = f"metric {name}={value!r}: expected {bound.describe()}"
-        else:
-            problem = None
+        problem = metric_problem(name, value)
         if problem:
             raise SecAggProtocolError(f"{what}: {problem}")
         out[name] = value
@@ -462,8 +458,9 @@ __all__ = [
     "MAX_ID",
     "MAX_KEY_BYTES",
     "MESSAGE_TYPE",
-    "NORM_BEFORE_CLIP",
+    "SCALAR_BITS",
     "SECURE_METRICS",
+    "SUMMED_SCALARS",
     "WEIGHT_CAPPED",
     "WIRE_BITS",
     "Key",
@@ -475,13 +472,16 @@ __all__ = [
     "check_metrics",
     "check_share",
     "config_field",
+    "decode_scalars",
     "decode_sum",
+    "encode_scalars",
     "encode_update",
     "flatten",
     "id_list",
     "quantize",
     "quantize_stochastic",
     "reduce_mod",
+    "scalar_slots",
     "to_wire",
     "unflatten",
     "vector_length",

@@ -3,7 +3,13 @@
 The arithmetic behind :mod:`fedlora.protocol.secagg` (whose docstring states the scheme and
 its error bounds): a client's clipped float update becomes a vector of integers modulo
 ``2**modulus_bits``; the server's unmasked sum of such vectors becomes the weighted float sum.
-Numpy only.
+
+A vector is ``[w, scalar limbs, q_1, ..., q_D]``. The node's training scalars (examples, loss,
+tokens, seconds, the clipped flag: :data:`SUMMED_SCALARS`) travel in the limbs, so the server
+learns only their sums, never one node's. Each scalar is a fixed-point integer in
+``[0, 2**SCALAR_BITS)`` cut into limbs of :func:`limb_bits` bits, small enough that the limb
+sums of every node the settings allow cannot wrap the modulus; the server adds the limb sums
+back with their place values (:func:`decode_scalars`), which is exact. Numpy only.
 """
 
 from __future__ import annotations
@@ -19,10 +25,78 @@ if TYPE_CHECKING:
 
 Spec = Mapping[str, tuple[int, ...]]  # tensor name -> shape; vectors follow sorted(names)
 
+# The per-node scalars summed inside the masked vector: name -> fixed-point scale. Each is
+# encoded as round(value * scale), clamped to [0, 2**SCALAR_BITS); "train-loss" travels weighted
+# by the node's examples (its sum over nodes divided by the summed examples is the
+# example-weighted mean loss). Flags (0 / 1) sum to the number of nodes that raised them.
+SUMMED_SCALARS: dict[str, float] = {
+    "num-examples": 1.0,
+    "train-loss": 1e6,  # x num-examples
+    "train-tokens": 1.0,
+    "scored-tokens": 1.0,
+    "train-seconds": 1e3,
+    "load-seconds": 1e3,
+    "bytes-sent": 1.0,
+    "bytes-received": 1.0,
+    "dp-noised": 1.0,
+    "secagg-clipped": 1.0,
+    "secagg-weight-capped": 1.0,
+}
+SCALAR_BITS = 48  # each node's fixed-point scalar lies in [0, 2**48)
+MAX_LIMB_BITS = 48
 
-def vector_length(spec: Spec) -> int:
-    """Length of an encoded vector: the weight plus every coordinate."""
-    return 1 + sum(math.prod(shape) for shape in spec.values())
+
+def limb_bits(settings: SecAggSettings) -> int:
+    """Bits per scalar limb: ``max_clients() * (2**b - 1)`` stays below the modulus."""
+    room = 2**settings.modulus_bits - 1
+    fit = (room // max(settings.max_clients(), 1) + 1).bit_length() - 1
+    return max(1, min(fit, MAX_LIMB_BITS, SCALAR_BITS))
+
+
+def scalar_slots(settings: SecAggSettings) -> int:
+    """How many vector entries the summed scalars take (limbs of every scalar)."""
+    return len(SUMMED_SCALARS) * math.ceil(SCALAR_BITS / limb_bits(settings))
+
+
+def vector_length(spec: Spec, settings: SecAggSettings) -> int:
+    """Length of an encoded vector: the weight, the scalar limbs and every coordinate."""
+    return 1 + scalar_slots(settings) + sum(math.prod(shape) for shape in spec.values())
+
+
+def encode_scalars(metrics: Mapping[str, float], settings: SecAggSettings) -> np.ndarray:
+    """The limbs (uint64, least significant first per scalar) of a node's summed scalars.
+
+    A missing scalar is 0; a negative or non-finite one is refused (ValueError); one past
+    ``2**SCALAR_BITS`` after scaling is clamped (a node's own figure, only its sum is seen).
+    """
+    bits = limb_bits(settings)
+    per = math.ceil(SCALAR_BITS / bits)
+    out = np.zeros(len(SUMMED_SCALARS) * per, dtype=np.uint64)
+    examples = float(metrics.get("num-examples", 0))
+    for i, (name, scale) in enumerate(SUMMED_SCALARS.items()):
+        value = float(metrics.get(name, 0))
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"scalar {name}={value!r}: expected a finite number >= 0")
+        if name == "train-loss":
+            value *= examples
+        fixed = min(round(value * scale), 2**SCALAR_BITS - 1)
+        for j in range(per):
+            out[i * per + j] = (fixed >> (bits * j)) & (2**bits - 1)
+    return out
+
+
+def decode_scalars(limb_sums: np.ndarray, settings: SecAggSettings) -> dict[str, float]:
+    """The summed scalars from the limb sums: ``train-loss`` as Σ examples·loss (exact sums of
+    the fixed-point values, divided by their scale)."""
+    bits = limb_bits(settings)
+    per = math.ceil(SCALAR_BITS / bits)
+    if limb_sums.shape != (len(SUMMED_SCALARS) * per,):
+        raise ValueError(f"scalar limbs of shape {limb_sums.shape}, expected ({per} per scalar)")
+    out = {}
+    for i, (name, scale) in enumerate(SUMMED_SCALARS.items()):
+        fixed = sum(int(limb_sums[i * per + j]) << (bits * j) for j in range(per))
+        out[name] = fixed / scale
+    return out
 
 
 def flatten(arrays: Mapping[str, np.ndarray], spec: Spec) -> np.ndarray:
@@ -105,19 +179,28 @@ def _check_weight(weight: int, settings: SecAggSettings) -> None:
         raise ValueError(f"weight {weight} outside [0, max_weight={settings.max_weight}]")
 
 
-def weighted_vector(q: np.ndarray, weight: int, settings: SecAggSettings) -> np.ndarray:
+def weighted_vector(
+    q: np.ndarray,
+    weight: int,
+    settings: SecAggSettings,
+    scalars: Mapping[str, float] | None = None,
+) -> np.ndarray:
     """The integer vector a node masks, mod ``2**modulus_bits`` as uint64.
 
-    64-bit wire: ``[w, w·q_1, ..., w·q_D]`` (exact: w <= max_weight). Narrow: ``[w, q_1, ...,
-    q_D]``, the weight already applied by :func:`encode_update`.
+    64-bit wire: ``[w, limbs, w·q_1, ..., w·q_D]`` (exact: w <= max_weight). Narrow: ``[w,
+    limbs, q_1, ..., q_D]``, the weight already applied by :func:`encode_update`. ``limbs``
+    encode ``scalars`` (:func:`encode_scalars`; none given: zeros).
     """
     _check_weight(weight, settings)
-    out = np.empty(q.size + 1, dtype=np.uint64)
+    limbs = encode_scalars(scalars or {}, settings)
+    head = 1 + limbs.size
+    out = np.empty(q.size + head, dtype=np.uint64)
     out[0] = weight
+    out[1:head] = limbs
     if settings.narrow:
-        out[1:] = q
+        out[head:] = q
     else:
-        np.multiply(q, np.uint64(weight), out=out[1:])
+        np.multiply(q, np.uint64(weight), out=out[head:])
     return reduce_mod(out, settings.modulus_bits)
 
 
@@ -136,18 +219,21 @@ def reduce_mod(vec: np.ndarray, modulus_bits: int) -> np.ndarray:
 def decode_sum(
     total: np.ndarray, settings: SecAggSettings, spec: Spec, contributors: int | None = None
 ) -> tuple[dict[str, np.ndarray], int]:
-    """``(Σ w_i x_i by tensor name in float64, Σ w_i)`` from the unmasked sum vector.
+    """``(Σ w_i x_i by tensor name in float64, Σ w_i)`` from the unmasked sum vector (the
+    scalar sums: :func:`decode_scalars` of ``total[1 : 1 + scalar_slots(settings)]``).
 
     A narrow sum needs ``contributors``, the number of nodes whose vectors it holds.
     """
-    if total.shape != (vector_length(spec),):
-        raise ValueError(f"sum vector has shape {total.shape}, expected ({vector_length(spec)},)")
+    length = vector_length(spec, settings)
+    if total.shape != (length,):
+        raise ValueError(f"sum vector has shape {total.shape}, expected ({length},)")
     weight = int(total[0])
+    coords = total[1 + scalar_slots(settings) :].astype(np.float64)
     if settings.narrow:
         if contributors is None:
             raise ValueError("a narrow sum decodes only with its number of contributors")
         offset = settings.clip_norm * contributors
-        summed = settings.max_weight * (total[1:].astype(np.float64) * settings.step - offset)
+        summed = settings.max_weight * (coords * settings.step - offset)
     else:
-        summed = total[1:].astype(np.float64) * settings.step - settings.clip_norm * weight
+        summed = coords * settings.step - settings.clip_norm * weight
     return unflatten(summed, spec), weight

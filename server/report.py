@@ -120,7 +120,8 @@ def summary_markdown(history: Sequence[Mapping[str, Any]], settings: Mapping[str
         losses = [v["train-loss"] for v in r["sites"].values() if "train-loss" in v]
         sites = (
             ", ".join(
-                f"{s} {_num(v.get('train-loss', nan))}" for s, v in sorted(r["sites"].items())
+                f"{s} {_num(v['train-loss'])}" if "train-loss" in v else s
+                for s, v in sorted(r["sites"].items())
             )
             if len(r["sites"]) <= MAX_LISTED_SITES
             else f"{len(losses)} sites: min {_num(min(losses, default=nan))}, "
@@ -140,6 +141,10 @@ def summary_markdown(history: Sequence[Mapping[str, Any]], settings: Mapping[str
     train = [
         v["train-seconds"] for r in history for v in r["sites"].values() if "train-seconds" in v
     ]
+    # Secure rounds reveal only the sum of the nodes' seconds: each counts at the round's mean.
+    for r in history:
+        if r.get("replies") and "train-seconds-sum" in r:
+            train += [r["train-seconds-sum"] / r["replies"]] * int(r["replies"])
     if load and train:
         lines += [
             "",

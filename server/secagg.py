@@ -11,14 +11,16 @@ and ``cryptography``. One call runs one round over a ``Grid``; every stage is a
 2. ``share-keys``: each node gets its neighbours' keys (a random ``num_shares``-regular graph)
    and returns Shamir shares of its self-mask seed and mask key, encrypted per neighbour.
 3. ``collect-masked-vectors``: the server forwards the encrypted shares; nodes reply
-   ``[w, w·q(x)] + self mask ± pair masks (mod 2**modulus_bits)`` as uint64, or on a narrow
-   wire ``[w, q(w·x / max_weight)] + masks`` as uint16 / uint32. The server keeps the sum only.
+   ``[w, s, w·q(x)] + self mask ± pair masks (mod 2**modulus_bits)`` as uint64, or on a
+   narrow wire ``[w, s, q(w·x / max_weight)] + masks`` as uint16 / uint32 (``s``: the node's
+   training scalars in limbs). The server keeps the sum only.
 4. ``unmask``: survivors send shares of the self-mask seeds of contributors and of the mask keys
    of nodes that dropped before masking; the server removes all masks and decodes.
 
-The server sees the sum of weighted updates, the total weight, and scalar metrics; never one
-node's update. It composes with strategies that need only the weighted mean
-(:func:`check_composable`).
+The server sees the sum of weighted updates, the total weight and the sums of the training
+scalars (examples, loss, tokens, seconds, how many clipped), plus each node's wire version and
+site index; never one node's update, loss or update norm. It composes with strategies that
+need only the weighted mean (:func:`check_composable`).
 """
 
 from __future__ import annotations
@@ -34,7 +36,17 @@ from flwr.app import RecordDict
 from flwr.serverapp import Grid
 from numpy.typing import DTypeLike
 
-from fedlora.protocol.secagg import SecAggSettings, Spec, Stage, decode_sum, vector_length
+from fedlora.protocol.secagg import (
+    CLIPPED,
+    SecAggSettings,
+    Spec,
+    Stage,
+    decode_scalars,
+    decode_sum,
+    scalar_slots,
+    vector_length,
+)
+from fedlora.protocol.secagg_encoding import limb_bits
 from fedlora.server.secagg_stages import (
     SecAggError,
     Session,
@@ -58,13 +70,16 @@ class SecAggResult:
     total_weight: int  # Σ w_i (examples, each capped at max_weight)
     contributors: tuple[int, ...]  # nodes whose masked vectors are in the sum (U3)
     dropped: tuple[int, ...]  # asked at setup but not in the sum
-    metrics: dict[int, dict[str, Any]]  # per contributor: clip and training scalars
+    metrics: dict[int, dict[str, Any]]  # per contributor: the clear ones (wire version, site)
     seconds: dict[str, float]  # per stage (send + wait + server work), "reconstruct", "total"
     bytes_sent: dict[str, int] = field(default_factory=dict)  # payload bytes per stage
     bytes_received: dict[str, int] = field(default_factory=dict)
     tolerance: float = 0.0  # per-coordinate bound on |mean - plain mean of clipped updates|
     # (settings.tolerance_for(len(contributors), total_weight))
     rejected: dict[int, str] = field(default_factory=dict)  # node -> why its reply was invalid
+    # Sums over contributors of the scalars that travel inside the masked vectors
+    # (SUMMED_SCALARS: examples, Σ examples·loss, tokens, seconds, clipped / capped counts).
+    scalars: dict[str, float] = field(default_factory=dict)
 
     def mean(self, dtype: DTypeLike = np.float64) -> dict[str, np.ndarray]:
         """The example-weighted mean update, Σ w_i x_i / Σ w_i."""
@@ -72,7 +87,13 @@ class SecAggResult:
 
     @property
     def num_clipped(self) -> int:
-        return sum(int(m.get("secagg-clipped", 0)) for m in self.metrics.values())
+        return int(self.scalars.get(CLIPPED, 0))
+
+    @property
+    def train_loss(self) -> float:
+        """The example-weighted mean train loss of the contributors (NaN without examples)."""
+        examples = self.scalars.get("num-examples", 0.0)
+        return self.scalars.get("train-loss", 0.0) / examples if examples else float("nan")
 
 
 def secure_weighted_sum(
@@ -114,7 +135,7 @@ def secure_weighted_sum(
             u4 = consistency_check(grid, s, u3, stage_timeout)
             _enough(u4, settings.reconstruction_threshold, Stage.CONSISTENCY)
         total = unmask(grid, s, s.u2, u3, stage_timeout, u4)
-        weighted_sum, weight = checked_decode(total, settings, s.spec, len(u3))
+        weighted_sum, weight, scalars = checked_decode(total, settings, s.spec, len(u3))
     except SecAggError as exc:
         exc.rejected = dict(s.rejected)
         raise
@@ -130,6 +151,7 @@ def secure_weighted_sum(
         bytes_received=dict(s.bytes_received),
         tolerance=settings.tolerance_for(len(u3), weight),
         rejected=dict(s.rejected),
+        scalars=scalars,
     )
     log.info(
         "secagg: %d of %d nodes in the sum (weight %d, %d clipped to %g), %d dropped "
@@ -168,30 +190,41 @@ def _run_stages(
 
 def checked_decode(
     total: np.ndarray, settings: SecAggSettings, spec: Spec, survivors: int
-) -> tuple[dict[str, np.ndarray], int]:
-    """Decode the unmasked sum after checking it is one that honest contributors can produce.
+) -> tuple[dict[str, np.ndarray], int, dict[str, float]]:
+    """Decode the unmasked sum after checking it is one that honest contributors can produce:
+    ``(Σ w_i x_i by tensor name, Σ w_i, the summed scalars)``.
 
-    The total weight lies in ``[1, survivors * max_weight]`` and every weighted coordinate
-    ``Σ w_i q_i`` in ``[0, W * L]`` (narrow: ``Σ q_i`` in ``[0, survivors * L]``), so each
-    decoded value in ``[-C W, C W]``; anything else means a wrong share or mask slipped through,
-    and the round fails (SecAggError).
+    The total weight lies in ``[1, survivors * max_weight]``, every scalar limb sum in
+    ``[0, survivors * (2**limb_bits - 1)]`` and every weighted coordinate ``Σ w_i q_i`` in
+    ``[0, W * L]`` (narrow: ``Σ q_i`` in ``[0, survivors * L]``), so each decoded value in
+    ``[-C W, C W]``; anything else means a wrong share or mask slipped through, and the round
+    fails (SecAggError).
     """
-    if total.shape != (vector_length(spec),):
-        raise SecAggError(f"the sum has shape {total.shape}, expected ({vector_length(spec)},)")
+    length = vector_length(spec, settings)
+    if total.shape != (length,):
+        raise SecAggError(f"the sum has shape {total.shape}, expected ({length},)")
     weight = int(total[0])
     if not 1 <= weight <= survivors * settings.max_weight:
         raise SecAggError(
             f"the decoded total weight {weight} lies outside [1, {survivors} x "
             f"{settings.max_weight}]: the unmasking went wrong, nothing is aggregated"
         )
+    head = 1 + scalar_slots(settings)
+    limbs = total[1:head]
+    if limbs.size and int(limbs.max()) > survivors * (2 ** limb_bits(settings) - 1):
+        raise SecAggError(
+            "a decoded scalar limb exceeds what the contributors can send: the unmasking went "
+            "wrong, nothing is aggregated"
+        )
     per_level, name = (survivors, "contributors") if settings.narrow else (weight, "weight")
-    if total.size > 1 and int(total[1:].max()) > per_level * settings.levels:
+    if total.size > head and int(total[head:].max()) > per_level * settings.levels:
         raise SecAggError(
             f"a decoded coordinate exceeds {name} {per_level} x {settings.levels} levels (beyond "
             f"the clip range {settings.clip_norm:g}): the unmasking went wrong, nothing is "
             f"aggregated"
         )
-    return decode_sum(total, settings, spec, survivors)
+    weighted_sum, weight = decode_sum(total, settings, spec, survivors)
+    return weighted_sum, weight, decode_scalars(limbs, settings)
 
 
 def _enough(survivors: list[int], threshold: int, stage: str) -> None:

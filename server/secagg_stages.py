@@ -420,7 +420,7 @@ def collect(grid: Grid, s: Session, u2: list[int], timeout: float | None) -> lis
             }
         )
     s.forwards = {}
-    length = vector_length(s.spec)
+    length = vector_length(s.spec, s.settings)
     total = np.zeros(length, dtype=np.uint64)
     for node, content in exchange(grid, s, Stage.COLLECT, contents, timeout).items():
         what = _what(Stage.COLLECT, node)

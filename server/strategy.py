@@ -45,7 +45,7 @@ from fedlora.protocol.messages import (
     to_array_record,
     wire_record,
 )
-from fedlora.protocol.secagg import CLIPPED, NORM_BEFORE_CLIP, SecAggSettings
+from fedlora.protocol.secagg import SecAggSettings
 from fedlora.server.downlink import Downlink
 from fedlora.server.privacy import PrivacyLedger, effective_noise_multiplier
 from fedlora.server.secagg import (
@@ -406,24 +406,17 @@ class LoraFedAvg(FedAvg):
     def _secure_record(
         self, server_round: int, result: SecAggResult | None, asked: int
     ) -> dict[str, Any]:
-        """The round record from the scalars nodes sent beside their masked vectors."""
+        """The round record from the sums of the scalars inside the masked vectors.
+
+        Per site only its participation is known (the clear site index); losses, examples,
+        seconds and the clipped flags are sums over the contributors.
+        """
         sites: dict[str, Any] = {}
-        losses: list[tuple[float, int]] = []
         for node, m in (result.metrics if result else {}).items():
-            n = int(m.get("num-examples", 0))
-            name = self.site_name(int(m.get("site-id", -1)), node)
-            sites[name] = {
-                "train-loss": float(m.get("train-loss", float("nan"))),
-                "num-examples": n,
-                "train-seconds": float(m.get("train-seconds", 0.0)),
-                "load-seconds": float(m.get("load-seconds", 0.0)),
-                "norm-before-clip": float(m.get(NORM_BEFORE_CLIP, float("nan"))),
-                "clipped": bool(m.get(CLIPPED, 0)),
-                "dp-noised": bool(m.get("dp-noised", 0)),
-            }
-            losses.append((sites[name]["train-loss"], n))
-        n = sum(w for _, w in losses)
-        loss = sum(v * w for v, w in losses) / n if n else float("nan")
+            sites[self.site_name(int(m.get("site-id", -1)), node)] = {}
+        sums = result.scalars if result else {}
+        n = int(sums.get("num-examples", 0))
+        loss = result.train_loss if result else float("nan")
         started = getattr(self, "_round_started", None)
         record: dict[str, Any] = {
             "round": server_round,
@@ -441,6 +434,11 @@ class LoraFedAvg(FedAvg):
                 {
                     "rejected": _rejected_list(result.rejected),
                     "secagg-clipped": result.num_clipped,
+                    "secagg-weight-capped": int(sums.get("secagg-weight-capped", 0)),
+                    "dp-noised": int(sums.get("dp-noised", 0)),
+                    "train-seconds-sum": sums.get("train-seconds", 0.0),
+                    "load-seconds-sum": sums.get("load-seconds", 0.0),
+                    "train-tokens": int(sums.get("train-tokens", 0)),
                     "secagg-tolerance": result.tolerance,
                     "secagg-seconds": result.seconds,
                     "bytes-sent": sum(result.bytes_sent.values()),

@@ -27,7 +27,7 @@ from fedlora.server.secagg import SecAggResult, checked_decode
 from fedlora.server.secagg_stages import Session, collect, setup, share_keys, unmask
 
 NODES = (11, 22, 33, 44)
-SPEC = {"a": (2,), "b": (3,)}  # vectors of 1 + 5 values
+SPEC = {"a": (2,), "b": (3,)}  # vectors of 1 + scalar limbs + 5 values
 SETTINGS = SecAggSettings(
     clip_norm=4.0, num_shares=4, reconstruction_threshold=3, quantization_bits=16, modulus_bits=40
 )
@@ -187,7 +187,7 @@ def honest_transcript(
 def finish(grid: Grid, s: Session, u3: list[int]) -> SecAggResult:
     """The unmask stage and the checked decoding, as secure_weighted_sum ends a round."""
     total = unmask(grid, s, s.u2, u3, None)
-    weighted, weight = checked_decode(total, s.settings, s.spec, len(u3))
+    weighted, weight, scalars = checked_decode(total, s.settings, s.spec, len(u3))
     return SecAggResult(
         weighted_sum=weighted,
         total_weight=weight,
@@ -197,6 +197,7 @@ def finish(grid: Grid, s: Session, u3: list[int]) -> SecAggResult:
         seconds={},
         rejected=dict(s.rejected),
         tolerance=s.settings.tolerance,
+        scalars=scalars,
     )
 
 

@@ -355,6 +355,7 @@ def test_a_node_folder_assembled_by_the_hospital_starts_with_its_own_key(
     assert command[command.index("--root-certificates") + 1] == str(node.ca_cert.resolve())
     assert f'secagg-roster="{node.roster.resolve()}"' in settings
     assert f'secagg-identity-key="{node.auth_key.resolve()}"' in settings
+    assert f'dp-ledger="{node.root.resolve() / "dp-ledger.json"}"' in settings
     assert launch.node_identity(node.root).name == "oncology"
     identity = Identity.load(node.root / "auth.key", Roster.load(node.root / "roster.json"))
     assert identity.name == "oncology"

@@ -185,3 +185,38 @@ def test_privacy_guard_every_outbound_message_of_a_round(tiny_model_dir, start_a
             ids = np.asarray(row.input_ids[8:24])
             for dtype in (np.int64, np.int32):
                 assert ids.astype(dtype).tobytes() not in wire
+
+
+def test_a_node_charges_its_own_dp_ledger_and_refuses_past_its_budget(
+    tiny_model_dir, start_adapter, tmp_path
+):
+    import json
+
+    from fedlora.client.dp_ledger import Charge, NodeLedger
+
+    dp = {"dp_noise_multiplier": 1.0, "dp_clip_norm": 0.5, "dp_expected_clients": 3}
+    one = NodeLedger(charges=[Charge(1, 1.0, 3, 0.5)]).epsilon()
+    two = NodeLedger(charges=[Charge(1, 1.0, 3, 0.5), Charge(2, 1.0, 3, 0.5)]).epsilon()
+    ledger = tmp_path / "dp-ledger.json"
+    node = {
+        "base-model": str(tiny_model_dir),
+        "quantization": "bf16",
+        "site": "pain",
+        "dp-ledger": str(ledger),
+        "dp-max-epsilon": (one + two) / 2,
+    }
+    app = make_client_app()
+    reply = _call(app, _content(start_adapter, local_steps=1, **dp), "train", node)
+    assert not reply.has_error(), reply.error
+    saved = json.loads(ledger.read_text())
+    assert [c["round"] for c in saved["charges"]] == [1]
+    assert saved["epsilon"] == pytest.approx(one)
+    # Round 2 would pass the budget: refused before training, nothing charged.
+    content = _content(start_adapter, server_round=2, local_steps=1, **dp)
+    reply = _call(app, content, "train", node)
+    assert reply.has_error() and reply.error.code == REFUSED
+    assert "past its dp-max-epsilon" in reply.error.reason
+    assert len(json.loads(ledger.read_text())["charges"]) == 1
+    # A round without DP noise is refused too while the node keeps a budget.
+    reply = _call(app, _content(start_adapter, server_round=2, local_steps=1), "train", node)
+    assert reply.has_error() and "adds no DP noise" in reply.error.reason

@@ -40,7 +40,9 @@ from fedlora.protocol.secagg import (
     decode_sum,
     flatten,
     quantize,
+    scalar_slots,
     unflatten,
+    vector_length,
     weighted_vector,
 )
 from fedlora.server import secagg_stages
@@ -312,13 +314,16 @@ def test_secure_mean_matches_the_plain_mean_and_reports_clipping():
     assert result.dropped == () and result.total_weight == sum(WEIGHTS[:5])
     assert max_diff(result.mean(), plain_mean(list(range(5)))) <= result.tolerance
     assert result.num_clipped == 0
-    assert {m["train-loss"] for m in result.metrics.values()} == {0.5}
+    # The training scalars travel inside the masked vectors: only their sums are revealed.
+    assert result.train_loss == pytest.approx(0.5, abs=1e-12)
+    assert result.scalars["num-examples"] == sum(WEIGHTS[:5])
+    assert all(set(m) <= {"wire-version", "site-id"} for m in result.metrics.values())
     # Clip below the updates' norms (about 45): every node clips, says so, and the mean is that
     # of the clipped updates.
     s = SecAggSettings(clip_norm=30.0, num_shares=5, reconstruction_threshold=3)
     _, clipped = run_in_process(5, s)
     assert clipped.num_clipped == 5
-    assert all(m["secagg-norm-before-clip"] > 30 for m in clipped.metrics.values())
+    assert all(set(m) <= {"wire-version", "site-id"} for m in clipped.metrics.values())
     assert max_diff(clipped.mean(), plain_mean(list(range(5)), 30.0)) <= s.tolerance
 
 
@@ -361,7 +366,8 @@ def test_server_never_holds_an_individual_update(monkeypatch):
     monkeypatch.setattr("fedlora.server.secagg.Session", spy_session)
     grid, result = run_in_process(5, drop_at={2: Stage.COLLECT, 4: Stage.UNMASK})
     received = [a for m in grid.received if not m.has_error() for a in arrays_in(m.content)]
-    assert sum(a.size == 1 + 380 for a in received) == 4  # the masked vectors, all inspected
+    # the masked vectors, all inspected
+    assert sum(a.size == vector_length(SPEC, SETTINGS) for a in received) == 4
     assert_no_individual_update(received, range(5), uncorrelated=True)
     stored = [v for v in vars(sessions[0]).values() if isinstance(v, np.ndarray)]
     assert_no_individual_update([*stored, flatten(result.weighted_sum, SPEC)], range(5))
@@ -447,7 +453,8 @@ def assert_no_individual_update(
     for arr in held:
         a = np.asarray(arr, dtype=np.float64).ravel()
         for form in forms:
-            for part in (a, a[1:]):  # with and without the leading weight
+            # with and without the leading weight and the scalar limbs
+            for part in (a, a[1:], a[1 + scalar_slots(SETTINGS) :]):
                 if part.size != form.size:
                     continue
                 assert not np.allclose(part, form, rtol=1e-3, atol=1e-3)
@@ -646,7 +653,7 @@ def test_oracle_legacy_secaggplus_and_fedlora_agree_with_the_plain_mean(federati
 
 def test_server_receives_only_masked_vectors_in_simulation(federation):
     received = federation["received"]
-    assert sum(a.size == 1 + 380 for a in received) == NUM_RAY_NODES
+    assert sum(a.size == vector_length(SPEC, SETTINGS) for a in received) == NUM_RAY_NODES
     assert_no_individual_update(received, range(NUM_RAY_NODES), uncorrelated=True)
 
 

@@ -15,7 +15,14 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordD
 from flwr.clientapp import ClientApp
 
 from fedlora.protocol.adapter import spec_of
-from fedlora.protocol.secagg import SECURE_METRICS, Key, SecAggSettings, Stage
+from fedlora.protocol.secagg import (
+    SECURE_METRICS,
+    SUMMED_SCALARS,
+    Key,
+    SecAggSettings,
+    Stage,
+    vector_length,
+)
 from fedlora.server.secagg import SecAggError, secure_weighted_sum
 from fedlora.server.strategy import LoraFedAvg
 from hostile import VALID_ROUND
@@ -126,17 +133,20 @@ def test_a_wrong_sum_is_refused_before_decoding(monkeypatch):
     from fedlora.server import secagg as server
 
     def garbage(grid, s, u2, u3, timeout, asked=None):
-        return np.full(1 + 5, 2**39 + 12345, dtype=np.uint64)
+        return np.full(vector_length(SPEC, SETTINGS), 2**39 + 12345, dtype=np.uint64)
 
     monkeypatch.setattr(server, "unmask", garbage)
     with pytest.raises(SecAggError, match="total weight"):
         secure_weighted_sum(LocalGrid(), NODES, RecordDict(), SETTINGS, SPEC)
 
 
-def test_the_secure_whitelist_covers_the_plain_train_metrics():
+def test_every_plain_train_metric_is_summed_or_clear_under_secure_aggregation():
     from fedlora.protocol.messages import TRAIN_METRICS
 
-    assert set(TRAIN_METRICS) <= set(SECURE_METRICS)
+    # Only the wire version and the site index travel in the clear; the rest ride inside the
+    # masked vector (only their sums are revealed).
+    assert set(SECURE_METRICS) == {"wire-version", "site-id"}
+    assert set(TRAIN_METRICS) <= set(SECURE_METRICS) | set(SUMMED_SCALARS)
 
 
 # ---- a real strategy: a wrong seed share, then the next round ----------------------------

@@ -29,6 +29,7 @@ from fedlora.protocol.secagg import (
     quantize_stochastic,
     to_wire,
     unflatten,
+    vector_length,
     weighted_vector,
 )
 from fedlora.server.app import NARROW_MAX_WEIGHT, secagg_settings
@@ -36,7 +37,7 @@ from fedlora.server.secagg import secure_weighted_sum
 from fedlora.server.secagg_stages import parse_masked_vector
 from secagg_transcript import LocalGrid, max_diff
 
-SPEC = {"a": (4, 8), "b": (40,)}  # vectors of 1 + 72 values
+SPEC = {"a": (4, 8), "b": (40,)}  # vectors of 1 + scalar limbs + 72 values
 CLIP = 8.0  # above every update's norm (about 4.9): nothing clips
 
 
@@ -184,7 +185,8 @@ def test_encode_decode_round_trip(bits):
     q = encode_update(x, w, s, seed=1)
     assert np.array_equal(q, encode_update(x, w, s, seed=1))
     vec = to_wire(weighted_vector(q, w, s), s)
-    assert vec.dtype == np.dtype(f"uint{bits}") and vec[0] == w and vec.size == 1 + x.size
+    assert vec.dtype == np.dtype(f"uint{bits}") and vec[0] == w
+    assert vec.size == vector_length(SPEC, s)
     summed, weight = decode_sum(vec.astype(np.uint64), s, SPEC, contributors=1)
     assert weight == w
     err = np.abs(flatten(summed, SPEC) - w * x).max()
@@ -204,7 +206,7 @@ def test_masked_arithmetic_at_100_nodes_is_within_the_bound(bits):
     nodes = nodes_of(100)
     s = narrow(100, bits, nodes)
     pair, self_seeds = bytes(range(32)), [crypto.new_seed() for _ in nodes]
-    total = np.zeros(1 + 72, dtype=s.wire_dtype)
+    total = np.zeros(vector_length(SPEC, s), dtype=s.wire_dtype)
     for i, node in enumerate(nodes):
         x = clip_l2({"v": flatten(update_of(node), SPEC)}, CLIP)[0]["v"]
         vec = weighted_vector(encode_update(x, weight_of(node), s, seed=node), weight_of(node), s)
@@ -258,7 +260,7 @@ def test_narrow_secure_mean_matches_the_plain_weighted_mean(n, bits):
     assert err <= result.tolerance, (err, result.tolerance)
     for reply in grid.replies.get(Stage.COLLECT, {}).values():
         arr = reply.array_records[Key.MASKED][Key.VECTOR]
-        assert arr.dtype == f"uint{bits}" and list(arr.shape) == [1 + 72]
+        assert arr.dtype == f"uint{bits}" and list(arr.shape) == [vector_length(SPEC, s)]
 
 
 def test_masked_vectors_travel_at_their_real_size():
@@ -290,7 +292,7 @@ def test_a_uint64_vector_in_a_32_bit_round_drops_its_node():
     result = secure_weighted_sum(grid, nodes, RecordDict(), s, SPEC)
     others = [x for x in nodes if x != bad]
     assert list(result.contributors) == others and set(result.rejected) == {bad}
-    assert "expected a numpy uint32 (73,)" in result.rejected[bad]
+    assert f"expected a numpy uint32 ({vector_length(SPEC, s)},)" in result.rejected[bad]
     assert result.total_weight == sum(weight_of(x) for x in others)
     assert max_diff(result.mean(), plain_mean(others)) <= result.tolerance
 

@@ -1,0 +1,209 @@
+"""A node's own privacy ledger: what its noised updates have spent, by its own account.
+
+The server's ledger (:mod:`fedlora.server.privacy`) is the coordinator's word. A hospital needs
+its own: every round in which this node clips its delta and adds its share of the Gaussian noise
+(``z · C / sqrt(n)`` for ``n`` expected nodes) is charged here, before the update leaves.
+
+Two figures, both by dp-accounting's RDP accountant, with no amplification by sampling (the
+node knows it took part), for the node's own ``delta``:
+
+- ``epsilon``: the other ``n - 1`` expected nodes added their shares (multiplier
+  ``z · sqrt((n - 1) / n)``, the server's conservative figure when all answer);
+- ``epsilon-alone``: only this node's own share (``z / sqrt(n)``), the bound if every other
+  node colluded with the server and added nothing.
+
+``dp-max-epsilon`` (node config) is a budget on ``epsilon``: a round that would pass it, or any
+round without DP noise once a budget is set, is refused before training. The ledger lives in a
+JSON file (node config ``dp-ledger``; ``fedlora federation node`` puts it in the node folder),
+written atomically, so it survives restarts and runs; without a file it lives in the node's
+Flower state for the run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dp_accounting import dp_event
+from dp_accounting.rdp import RdpAccountant
+from flwr.app import ConfigRecord, RecordDict
+
+from fedlora.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+LEDGER_VERSION = 1
+STATE_KEY = "fedlora.dp-ledger"  # ConfigRecord {"json": ...} in the node's state (no file)
+
+
+class BudgetExceeded(Exception):
+    """This round would spend more than the node's ``dp-max-epsilon``."""
+
+
+@dataclass(frozen=True)
+class Charge:
+    """One noised update this node sent."""
+
+    round: int
+    noise_multiplier: float  # z of the whole sum
+    expected_clients: int  # n: the noise is split in n shares
+    clip_norm: float
+
+    def others(self) -> float:
+        """The multiplier from the other nodes' shares: ``z · sqrt((n - 1) / n)``."""
+        n = self.expected_clients
+        return self.noise_multiplier * math.sqrt((n - 1) / n)
+
+    def alone(self) -> float:
+        """The multiplier from this node's share only: ``z / sqrt(n)``."""
+        return self.noise_multiplier / math.sqrt(self.expected_clients)
+
+
+def epsilon_of(multipliers: list[float], delta: float) -> float:
+    """Epsilon of composing one Gaussian event per multiplier (inf if any is 0)."""
+    if not multipliers:
+        return 0.0
+    if min(multipliers) <= 0:
+        return math.inf
+    accountant = RdpAccountant()
+    for z in multipliers:
+        accountant.compose(dp_event.GaussianDpEvent(z))
+    return float(accountant.get_epsilon(delta))
+
+
+@dataclass
+class NodeLedger:
+    delta: float = 1e-5
+    charges: list[Charge] = field(default_factory=list)
+
+    def epsilon(self, extra: Charge | None = None) -> float:
+        """Epsilon with the other expected nodes' shares (inf if a round expected one node)."""
+        charges = self.charges + ([extra] if extra else [])
+        return epsilon_of([c.others() for c in charges], self.delta)
+
+    def epsilon_alone(self) -> float:
+        """Epsilon from this node's own noise shares only."""
+        return epsilon_of([c.alone() for c in self.charges], self.delta)
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "version": LEDGER_VERSION,
+                "delta": self.delta,
+                "charges": [c.__dict__ for c in self.charges],
+                "epsilon": self.epsilon(),
+                "epsilon-alone": self.epsilon_alone(),
+            },
+            indent=1,
+        )
+
+    @classmethod
+    def from_json(cls, text: str, where: str) -> NodeLedger:
+        try:
+            data = json.loads(text)
+            if data.get("version") != LEDGER_VERSION:
+                raise ValueError(f"version {data.get('version')!r}, expected {LEDGER_VERSION}")
+            return cls(delta=float(data["delta"]), charges=[Charge(**c) for c in data["charges"]])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(
+                f"{where}: not a fedlora DP ledger ({exc}); move it aside to start a new one "
+                f"(its charges would then be forgotten)"
+            ) from None
+
+
+@dataclass(frozen=True)
+class LedgerSettings:
+    """A node's DP ledger settings, from its node config only (never the server's)."""
+
+    path: str = ""
+    max_epsilon: float = 0.0  # 0: no budget
+    delta: float = 1e-5
+
+    @classmethod
+    def from_config(cls, node: Mapping[str, Any]) -> LedgerSettings:
+        try:
+            out = cls(
+                path=str(node.get("dp-ledger", "") or ""),
+                max_epsilon=float(node.get("dp-max-epsilon", 0.0)),
+                delta=float(node.get("dp-ledger-delta", 1e-5)),
+            )
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"node config dp-max-epsilon / dp-ledger-delta: {exc}") from None
+        if not (math.isfinite(out.max_epsilon) and out.max_epsilon >= 0):
+            raise ConfigError(f"node config dp-max-epsilon={out.max_epsilon}: use a number >= 0")
+        if not 0 < out.delta < 1:
+            raise ConfigError(f"node config dp-ledger-delta={out.delta}: use a number in (0, 1)")
+        return out
+
+
+def load(settings: LedgerSettings, state: RecordDict | None) -> NodeLedger:
+    if settings.path:
+        path = Path(settings.path)
+        if not path.exists():
+            return NodeLedger(delta=settings.delta)
+        ledger = NodeLedger.from_json(path.read_text(), str(path))
+    elif state is not None and STATE_KEY in state.config_records:
+        ledger = NodeLedger.from_json(str(state.config_records[STATE_KEY]["json"]), "node state")
+    else:
+        return NodeLedger(delta=settings.delta)
+    ledger.delta = settings.delta
+    return ledger
+
+
+def save(ledger: NodeLedger, settings: LedgerSettings, state: RecordDict | None) -> None:
+    text = ledger.to_json()
+    if settings.path:
+        path = Path(settings.path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".dp-ledger-")
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    elif state is not None:
+        state.config_records[STATE_KEY] = ConfigRecord({"json": text})
+
+
+def check_budget(settings: LedgerSettings, state: RecordDict | None, charge: Charge) -> None:
+    """Raise BudgetExceeded if ``charge`` would take the node past ``dp-max-epsilon``."""
+    if not settings.max_epsilon:
+        return
+    if charge.noise_multiplier <= 0:
+        raise BudgetExceeded(
+            f"this node keeps a DP budget (dp-max-epsilon={settings.max_epsilon:g}) and the "
+            f"round adds no DP noise (dp-noise-multiplier=0)"
+        )
+    ledger = load(settings, state)
+    after = ledger.epsilon(charge)
+    if after > settings.max_epsilon:
+        log.warning("DP budget reached; this node's ledger: %s", settings.path or "node state")
+        raise BudgetExceeded(
+            f"this round would take the node's DP epsilon from {ledger.epsilon():.4g} to "
+            f"{after:.4g} (delta {settings.delta:g}), past its dp-max-epsilon="
+            f"{settings.max_epsilon:g}"
+        )
+
+
+def charge(settings: LedgerSettings, state: RecordDict | None, charge: Charge) -> NodeLedger:
+    """Record a noised update this node is about to send; log what it has spent."""
+    ledger = load(settings, state)
+    ledger.charges.append(charge)
+    save(ledger, settings, state)
+    log.info(
+        "DP ledger: this node has spent epsilon %.4g (delta %g) over %d noised updates; %.4g "
+        "if no other node added its noise share",
+        ledger.epsilon(),
+        ledger.delta,
+        len(ledger.charges),
+        ledger.epsilon_alone(),
+    )
+    return ledger
+
+
+__all__ = ["BudgetExceeded", "Charge", "LedgerSettings", "NodeLedger", "charge", "check_budget"]
