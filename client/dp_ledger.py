@@ -31,8 +31,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dp_accounting import dp_event
-from dp_accounting.rdp import RdpAccountant
 from flwr.app import ConfigRecord, RecordDict
 
 from fedlora.errors import ConfigError
@@ -72,6 +70,11 @@ def epsilon_of(multipliers: list[float], delta: float) -> float:
         return 0.0
     if min(multipliers) <= 0:
         return math.inf
+    # imported here: dp-accounting (scipy) takes seconds to import, and every ClientApp process
+    # imports this module, also the short-lived ones that hand messages to the warm worker
+    from dp_accounting import dp_event
+    from dp_accounting.rdp import RdpAccountant
+
     accountant = RdpAccountant()
     for z in multipliers:
         accountant.compose(dp_event.GaussianDpEvent(z))
