@@ -259,11 +259,9 @@ def _setup(
         for k, v in train_metrics.items()
         if isinstance(v, int | float) and (k in SECURE_METRICS or k in SUMMED_SCALARS)
     }
-    metrics |= {
-        "num-examples": int(num_examples),
-        CLIPPED: int(clipped),
-        WEIGHT_CAPPED: int(capped),
-    }
+    # the node's example count as it reported it (under DP its weight is 1, not its examples)
+    metrics.setdefault("num-examples", int(num_examples))
+    metrics |= {CLIPPED: int(clipped), WEIGHT_CAPPED: int(capped)}
     context.state.metric_records[METRICS] = MetricRecord(metrics)
     c_sk, c_pk = crypto.new_key_pair()
     s_sk, s_pk = crypto.new_key_pair()

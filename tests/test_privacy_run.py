@@ -77,6 +77,8 @@ def test_distributed_dp_under_secure_aggregation_reports_epsilon(tiny_model_dir,
     # Each node clipped its own delta and added its share of the noise before masking (the
     # flags are summed inside the masked vectors: the server learns how many, not which).
     assert record["dp-noised"] == 3
+    # Every node weighs 1 under DP, but the round still reports the examples they trained on.
+    assert record["num-examples"] > 3
     # Charged conservatively: the protected node may be the one missing, so only the other two
     # of the three shares count, z * sqrt(2 / 3).
     z = 0.8 * math.sqrt(2 / 3)
