@@ -95,14 +95,18 @@ class NodeLedger:
         """Epsilon from this node's own noise shares only."""
         return epsilon_of([c.alone() for c in self.charges], self.delta)
 
-    def to_json(self) -> str:
+    def figures(self) -> dict[str, float]:
+        """Both epsilons of the charges so far (each composes every charge: compute once)."""
+        return {"epsilon": self.epsilon(), "epsilon-alone": self.epsilon_alone()}
+
+    def to_json(self, figures: Mapping[str, float] | None = None) -> str:
+        """The ledger file's text; ``figures`` when the caller has them already."""
         return json.dumps(
             {
                 "version": LEDGER_VERSION,
                 "delta": self.delta,
                 "charges": [c.__dict__ for c in self.charges],
-                "epsilon": self.epsilon(),
-                "epsilon-alone": self.epsilon_alone(),
+                **(figures if figures is not None else self.figures()),
             },
             indent=1,
         )
@@ -160,15 +164,24 @@ def load(settings: LedgerSettings, state: RecordDict | None) -> NodeLedger:
     return ledger
 
 
-def save(ledger: NodeLedger, settings: LedgerSettings, state: RecordDict | None) -> None:
-    text = ledger.to_json()
+def save(
+    ledger: NodeLedger,
+    settings: LedgerSettings,
+    state: RecordDict | None,
+    figures: Mapping[str, float] | None = None,
+) -> None:
+    text = ledger.to_json(figures)
     if settings.path:
         path = Path(settings.path)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".dp-ledger-")
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)  # the old ledger stays as it was
+            raise
     elif state is not None:
         state.config_records[STATE_KEY] = ConfigRecord({"json": text})
 
@@ -197,14 +210,15 @@ def charge(settings: LedgerSettings, state: RecordDict | None, charge: Charge) -
     """Record a noised update this node is about to send; log what it has spent."""
     ledger = load(settings, state)
     ledger.charges.append(charge)
-    save(ledger, settings, state)
+    figures = ledger.figures()
+    save(ledger, settings, state, figures)
     log.info(
         "DP ledger: this node has spent epsilon %.4g (delta %g) over %d noised updates; %.4g "
         "if no other node added its noise share",
-        ledger.epsilon(),
+        figures["epsilon"],
         ledger.delta,
         len(ledger.charges),
-        ledger.epsilon_alone(),
+        figures["epsilon-alone"],
     )
     return ledger
 

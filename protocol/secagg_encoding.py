@@ -53,9 +53,15 @@ def limb_bits(settings: SecAggSettings) -> int:
     return max(1, min(fit, MAX_LIMB_BITS, SCALAR_BITS))
 
 
+def _limbs(settings: SecAggSettings) -> tuple[int, int]:
+    """``(bits per limb, limbs per scalar)``."""
+    bits = limb_bits(settings)
+    return bits, math.ceil(SCALAR_BITS / bits)
+
+
 def scalar_slots(settings: SecAggSettings) -> int:
     """How many vector entries the summed scalars take (limbs of every scalar)."""
-    return len(SUMMED_SCALARS) * math.ceil(SCALAR_BITS / limb_bits(settings))
+    return len(SUMMED_SCALARS) * _limbs(settings)[1]
 
 
 def vector_length(spec: Spec, settings: SecAggSettings) -> int:
@@ -69,8 +75,7 @@ def encode_scalars(metrics: Mapping[str, float], settings: SecAggSettings) -> np
     A missing scalar is 0; a negative or non-finite one is refused (ValueError); one past
     ``2**SCALAR_BITS`` after scaling is clamped (a node's own figure, only its sum is seen).
     """
-    bits = limb_bits(settings)
-    per = math.ceil(SCALAR_BITS / bits)
+    bits, per = _limbs(settings)
     out = np.zeros(len(SUMMED_SCALARS) * per, dtype=np.uint64)
     examples = float(metrics.get("num-examples", 0))
     for i, (name, scale) in enumerate(SUMMED_SCALARS.items()):
@@ -88,8 +93,7 @@ def encode_scalars(metrics: Mapping[str, float], settings: SecAggSettings) -> np
 def decode_scalars(limb_sums: np.ndarray, settings: SecAggSettings) -> dict[str, float]:
     """The summed scalars from the limb sums: ``train-loss`` as Σ examples·loss (exact sums of
     the fixed-point values, divided by their scale)."""
-    bits = limb_bits(settings)
-    per = math.ceil(SCALAR_BITS / bits)
+    bits, per = _limbs(settings)
     if limb_sums.shape != (len(SUMMED_SCALARS) * per,):
         raise ValueError(f"scalar limbs of shape {limb_sums.shape}, expected ({per} per scalar)")
     out = {}
