@@ -10,8 +10,9 @@ Usage (``make bench-deploy``)::
 Four rows, each a real deployment made by fedlora's own tooling on 127.0.0.1, in a fresh
 federation folder: ``fedlora federation init`` (CA, TLS certificate, a key per node),
 ``fedlora federation superlink`` (TLS, SuperNode authentication, the roster registered), three
-``fedlora federation node`` (the packaged drug-review sites pain, dermatology and mental; bf16
-base; SecAgg+ keys signed and checked against each node's roster), then ``flwr run`` over TLS:
+``fedlora federation node`` (the packaged drug-review sites pain, dermatology and mental; "auto"
+base: bf16 where native, else fp32; SecAgg+ keys signed and checked against each node's
+roster), then ``flwr run`` over TLS:
 
 - **warm** (``--worker``, the default): the node's worker process keeps the base model loaded;
   Flower's short-lived ``flwr-clientapp`` processes hand it every message.
@@ -229,7 +230,7 @@ class Deployment:
         self.start("superlink", [*link, "--port", str(self.link_port)])
         self.wait_for_line("superlink", f"{len(SITES)} nodes registered", seconds=180)
         for site in SITES:
-            config = f'site="{site}" base-model="{self.model}" quantization="bf16"'
+            config = f'site="{site}" base-model="{self.model}" quantization="auto"'
             command = [fedlora, "federation", "node", str(self.fed.node(site).root)]
             command += ["--superlink", f"127.0.0.1:{self.link_port}"]
             command += ["--port", str(free_port()), "--node-config", config]
@@ -276,7 +277,7 @@ class Deployment:
 
         run_config = (
             f"num-server-rounds={rounds} local-steps={local_steps} min-nodes={len(SITES)} "
-            f'base-model="{self.model}" quantization="bf16" central-eval="" '
+            f'base-model="{self.model}" quantization="auto" central-eval="" '
             f'output-dir="{self.out}" secure-aggregation={"true" if secure else "false"}'
         )
         command = [str(BIN / "flwr"), "run", str(ROOT), CONNECTION, "--stream"]
@@ -446,10 +447,17 @@ def fmt(x: float) -> str:
     return "n/a" if x != x else f"{x:.2f}"  # NaN: a failed row
 
 
+def _dtype() -> str:
+    from fedlora.precision import compute_dtype
+
+    return str(compute_dtype("cpu")).removeprefix("torch.")
+
+
 def report(rows: list[Row], args: argparse.Namespace, loads: list[str], command: str) -> dict:
     print(
         f"\nDeployment on 127.0.0.1: 3 nodes ({', '.join(SITES)}), TLS + node authentication, "
-        f"SecAgg+ keys signed against each node's roster; model {args.model_label}, bf16; "
+        f"SecAgg+ keys signed against each node's roster; model {args.model_label}, "
+        f'{_dtype()} base (quantization "auto"); '
         f"{args.rounds} round(s) of {args.local_steps} local steps x batch 4; federated "
         f"evaluation every round (run config default), central evaluation off.\n"
     )

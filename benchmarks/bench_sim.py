@@ -9,8 +9,8 @@ Usage (``make bench-sim``)::
 Each row is one ``fedlora simulate --data ... --num-clients N --partition iid`` run in a fresh
 process, 10% of the clients sampled per round (``fraction-train = 0.1``), plain aggregation,
 2 rounds of 2 local steps of batch 4. The tiny model is a config-built 2-layer Llama (hidden
-64) on a generated chat task of 4000 examples; the default model (SmolLM2-135M, bf16 base)
-trains on the packaged drug reviews (600 training reviews).
+64) on a generated chat task of 4000 examples; the default model (SmolLM2-135M, "auto" base:
+bf16 where native, else fp32) trains on the packaged drug reviews (600 training reviews).
 
 - round s: the second round (warm nodes), from ``metrics.jsonl``;
 - slowest client s: the longest client training in that round;
@@ -146,7 +146,7 @@ def main() -> None:
         plan = [("tiny", tiny, "fp32", task, n) for n in (10, 100, 1000)]
         if not args.quick:
             default = str(resolve_base_model("default"))
-            plan += [("default", default, "bf16", "drugreview", n) for n in (10, 100)]
+            plan += [("default", default, "auto", "drugreview", n) for n in (10, 100)]
         for label, base, quant, data, n in plan:
             row = run_row(label, base, quant, data, n, work)
             rows.append(row)

@@ -2,7 +2,7 @@
 
 Usage::
 
-    .venv/bin/python benchmarks/profile_step.py                       # bf16 base, 1 thread
+    .venv/bin/python benchmarks/profile_step.py                       # "auto" base, 1 thread
     .venv/bin/python benchmarks/profile_step.py --quantization nf4 --threads 2 --rows 20
 
 Loads the default model as a node does (``fedlora.client.node.warm_model``), trains one untimed
@@ -19,7 +19,7 @@ import argparse
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quantization", default="bf16")
+    ap.add_argument("--quantization", default="auto")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (a Ray actor has 1)")
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--rows", type=int, default=14, help="operator rows per table")

@@ -1,8 +1,10 @@
-"""Plain backends: ``bf16`` and ``fp32`` weights, no quantization.
+"""Plain backends: ``auto``, ``bf16`` and ``fp32`` weights, no quantization.
 
-The name fixes the weight dtype, so the machine's compute dtype is not used here. bf16 runs
-everywhere PyTorch does (on a CPU without native bf16 by conversion, slowly); fp32 is the
-reference the quantized backends are compared with.
+``bf16`` and ``fp32`` fix the weight dtype, so the machine's compute dtype is not used; ``auto``
+takes it (bf16 where the machine computes bf16 natively, else fp32). bf16 runs everywhere
+PyTorch does, but on a CPU without native bf16 by conversion, many times slower than fp32, so
+asking for it there logs a warning. fp32 is the reference the quantized backends are compared
+with.
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ def load(model_dir: Path, device: str, compute_dtype: torch.dtype, variant: str)
     import torch
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=getattr(torch, _DTYPES[variant]), device_map=device
-    )
+    from fedlora.precision import warn_if_emulated_bf16
+
+    if variant == "bf16":
+        warn_if_emulated_bf16(device, 'quantization="bf16"')
+    dtype = compute_dtype if variant == "auto" else getattr(torch, _DTYPES[variant])
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, device_map=device)

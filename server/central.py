@@ -1,10 +1,10 @@
 """Central evaluation: the server scores the global adapter on test data it holds itself.
 
 Optional (``central-eval``): the packaged drug-review test split (``drugreview``) or a data file
-or folder of chat examples. The base model is loaded once (bf16) with the LoRA layers; each
-evaluation only swaps the adapter weights (and, for FedEx-LoRA, adds the residuals to the base
-weights they belong to). Reports loss and perplexity on the answers, and label accuracy when the
-task has labels.
+or folder of chat examples. The base model is loaded once (bf16 where native, else fp32) with
+the LoRA layers; each evaluation only swaps the adapter weights (and, for FedEx-LoRA, adds the
+residuals to the base weights they belong to). Reports loss and perplexity on the answers, and
+label accuracy when the task has labels.
 """
 
 from __future__ import annotations
@@ -73,13 +73,14 @@ def make_central_eval(
 
         from fedlora.encoding import encode_examples
         from fedlora.evaluate import eval_loss, label_accuracy
+        from fedlora.precision import compute_dtype
 
         start = time.perf_counter()
         if not state:
             tokenizer = AutoTokenizer.from_pretrained(base_dir)
             if tokenizer.pad_token_id is None:
                 tokenizer.pad_token = tokenizer.eos_token
-            base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.bfloat16)
+            base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=compute_dtype())
             state.update(
                 model=get_peft_model(base, lora.peft_config(base_dir)).eval(),
                 tokenizer=tokenizer,

@@ -39,23 +39,25 @@ class DemoOptions:
 
 
 def evaluate_sample(base_dir: Path, adapter_dir: Path | None, n: int) -> dict[str, Any]:
-    """Label accuracy of the bf16 base (plus adapter) on the first ``n`` test reviews."""
+    """Label accuracy of the base (plus adapter) on the first ``n`` test reviews, in the
+    machine's fast dtype (bf16 where native, else fp32: :mod:`fedlora.precision`)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from fedlora.evaluate import label_accuracy
+    from fedlora.precision import compute_dtype
     from fedlora.prompting import review_example
 
     reviews = load_split("test")[:n]
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     if adapter_dir is None:
-        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.bfloat16)
-    else:  # merged in fp32, then run in bf16 like the base: same cost, same precision
+        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=compute_dtype())
+    else:  # merged in fp32, then run in the base's dtype: same cost, same precision
         from peft import PeftModel
 
         model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
         model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
-        model = model.to(torch.bfloat16)
+        model = model.to(compute_dtype())
     start = time.perf_counter()
     examples = [
         review_example(r.text, r.label, f"drugreview:test:{i + 2}") for i, r in enumerate(reviews)

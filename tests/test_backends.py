@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from fedlora import precision
 from fedlora.client import quantization
 from fedlora.client.quantization import BACKEND_NAMES, BACKENDS, load_base
 from fedlora.errors import ConfigError
@@ -89,10 +90,39 @@ def test_unavailable_backend_names_the_reason_and_the_alternatives(tiny_model_di
 def test_compute_dtype_is_bf16_only_where_native(monkeypatch):
     import torch
 
-    monkeypatch.setattr(quantization, "cpu_has_bf16", lambda: False)
-    assert quantization.compute_dtype("cpu") == torch.float32
-    monkeypatch.setattr(quantization, "cpu_has_bf16", lambda: True)
-    assert quantization.compute_dtype("cpu") == torch.bfloat16
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: False)
+    assert precision.compute_dtype("cpu") == torch.float32
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: True)
+    assert precision.compute_dtype("cpu") == torch.bfloat16
+
+
+@pytest.mark.parametrize(("native", "expected"), [(False, "float32"), (True, "bfloat16")])
+def test_auto_loads_the_machines_fast_dtype(tiny_model_dir, monkeypatch, caplog, native, expected):
+    import torch
+
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: native)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+    with caplog.at_level("WARNING", logger="fedlora.precision"):
+        model = load_base(tiny_model_dir, "auto")
+
+    assert {str(p.dtype) for p in model.parameters()} == {f"torch.{expected}"}
+    assert not caplog.records  # auto never picks an emulated dtype
+
+
+def test_bf16_on_a_cpu_without_native_bf16_warns(tiny_model_dir, monkeypatch, caplog):
+    import torch
+
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+    with caplog.at_level("WARNING", logger="fedlora.precision"):
+        model = load_base(tiny_model_dir, "bf16")
+
+    assert {str(p.dtype) for p in model.parameters()} == {"torch.bfloat16"}  # as asked
+    [record] = caplog.records
+    assert 'quantization="bf16"' in record.getMessage()
+    assert 'quantization="auto" picks fp32 here' in record.getMessage()
 
 
 def test_run_config_names_the_backends_without_importing_torch():

@@ -68,7 +68,7 @@ def test_round_trains_and_reply_holds_only_the_adapter_delta(
 
 
 def test_second_round_reuses_the_loaded_model_and_loss_falls(tiny_model_dir, start_adapter):
-    node = {"base-model": str(tiny_model_dir), "quantization": "bf16", "site": "mental"}
+    node = {"base-model": str(tiny_model_dir), "quantization": "auto", "site": "mental"}
     adapter = dict(start_adapter)
     losses = []
     for server_round in (1, 2, 3):
@@ -83,7 +83,7 @@ def test_second_round_reuses_the_loaded_model_and_loss_falls(tiny_model_dir, sta
 
 
 def test_switching_site_keeps_the_model(tiny_model_dir, start_adapter):
-    common = {"base-model": str(tiny_model_dir), "quantization": "bf16"}
+    common = {"base-model": str(tiny_model_dir), "quantization": "auto"}
     run_round(_message(start_adapter), {**common, "site": "pain"})
     loads = node_mod.loads_so_far()
     reply = run_round(_message(start_adapter), {**common, "site": "dermatology"})
@@ -97,7 +97,7 @@ def test_node_rejects_a_global_adapter_of_the_wrong_shape(tiny_model_dir, start_
     with pytest.raises(ValueError, match="shape"):
         run_round(
             _message(bad),
-            {"base-model": str(tiny_model_dir), "quantization": "bf16", "site": "pain"},
+            {"base-model": str(tiny_model_dir), "quantization": "auto", "site": "pain"},
         )
 
 

@@ -39,7 +39,7 @@ def _history(metrics: Path) -> list[dict]:
 def _node_config(model: Path) -> str:
     # three hospitals, each operator accepts secure rounds of two; no federation roster here
     return (
-        f'base-model="{model}" quantization="bf16" secagg-min-nodes=2 '
+        f'base-model="{model}" quantization="auto" secagg-min-nodes=2 '
         f"secagg-allow-unauthenticated=true"
     )
 
@@ -55,7 +55,7 @@ def test_secure_rounds_survive_a_node_killed_mid_round_and_take_it_back(
         sockets = {site: dep.start_node(site, _node_config(tiny_model_dir)) for site in sites}
         submitted = dep.flwr_run(
             f'num-server-rounds=2 local-steps=2 base-model="{tiny_model_dir}" '
-            f'quantization="bf16" min-nodes=2 min-available-nodes=3 secure-aggregation=true '
+            f'quantization="auto" min-nodes=2 min-available-nodes=3 secure-aggregation=true '
             f"secagg-num-shares=3 secagg-threshold=2 round-timeout=45 evaluate-every=0 "
             f'output-dir="{out}"',
             stream=False,
@@ -89,7 +89,7 @@ def test_a_server_killed_mid_run_resumes_to_the_uninterrupted_adapter(
     tiny_model_dir: Path, tmp_path: Path
 ):
     common = (
-        f'num-server-rounds=2 local-steps=2 base-model="{tiny_model_dir}" quantization="bf16" '
+        f'num-server-rounds=2 local-steps=2 base-model="{tiny_model_dir}" quantization="auto" '
         f"min-nodes=2 secure-aggregation=false evaluate-every=0 lr=0.005"
     )
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"

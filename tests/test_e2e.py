@@ -120,7 +120,7 @@ def test_strategy_runs_on_the_simulation_engine(tiny_model_dir, tmp_path, strate
     cfg = RunConfig.from_mapping(
         {
             "base-model": str(tiny_model_dir),
-            "quantization": "bf16",
+            "quantization": "auto",
             "num-server-rounds": 2,
             "local-steps": 2,
             "lr": 5e-3,

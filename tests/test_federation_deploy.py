@@ -236,7 +236,7 @@ def test_a_tls_federation_with_node_authentication_runs_and_refuses_unregistered
         return procs[name]
 
     def node(name: str, folder: Path) -> subprocess.Popen:
-        config = f'site="{name}" base-model="{tiny_model_dir}" quantization="bf16"'
+        config = f'site="{name}" base-model="{tiny_model_dir}" quantization="auto"'
         return start(
             name,
             "node",
@@ -262,7 +262,7 @@ def test_a_tls_federation_with_node_authentication_runs_and_refuses_unregistered
         out_dir = tmp_path / "run"
         run_config = (
             f'num-server-rounds=2 local-steps=2 base-model="{tiny_model_dir}" '
-            f'quantization="bf16" min-nodes=3 output-dir="{out_dir}" secure-aggregation=true'
+            f'quantization="auto" min-nodes=3 output-dir="{out_dir}" secure-aggregation=true'
         )
         for site in sites:  # the workers are up before their SuperNodes start
             _wait_for_line(logs / f"{site}.log", "Node worker ready", procs[site], seconds=180)

@@ -79,7 +79,7 @@ def start_adapter(tiny_model_dir: Path):
 
 
 def test_evaluate_reply_holds_whitelisted_metrics_with_accuracy(tiny_model_dir, start_adapter):
-    node = {"base-model": str(tiny_model_dir), "quantization": "bf16", "site": "pain"}
+    node = {"base-model": str(tiny_model_dir), "quantization": "auto", "site": "pain"}
     reply = _call(make_client_app(), _content(start_adapter), "evaluate", node)
     assert not reply.has_error(), reply.error
     assert set(reply.content.keys()) == {METRICS}
@@ -92,7 +92,7 @@ def test_evaluate_reply_holds_whitelisted_metrics_with_accuracy(tiny_model_dir, 
 def test_node_trains_on_its_own_jsonl_data(tiny_model_dir, start_adapter):
     node = {
         "base-model": str(tiny_model_dir),
-        "quantization": "bf16",
+        "quantization": "auto",
         "data-path": str(FIXTURES / "chat.jsonl"),
         "site": "clinic-a",
         "eval-fraction": 0.0,
@@ -106,7 +106,7 @@ def test_node_trains_on_its_own_jsonl_data(tiny_model_dir, start_adapter):
 def test_round_beyond_the_node_limits_is_refused_with_a_reason(tiny_model_dir, start_adapter):
     node = {
         "base-model": str(tiny_model_dir),
-        "quantization": "bf16",
+        "quantization": "auto",
         "site": "pain",
         "max-local-steps": 2,
     }
@@ -116,7 +116,7 @@ def test_round_beyond_the_node_limits_is_refused_with_a_reason(tiny_model_dir, s
 
 
 def test_round_config_the_node_cannot_parse_is_refused(tiny_model_dir, start_adapter):
-    node = {"base-model": str(tiny_model_dir), "quantization": "bf16", "site": "pain"}
+    node = {"base-model": str(tiny_model_dir), "quantization": "auto", "site": "pain"}
     content = _content(start_adapter)
     content[CONFIG]["loss"] = "contrastive"
     reply = _call(make_client_app(), content, "train", node)
@@ -131,7 +131,7 @@ def test_bad_node_data_is_reported_without_its_details(
     secret.write_text('{"prompt": "Patient Jane Roe, 54, HIV positive"}\n')
     node = {
         "base-model": str(tiny_model_dir),
-        "quantization": "bf16",
+        "quantization": "auto",
         "site": "x",
         "data-path": str(secret),
     }
@@ -142,7 +142,7 @@ def test_bad_node_data_is_reported_without_its_details(
 
 def test_privacy_guard_every_outbound_message_of_a_round(tiny_model_dir, start_adapter):
     # Prepare: a node with its private reviews; every reply it sends in a round is captured.
-    node = {"base-model": str(tiny_model_dir), "quantization": "bf16", "site": "dermatology"}
+    node = {"base-model": str(tiny_model_dir), "quantization": "auto", "site": "dermatology"}
     app, state = make_client_app(), RecordDict()
     sent = [
         _call(app, _content(start_adapter), "train", node, state),
@@ -200,7 +200,7 @@ def test_a_node_charges_its_own_dp_ledger_and_refuses_past_its_budget(
     ledger = tmp_path / "dp-ledger.json"
     node = {
         "base-model": str(tiny_model_dir),
-        "quantization": "bf16",
+        "quantization": "auto",
         "site": "pain",
         "dp-ledger": str(ledger),
         "dp-max-epsilon": (one + two) / 2,

@@ -235,7 +235,7 @@ def _simulate(tiny_model_dir: Path, out: Path, sites: str, app: ClientApp | None
     cfg = RunConfig.from_mapping(
         {
             "base-model": str(tiny_model_dir),
-            "quantization": "bf16",
+            "quantization": "auto",
             "num-server-rounds": 2,
             "local-steps": 1,
             "lr": 5e-3,

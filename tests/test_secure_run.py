@@ -24,7 +24,7 @@ def _run(tiny_model_dir: Path, out: Path, secure: bool):
     cfg = RunConfig.from_mapping(
         {
             "base-model": str(tiny_model_dir),
-            "quantization": "bf16",
+            "quantization": "auto",
             "num-server-rounds": 1,
             "local-steps": 2,
             "lr": 5e-3,

@@ -9,7 +9,15 @@ compression.py: codecs; server/strategies: strategies, reducers, server optimize
 from __future__ import annotations
 
 # Frozen-base quantization backends (client/quantization.py), the default first.
-QUANTIZATIONS: tuple[str, ...] = ("nf4", "int8", "quanto-int4", "quanto-int8", "bf16", "fp32")
+QUANTIZATIONS: tuple[str, ...] = (
+    "nf4",
+    "int8",
+    "quanto-int4",
+    "quanto-int8",
+    "auto",
+    "bf16",
+    "fp32",
+)
 # Training loss: answer tokens only, or every token (fedlora.encoding).
 LOSSES: tuple[str, ...] = ("completion", "full")
 # Learning-rate schedule after warmup (client/train.py).

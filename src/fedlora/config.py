@@ -33,7 +33,8 @@ from fedlora.lora import LoraSettings
 @dataclass(frozen=True)
 class RunConfig:
     base_model: str = "default"  # "default" (packaged SmolLM2-135M-Instruct) or a model folder
-    quantization: str = "nf4"  # frozen base: nf4 | int8 | quanto-int4 | quanto-int8 | bf16 | fp32
+    # frozen base: nf4 | int8 | quanto-int4 | quanto-int8 | auto | bf16 | fp32
+    quantization: str = "nf4"
     num_server_rounds: int = 3  # federated rounds
     local_steps: int = 10  # optimizer steps per node per round
     batch_size: int = 4  # examples per step
