@@ -157,7 +157,7 @@ class Row:
 class Deployment:
     """One row's federation: its folder, its processes, their logs."""
 
-    def __init__(self, workdir: Path, model: str, worker: bool, procs: Any) -> None:
+    def __init__(self, workdir: Path, model: str, worker: bool, procs: Any, threads: int) -> None:
         from fedlora.deploy.federation import Federation
 
         self.dir = workdir
@@ -167,6 +167,7 @@ class Deployment:
         self.out = workdir / "run"
         self.model = model
         self.worker = worker
+        self.threads = threads
         self.procs = procs  # fedlora.deploy.launch.Processes
         self.named: dict[str, subprocess.Popen] = {}
         self.link_port = free_port()
@@ -235,6 +236,7 @@ class Deployment:
             command += ["--superlink", f"127.0.0.1:{self.link_port}"]
             command += ["--port", str(free_port()), "--node-config", config]
             command.append("--worker" if self.worker else "--no-worker")
+            command += ["--threads", str(self.threads)]
             self.start(site, command, self.node_env(site))
         if self.worker:  # the workers are up before their SuperNodes start
             for site in SITES:
@@ -378,7 +380,7 @@ def measure(row: Row, workdir: Path, args: argparse.Namespace) -> None:
     deployment = None
     try:
         with Processes(grace=GRACE_S) as procs:  # SIGTERM -> KeyboardInterrupt inside
-            deployment = Deployment(workdir, args.model_path, row.worker, procs)
+            deployment = Deployment(workdir, args.model_path, row.worker, procs, args.threads)
             note(f"{row.name}: starting the federation in {workdir}")
             deployment.up()
             note(f"{row.name}: flwr run, {args.rounds} round(s) of {args.local_steps} steps")
@@ -458,7 +460,8 @@ def report(rows: list[Row], args: argparse.Namespace, loads: list[str], command:
         f"\nDeployment on 127.0.0.1: 3 nodes ({', '.join(SITES)}), TLS + node authentication, "
         f"SecAgg+ keys signed against each node's roster; model {args.model_label}, "
         f'{_dtype()} base (quantization "auto"); '
-        f"{args.rounds} round(s) of {args.local_steps} local steps x batch 4; federated "
+        f"{args.rounds} round(s) of {args.local_steps} local steps x batch 4; "
+        f"{args.threads} math thread(s) per node; federated "
         f"evaluation every round (run config default), central evaluation off.\n"
     )
     print(
@@ -499,6 +502,7 @@ def report(rows: list[Row], args: argparse.Namespace, loads: list[str], command:
         "model": args.model_label,
         "rounds": args.rounds,
         "local-steps": args.local_steps,
+        "threads-per-node": args.threads,
         "sites": list(SITES),
         "load-average": loads,
         "ratios": {
@@ -542,14 +546,21 @@ def main(argv: list[str] | None = None) -> int:
         "--timeout", type=float, default=3600.0, help="seconds per flwr run (default 3600)"
     )
     parser.add_argument(
+        "--threads",
+        type=int,
+        default=max(1, (os.cpu_count() or 1) // len(SITES)),
+        help="math threads per node (fedlora federation node --threads; default: this "
+        "machine's cores shared among the 3 nodes, at least 1)",
+    )
+    parser.add_argument(
         "--aggregation",
         choices=("both", "plain", "secure"),
         default="both",
         help="which rows: plain and secure (default), or one of them",
     )
     args = parser.parse_args(argv)
-    if args.rounds < 1 or args.local_steps < 1 or args.timeout <= 0:
-        parser.error("--rounds, --local-steps and --timeout must be positive")
+    if args.rounds < 1 or args.local_steps < 1 or args.timeout <= 0 or args.threads < 1:
+        parser.error("--rounds, --local-steps, --threads and --timeout must be positive")
     python = Path(sys.executable)
     with contextlib.suppress(ValueError):  # as typed in the repository: .venv/bin/python
         python = python.relative_to(Path.cwd())

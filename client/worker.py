@@ -235,9 +235,16 @@ class Worker:
         )
 
     def counters(self) -> dict[str, Any]:
+        import torch  # the worker needs it for its first message anyway
+
         from fedlora.client.node import loads_so_far
 
-        return {"pid": os.getpid(), "messages": self.messages, "model-loads": loads_so_far()}
+        return {
+            "pid": os.getpid(),
+            "messages": self.messages,
+            "model-loads": loads_so_far(),
+            "threads": torch.get_num_threads(),  # capped by OMP_NUM_THREADS (--threads)
+        }
 
 
 def serve(path: Path) -> None:
@@ -269,12 +276,17 @@ def serve(path: Path) -> None:
 
 
 def start_worker(
-    path: Path, log_file: Path | None = None, seconds: float = 300
+    path: Path,
+    log_file: Path | None = None,
+    seconds: float = 300,
+    env: dict[str, str] | None = None,
 ) -> subprocess.Popen:
-    """Start a worker process on ``path`` and return once it answers (or raise ConfigError)."""
+    """Start a worker process on ``path`` (in ``env``, default this process's environment) and
+    return once it answers (or raise ConfigError)."""
     out = log_file.open("ab") if log_file else subprocess.DEVNULL
     proc = subprocess.Popen(
         [sys.executable, "-m", "fedlora.client.worker", str(path)],
+        env=env,
         stdout=out,
         stderr=subprocess.STDOUT,
         start_new_session=True,

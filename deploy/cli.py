@@ -162,11 +162,27 @@ def node(
     worker_socket: Annotated[
         Path | None, typer.Option("--worker-socket", help="the warm worker's Unix socket")
     ] = None,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            "--threads",
+            min=1,
+            help="math threads per process of this node (default: one per core); cap it when "
+            "several nodes share one machine",
+        ),
+    ] = None,
 ) -> None:
     """Start this hospital's warm worker and SuperNode (TLS, its key, authenticated SecAgg+
     against its roster); Ctrl-C stops both."""
     code = launch.run_node(
-        node_dir, superlink, node_config, port, insecure, worker=worker, worker_socket=worker_socket
+        node_dir,
+        superlink,
+        node_config,
+        port,
+        insecure,
+        worker=worker,
+        worker_socket=worker_socket,
+        threads=threads,
     )
     if code:
         raise SystemExit(code)  # the SuperNode's own status, e.g. 1 when it is refused

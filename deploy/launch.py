@@ -73,6 +73,17 @@ def flower_tool(name: str) -> str:
     return found
 
 
+def thread_env(threads: int | None) -> dict[str, str]:
+    """Environment variables that cap the math library threads of a node's processes (its
+    worker and every ``flwr-clientapp`` its SuperNode starts): torch, OpenMP and MKL read them
+    at start. None: no cap (torch uses one thread per core)."""
+    if threads is None:
+        return {}
+    if threads < 1:
+        raise ConfigError(f"--threads {threads}: give at least 1 (or leave it out for all cores)")
+    return {name: str(threads) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+
+
 def flower_env(**extra: str) -> dict[str, str]:
     """This environment with Flower's commands on PATH (the SuperLink starts flower-superexec)."""
     bin_dir = str(Path(flower_tool("flower-superlink")).parent)
@@ -428,14 +439,17 @@ def run_node(
     insecure: bool = False,
     worker: bool = True,
     worker_socket: Path | None = None,
+    threads: int | None = None,
 ) -> int:
     """Start this hospital's warm worker and SuperNode; stay until one exits or Ctrl-C.
 
     The worker (``fedlora.client.worker``) keeps the base model loaded for the node's lifetime;
     the SuperNode's short-lived ClientApp processes hand it every message. ``worker=False``
     runs each message in its own process, loading the model each time (Flower's default).
+    ``threads`` caps the math threads of both (several nodes sharing one machine's cores).
     """
     warn_if_insecure(insecure)
+    capped = thread_env(threads)
     socket_path = (worker_socket or default_worker_socket(node_dir)) if worker else None
     settings = node_settings(node_dir, node_config, socket_path)
     command = supernode_command(node_dir, superlink, settings, port, insecure)
@@ -445,9 +459,10 @@ def run_node(
                 from fedlora.client.worker import start_worker
 
                 log_file = node_dir.resolve() / "worker.log"
-                procs.adopt(start_worker(socket_path, log_file=log_file))
+                env = {**os.environ, **capped}
+                procs.adopt(start_worker(socket_path, log_file=log_file, env=env))
                 logger.info("Node worker ready on %s (its log: %s)", socket_path, log_file)
-            procs.start(command, env=flower_env())
+            procs.start(command, env=flower_env(**capped))
             try:
                 return procs.wait_any()
             finally:
@@ -466,7 +481,8 @@ def _report_worker(socket_path: Path | None) -> None:
     with contextlib.suppress(WorkerDown, OSError):
         served = status(str(socket_path))
         logger.info(
-            "Node worker served %d messages with %d base-model loads",
+            "Node worker served %d messages with %d base-model loads (%d math threads)",
             served["messages"],
             served["model-loads"],
+            served["threads"],
         )

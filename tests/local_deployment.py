@@ -21,6 +21,7 @@ from pathlib import Path
 import psutil
 
 from fedlora.client.worker import start_worker
+from fedlora.deploy.launch import thread_env
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -103,11 +104,11 @@ class LocalDeployment:
                 proc.wait()
         shutil.rmtree(self.sockets, ignore_errors=True)
 
-    def _start(self, name: str, *args: str) -> subprocess.Popen:
+    def _start(self, name: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
         out = (self.logs / f"{name}.log").open("a")
         proc = subprocess.Popen(
             [str(BIN / args[0]), *args[1:]],
-            env=self.env,
+            env=env or self.env,
             cwd=self.root,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -119,12 +120,16 @@ class LocalDeployment:
     def start_node(self, site: str, node_config: str) -> Path:
         """A warm worker and a SuperNode for ``site``; returns the worker's socket."""
         sock = self.sockets / site / "worker.sock"
-        worker = start_worker(sock, log_file=self.logs / f"worker-{site}.log")
+        # one math thread per node process, as `fedlora federation node --threads 1`: the nodes
+        # share this machine's cores
+        env = {**self.env, **thread_env(1)}
+        worker = start_worker(sock, log_file=self.logs / f"worker-{site}.log", env=env)
         self.procs.append(worker)
         node = self._start(
             f"supernode-{site}", "flower-supernode", "--insecure", "--superlink",
             f"127.0.0.1:{self.port}", "--host", "127.0.0.1", "--port", str(free_port()),
             "--node-config", f'site="{site}" worker-socket="{sock}" {node_config}',
+            env=env,
         )  # fmt: skip
         self.nodes[site] = (node, worker, sock)
         return sock

@@ -115,6 +115,19 @@ def test_the_node_starts_with_tls_its_key_and_its_node_config(fed: Federation):
     assert "--insecure" not in command
 
 
+def test_a_node_thread_cap_reaches_the_math_libraries_of_its_processes():
+    assert launch.thread_env(None) == {}  # no cap: torch uses every core
+    assert launch.thread_env(1) == {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    with pytest.raises(ConfigError, match="--threads 0: give at least 1"):
+        launch.thread_env(0)
+    code = "import torch; print(torch.get_num_threads())"
+    env = {**os.environ, **launch.thread_env(1)}
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False
+    )
+    assert done.stdout.strip() == "1", done.stderr  # what a worker or flwr-clientapp sees
+
+
 def test_node_folder_problems_name_the_file_and_what_to_do(fed: Federation, tmp_path: Path):
     node = fed.node("pain")
     with pytest.raises(ConfigError, match="is not HOST:PORT"):
@@ -247,6 +260,8 @@ def test_a_tls_federation_with_node_authentication_runs_and_refuses_unregistered
             str(_free_port()),
             "--node-config",
             config,
+            "--threads",
+            "1",  # three nodes share two cores
         )
 
     try:
@@ -287,6 +302,7 @@ def test_a_tls_federation_with_node_authentication_runs_and_refuses_unregistered
         for site in sites:
             served = status(str(launch.default_worker_socket(fed.node(site).root)))
             assert served["model-loads"] == 1 and served["messages"] >= 8, (site, served)
+            assert served["threads"] == 1, served  # --threads reached torch in the worker
             node_log = (logs / f"{site}.log").read_text() + (
                 fed.node(site).root / "worker.log"
             ).read_text()
