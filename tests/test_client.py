@@ -102,7 +102,7 @@ def test_node_rejects_a_global_adapter_of_the_wrong_shape(tiny_model_dir, start_
 
 
 def test_ffa_lora_round_freezes_a_and_sends_only_b(tiny_model_dir, start_adapter):
-    node = {"base-model": str(tiny_model_dir), "quantization": "bf16", "site": "pain"}
+    node = {"base-model": str(tiny_model_dir), "quantization": "auto", "site": "pain"}
     reply = run_round(_message(start_adapter, train="B", send="B"), node)
     assert reply.delta and all(k.endswith("lora_B.weight") for k in reply.delta)
     assert len(reply.delta) == len(start_adapter) // 2
@@ -117,7 +117,7 @@ def test_ffa_lora_round_freezes_a_and_sends_only_b(tiny_model_dir, start_adapter
 
 
 def test_fedsa_lora_keeps_b_on_the_node_across_rounds(tiny_model_dir, start_adapter):
-    node = {"base-model": str(tiny_model_dir), "quantization": "bf16", "site": "pain"}
+    node = {"base-model": str(tiny_model_dir), "quantization": "auto", "site": "pain"}
     state = RecordDict()
     first = run_round(_message(start_adapter, train="AB", send="A"), node, state)
     assert all(k.endswith("lora_A.weight") for k in first.delta)  # B never leaves

@@ -21,7 +21,7 @@ def _run(tiny_model_dir: Path, out: Path, rounds: int, **extra):
     cfg = RunConfig.from_mapping(
         {
             "base-model": str(tiny_model_dir),
-            "quantization": "bf16",
+            "quantization": "auto",
             "num-server-rounds": rounds,
             "local-steps": 2,
             "lr": 1e-2,

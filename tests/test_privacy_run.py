@@ -17,7 +17,7 @@ from fedlora.config import RunConfig
 
 pytestmark = pytest.mark.integration  # Ray federations / tiny exports: tens of seconds
 
-BASE = {"quantization": "bf16", "local-steps": 2, "lr": 5e-3, "evaluate-every": 0}
+BASE = {"quantization": "auto", "local-steps": 2, "lr": 5e-3, "evaluate-every": 0}
 
 
 def _epsilon(z: float, q: float, rounds: int, delta: float) -> float:

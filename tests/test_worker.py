@@ -94,7 +94,7 @@ def _context(node_config: dict) -> Context:
 def test_the_worker_serves_rounds_with_one_model_load_and_keeps_node_state(
     worker: Path, tiny_model_dir: Path
 ) -> None:
-    node = {"site": "pain", "base-model": str(tiny_model_dir), "quantization": "bf16"}
+    node = {"site": "pain", "base-model": str(tiny_model_dir), "quantization": "auto"}
     app = make_client_app()
     adapter = initial_adapter(adapter_shapes(tiny_model_dir, LORA), seed=0)
     context = _context({**node, "worker-socket": str(worker)})
