@@ -284,13 +284,17 @@ def start_worker(
     """Start a worker process on ``path`` (in ``env``, default this process's environment) and
     return once it answers (or raise ConfigError)."""
     out = log_file.open("ab") if log_file else subprocess.DEVNULL
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fedlora.client.worker", str(path)],
-        env=env,
-        stdout=out,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fedlora.client.worker", str(path)],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    finally:
+        if log_file:  # the worker holds its own copy of the file
+            out.close()  # type: ignore[union-attr]
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if proc.poll() is not None:

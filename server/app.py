@@ -22,7 +22,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedlora.basemodel import resolve_base_model
 from fedlora.config import RunConfig
-from fedlora.console import configure_worker
+from fedlora.console import configure_worker, ensure_log_output
 from fedlora.data.drugreview import SITES
 from fedlora.errors import ConfigError
 from fedlora.lora import adapter_shapes, initial_adapter
@@ -336,6 +336,7 @@ def make_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        ensure_log_output()  # a deployment's ServerApp: its rounds reach `flwr run --stream`
         cfg = RunConfig.from_mapping({**context.run_config, **extra}, source="run config")
         run_federation(grid, cfg)
 

@@ -70,3 +70,23 @@ def test_verbose_shows_library_noise() -> None:
 def test_flower_filter_keeps_warnings_and_errors(level: int, message: str, kept: bool) -> None:
     record = logging.LogRecord("flwr", level, __file__, 1, message, None, None)
     assert FlowerWarningsOnly().filter(record) is kept
+
+
+def test_an_unconfigured_process_streams_fedlora_lines_to_stderr() -> None:
+    code = (
+        "import logging; from fedlora.console import ensure_log_output; ensure_log_output(); "
+        "ensure_log_output(); logging.getLogger('fedlora.server.strategy').info('Round 1 | x'); "
+        "logging.getLogger('fedlora.server').debug('hidden')"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "FEDLORA_VERBOSE"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert done.stderr.splitlines() == ["Round 1 | x"]  # once, INFO and up
+
+
+def test_a_configured_process_keeps_its_own_handlers(caplog) -> None:
+    from fedlora.console import ensure_log_output
+
+    ensure_log_output()  # pytest's handlers are on the root logger: nothing is added
+    assert not logging.getLogger("fedlora").handlers

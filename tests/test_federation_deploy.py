@@ -293,6 +293,8 @@ def test_a_tls_federation_with_node_authentication_runs_and_refuses_unregistered
         )
         node_logs = "\n".join(p.read_text()[-2000:] for p in sorted(logs.iterdir()))
         assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:] + node_logs
+        streamed = done.stdout + done.stderr  # the ServerApp's own lines reach the researcher
+        assert "Round 2 | secure aggregate" in streamed and "Federation finished" in streamed
         history = [
             json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()
         ]

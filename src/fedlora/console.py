@@ -84,6 +84,20 @@ def configure_worker() -> None:
         flwr_logger.addFilter(FlowerWarningsOnly())
 
 
+def ensure_log_output() -> None:
+    """fedlora's lines to stderr in a process nobody configured (a ``flwr-serverapp`` the
+    SuperLink starts: Flower streams its output to ``flwr run --stream``). A process whose
+    logging is set up already (the CLI, a simulation, pytest) is left as it is."""
+    package = logging.getLogger("fedlora")
+    if logging.getLogger().handlers or package.handlers:
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    package.addHandler(handler)
+    package.setLevel(logging.DEBUG if verbose_requested() else logging.INFO)
+    package.propagate = False  # no second copy through logging's last-resort handler
+
+
 @contextmanager
 def status(text: str) -> Iterator[None]:
     """A spinner with ``text`` while a long step runs, on a terminal only (logs stay clean)."""
