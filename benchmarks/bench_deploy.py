@@ -452,7 +452,7 @@ def fmt(x: float) -> str:
 def _dtype() -> str:
     from fedlora.precision import compute_dtype
 
-    return str(compute_dtype("cpu")).removeprefix("torch.")
+    return str(compute_dtype()).removeprefix("torch.")
 
 
 def report(rows: list[Row], args: argparse.Namespace, loads: list[str], command: str) -> dict:

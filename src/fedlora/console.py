@@ -87,15 +87,10 @@ def configure_worker() -> None:
 def ensure_log_output() -> None:
     """fedlora's lines to stderr in a process nobody configured (a ``flwr-serverapp`` the
     SuperLink starts: Flower streams its output to ``flwr run --stream``). A process whose
-    logging is set up already (the CLI, a simulation, pytest) is left as it is."""
-    package = logging.getLogger("fedlora")
-    if logging.getLogger().handlers or package.handlers:
-        return
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    package.addHandler(handler)
-    package.setLevel(logging.DEBUG if verbose_requested() else logging.INFO)
-    package.propagate = False  # no second copy through logging's last-resort handler
+    logging is set up already (the CLI, a simulation, pytest) is left as it is; any other gets
+    the CLI's own console set-up."""
+    if not logging.getLogger().handlers and not logging.getLogger("fedlora").handlers:
+        configure(verbose=verbose_requested())
 
 
 @contextmanager

@@ -67,8 +67,9 @@ def warn_if_emulated_bf16(dev: str, what: str) -> None:
     """One warning when ``what`` is asked to run in bf16 on a device that only emulates it."""
     if not bf16_is_native(dev):
         log.warning(
-            "%s runs in bf16, which this %s does not compute natively (no AVX512-BF16 or AMX):"
-            ' expect it many times slower than fp32. quantization="auto" picks fp32 here.',
+            "%s runs in bf16, which this %s does not compute natively%s: expect it many times"
+            ' slower than fp32. quantization="auto" picks fp32 here.',
             what,
             dev.upper(),
+            "" if dev.startswith("cuda") else " (no AVX512-BF16 or AMX)",
         )
