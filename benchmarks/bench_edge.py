@@ -1,5 +1,10 @@
 """Edge inference benchmark: PyTorch eager fp32 (the baseline) against ONNX fp32, int8 and int4.
 
+ONNX fp32 is timed in both graph forms (optimum's traced graph and fedlora's fused decoder,
+:mod:`fedlora.export.fused`, built from the bundle's merged model when the bundle holds the other
+one); the quantized variants are built from the fused graph where the model has one, the form
+``fedlora export`` ships.
+
 Usage (``make bench-edge``, after ``make demo``)::
 
     .venv/bin/python benchmarks/bench_edge.py                         # runs/demo/export
@@ -100,15 +105,24 @@ def onnx_worker(folder: Path, prompts: int, new_tokens: int, threads: int) -> di
     return {"first": statistics.median(firsts), "speed": statistics.median(speeds)}
 
 
-def gates_worker(bundle: Path, folders: dict[str, str], samples: int) -> dict[str, Any]:
-    """Task figures of ONNX fp32 and each variant on the held-out reviews."""
+def _graph_form(folder: Path) -> str:
+    """``fused`` (GroupQueryAttention inside) or ``traced`` (optimum's export)."""
+    import onnx
+
+    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    fused = any(node.op_type == "GroupQueryAttention" for node in model.graph.node)
+    return "fused" if fused else "traced"
+
+
+def gates_worker(reference: Path, folders: dict[str, str], samples: int) -> dict[str, Any]:
+    """Task figures of the ONNX fp32 ``reference`` and each variant on the held-out reviews."""
     from fedlora.export.gates import DEFAULT_THRESHOLDS, gate
     from fedlora.export.runtime import EdgeModel
     from fedlora.server.central import central_examples
 
     examples, labels = central_examples("drugreview", samples, ())
     variants = {name: EdgeModel(Path(folder)) for name, folder in folders.items()}
-    ref, results = gate(EdgeModel(bundle / "onnx"), variants, examples, labels, DEFAULT_THRESHOLDS)
+    ref, results = gate(EdgeModel(reference), variants, examples, labels, DEFAULT_THRESHOLDS)
     return {"fp32": ref.summary(), **{r.variant: r.as_card() for r in results}}
 
 
@@ -148,13 +162,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--new-tokens", type=int, default=NEW_TOKENS)
     ap.add_argument("--gate-samples", type=int, default=GATE_SAMPLES)
     ap.add_argument("--threads", type=int, default=THREADS)
+    ap.add_argument(
+        "--graphs",
+        default="fused,traced",
+        help="ONNX graph forms to time in fp32 (the bundle's own is always timed); the "
+        "quantized rows use the fused graph where there is one",
+    )
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
         _worker(args.worker)
         return 0
 
-    from fedlora.export.onnx import onnx_size_mib
+    from fedlora.export.onnx import export_onnx, onnx_size_mib
     from fedlora.export.quantize import quantize_variant
 
     bundle = args.bundle
@@ -162,11 +182,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{bundle}: no merged/ and onnx/ folders; run `make demo` (or fedlora export) first")
         return 2
     threads = args.threads or os.cpu_count() or 1
+    args.graphs = {g.strip() for g in args.graphs.split(",") if g.strip()}
+    work = bundle.parent / "bench-edge"
+    # Both ONNX graph forms of the same merged model: the bundle's own, the other one built here.
+    graphs = {_graph_form(bundle / "onnx"): bundle / "onnx"}
+    for form in ("fused", "traced"):
+        if form not in graphs and form in args.graphs:
+            graphs[form] = export_onnx(bundle / "merged", work / f"{form}-fp32", graph=form)
+    shipped = graphs.get("fused") or graphs["traced"]  # the graph fedlora ships where it can
     folders = {}
     for name in VARIANTS:
         folder = bundle / f"onnx-{name}"
-        if not (folder / "model.onnx").is_file():
-            folder = quantize_variant(bundle / "onnx", bundle.parent / "bench-edge" / name, name)
+        if shipped != bundle / "onnx" or not (folder / "model.onnx").is_file():
+            folder = quantize_variant(shipped, work / f"{_graph_form(shipped)}-{name}", name)
         folders[name] = str(folder)
     load = os.getloadavg()[0]
     print(
@@ -178,14 +206,15 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     rows: list[tuple[str, dict[str, Any], float]] = []
     jobs = [("PyTorch eager fp32", "eager", str(bundle / "merged"))]
-    jobs += [("ONNX fp32", "onnx", str(bundle / "onnx"))]
-    jobs += [(f"ONNX {n}", "onnx", f) for n, f in folders.items()]
+    jobs += [(f"ONNX {form} fp32", "onnx", str(folder)) for form, folder in sorted(graphs.items(),
+             key=lambda kv: kv[0] != "traced")]  # fmt: skip
+    jobs += [(f"ONNX {_graph_form(shipped)} {n}", "onnx", f) for n, f in folders.items()]
     for label, kind, path in jobs:
         res = _run(kind, path, args.prompts, args.new_tokens, threads)
         size = _size_mib(Path(path)) if kind == "eager" else onnx_size_mib(Path(path))
         rows.append((label, res, size))
         print(f"  {label}: {res}", file=sys.stderr, flush=True)
-    gates = _run("gates", str(bundle), folders, args.gate_samples)
+    gates = _run("gates", str(shipped), folders, args.gate_samples)
     eager = rows[0][1]
     print("\n| model | file MiB | time to first token ms | decode tok/s | x eager | peak RSS MiB |")
     print("|---|---:|---:|---:|---:|---:|")
@@ -203,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         ref = gates["fp32"]
         print(
-            f"\nTask gates on the first {ref['n']} held-out reviews, against ONNX fp32 "
+            f"\nTask gates on the first {ref['n']} held-out reviews, against ONNX "
+            f"{_graph_form(shipped)} fp32 "
             f"({ref['metric']} {100 * ref['accuracy']:.1f}%, answer perplexity "
             f"{ref['answer_perplexity']:.4f}):\n"
         )
@@ -225,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         f"\nTotal {time.perf_counter() - start:.0f} s; 1-minute load average {load:.1f} at the "
         f"start, {os.getloadavg()[0]:.1f} at the end."
     )
-    int8 = rows[2][1]
+    int8 = next(res for label, res, _ in rows if label.endswith(" int8"))
     value = (
         f"{int8['speed'] / eager['speed']:.2f}"
         if "speed" in int8 and "speed" in eager

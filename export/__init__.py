@@ -5,8 +5,13 @@ light (no torch, transformers, optimum or Flower at import time):
 
 - :mod:`fedlora.export.merge`: ``merge_adapter(base_dir, adapter_dir, out_dir)``, fp32 merge of a
   PEFT LoRA adapter into its base (``merge_and_unload``), saved with the tokenizer.
-- :mod:`fedlora.export.onnx`: ``export_onnx(merged_dir, out_dir)``, one ``model.onnx`` with a KV
-  cache (optimum, ``text-generation-with-past``) and the tokenizer files beside it.
+- :mod:`fedlora.export.onnx`: ``export_onnx(merged_dir, out_dir, graph="auto")``, one
+  ``model.onnx`` with a KV cache and the tokenizer files beside it: the fused decoder where the
+  model allows it, else optimum's traced export (``text-generation-with-past``).
+- :mod:`fedlora.export.fused`: the fused decoder graph of a Llama-family model, written from the
+  merged weights (``GroupQueryAttention``, ``SkipSimplifiedLayerNormalization``, packed QKV).
+- :mod:`fedlora.export.quantize`: weight-only int8/int4 variants (onnxruntime's
+  ``MatMulNBitsQuantizer``; a fused graph's tied embedding quantized once for lookup and head).
 - :mod:`fedlora.export.runtime`: ``EdgeModel``, the edge runtime (numpy, onnxruntime, tokenizers,
   jinja2 only): chat template, full-forward logits, greedy generation with the KV cache.
 - :mod:`fedlora.export.parity`: ``check_parity(...)``, PyTorch vs ONNX logits and greedy tokens;

@@ -49,6 +49,7 @@ class Variant:
     gates: dict[str, Any] = field(default_factory=dict)  # gate -> its measured figures and verdict
     # greedy tokens / seconds of ONNX Runtime's first decode (the parity prompt: prefill included)
     decode_tokens_per_s: float = float("nan")
+    graph: str = ""  # the ONNX graph's form: fused (fedlora.export.fused) or traced (optimum)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -194,8 +195,9 @@ def card_markdown(card: Mapping[str, Any]) -> str:
         lines.append("- not recorded (the adapter is not inside a fedlora run folder)")
     lines += ["", f"Training data: {card['training-data']}.", "", "## Variants", ""]
     lines += [
-        "| variant | folder | size MiB | greedy tokens/s (first call, prompt included) | gates |",
-        "|---|---|---:|---:|---|",
+        "| variant | graph | folder | size MiB | greedy tokens/s (first call, prompt included) "
+        "| gates |",
+        "|---|---|---|---:|---:|---|",
     ]
     for v in card["variants"]:
         gates = "; ".join(
@@ -203,7 +205,7 @@ def card_markdown(card: Mapping[str, Any]) -> str:
             for name, g in v["gates"].items()
         )
         lines.append(
-            f"| {v['name']} | `{v['folder']}` | {v['size_mib']:.1f} | "
+            f"| {v['name']} | {v.get('graph') or '-'} | `{v['folder']}` | {v['size_mib']:.1f} | "
             f"{v['decode_tokens_per_s']:.1f} | {gates or '-'} |"
         )
     if card["evaluation-data"]:

@@ -1,9 +1,12 @@
 """Export a merged causal-LM folder to a single ONNX file with a KV cache, tokenizer beside it.
 
-Uses ``optimum.exporters.onnx.main_export(task="text-generation-with-past")`` from a local folder
-(``local_files_only``: nothing is fetched). The result is one ``model.onnx`` with inputs
-``input_ids``, ``attention_mask``, ``position_ids``, ``past_key_values.{i}.key|value`` and outputs
-``logits``, ``present.{i}.key|value``, plus the files the edge runtime needs: tokenizer.json,
+Two graph forms. ``fused`` (:mod:`fedlora.export.fused`, the default wherever the model is a
+Llama-family decoder it can express) writes one attention operator per layer straight from the
+weights. ``traced`` uses ``optimum.exporters.onnx.main_export(task="text-generation-with-past")``
+from a local folder (``local_files_only``: nothing is fetched), which traces transformers' code.
+Either way the result is one ``model.onnx`` with inputs ``input_ids``, ``attention_mask``
+(``position_ids`` too when traced), ``past_key_values.{i}.key|value`` and outputs ``logits``,
+``present.{i}.key|value``, plus the files the edge runtime needs: tokenizer.json,
 tokenizer_config.json (with the chat template), special_tokens_map.json, chat_template.jinja,
 config.json and generation_config.json.
 """
@@ -26,14 +29,44 @@ OPTIONAL_FILES = ("special_tokens_map.json", "generation_config.json", "chat_tem
 TASK = "text-generation-with-past"
 
 
-def export_onnx(merged_dir: Path, out_dir: Path, validate: bool = False) -> Path:
+GRAPHS = ("auto", "fused", "traced")
+
+
+def choose_graph(merged_dir: Path, graph: str = "auto") -> str:
+    """``fused`` or ``traced``: what ``graph`` (auto, fused, traced) means for this model.
+
+    ``auto`` is the fused decoder (:mod:`fedlora.export.fused`) wherever it can express the
+    model, else optimum's traced export; ``fused`` refuses a model it cannot express.
+    """
+    from fedlora.export.fused import unsupported_reason
+
+    if graph not in GRAPHS:
+        raise FedloraError(f"graph={graph!r}: use one of {', '.join(GRAPHS)}")
+    if graph == "traced":
+        return graph
+    config = json.loads((Path(merged_dir) / "config.json").read_text(encoding="utf-8"))
+    reason = unsupported_reason(config)
+    if reason is None:
+        return "fused"
+    if graph == "fused":
+        raise FedloraError(
+            f"{merged_dir}: the fused graph cannot express this model ({reason}); "
+            f"use --graph traced (optimum's export) or auto"
+        )
+    log.info("No fused graph for %s (%s): using optimum's traced export", merged_dir, reason)
+    return "traced"
+
+
+def export_onnx(
+    merged_dir: Path, out_dir: Path, validate: bool = False, graph: str = "auto"
+) -> Path:
     """Export ``merged_dir`` (a plain HF causal-LM folder) to ``out_dir/model.onnx``.
 
-    ``validate`` runs optimum's own output check as well (slower; the pipeline's parity check
-    compares logits and greedy tokens more strictly). Returns ``out_dir``.
+    ``graph`` picks the fused decoder (``fused``; ``auto`` where the model allows it) or
+    optimum's trace of transformers' code (``traced``). ``validate`` runs optimum's own output
+    check as well (traced only; slower, and the pipeline's parity check compares logits and
+    greedy tokens more strictly). Returns ``out_dir``.
     """
-    from optimum.exporters.onnx import main_export
-
     merged_dir, out_dir = Path(merged_dir), Path(out_dir)
     for name in ("config.json", "tokenizer.json"):
         if not (merged_dir / name).is_file():
@@ -41,6 +74,14 @@ def export_onnx(merged_dir: Path, out_dir: Path, validate: bool = False) -> Path
                 f"{merged_dir} has no {name}: export a folder written by "
                 f"merge_adapter (model + tokenizer)"
             )
+    if choose_graph(merged_dir, graph) == "fused":
+        from fedlora.export.fused import export_fused
+
+        export_fused(merged_dir, out_dir)
+        log.info("Exported %s (%.1f MiB)", out_dir / MODEL_FILE, onnx_size_mib(out_dir))
+        return out_dir
+    from optimum.exporters.onnx import main_export
+
     out_dir.mkdir(parents=True, exist_ok=True)
     log.info("Exporting %s to ONNX (%s) in %s", merged_dir, TASK, out_dir)
     main_export(

@@ -26,7 +26,7 @@ from fedlora.export.gates import (
     gate,
 )
 from fedlora.export.merge import merge_adapter
-from fedlora.export.onnx import export_onnx, onnx_size_mib
+from fedlora.export.onnx import choose_graph, export_onnx, onnx_size_mib
 from fedlora.export.parity import ATOL, NOISE_FACTOR, ParityReport, check_parity
 from fedlora.export.quantize import QuantSettings, quantize_variant
 
@@ -42,6 +42,7 @@ class ExportReport:
     parity: ParityReport
     answer: str
     onnx_mib: float
+    graph: str = "traced"  # the ONNX graph's form: fused (fedlora.export.fused) or traced
     seconds: dict[str, float] = field(default_factory=dict)
     variants: list[Variant] = field(default_factory=list)  # fp32 first, then the quantized
     reference: TaskFigures | None = None  # fp32's figures on the held-out task data
@@ -68,12 +69,15 @@ def export_adapter(
     labels: Sequence[str] = (),
     thresholds: Mapping[str, GateThresholds] | None = None,
     greedy_prompts: int = 20,
+    graph: str = "auto",
 ) -> ExportReport:
     """Merge ``adapter_dir`` into ``base_dir``, export to ONNX and check parity on ``messages``;
     then build each ``quantize`` variant (``onnx-int8``, ``onnx-int4``) and gate it against the
     fp32 ONNX model on ``eval_examples`` (held-out data of the run's task, scored as a label task
-    when ``labels`` are given). A failed gate raises :class:`~fedlora.export.gates.GateError`
-    with every figure; the folders stay for inspection and no model card is written."""
+    when ``labels`` are given). ``graph`` is the ONNX graph's form (auto, fused, traced; see
+    :func:`fedlora.export.onnx.choose_graph`). A failed gate raises
+    :class:`~fedlora.export.gates.GateError` with every figure; the folders stay for inspection
+    and no model card is written."""
     out_dir = Path(out_dir)
     merged_dir, onnx_dir = out_dir / "merged", out_dir / "onnx"
     seconds: dict[str, float] = {}
@@ -83,7 +87,8 @@ def export_adapter(
     seconds["merge"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    export_onnx(merged_dir, onnx_dir)
+    form = choose_graph(merged_dir, graph)
+    export_onnx(merged_dir, onnx_dir, graph=form)
     seconds["onnx"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -103,6 +108,7 @@ def export_adapter(
         parity=parity,
         answer=parity.onnx_text,
         onnx_mib=onnx_size_mib(onnx_dir),
+        graph=form,
         seconds=seconds,
     )
     report.variants.append(
@@ -122,6 +128,7 @@ def export_adapter(
                 }
             },
             decode_tokens_per_s=parity.decode_tokens_per_s,
+            graph=form,
         )
     )
     if quantize:
@@ -194,6 +201,7 @@ def _quantized(
                 size_mib=onnx_size_mib(folders[result.variant]),
                 gates={"task": result.as_card(), "quantization": asdict(quant)},
                 decode_tokens_per_s=speed,
+                graph=report.graph,
             )
         )
     text = describe(ref, report.gates)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from fedlora.errors import ConfigError, FedloraError
 
@@ -99,6 +100,7 @@ def quantize_variant(
     )
     quantizer.process()
     quantized = quantizer.model.model
+    tied = _quantize_tied_head(quantized, bits, settings)
     count = sum(node.op_type == "MatMulNBits" for node in quantized.graph.node)
     if count == 0:
         raise FedloraError(
@@ -112,12 +114,111 @@ def quantize_variant(
     quantizer.model.save_model_to_file(str(target), use_external_data_format=large)
     copy_runtime_files(fp32_dir, out_dir)
     log.info(
-        "Quantized %s to %s: %d MatMulNBits (%d bits, block %d, accuracy level %d)",
+        "Quantized %s to %s: %d MatMulNBits (%d bits, block %d, accuracy level %d)%s",
         source,
         target,
         count,
         bits,
         settings.block_size,
         settings.accuracy_level,
+        "; the tied embedding is one quantized table for the lookup and the head" if tied else "",
     )
     return out_dir
+
+
+def _quantize_tied_head(model: Any, bits: int, settings: QuantSettings) -> bool:
+    """Quantize a fused graph's tied embedding once, for both of its readers.
+
+    The fused graph (:mod:`fedlora.export.fused`) reads the embedding table twice: a ``Gather``
+    for the input lookup and a ``Gemm`` with ``transB`` for the language-model head, which
+    ``MatMulNBitsQuantizer`` leaves in fp32 (it only rewrites ``MatMul``). On a small model
+    that head is the largest product of a decoded token. Here the table is block-quantized
+    once, with onnxruntime's own routine, into the layout ``MatMulNBits`` reads
+    (``[vocab, blocks, blob]``, symmetric); the head becomes ``MatMulNBits`` and the lookup
+    ``GatherBlockQuantized`` over a ``Reshape`` view of the same bytes, so the file holds one
+    table. Returns False (graph unchanged) when the graph has no such pair.
+    """
+    import numpy as np
+    from onnx import helper, numpy_helper
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        DefaultWeightOnlyQuantizer,
+    )
+
+    from fedlora.export.fused import EMBEDDING, LM_HEAD, MS_DOMAIN
+
+    graph = model.graph
+    by_name = {node.name: node for node in graph.node}
+    head, lookup = by_name.get(f"{LM_HEAD}/Gemm"), by_name.get(f"{EMBEDDING}/Gather")
+    if head is None or lookup is None or head.input[1] != lookup.input[0]:
+        return False
+    initializers = {t.name: t for t in graph.initializer}
+    table_proto = initializers.get(head.input[1])
+    if table_proto is None:
+        return False
+    table = numpy_helper.to_array(table_proto).astype(np.float32)  # [vocab, hidden]
+    vocab, hidden = table.shape
+    if hidden % settings.block_size:
+        return False  # padded blocks: the lookup's view would not line up; keep fp32
+    config = DefaultWeightOnlyQuantConfig(
+        block_size=settings.block_size,
+        is_symmetric=True,
+        accuracy_level=settings.accuracy_level,
+        bits=bits,
+    )
+    packed, scales, _ = DefaultWeightOnlyQuantizer(config).qbits_block_quant(
+        np.ascontiguousarray(table.T)
+    )  # packed [vocab, blocks, blob] uint8, scales [vocab, blocks]
+    blocks = scales.shape[1]
+    name = table_proto.name
+    data = numpy_helper.from_array(packed, name=f"{name}_Q{bits}")
+    flat_scales = numpy_helper.from_array(
+        np.ascontiguousarray(scales.reshape(-1)), name=f"{name}_scales"
+    )
+    row_shape = numpy_helper.from_array(np.array([vocab, -1], dtype=np.int64), f"{name}_rows")
+    scale_shape = numpy_helper.from_array(
+        np.array([vocab, blocks], dtype=np.int64), f"{name}_scale_rows"
+    )
+    graph.initializer.remove(table_proto)
+    graph.initializer.extend([data, flat_scales, row_shape, scale_shape])
+    new_head = helper.make_node(
+        "MatMulNBits",
+        [head.input[0], data.name, flat_scales.name],
+        list(head.output),
+        name=f"{LM_HEAD}/MatMulNBits",
+        domain=MS_DOMAIN,
+        K=hidden,
+        N=vocab,
+        bits=bits,
+        block_size=settings.block_size,
+        accuracy_level=settings.accuracy_level,
+    )
+    views = [
+        helper.make_node(
+            "Reshape", [data.name, row_shape.name], [f"{name}_Q{bits}_rows"], f"{EMBEDDING}/rows"
+        ),
+        helper.make_node(
+            "Reshape",
+            [flat_scales.name, scale_shape.name],
+            [f"{name}_scales_rows"],
+            f"{EMBEDDING}/scale_rows",
+        ),
+    ]
+    new_lookup = helper.make_node(
+        "GatherBlockQuantized",
+        [views[0].output[0], lookup.input[1], views[1].output[0]],
+        list(lookup.output),
+        name=f"{EMBEDDING}/GatherBlockQuantized",
+        domain=MS_DOMAIN,
+        bits=bits,
+        block_size=settings.block_size,
+        gather_axis=0,
+        quantize_axis=1,
+    )
+    nodes = list(graph.node)
+    at_head, at_lookup = nodes.index(head), nodes.index(lookup)
+    nodes[at_head] = new_head
+    nodes[at_lookup : at_lookup + 1] = [*views, new_lookup]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return True

@@ -171,7 +171,7 @@ def test_the_bundle_carries_a_model_card(exported: ExportReport, adapter_dir: Pa
     assert gate["figures"]["max-abs-logits-diff-vs-fp64"] == exported.parity.max_abs_logits_diff
     assert fp32["decode_tokens_per_s"] > 0
     md = (bundle / CARD_MD).read_text()
-    assert digest in md and "| fp32 | `onnx` |" in md and "parity: pass" in md
+    assert digest in md and "| fp32 | fused | `onnx` |" in md and "parity: pass" in md
 
 
 def test_edge_model_kv_cache_matches_full_recompute_and_stops_at_eos(

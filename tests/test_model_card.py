@@ -58,7 +58,9 @@ def test_the_card_hashes_weights_and_credits_the_default_base(tmp_path):
     base.mkdir()
     (base / "model.safetensors").write_bytes(b"base weights")
     (base / "config.json").write_text("{}")
-    variant = Variant("fp32", "onnx", 514.2, {"parity": {"passed": True, "figures": {"x": 1e-5}}})
+    variant = Variant(
+        "fp32", "onnx", 514.2, {"parity": {"passed": True, "figures": {"x": 1e-5}}}, graph="fused"
+    )
     card = build_card(base, adapter, [variant], default_base=True, eval_data=DRUG_REVIEWS)
     assert card["base-model"]["sha256"] == {
         "model.safetensors": hashlib.sha256(b"base weights").hexdigest()
@@ -69,7 +71,8 @@ def test_the_card_hashes_weights_and_credits_the_default_base(tmp_path):
     )
     assert card["adapter"]["r"] == 8
     md = card_markdown(card)
-    assert "| fp32 | `onnx` | 514.2 |" in md and "parity: pass (x 1e-05)" in md
+    assert card["variants"][0]["graph"] == "fused"
+    assert "| fp32 | fused | `onnx` | 514.2 |" in md and "parity: pass (x 1e-05)" in md
     assert "CC BY 4.0" in md and "secure-aggregation: True" in md
     other = build_card(base, adapter, [variant], default_base=False)
     assert "check the base model's own licence" in other["base-model"]["licence"]

@@ -246,6 +246,13 @@ def export(
             help="a gate threshold, VARIANT.NAME=VALUE, e.g. int4.max-accuracy-drop=3 (repeat)"
         ),
     ] = None,
+    graph: Annotated[
+        str,
+        typer.Option(
+            help="ONNX graph: fused (one attention op per layer; Llama, Mistral, Qwen2), "
+            "traced (optimum's trace of transformers), or auto (fused where it applies)"
+        ),
+    ] = "auto",
 ) -> None:
     """Merge an adapter into the base, export to ONNX with parity and task gates, answer once."""
     from fedlora.basemodel import resolve_base_model
@@ -284,6 +291,7 @@ def export(
         eval_examples=examples,
         labels=labels,
         thresholds=thresholds,
+        graph=graph,
     )
     report.export(exp, first.turns[-2].content, first.turns[-1].content)
 
