@@ -50,6 +50,11 @@ class ParityReport:
     torch_fp32_vs_fp64: float = float("nan")  # PyTorch's own fp32 rounding: the noise floor
     noise_factor: float = NOISE_FACTOR  # ONNX Runtime may be this many noise floors from fp64
     decode_seconds: float = float("nan")  # ONNX Runtime's greedy decode of onnx_tokens (KV cache)
+    # Logits of ONNX Runtime's cached decode (one token at a time on its KV cache, eos ignored)
+    # against the fp64 model's full forward pass over the same tokens: a short greedy answer
+    # (a label and eos) leaves a broken cache almost unexercised, this does not.
+    cache_logits_diff: float = float("nan")
+    cache_steps: int = 0
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -62,8 +67,14 @@ class ParityReport:
         return max(self.atol, self.noise_factor * floor) if floor == floor else self.atol
 
     @property
+    def cache_ok(self) -> bool:
+        """The cached decode is within the tolerance (or was not measured)."""
+        diff = self.cache_logits_diff
+        return diff != diff or diff <= self.tolerance
+
+    @property
     def ok(self) -> bool:
-        return self.max_abs_logits_diff <= self.tolerance and self.same_tokens
+        return self.max_abs_logits_diff <= self.tolerance and self.same_tokens and self.cache_ok
 
     def summary(self) -> str:
         first = _first_difference(self.torch_tokens, self.onnx_tokens)
@@ -73,11 +84,17 @@ class ParityReport:
             else f"greedy tokens differ from position {first} "
             f"(torch {self.torch_tokens} vs onnx {self.onnx_tokens})"
         )
+        cache = (
+            f"; cached decode of {self.cache_steps} tokens {self.cache_logits_diff:.3e} "
+            f"vs PyTorch fp64{'' if self.cache_ok else ' (over the tolerance: KV cache)'}"
+            if self.cache_steps
+            else ""
+        )
         return (
             f"max abs logits diff {self.max_abs_logits_diff:.3e} vs PyTorch fp64 "
             f"(tolerance {self.tolerance:.2e} = max(atol {self.atol:.1e}, "
             f"{self.noise_factor:g} x the fp32 noise floor)) over {self.prompt_tokens} prompt "
-            f"tokens; {tokens} "
+            f"tokens{cache}; {tokens} "
             f"[vs PyTorch fp32: {self.vs_torch_fp32:.2e}; PyTorch fp32 vs fp64: "
             f"{self.torch_fp32_vs_fp64:.2e}]"
         )
@@ -97,6 +114,7 @@ class _TorchSide:
     prompt_ids: list[int]
     logits: Any = field(repr=False)  # fp32 model
     logits64: Any = field(repr=False)  # the same weights evaluated in float64
+    model64: Any = field(repr=False, default=None)  # that float64 model, for the cache check
     tokens: list[int] = field(default_factory=list)
 
 
@@ -148,8 +166,33 @@ def _run_torch(
         prompt_ids=list(prompt_ids),
         logits=logits.float().numpy(),
         logits64=logits64.numpy(),
+        model64=model,
         tokens=tokens,
     )
+
+
+def _cache_check(
+    edge: Any, torch_side: _TorchSide, prompt_ids: list[int], steps: int
+) -> tuple[float, int]:
+    """Max abs difference between the logits of ONNX Runtime's cached greedy decode (``steps``
+    tokens, eos ignored) and the fp64 model's full forward pass over prompt + those tokens."""
+    import numpy as np
+    import torch
+
+    if steps < 2:
+        return float("nan"), 0
+    logits, past = edge._run(np.asarray([prompt_ids], dtype=np.int64), edge._empty_past(1), 0)
+    cached, tokens, length = [logits[0, -1]], [], len(prompt_ids)
+    for _ in range(steps - 1):
+        tokens.append(int(np.argmax(cached[-1])))
+        logits, past = edge._run(np.asarray([[tokens[-1]]], dtype=np.int64), past, length)
+        length += 1
+        cached.append(logits[0, -1])
+    ids = torch.tensor([prompt_ids + tokens], dtype=torch.long)
+    with torch.inference_mode():
+        full = torch_side.model64(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    expected = full[0, len(prompt_ids) - 1 :].numpy()
+    return float(np.max(np.abs(np.stack(cached).astype(np.float64) - expected))), steps
 
 
 def check_parity(
@@ -202,7 +245,10 @@ def check_parity(
     start = time.perf_counter()
     onnx_tokens = edge.generate_ids(edge_ids, max_new_tokens)
     decode_seconds = time.perf_counter() - start
+    cache_diff, steps = _cache_check(edge, torch_side, edge_ids, max_new_tokens)
     report = ParityReport(
+        cache_logits_diff=cache_diff,
+        cache_steps=steps,
         max_abs_logits_diff=float(np.max(np.abs(onnx64 - torch_side.logits64))),
         atol=atol,
         torch_tokens=torch_side.tokens,

@@ -124,6 +124,7 @@ def export_adapter(
                         "tolerance": parity.tolerance,
                         "torch-fp32-vs-fp64": parity.torch_fp32_vs_fp64,
                         "same-greedy-tokens": parity.same_tokens,
+                        "cached-decode-diff-vs-fp64": parity.cache_logits_diff,
                     },
                 }
             },

@@ -132,6 +132,8 @@ def test_export_adapter_ships_the_fused_graph_and_passes_parity(
     assert report.parity.ok and report.parity.max_abs_logits_diff < 1e-4
     card = json.loads((tmp_path / "bundle" / CARD_JSON).read_text())
     assert card["variants"][0]["graph"] == "fused"
+    figures = card["variants"][0]["gates"]["parity"]["figures"]
+    assert figures["cached-decode-diff-vs-fp64"] == report.parity.cache_logits_diff < 1e-4
 
 
 def test_a_fused_graph_without_its_rotary_embedding_fails_the_parity_gate(
@@ -231,3 +233,36 @@ def test_traced_export_still_passes_parity(merged_dir: Path, traced_dir: Path) -
 
     # Assert
     assert report.ok and report.max_abs_logits_diff < 1e-4
+
+
+def test_a_cut_kv_cache_fails_the_parity_gate_by_its_cached_logits(
+    merged_dir: Path, fused_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: every decode step loses the oldest cached position. On the default model's
+    # label answers ("negative" + eos) the greedy tokens alone missed this; the cached-decode
+    # logits, compared with the fp64 model over the same tokens, do not.
+    from fedlora.export.parity import ParityError, check_parity
+    from fedlora.export.runtime import EdgeModel
+
+    real_run = EdgeModel._run
+
+    def cut(self, ids, past, past_len):  # type: ignore[no-untyped-def]
+        if past_len > 1:
+            past = {name: value[:, :, 1:, :] for name, value in past.items()}
+            past_len = next(iter(past.values())).shape[2]
+        return real_run(self, ids, past, past_len)
+
+    sound = check_parity(merged_dir, fused_dir, messages(REVIEW))
+    monkeypatch.setattr(EdgeModel, "_run", cut)
+
+    # Execute
+    with pytest.raises(ParityError) as exc:
+        check_parity(merged_dir, fused_dir, messages(REVIEW))
+
+    # Assert
+    report = exc.value.report
+    assert sound.cache_steps == 16 and sound.cache_logits_diff < 1e-4 and sound.cache_ok
+    assert report is not None and report.cache_steps == 16 and not report.cache_ok
+    assert report.cache_logits_diff > 100 * sound.cache_logits_diff
+    assert report.max_abs_logits_diff < 1e-4  # the prompt's own logits are still right
+    assert "over the tolerance: KV cache" in str(exc.value)
