@@ -13,10 +13,12 @@ float64 result and ONNX Runtime about the same, so fp32-vs-fp32 lands around 1e-
 that say nothing about the export. Both other figures are reported alongside.
 
 The gate is tied to that noise floor, measured in the same run: ONNX Runtime passes when it is at
-most ``noise_factor`` (2) times as far from the float64 result as PyTorch's own fp32 is, or within
+most ``noise_factor`` (3) times as far from the float64 result as PyTorch's own fp32 is, or within
 ``atol`` (1e-4), whichever is larger, and decodes the same greedy tokens. A fixed tolerance alone
 refused sound exports of adapters whose logits run larger (1.7e-4 from fp64, identical tokens),
 while a broken export (wrong weights, a lost adapter, a bad graph) is off by orders of magnitude.
+The factor is 3, not 2: the fused graph (one GroupQueryAttention kernel per layer, its own
+summation order) measured 1.0 to 2.2 noise floors from fp64 on the default model's adapters.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from fedlora.errors import FedloraError
 log = logging.getLogger(__name__)
 
 ATOL = 1e-4
-NOISE_FACTOR = 2.0
+NOISE_FACTOR = 3.0
 
 
 @dataclass

@@ -219,7 +219,7 @@ def export(
             help="parity: ONNX Runtime may be this many times as far from PyTorch fp64 as "
             "PyTorch's own fp32 is (the noise floor measured in the same run)"
         ),
-    ] = 2.0,
+    ] = 3.0,
     quantize: Annotated[
         str,
         typer.Option(help="weight-only quantized variants to build and gate: int8, int4, or none"),
