@@ -189,12 +189,13 @@ def main(argv: list[str] | None = None) -> int:
     for form in ("fused", "traced"):
         if form not in graphs and form in args.graphs:
             graphs[form] = export_onnx(bundle / "merged", work / f"{form}-fp32", graph=form)
-    shipped = graphs.get("fused") or graphs["traced"]  # the graph fedlora ships where it can
+    shipped_form = "fused" if "fused" in graphs else "traced"  # what fedlora ships where it can
+    shipped = graphs[shipped_form]
     folders = {}
     for name in VARIANTS:
         folder = bundle / f"onnx-{name}"
         if shipped != bundle / "onnx" or not (folder / "model.onnx").is_file():
-            folder = quantize_variant(shipped, work / f"{_graph_form(shipped)}-{name}", name)
+            folder = quantize_variant(shipped, work / f"{shipped_form}-{name}", name)
         folders[name] = str(folder)
     load = os.getloadavg()[0]
     print(
@@ -208,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     jobs = [("PyTorch eager fp32", "eager", str(bundle / "merged"))]
     jobs += [(f"ONNX {form} fp32", "onnx", str(folder)) for form, folder in sorted(graphs.items(),
              key=lambda kv: kv[0] != "traced")]  # fmt: skip
-    jobs += [(f"ONNX {_graph_form(shipped)} {n}", "onnx", f) for n, f in folders.items()]
+    jobs += [(f"ONNX {shipped_form} {n}", "onnx", f) for n, f in folders.items()]
     for label, kind, path in jobs:
         res = _run(kind, path, args.prompts, args.new_tokens, threads)
         size = _size_mib(Path(path)) if kind == "eager" else onnx_size_mib(Path(path))
@@ -233,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         ref = gates["fp32"]
         print(
             f"\nTask gates on the first {ref['n']} held-out reviews, against ONNX "
-            f"{_graph_form(shipped)} fp32 "
+            f"{shipped_form} fp32 "
             f"({ref['metric']} {100 * ref['accuracy']:.1f}%, answer perplexity "
             f"{ref['answer_perplexity']:.4f}):\n"
         )

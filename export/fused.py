@@ -57,33 +57,24 @@ class DecoderShape:
     heads: int
     kv_heads: int
     head_dim: int
-    intermediate: int
     vocab: int
     eps: float
     tied: bool
-    attention_bias: bool
-    mlp_bias: bool
     max_positions: int
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> DecoderShape:
         heads = int(config["num_attention_heads"])
         hidden = int(config["hidden_size"])
-        architecture = (config.get("architectures") or [""])[0]
         return cls(
             layers=int(config["num_hidden_layers"]),
             hidden=hidden,
             heads=heads,
             kv_heads=int(config.get("num_key_value_heads") or heads),
             head_dim=int(config.get("head_dim") or hidden // heads),
-            intermediate=int(config["intermediate_size"]),
             vocab=int(config["vocab_size"]),
             eps=float(config.get("rms_norm_eps", 1e-6)),
             tied=bool(config.get("tie_word_embeddings", False)),
-            # Qwen2 always has q/k/v biases; Llama says so in attention_bias.
-            attention_bias=architecture == "Qwen2ForCausalLM"
-            or bool(config.get("attention_bias", False)),
-            mlp_bias=bool(config.get("mlp_bias", False)),
             max_positions=int(config.get("max_position_embeddings") or 4096),
         )
 
@@ -108,7 +99,7 @@ def unsupported_reason(config: dict[str, Any]) -> str | None:
         return f"rope type {rope_type!r} changes with the sequence length"
     if config.get("pretraining_tp", 1) not in (None, 1):
         return f"pretraining_tp={config['pretraining_tp']}"
-    for key in ("num_attention_heads", "hidden_size", "num_hidden_layers", "intermediate_size"):
+    for key in ("num_attention_heads", "hidden_size", "num_hidden_layers", "vocab_size"):
         if not isinstance(config.get(key), int):
             return f"config.json has no integer {key}"
     return None
@@ -216,9 +207,9 @@ def build_fused_model(model_dir: Path) -> Any:
     shape = DecoderShape.from_config(config)
     weights = _Weights(model_dir)
     g = _Graph()
-    kv_names = []
-    for i in range(shape.layers):
-        kv_names.append((f"past_key_values.{i}.key", f"past_key_values.{i}.value"))
+    kv_names = [
+        (f"past_key_values.{i}.key", f"past_key_values.{i}.value") for i in range(shape.layers)
+    ]
 
     # Sequence lengths from the mask: GroupQueryAttention takes them as int32.
     one = g.const("one_i64", np.array(1, dtype=np.int64))
@@ -276,11 +267,9 @@ def build_fused_model(model_dir: Path) -> Any:
         qkv_w = np.concatenate(
             [weights.get(f"{p}.self_attn.{n}_proj.weight") for n in ("q", "k", "v")], axis=0
         )
-        qkv_b = None
-        if shape.attention_bias:
-            parts = [bias(f"{p}.self_attn.{n}_proj.bias") for n in ("q", "k", "v")]
-            if all(b is not None for b in parts):
-                qkv_b = np.concatenate(parts)
+        # Biases are whatever the checkpoint holds (Qwen2: q, k and v; Llama: attention_bias).
+        parts = [bias(f"{p}.self_attn.{n}_proj.bias") for n in ("q", "k", "v")]
+        qkv_b = np.concatenate(parts) if all(b is not None for b in parts) else None
         qkv = g.linear(x, qkv_w, qkv_b, f"layers.{i}.attn.qkv_proj")
         past_k, past_v = kv_names[i]
         attn, present_k, present_v = g.node(

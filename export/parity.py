@@ -183,18 +183,12 @@ def _cache_check(
 
     if steps < 2:
         return float("nan"), 0
-    logits, past = edge._run(np.asarray([prompt_ids], dtype=np.int64), edge._empty_past(1), 0)
-    cached, tokens, length = [logits[0, -1]], [], len(prompt_ids)
-    for _ in range(steps - 1):
-        tokens.append(int(np.argmax(cached[-1])))
-        logits, past = edge._run(np.asarray([[tokens[-1]]], dtype=np.int64), past, length)
-        length += 1
-        cached.append(logits[0, -1])
+    tokens, cached = edge.decode_logits(prompt_ids, steps)
     ids = torch.tensor([prompt_ids + tokens], dtype=torch.long)
     with torch.inference_mode():
         full = torch_side.model64(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
     expected = full[0, len(prompt_ids) - 1 :].numpy()
-    return float(np.max(np.abs(np.stack(cached).astype(np.float64) - expected))), steps
+    return float(np.max(np.abs(cached.astype(np.float64) - expected))), steps
 
 
 def check_parity(

@@ -325,6 +325,18 @@ class EdgeModel:
             ids = np.asarray([[token]], dtype=np.int64)
         return new
 
+    def decode_logits(self, prompt_ids: list[int], steps: int) -> tuple[list[int], np.ndarray]:
+        """Greedy decoding of ``steps`` tokens on the KV cache, eos ignored: the tokens chosen
+        (all but the last step's) and each step's last-position logits ``[steps, vocab]``."""
+        logits, past = self._run(np.asarray([prompt_ids], dtype=np.int64), self._empty_past(1), 0)
+        rows, tokens, length = [logits[0, -1]], [], len(prompt_ids)
+        for _ in range(steps - 1):
+            tokens.append(int(np.argmax(rows[-1])))
+            logits, past = self._run(np.asarray([[tokens[-1]]], dtype=np.int64), past, length)
+            length += 1
+            rows.append(logits[0, -1])
+        return tokens, np.stack(rows)
+
     def continuation_logprobs(
         self, context_ids: list[int], continuations: list[list[int]]
     ) -> list[list[float]]:

@@ -15,6 +15,7 @@ import typer
 from fedlora.console import configure as configure_console
 from fedlora.console import verbose_requested
 from fedlora.errors import ConfigError, FedloraError
+from fedlora.export.parity import ATOL, NOISE_FACTOR
 
 cli = typer.Typer(
     add_completion=False,
@@ -212,14 +213,14 @@ def export(
     base_model: BaseOpt = "default",
     atol: Annotated[
         float, typer.Option(help="parity: logits tolerance floor against PyTorch fp64")
-    ] = 1e-4,
+    ] = ATOL,
     noise_factor: Annotated[
         float,
         typer.Option(
             help="parity: ONNX Runtime may be this many times as far from PyTorch fp64 as "
             "PyTorch's own fp32 is (the noise floor measured in the same run)"
         ),
-    ] = 3.0,
+    ] = NOISE_FACTOR,
     quantize: Annotated[
         str,
         typer.Option(help="weight-only quantized variants to build and gate: int8, int4, or none"),
