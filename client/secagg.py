@@ -16,6 +16,7 @@ needs for reconstruction ever leave the node: never the update itself nor its no
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Callable, Mapping
@@ -283,13 +284,20 @@ def _setup(
     return RecordDict({Key.CONFIG: ConfigRecord({Key.C_PK: c_pk, Key.S_PK: s_pk})})
 
 
+@functools.cache
+def _warn_unsigned() -> None:
+    """Once per process: a simulation runs its nodes' rounds in a few warm processes, and the
+    same warning per node and round buried the demo's output."""
+    log.warning(
+        "secagg: this node's round keys are unsigned and its neighbours' keys unchecked "
+        "(secagg-allow-unauthenticated): a dishonest server could impersonate other nodes"
+    )
+
+
 def _sign(out: RecordDict, me: int, session: str, policy: SecAggPolicy) -> None:
     """Sign the round keys of a setup reply with the node's long-term key (if it has one)."""
     if policy.identity is None:
-        log.warning(
-            "secagg: this node's round keys are unsigned and its neighbours' keys unchecked "
-            "(secagg-allow-unauthenticated): a dishonest server could impersonate other nodes"
-        )
+        _warn_unsigned()
         return
     cfg = out.config_records[Key.CONFIG]
     statement = key_statement(session, me, cast(bytes, cfg[Key.C_PK]), cast(bytes, cfg[Key.S_PK]))

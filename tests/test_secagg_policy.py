@@ -136,3 +136,15 @@ def test_the_neighbourhood_check_counts_holders_per_secret():
     ]
     assert short_neighbourhoods(asked, [1, 2, 3], [9], 1) == []
     assert "node 7's mask key" in short_neighbourhoods(asked, [1, 2], [7], 1)[0]
+
+
+def test_unsigned_round_keys_are_warned_about_once_per_process(task_identity, caplog):
+    from fedlora.client import secagg
+
+    secagg._warn_unsigned.cache_clear()
+    grid = LocalGrid((11, 22, 33))  # no roster: round keys travel unsigned
+    with caplog.at_level("WARNING", logger=secagg.log.name):
+        for _ in range(2):
+            secure_weighted_sum(grid, (11, 22, 33), RecordDict(), PAIR, SPEC)
+    warnings = [r for r in caplog.records if "round keys are unsigned" in r.getMessage()]
+    assert len(warnings) == 1, [r.getMessage() for r in caplog.records]
