@@ -14,9 +14,9 @@ Against full-model FedAvg, which sends the whole fp32 model down and up every ro
    shares are not in this table; the measured rows below include them.
 2. **Measured**: ``fedlora compare`` on the drug reviews (five sites, the recipe of
    ``benchmarks/comm.toml``, secure aggregation on), one short federated run per method at
-   equal total client steps, scored on the demo's fixed 150 test reviews. Bytes are what the
-   rounds' records counted (every SecAgg+ stage message, both ways), per node and round,
-   averaged over the run (the first round's downlink is exact float32).
+   equal total client steps, scored on the test reviews (all 379 in ``comm.toml``). Bytes are
+   what the rounds' records counted (every SecAgg+ stage message, both ways), per node and
+   round, averaged over the run (the first round's downlink is exact float32).
 
 The last line is ``full model / fedlora bytes per node per round (up + down, secure) = X`` for the
 measured method with the most reduction whose accuracy is within 1 point of FedIT's.
@@ -138,10 +138,12 @@ def measured(cc: Any, full: int) -> list[dict[str, Any]]:
     return rows
 
 
-def print_measured(rows: list[dict[str, Any]], reference: float, cfg_path: Path) -> None:
+def print_measured(
+    rows: list[dict[str, Any]], reference: float, cfg_path: Path, scored: int
+) -> None:
     print(
         f"(2) Measured: fedlora compare --config {cfg_path.relative_to(ROOT)} (bytes averaged "
-        f"over the rounds; accuracy on 150 held-out reviews)\n"
+        f"over the rounds; accuracy on {scored} held-out reviews)\n"
     )
     print("| method | secure | accuracy | vs FedIT | up | down | full model / (up + down) | s |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
@@ -188,7 +190,8 @@ def main() -> None:
             "(no secure fedit row to compare accuracy with)"
         )
         sys.exit(1)
-    print_measured(rows, fedit["accuracy"], args.config.resolve())
+    scored = int(cc.run.get("central-eval-samples", 150))
+    print_measured(rows, fedit["accuracy"], args.config.resolve(), scored)
     print(f"load average at the end: {os.getloadavg()[0]:.2f}")
     ok = [r for r in rows if r["secure"] and r["accuracy"] >= fedit["accuracy"] - ACCURACY_SLACK]
     best = max(ok, key=lambda r: r["ratio"])
