@@ -16,7 +16,8 @@ Against full-model FedAvg, which sends the whole fp32 model down and up every ro
    ``benchmarks/comm.toml``, secure aggregation on), one short federated run per method at
    equal total client steps, scored on the test reviews (all 379 in ``comm.toml``). Bytes are
    what the rounds' records counted (every SecAgg+ stage message, both ways), per node and
-   round, averaged over the run (the first round's downlink is exact float32).
+   round, averaged over the run (with a down codec, round 1 sends nothing: every node derives
+   the seeded initial adapter itself; without one, every round's downlink is exact float32).
 
 The last line is ``full model / fedlora bytes per node per round (up + down, secure) = X`` for the
 measured method with the most reduction whose accuracy is within 1 point of FedIT's.
@@ -36,7 +37,7 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-STRATEGY_ROWS = (("fedit", 8), ("ffa-lora", 8), ("fedsa-lora", 8), ("fed-sb", 24))
+STRATEGY_ROWS = (("fedit", 8), ("ffa-lora", 8), ("fedsa-lora", 8), ("fed-sb", 24), ("fed-sb", 40))
 ENCODINGS = (  # label, up (codec or secure wire bits), down codec (steady state)
     ("plain none", "none", "none"),
     ("plain fp16", "fp16", "fp16"),
@@ -44,6 +45,7 @@ ENCODINGS = (  # label, up (codec or secure wire bits), down codec (steady state
     ("secure 64-bit, down none", 64, "none"),
     ("secure 32-bit, down fp16", 32, "fp16"),
     ("secure 16-bit, down fp16", 16, "fp16"),
+    ("secure 16-bit, down int8-block", 16, "int8-block"),
 )
 ACCURACY_SLACK = 0.01  # 1 point
 

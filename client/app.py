@@ -133,7 +133,7 @@ def load_adapter(
         received = nbytes(global_adapter)
     else:
         sent_spec = restrict(node.spec, rc.send_factors)
-        held, received = _receive(record, rc, sent_spec, state, settings)
+        held, received = _receive(record, rc, node.spec, sent_spec, state, settings)
         global_adapter = {**derived_factors(node.spec, sent_spec, rc), **held}
     start = dict(global_adapter)
     personal_spec = restrict(node.spec, rc.personal_factors) if rc.personal_factors else {}
@@ -148,17 +148,26 @@ def load_adapter(
 def _receive(
     record: Any,
     rc: RoundConfig,
+    spec: AdapterSpec,
     sent_spec: AdapterSpec,
     state: RecordDict | None,
     settings: NodeSettings,
 ) -> tuple[dict[str, np.ndarray], int]:
-    """The global values of the sent factors from the downlink payload, and its bytes."""
+    """The global values of the sent factors from the downlink payload, and its bytes.
+
+    Version 0 of a new run is the seeded initial adapter: a node that does not hold it derives
+    it from the run's seed (fedlora.server.downlink), and the digest check below catches a
+    server whose version 0 was something else.
+    """
     if rc.down_base == EXACT:
         wire = read_arrays(record, wire_spec("none", sent_spec))
         validate(wire, sent_spec)
         held = dict(wire)
     else:
         version, before = _restore_held(settings, state)
+        if rc.down_base == 0 and (before is None or version != 0):
+            seeded = seeded_adapter(spec, rc.seed)
+            version, before = 0, {n: seeded[n] for n in sent_spec}
         if before is None or version != rc.down_base:
             raise RoundRefused(
                 f"downlink: the server sent the change since version {rc.down_base}, but this "
@@ -184,7 +193,17 @@ def _receive(
     return held, nbytes(wire)
 
 
+_SEEDED: dict[tuple[Any, ...], dict[str, np.ndarray]] = {}
 _DERIVED: dict[tuple[Any, ...], tuple[dict[str, np.ndarray], str]] = {}  # factors, digest
+
+
+def seeded_adapter(spec: AdapterSpec, seed: int) -> dict[str, np.ndarray]:
+    """The run's seeded initial adapter (fedlora.lora.initial_adapter), computed once."""
+    key = (tuple((n, spec[n].shape) for n in sorted(spec)), seed)
+    if key not in _SEEDED:
+        _SEEDED.clear()  # one run at a time per process: keep one
+        _SEEDED[key] = initial_adapter({n: s.shape for n, s in spec.items()}, seed)
+    return _SEEDED[key]
 
 
 def derived_factors(
@@ -197,7 +216,7 @@ def derived_factors(
     key = (tuple((n, spec[n].shape) for n in sorted(spec)), rc.seed, names)
     if key not in _DERIVED:
         _DERIVED.clear()  # one run at a time per process: keep one set
-        init = initial_adapter({n: s.shape for n, s in spec.items()}, rc.seed)
+        init = seeded_adapter(spec, rc.seed)
         derived = {n: init[n] for n in names}
         _DERIVED[key] = derived, digest(derived)
     derived, derived_digest = _DERIVED[key]

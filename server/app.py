@@ -212,6 +212,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict[str, np.ndarray]:
         codec=wire_codec(cfg),
         codec_block=cfg.codec_block,
         down_codec=cfg.down_codec,
+        seeded=saved is None,  # a new run starts at the seeded initial adapter nodes derive
         dp=ledger,
         site_names=SITES,  # packaged drug-review sites report their index as site-id
     )

@@ -7,6 +7,12 @@ change is kept encoded, so a node one version behind gets it, a node up to date 
 delta, and any other node (new, restarted, skipped rounds, or one whose reply was dropped) gets
 the exact values: what the server keeps grows with the number of nodes by one integer each.
 
+A new run's version 0 is the seeded initial adapter (``seeded=True``), which every node derives
+itself from the run's seed: with a codec, a node the server has not heard from yet is taken to
+hold version 0, so round 1 sends nothing and round 2 only the change (a node that cannot derive
+it refuses on the digest, and gets the exact values next time). A resumed run's version 0 is
+the saved adapter, which nodes cannot derive: it is sent exact.
+
 With a lossy ``codec``, :meth:`Downlink.publish` makes the *decoded* new global the server's
 global, so every node that follows the chain holds bit for bit what the server holds.
 """
@@ -34,8 +40,10 @@ class Downlink:
         factors: str,
         codec: str = "none",
         block: int = 64,
+        seeded: bool = False,
     ) -> None:
         self.codec, self.block = codec, block
+        self.seeded = seeded  # version 0 is the run's seeded initial adapter
         self.sent = sorted(restrict(spec_of(global_adapter), factors))
         self.shapes = {k: tuple(global_adapter[k].shape) for k in self.sent}
         frozen = {k: v for k, v in global_adapter.items() if k not in self.sent}
@@ -70,7 +78,7 @@ class Downlink:
             "down_digest": self.held_digest,
             "frozen_digest": self.frozen_digest,
         }
-        holds = self.acknowledged.get(node)
+        holds = self.acknowledged.get(node, 0 if self.seeded else None)
         if self.codec != "none" and holds == self.version:
             return {}, fields | {"down_base": self.version}
         if self.codec != "none" and holds == self.version - 1 and self.last_change is not None:
@@ -83,4 +91,4 @@ class Downlink:
 
     def forget(self, node: int) -> None:
         """``node`` failed: send it the exact values next time."""
-        self.acknowledged.pop(node, None)
+        self.acknowledged[node] = -1  # holds nothing the server knows (not even version 0)

@@ -97,6 +97,7 @@ class LoraFedAvg(FedAvg):
         dp: PrivacyLedger | None = None,
         site_names: Sequence[str] = (),
         down_codec: str = "none",
+        seeded: bool = False,
         **fedavg: Any,
     ) -> None:
         super().__init__(**fedavg)
@@ -110,9 +111,10 @@ class LoraFedAvg(FedAvg):
         self.residuals: Arrays = {}  # FedEx-LoRA's dense corrections, summed over rounds
         self.reply_spec = restrict(spec, self.aggregator.factors()[1])
         # What each node receives: the factors it sends back, exact or as the change since the
-        # version it holds (fedlora.server.downlink); the other factors it derives from the seed.
+        # version it holds (fedlora.server.downlink); the other factors it derives from the seed,
+        # and so the sent ones too while they are at their seeded start (``seeded``).
         self.downlink = Downlink(
-            global_adapter, self.aggregator.factors()[1], down_codec, codec_block
+            global_adapter, self.aggregator.factors()[1], down_codec, codec_block, seeded
         )
         self._sent: dict[int, int] = {}  # node -> the global version its last message carried
         self._down_bytes: dict[int, int] = {}  # node -> payload bytes it was sent this round

@@ -69,12 +69,12 @@ def test_narrow_secure_fed_sb_round_gives_the_plain_global_adapter(tiny_model_di
     assert worst <= 4 * (record["secagg-tolerance"] * cfg.lora_r + 1e-6), worst
 
 
-def test_encoded_downlink_sends_the_change_after_the_first_round(tiny_model_dir, tmp_path):
+def test_encoded_downlink_sends_nothing_first_then_the_change(tiny_model_dir, tmp_path):
     cfg, run = _run(tiny_model_dir, tmp_path / "fp16", 3, **{"down-codec": "fp16"})
     shapes = adapter_shapes(tiny_model_dir, cfg.lora)
     r_values = sum(int(np.prod(s)) for n, s in shapes.items() if n.endswith(R_WEIGHT))
     down = [r["downlink-bytes"] for r in run.history]
-    assert down[0] == 3 * 4 * r_values  # nobody holds anything yet: exact float32
+    assert down[0] == 0  # round 1: every node derives the seeded start itself
     assert down[1] == down[2] == 3 * 2 * r_values  # then the change, in fp16
     assert all(r["replies"] == 3 and not r.get("skipped") for r in run.history)
     assert run.history[-1]["train-loss"] < run.history[0]["train-loss"]

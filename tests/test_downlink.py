@@ -84,6 +84,21 @@ def test_codec_none_always_sends_exact_values():
     assert fields["down_base"] == EXACT and all(np.array_equal(arrays[k], new[k]) for k in new)
 
 
+def test_a_seeded_run_sends_nothing_first_then_the_change_then_exact_values():
+    down = Downlink(_global(), "AB", codec="fp16", seeded=True)
+    arrays, fields = down.payload(7)  # version 0 is the seeded start: every node derives it
+    assert arrays == {} and fields["down_base"] == fields["down_version"] == 0
+    down.publish(_moved(_global(), 1))
+    arrays, fields = down.payload(8)  # never heard of: still holds (or derives) version 0
+    assert fields["down_base"] == 0 and fields["down_version"] == 1
+    assert nbytes(arrays) == nbytes(down.held) // 2
+    down.forget(8)  # its reply was dropped: it may hold anything, even at version 1
+    assert down.payload(8)[1]["down_base"] == EXACT
+    down.publish(_moved(down.held, 2))
+    assert down.payload(9)[1]["down_base"] == EXACT  # two versions past the seeded start
+    assert Downlink(_global(), "AB", seeded=True).payload(1)[1]["down_base"] == EXACT  # no codec
+
+
 def test_only_the_sent_factors_travel_and_the_frozen_ones_have_a_digest():
     glob = _global()
     down = Downlink(glob, "B")
@@ -146,11 +161,38 @@ def test_a_node_follows_the_chain_and_holds_the_servers_global(node_setup):
 def test_a_node_without_the_base_version_refuses_in_one_line(node_setup):
     settings, node, glob = node_setup
     down = Downlink(glob, "AB", codec="fp16")
-    down.acknowledge(4, 0)  # the server believes it; the node's state was lost
     down.publish(_moved(glob, 1))
+    down.acknowledge(4, 1)  # the server believes it; the node's state was lost
+    down.publish(_moved(down.held, 2))
     arrays, fields = down.payload(4)
+    assert fields["down_base"] == 1
     content = _content(arrays, fields)
     with pytest.raises(RoundRefused, match="holds none; the server sends the exact adapter"):
+        load_adapter(
+            node, content, RoundConfig.from_record(content[CONFIG]), RecordDict(), settings
+        )
+
+
+def test_a_new_node_of_a_seeded_run_derives_version_0_and_follows_the_chain(node_setup):
+    settings, node, glob = node_setup
+    down = Downlink(glob, "AB", codec="int8-block", block=64, seeded=True)
+    rc = lambda f: RoundConfig.from_record(_content({}, f)[CONFIG])  # noqa: E731
+    arrays, fields = down.payload(5)
+    state = RecordDict()
+    got, received = load_adapter(node, _content(arrays, fields), rc(fields), state, settings)
+    assert received == 0 and digest(got) == digest(glob)
+    down.publish(_moved(glob, 1))  # a node joining in round 2 gets only the change
+    arrays, fields = down.payload(6)
+    got, received = load_adapter(node, _content(arrays, fields), rc(fields), RecordDict(), settings)
+    assert digest(got) == down.held_digest and 0 < received < nbytes(glob) / 3
+
+
+def test_a_version_0_that_is_not_the_seeded_start_is_refused_on_the_digest(node_setup):
+    settings, node, glob = node_setup
+    other = _moved(glob, 3)  # e.g. a resumed run's adapter, announced as if seeded
+    arrays, fields = Downlink(other, "AB", codec="fp16", seeded=True).payload(1)
+    content = _content(arrays, fields)
+    with pytest.raises(RoundRefused, match="does not match the server's digest"):
         load_adapter(
             node, content, RoundConfig.from_record(content[CONFIG]), RecordDict(), settings
         )
