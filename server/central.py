@@ -4,7 +4,9 @@ Optional (``central-eval``): the packaged drug-review test split (``drugreview``
 or folder of chat examples. The base model is loaded once (bf16 where native, else fp32) with
 the LoRA layers; each evaluation only swaps the adapter weights (and, for FedEx-LoRA, adds the
 residuals to the base weights they belong to). Reports loss and perplexity on the answers, and
-label accuracy when the task has labels.
+label accuracy when the task has labels. When every answer is one of the labels (the drug
+reviews), one pass gives both: the loss is the gold label's, from the label scores
+(fedlora.evaluate.label_eval), with the context cut to fit the longest label.
 """
 
 from __future__ import annotations
@@ -72,7 +74,7 @@ def make_central_eval(
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from fedlora.encoding import encode_examples
-        from fedlora.evaluate import eval_loss, label_accuracy
+        from fedlora.evaluate import eval_loss, label_eval
         from fedlora.precision import compute_dtype
 
         start = time.perf_counter()
@@ -93,14 +95,17 @@ def make_central_eval(
             {k: torch.from_numpy(np.array(v)) for k, v in fold_sb(adapter).items()},
         )
         _apply_residuals(model, residuals(), state["originals"])  # type: ignore[arg-type]
-        result = {}
-        loss = eval_loss(model, state["rows"], tokenizer.pad_token_id)  # type: ignore
-        result.update({"eval-loss": loss.loss, "eval-perplexity": loss.perplexity})
+        result: dict[str, float] = {}
+        loss = None
         if labels:
             labelled = [ex for ex in examples if ex.turns[-1].content.strip() in labels]
-            result["eval-accuracy"] = label_accuracy(
-                model, tokenizer, labelled, labels, max_length
-            ).accuracy
+            accuracy, loss = label_eval(model, tokenizer, labelled, labels, max_length)
+            if len(labelled) < len(examples):
+                loss = None  # the loss covers every example
+            result["eval-accuracy"] = accuracy.accuracy
+        if loss is None:
+            loss = eval_loss(model, state["rows"], tokenizer.pad_token_id)  # type: ignore
+        result.update({"eval-loss": loss.loss, "eval-perplexity": loss.perplexity})
         log.info(
             "Central eval after round %d on %d examples in %.1f s",
             server_round,

@@ -12,7 +12,12 @@ import torch
 
 from fedlora.data.records import Example, Turn
 from fedlora.encoding import encode_example, pack, prompt_and_answers
-from fedlora.evaluate import eval_loss, label_scores
+from fedlora.evaluate import (
+    eval_loss,
+    label_eval,
+    label_scores,
+    length_batches,
+)
 from fedlora.prompting import IGNORE, answer_logits, collate, review_example
 
 REVIEWS = [
@@ -159,3 +164,58 @@ def test_eval_loss_is_the_mean_over_scored_tokens(model_and_tokenizer):
     assert result.tokens == tokens
     assert abs(result.loss - total / tokens) < 1e-4
     assert abs(result.perplexity - torch.tensor(result.loss).exp().item()) < 1e-3
+
+
+def test_length_batches_cover_every_row_once_longest_first():
+    lengths = [3, 9, 1, 9, 5, 7, 2]
+    batches = length_batches(lengths, 3)
+    assert [len(b) for b in batches] == [3, 3, 1]
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    flat = [lengths[i] for b in batches for i in b]
+    assert flat == sorted(lengths, reverse=True)
+    assert batches[0][:2] == [1, 3]  # ties keep their input order
+    assert length_batches([], 4) == []
+    with pytest.raises(ValueError, match="per_batch"):
+        length_batches(lengths, 0)
+
+
+def test_label_eval_comes_back_in_input_order_with_the_answer_loss(model_and_tokenizer):
+    # Batches are formed by prompt length, but each prediction must be its own example's
+    # (compared with scoring every example alone), and the loss taken from the same passes must
+    # equal eval_loss on the same examples encoded for training.
+    model, tok = model_and_tokenizer
+    labels = ["negative", "neutral", "positive"]
+    reviews = [r * k for k in (1, 4, 2) for r in REVIEWS]  # lengths out of order
+    examples = [review_example(r, labels[i % 3]) for i, r in enumerate(reviews)]
+    result, loss = label_eval(model, tok, examples, labels, 512, per_batch=4)
+    alone = []
+    with torch.no_grad():
+        for ex in examples:
+            prompt, answers = prompt_and_answers(tok, ex, labels, 512)
+            alone.append(label_scores(model, [prompt], answers, tok.pad_token_id)[0])
+    margins = [sorted(a.tolist())[-1] - sorted(a.tolist())[-2] for a in alone]
+    assert min(margins) > 1e-3  # no near-tie that batching noise could flip
+    assert result.predictions == [labels[int(a.argmax())] for a in alone]
+    assert len({tuple(a.tolist()) for a in alone}) == len(alone)
+    gold = [ex.turns[-1].content for ex in examples]
+    hits = sum(p == g for p, g in zip(result.predictions, gold, strict=True))
+    assert result.accuracy == hits / len(gold)
+    reference = eval_loss(
+        model,
+        [encode(tok, r, g, 512) for r, g in zip(reviews, gold, strict=True)],
+        tok.pad_token_id,
+    )
+    assert loss is not None and loss.tokens == reference.tokens
+    assert abs(loss.loss - reference.loss) < 1e-5, (loss.loss, reference.loss)
+    # an answer that is not exactly a label: accuracy only
+    odd = [*examples[:2], review_example(REVIEWS[0], " positive")]
+    assert label_eval(model, tok, odd, labels, 512)[1] is None
+
+
+def test_eval_loss_does_not_depend_on_the_batch_size(model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    rows = [
+        encode(tok, r * k, a, 256) for k in (3, 1, 2) for r, a in zip(REVIEWS, ANSWERS, strict=True)
+    ]
+    losses = [eval_loss(model, rows, tok.pad_token_id, per_batch=b).loss for b in (1, 4, 9)]
+    assert max(losses) - min(losses) < 1e-5, losses

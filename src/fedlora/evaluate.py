@@ -5,6 +5,10 @@ log-probabilities after the chat-templated prompt; the prediction is the best-sc
 generation, no parsing, the same for a base model and a tuned one. The prompt is run once per
 example and the labels are scored from its KV cache, so the cost is one prompt, not one per label.
 Loss and perplexity cover the tokens the training loss covers (the answers, by default).
+
+Both batch rows of similar length together (:func:`length_batches`): a batch is padded to its
+longest row, so ordering by length spends the forward passes on tokens, not padding. Results
+come back in the input order.
 """
 
 from __future__ import annotations
@@ -32,6 +36,15 @@ class LossEval:
     perplexity: float  # exp(loss)
     tokens: int  # scored tokens
     rows: int
+
+
+def length_batches(lengths: Sequence[int], per_batch: int) -> list[list[int]]:
+    """Indices into ``lengths`` in batches of at most ``per_batch``, longest rows first, so
+    that each batch holds rows of similar length (ties keep their input order)."""
+    if per_batch < 1:
+        raise ValueError(f"per_batch={per_batch}: must be >= 1")
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[i : i + per_batch] for i in range(0, len(order), per_batch)]
 
 
 def label_scores(
@@ -91,24 +104,49 @@ def label_accuracy(
     per_batch: int = 8,
 ) -> LabelEval:
     """Accuracy of picking the likeliest of ``labels`` as each example's last answer."""
+    return label_eval(model, tokenizer, examples, labels, max_length, per_batch)[0]
+
+
+def label_eval(
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[Example],
+    labels: Sequence[str],
+    max_length: int = 512,
+    per_batch: int = 8,
+) -> tuple[LabelEval, LossEval | None]:
+    """Label accuracy and, when every example's last answer is exactly one of ``labels``, the
+    answer loss from the same forward passes (the gold label's tokens, after the context cut to
+    fit the longest label); None otherwise.
+
+    Prompts are batched by length (:func:`length_batches`); results are in input order.
+    """
     import torch
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    gold = [ex.turns[-1].content.strip() for ex in examples]
+    encoded = [prompt_and_answers(tokenizer, ex, labels, max_length) for ex in examples]
+    scores = torch.zeros(len(examples), len(labels), dtype=torch.float64)
     was_training = model.training
     model.eval()
-    preds: list[str] = []
     with torch.no_grad():
-        for start in range(0, len(examples), per_batch):
-            encoded = [
-                prompt_and_answers(tokenizer, ex, labels, max_length)
-                for ex in examples[start : start + per_batch]
-            ]
-            scores = label_scores(model, [p for p, _ in encoded], encoded[0][1], pad_id)
-            preds += [labels[i] for i in scores.argmax(-1).tolist()]
+        for batch in length_batches([len(p) for p, _ in encoded], per_batch):
+            prompts = [encoded[i][0] for i in batch]
+            scores[batch] = label_scores(model, prompts, encoded[batch[0]][1], pad_id).double()
     model.train(was_training)
+    gold = [ex.turns[-1].content.strip() for ex in examples]
+    preds = [labels[i] for i in scores.argmax(-1).tolist()] if examples else []
     correct = sum(p == g for p, g in zip(preds, gold, strict=True))
-    return LabelEval(accuracy=correct / max(len(gold), 1), n=len(gold), predictions=preds)
+    accuracy = LabelEval(accuracy=correct / max(len(gold), 1), n=len(gold), predictions=preds)
+    answers = [ex.turns[-1].content for ex in examples]
+    if not examples or any(a not in labels for a in answers):
+        return accuracy, None
+    picks = [list(labels).index(a) for a in answers]
+    total = -float(sum(scores[i, j] for i, j in enumerate(picks)))
+    tokens = sum(len(encoded[i][1][j]) for i, j in enumerate(picks))
+    loss = total / max(tokens, 1)
+    return accuracy, LossEval(
+        loss=loss, perplexity=float(math.exp(min(loss, 50.0))), tokens=tokens, rows=len(examples)
+    )
 
 
 def eval_loss(model: Any, rows: Sequence[Encoded], pad_id: int, per_batch: int = 8) -> LossEval:
@@ -119,8 +157,8 @@ def eval_loss(model: Any, rows: Sequence[Encoded], pad_id: int, per_batch: int =
     model.eval()
     total, tokens = 0.0, 0
     with torch.no_grad():
-        for start in range(0, len(rows), per_batch):
-            batch = collate(list(rows[start : start + per_batch]), pad_id)
+        for indices in length_batches([len(r.input_ids) for r in rows], per_batch):
+            batch = collate([rows[i] for i in indices], pad_id)
             logits, targets = answer_logits(model, batch)
             total += float(
                 torch.nn.functional.cross_entropy(
