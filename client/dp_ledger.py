@@ -24,8 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +32,7 @@ from typing import Any
 from flwr.app import ConfigRecord, RecordDict
 
 from fedlora.errors import ConfigError
+from fedlora.savedfiles import atomic_file
 
 log = logging.getLogger(__name__)
 
@@ -172,16 +171,8 @@ def save(
 ) -> None:
     text = ledger.to_json(figures)
     if settings.path:
-        path = Path(settings.path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".dp-ledger-")
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(text)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)  # the old ledger stays as it was
-            raise
+        with atomic_file(Path(settings.path), "w") as f:  # an error leaves the old ledger
+            f.write(text)
     elif state is not None:
         state.config_records[STATE_KEY] = ConfigRecord({"json": text})
 

@@ -30,6 +30,7 @@ from fedlora.errors import ConfigError, DataError
 from fedlora.lora import R_WEIGHT, LoraSettings
 from fedlora.prompting import Encoded, review_example
 from fedlora.protocol.adapter import AdapterSpec, spec_of
+from fedlora.savedfiles import atomic_file
 
 log = logging.getLogger(__name__)
 
@@ -256,11 +257,8 @@ def load_personal(settings: NodeSettings, kind: str = "") -> dict[str, np.ndarra
 
 
 def save_personal(settings: NodeSettings, arrays: Mapping[str, np.ndarray], kind: str = "") -> None:
-    path = _personal_path(settings, kind)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, **arrays)
-    tmp.replace(path)  # a crash mid-write leaves the previous factors
+    with atomic_file(_personal_path(settings, kind)) as f:  # a crash leaves the previous ones
+        np.savez(f, **arrays)
 
 
 def _personal_path(settings: NodeSettings, kind: str = "") -> Path:

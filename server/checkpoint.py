@@ -10,11 +10,7 @@ PEFT ignores that file and the export adds it to the base weights.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,28 +18,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from fedlora.lora import RESIDUAL_FILE, LoraSettings, fold_sb
-
-
-@contextmanager
-def atomic_folder(folder: Path) -> Iterator[Path]:
-    """Yield a temporary folder beside ``folder``; on success it replaces ``folder`` at once.
-
-    On an exception the temporary folder is removed and ``folder`` is left as it was.
-    """
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-    try:
-        yield tmp
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}-old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(folder, old)
-            os.replace(tmp, folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+from fedlora.savedfiles import atomic_folder
 
 
 def save_adapter(

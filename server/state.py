@@ -20,8 +20,7 @@ from safetensors.numpy import save_file
 
 from fedlora.config import RunConfig
 from fedlora.errors import ConfigError, FileFormatError
-from fedlora.savedfiles import load_safetensors, read_json
-from fedlora.server.checkpoint import atomic_folder
+from fedlora.savedfiles import atomic_folder, load_safetensors, read_json
 from fedlora.server.strategies import OptimizerState
 
 Arrays = dict[str, np.ndarray]

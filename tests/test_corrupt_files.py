@@ -1,5 +1,6 @@
 """A corrupted adapter, checkpoint or model file ends in one line naming the file, never a
-traceback: in the library (FileFormatError) and through the ``fedlora`` command line."""
+traceback: in the library (FileFormatError) and through the ``fedlora`` command line; a write
+that fails half-way leaves the previous file."""
 
 from __future__ import annotations
 
@@ -121,3 +122,31 @@ def test_cli_resume_of_a_corrupted_checkpoint_is_one_line(tmp_path, tiny_model_d
     )
     result = _cli("simulate", "--config", "run.toml", cwd=tmp_path)
     _one_line(result, "state.safetensors is not a readable safetensors file")
+
+
+def test_an_interrupted_write_leaves_the_previous_file_and_no_temporary(tmp_path):
+    from fedlora.savedfiles import atomic_file
+
+    path = tmp_path / "state" / "ledger.json"
+    with atomic_file(path, "w") as f:
+        f.write("old")
+    with pytest.raises(RuntimeError), atomic_file(path, "w") as f:
+        f.write("half of the new")
+        raise RuntimeError("crash mid-write")
+    assert path.read_text() == "old"
+    assert [p.name for p in path.parent.iterdir()] == ["ledger.json"]
+    with atomic_file(path, "w") as f:
+        f.write("new")
+    assert path.read_text() == "new"
+    with pytest.raises(ValueError, match="mode"), atomic_file(path, "a"):
+        pass
+
+
+def test_personal_state_written_twice_keeps_one_file(tmp_path):
+    from fedlora.client.node import NodeSettings, load_personal, save_personal
+
+    s = NodeSettings.from_config({"site": "pain", "personal-state-dir": str(tmp_path)})
+    save_personal(s, {"b": np.ones((2, 3), np.float32)})
+    save_personal(s, {"b": np.zeros((2, 3), np.float32)})
+    np.testing.assert_array_equal(load_personal(s)["b"], np.zeros((2, 3)))
+    assert [p.name for p in tmp_path.iterdir()] == ["pain.npz"]
