@@ -87,7 +87,6 @@ def make_central_eval(
                 model=get_peft_model(base, lora.peft_config(base_dir)).eval(),
                 tokenizer=tokenizer,
                 originals={},
-                rows=encode_examples(tokenizer, examples, max_length)[0],
             )
         model, tokenizer = state["model"], state["tokenizer"]
         set_peft_model_state_dict(
@@ -104,6 +103,8 @@ def make_central_eval(
                 loss = None  # the loss covers every example
             result["eval-accuracy"] = accuracy.accuracy
         if loss is None:
+            if "rows" not in state:  # encoded once, and only when the label pass gives no loss
+                state["rows"] = encode_examples(tokenizer, examples, max_length)[0]
             loss = eval_loss(model, state["rows"], tokenizer.pad_token_id)  # type: ignore
         result.update({"eval-loss": loss.loss, "eval-perplexity": loss.perplexity})
         log.info(

@@ -12,13 +12,11 @@ import fcntl
 import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from fedlora.assets import DEFAULT_MODEL_GGUF, locate
 from fedlora.errors import ModelError
-from fedlora.savedfiles import check_safetensors
+from fedlora.savedfiles import atomic_folder, check_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -92,19 +90,13 @@ def prepare_default() -> Path:
             return target
         gguf = locate(DEFAULT_MODEL_GGUF)
         log.info("Preparing %s from %s (once, about 30 s)", DEFAULT_NAME, gguf.name)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_NAME}-", dir=target.parent))
-        try:
+        with atomic_folder(target) as tmp:
             _dequantize(gguf, tmp)
             (tmp / _MARKER).write_text(
                 json.dumps(
                     {"source": DEFAULT_MODEL_GGUF.requirement, "sha256": DEFAULT_MODEL_GGUF.sha256}
                 )
             )
-            if target.exists():
-                shutil.rmtree(target)
-            tmp.rename(target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

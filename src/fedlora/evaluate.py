@@ -37,6 +37,12 @@ class LossEval:
     tokens: int  # scored tokens
     rows: int
 
+    @classmethod
+    def of(cls, total: float, tokens: int, rows: int) -> LossEval:
+        """From a summed cross-entropy over ``tokens`` scored tokens."""
+        loss = total / max(tokens, 1)
+        return cls(loss=loss, perplexity=float(math.exp(min(loss, 50.0))), tokens=tokens, rows=rows)
+
 
 def length_batches(lengths: Sequence[int], per_batch: int) -> list[list[int]]:
     """Indices into ``lengths`` in batches of at most ``per_batch``, longest rows first, so
@@ -143,10 +149,7 @@ def label_eval(
     picks = [list(labels).index(a) for a in answers]
     total = -float(sum(scores[i, j] for i, j in enumerate(picks)))
     tokens = sum(len(encoded[i][1][j]) for i, j in enumerate(picks))
-    loss = total / max(tokens, 1)
-    return accuracy, LossEval(
-        loss=loss, perplexity=float(math.exp(min(loss, 50.0))), tokens=tokens, rows=len(examples)
-    )
+    return accuracy, LossEval.of(total, tokens, len(examples))
 
 
 def eval_loss(model: Any, rows: Sequence[Encoded], pad_id: int, per_batch: int = 8) -> LossEval:
@@ -170,7 +173,4 @@ def eval_loss(model: Any, rows: Sequence[Encoded], pad_id: int, per_batch: int =
             )
             tokens += int((targets != IGNORE).sum())
     model.train(was_training)
-    loss = total / max(tokens, 1)
-    return LossEval(
-        loss=loss, perplexity=float(math.exp(min(loss, 50.0))), tokens=tokens, rows=len(rows)
-    )
+    return LossEval.of(total, tokens, len(rows))
