@@ -53,13 +53,13 @@ def _options(
 # as with AMX, where it trains faster than the 4-bit backends; else fp32, since emulated bf16
 # was 24x slower than fp32 on an AVX2 EPYC). The 135M model needs 0.3-0.6 GB of weights either
 # way (bench-quality and README: the recipe and its figures).
-# Sites evaluate after round 3 (the last, by default) only: each federated evaluation costs
+# Sites evaluate after round 6 (the last, by default) only: each federated evaluation costs
 # about 45 s here, and make demo must stay under 15 minutes from a fresh clone.
 _DEMO_DEFAULTS = {
     "secure-aggregation": True,
     "min-nodes": 2,
     "quantization": "auto",
-    "evaluate-every": 3,
+    "evaluate-every": 6,
 }
 
 

@@ -35,10 +35,13 @@ class RunConfig:
     base_model: str = "default"  # "default" (packaged SmolLM2-135M-Instruct) or a model folder
     # frozen base: nf4 | int8 | quanto-int4 | quanto-int8 | auto | bf16 | fp32
     quantization: str = "nf4"
-    num_server_rounds: int = 3  # federated rounds
-    local_steps: int = 10  # optimizer steps per node per round
+    # The default recipe (make bench-quality, README): 6 rounds x 5 local steps at lr 1e-3. Fewer
+    # local steps between averages keep non-IID sites from drifting apart: at the same 150 client
+    # steps, 3 x 10 at lr 5e-4 scored 78.7% and 6 x 5 at lr 1e-3 84.7% against centralized 86.0%.
+    num_server_rounds: int = 6  # federated rounds
+    local_steps: int = 5  # optimizer steps per node per round
     batch_size: int = 4  # examples per step
-    lr: float = 5e-4  # AdamW learning rate for the LoRA tensors
+    lr: float = 1e-3  # AdamW learning rate for the LoRA tensors
     max_length: int = 256  # tokens per example; longer reviews are cut
     lora_r: int = 8  # LoRA rank
     lora_alpha: float = 16.0  # LoRA scaling numerator (update scaled by alpha / r)
