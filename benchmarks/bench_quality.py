@@ -6,10 +6,10 @@ Usage (``make bench-quality``)::
     .venv/bin/python benchmarks/bench_quality.py --quick    # centralized, local, fedit only
 
 Centralized LoRA on the pooled training reviews, each site alone, and the federated methods of
-``benchmarks/quality.toml``, at equal total client optimizer steps, scored by the server on the
-demo's fixed 150 test reviews. Prints the table (``runs/bench-quality/compare.md``); the last
-line is ``federated / centralized accuracy = X.XX`` for the default strategy (FedIT) with secure
-aggregation on.
+``benchmarks/quality.toml``, at equal total client optimizer steps, scored by the server on all
+379 test reviews (the demo's fixed 150 are the first). Prints the table
+(``runs/bench-quality/compare.md``); the last line is ``federated / centralized accuracy =
+X.XX`` for the default strategy (FedIT) with secure aggregation on.
 """
 
 from __future__ import annotations

@@ -218,6 +218,9 @@ def run_compare(cc: CompareConfig) -> dict[str, Any]:
             one = merged_partition(part, list(range(part.num_clients)), out / "pooled")
             cfg = single_client(own, one, out / method, rounds=1, steps=total, given=given)
             res = metrics_of(simulate(cfg, client_cpus=cpus, partition=one).history)
+            for key in ("bytes-up-per-client-round", "bytes-down-per-client-round"):
+                res.pop(key)  # one process holds the pooled data: nothing crosses a network
+            res["bytes-per-client-round"] = 0.0
             res["steps"] = total
         elif kind == "local":
             accs, losses = [], []
@@ -353,7 +356,7 @@ def write(
         pct = f"{r['of-centralized']:.1%}" if "of-centralized" in r else "-"
         lines.append(
             f"| {name} | {acc} | {pct} | {r['loss']:.4f} | {r['lr']:g} "
-            f"| {r['bytes-per-client-round']:,.0f} "
+            f"| {'-' if r['method'] in BASELINES else format(r['bytes-per-client-round'], ',.0f')} "
             f"| {'on' if r.get('secure-aggregation') else 'off'} | {r.get('dp', '-')} "
             f"| {r['seconds']:.0f} |"
         )

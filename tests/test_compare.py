@@ -123,4 +123,10 @@ min-nodes = 2
     assert central[0]["num-examples"] == 64  # 80 - 16 test examples, none held out on the node
     md = (out / "compare.md").read_text()
     assert "| centralized |" in md and "| local |" in md and "| fedit |" in md
+    # baselines move no adapter over a network: no bytes; the federated row counts its own
+    assert methods["centralized"]["bytes-per-client-round"] == 0
+    assert methods["fedit"]["bytes-per-client-round"] > 0
+    rows = {line.split("|")[1].strip(): line.split("|") for line in md.splitlines()[6:]}
+    assert rows["centralized"][6].strip() == rows["local"][6].strip() == "-"
+    assert rows["fedit"][6].strip() == f"{methods['fedit']['bytes-per-client-round']:,.0f}"
     assert (out / "compare.png").stat().st_size > 1000
