@@ -218,9 +218,6 @@ def run_compare(cc: CompareConfig) -> dict[str, Any]:
             one = merged_partition(part, list(range(part.num_clients)), out / "pooled")
             cfg = single_client(own, one, out / method, rounds=1, steps=total, given=given)
             res = metrics_of(simulate(cfg, client_cpus=cpus, partition=one).history)
-            for key in ("bytes-up-per-client-round", "bytes-down-per-client-round"):
-                res.pop(key)  # one process holds the pooled data: nothing crosses a network
-            res["bytes-per-client-round"] = 0.0
             res["steps"] = total
         elif kind == "local":
             accs, losses = [], []
@@ -242,7 +239,6 @@ def run_compare(cc: CompareConfig) -> dict[str, Any]:
                 "accuracy-min": float(np.min(accs)),
                 "accuracy-max": float(np.max(accs)),
                 "loss": float(np.mean(losses)),
-                "bytes-per-client-round": 0.0,
                 "steps": rounds * steps * part.num_clients,
             }
         else:
@@ -255,6 +251,9 @@ def run_compare(cc: CompareConfig) -> dict[str, Any]:
             res["secure-aggregation"] = cfg.secure_aggregation
             if "dp-epsilon" in res:
                 res["dp"] = f"epsilon {res['dp-epsilon']:.2f}"
+        if kind in BASELINES:  # one process holds its data: no adapter crosses a network
+            res = {k: v for k, v in res.items() if not k.startswith("bytes-")}
+            res["bytes-per-client-round"] = 0.0
         res["seconds"] = time.perf_counter() - start
         res["method"] = kind
         res["lr"] = own.lr
@@ -354,9 +353,9 @@ def write(
         if r["method"] == "local" and "accuracy-min" in r:
             acc += f" ({r['accuracy-min']:.1%}-{r['accuracy-max']:.1%})"
         pct = f"{r['of-centralized']:.1%}" if "of-centralized" in r else "-"
+        sent = "-" if r["method"] in BASELINES else f"{r['bytes-per-client-round']:,.0f}"
         lines.append(
-            f"| {name} | {acc} | {pct} | {r['loss']:.4f} | {r['lr']:g} "
-            f"| {'-' if r['method'] in BASELINES else format(r['bytes-per-client-round'], ',.0f')} "
+            f"| {name} | {acc} | {pct} | {r['loss']:.4f} | {r['lr']:g} | {sent} "
             f"| {'on' if r.get('secure-aggregation') else 'off'} | {r.get('dp', '-')} "
             f"| {r['seconds']:.0f} |"
         )

@@ -12,6 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
+from fedlora.config import RunConfig
 from fedlora.console import configure as configure_console
 from fedlora.console import verbose_requested
 from fedlora.errors import ConfigError, FedloraError
@@ -53,20 +54,20 @@ def _options(
 # as with AMX, where it trains faster than the 4-bit backends; else fp32, since emulated bf16
 # was 24x slower than fp32 on an AVX2 EPYC). The 135M model needs 0.3-0.6 GB of weights either
 # way (bench-quality and README: the recipe and its figures).
-# Sites evaluate after round 6 (the last, by default) only: each federated evaluation costs
+# Sites evaluate after the default recipe's last round only: each federated evaluation costs
 # about 45 s here, and make demo must stay under 15 minutes from a fresh clone.
 _DEMO_DEFAULTS = {
     "secure-aggregation": True,
     "min-nodes": 2,
     "quantization": "auto",
-    "evaluate-every": 6,
+    "evaluate-every": RunConfig.num_server_rounds,
 }
 
 
 def _load(
     config: Path | None, overrides: dict[str, Any], defaults: dict[str, Any] | None = None
 ) -> tuple[Any, dict[str, Any]]:
-    from fedlora.config import RunConfig, read_toml
+    from fedlora.config import read_toml
 
     values: dict[str, Any] = {**(defaults or {}), **(read_toml(config) if config else {})}
     demo = {k: values.pop(k) for k in list(values) if k in _DEMO_KEYS}
