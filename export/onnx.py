@@ -2,8 +2,9 @@
 
 Two graph forms. ``fused`` (:mod:`fedlora.export.fused`, the default wherever the model is a
 Llama-family decoder it can express) writes one attention operator per layer straight from the
-weights. ``traced`` uses ``optimum.exporters.onnx.main_export(task="text-generation-with-past")``
-from a local folder (``local_files_only``: nothing is fetched), which traces transformers' code.
+weights. ``traced`` runs optimum's ONNX exporter (task ``text-generation-with-past``) on the
+model loaded from a local folder (``local_files_only``: nothing is fetched) with eager attention,
+tracing transformers' code.
 Either way the result is one ``model.onnx`` with inputs ``input_ids``, ``attention_mask``
 (``position_ids`` too when traced), ``past_key_values.{i}.key|value`` and outputs ``logits``,
 ``present.{i}.key|value``, plus the files the edge runtime needs: tokenizer.json,
@@ -80,18 +81,9 @@ def export_onnx(
         export_fused(merged_dir, out_dir)
         log.info("Exported %s (%.1f MiB)", out_dir / MODEL_FILE, onnx_size_mib(out_dir))
         return out_dir
-    from optimum.exporters.onnx import main_export
-
     out_dir.mkdir(parents=True, exist_ok=True)
     log.info("Exporting %s to ONNX (%s) in %s", merged_dir, TASK, out_dir)
-    main_export(
-        str(merged_dir),
-        output=out_dir,
-        task=TASK,
-        device="cpu",
-        local_files_only=True,
-        do_validation=validate,
-    )
+    _traced_export(merged_dir, out_dir, validate)
     if not (out_dir / MODEL_FILE).is_file():
         raise FedloraError(
             f"the ONNX export wrote no {MODEL_FILE} to {out_dir}: check the exporter's log above"
@@ -99,6 +91,38 @@ def export_onnx(
     copy_runtime_files(merged_dir, out_dir)
     log.info("Exported %s (%.1f MiB)", out_dir / MODEL_FILE, onnx_size_mib(out_dir))
     return out_dir
+
+
+def _traced_export(merged_dir: Path, out_dir: Path, validate: bool) -> None:
+    """optimum's export of ``merged_dir``, traced through transformers' eager attention.
+
+    What ``optimum.exporters.onnx.main_export`` does for this task, except the model is loaded
+    with ``attn_implementation="eager"``, the computation the parity check runs as its
+    reference: transformers' default (SDPA) drops what only the eager code applies, e.g.
+    Gemma-2's attention-logit soft-capping (its traced graph was 6.7e-3 off in logits).
+    """
+    from optimum.exporters.onnx import onnx_export_from_model
+    from optimum.exporters.tasks import TasksManager
+    from optimum.utils.save_utils import maybe_load_preprocessors
+
+    model = TasksManager.get_model_from_task(
+        TASK,
+        str(merged_dir),
+        framework="pt",
+        device="cpu",
+        local_files_only=True,
+        library_name="transformers",
+        attn_implementation="eager",
+    )
+    model.config.use_cache = True
+    onnx_export_from_model(
+        model,
+        output=out_dir,
+        task=TASK,
+        device="cpu",
+        do_validation=validate,
+        preprocessors=maybe_load_preprocessors(str(merged_dir)),
+    )
 
 
 def copy_runtime_files(src: Path, dst: Path) -> None:

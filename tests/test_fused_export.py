@@ -200,16 +200,16 @@ def test_quantized_fused_graph_shares_one_quantized_embedding_table(
 def test_auto_falls_back_to_the_traced_export_and_fused_names_the_reason(
     merged_dir: Path, tmp_path: Path
 ) -> None:
-    # Prepare: the same weights, declared with a sliding window the fused graph does not model.
+    # Prepare: the same weights, declared with a GELU MLP the fused graph does not model.
     import shutil
 
     from fedlora.export.onnx import choose_graph
 
-    other = tmp_path / "windowed"
+    other = tmp_path / "gelu"
     shutil.copytree(merged_dir, other)
     config = json.loads((other / "config.json").read_text())
     config["architectures"] = ["MistralForCausalLM"]
-    config["sliding_window"] = 16
+    config["hidden_act"] = "gelu_pytorch_tanh"
     (other / "config.json").write_text(json.dumps(config))
 
     # Execute / Assert
@@ -218,7 +218,7 @@ def test_auto_falls_back_to_the_traced_export_and_fused_names_the_reason(
     assert choose_graph(merged_dir, "traced") == "traced"
     with pytest.raises(FedloraError) as exc:
         choose_graph(other, "fused")
-    assert "sliding-window attention (sliding_window=16)" in str(exc.value)
+    assert "hidden_act 'gelu_pytorch_tanh' (the fused MLP is SiLU-gated)" in str(exc.value)
     assert "--graph traced" in str(exc.value) and "\n" not in str(exc.value)
     with pytest.raises(FedloraError, match="use one of auto, fused, traced"):
         choose_graph(merged_dir, "fast")
