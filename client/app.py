@@ -85,6 +85,7 @@ def round_settings(content: Any, settings: NodeSettings) -> tuple[RoundConfig, L
             target_modules=rc.target_modules,
             rslora=rc.lora_rslora,
             sb=rc.train_factors == "R",
+            layers=rc.lora_layers,
         )
     except (ProtocolError, ConfigError, KeyError) as exc:
         raise RoundRefused(f"round config not accepted: {exc}") from None

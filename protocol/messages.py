@@ -54,6 +54,7 @@ ROUND_BOUNDS: dict[str, Bound] = {
     "lora_r": _POSITIVE,
     "lora_alpha": Bound(float, 0.0, low_open=True),
     "lora_dropout": Bound(float, 0.0, 1.0, high_open=True),
+    "lora_layers": Bound(int, 0, 100_000),  # 0: every layer; a node also checks its model's
     "local_epochs": _NON_NEGATIVE,
     "grad_accum": _POSITIVE,
     "length_grouping": _POSITIVE,
@@ -88,6 +89,7 @@ class RoundConfig:
     # "R" (LoRA-SB: A and B frozen, the r x r matrix between them trained: Fed-SB)
     send_factors: str = "AB"  # factors nodes send; trained but unsent ones stay on the node
     lora_rslora: bool = False  # rank-stabilised scaling alpha / sqrt(r) (Kalajdzievski, 2023)
+    lora_layers: int = 0  # LoRA on the last N transformer layers only; 0 = every layer
     local_epochs: float = 0.0  # > 0: passes over the node's data instead of local_steps
     grad_accum: int = 1  # micro-batches per optimizer step
     warmup_steps: int = 0  # linear learning-rate warmup at the start of the round

@@ -148,3 +148,20 @@ def test_cpu_training_uses_eager_attention_and_restores_sdpa(setup):
         train_module.EAGER_MAX_LENGTH = limit
     moved = _max_diff(eager, setup[2])
     assert moved > 1e-3 and _max_diff(eager, sdpa) < 1e-4 * max(1.0, moved)
+
+
+def test_lora_layers_adapts_only_the_top_layers(tiny_model_dir: Path):
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    top = LoraSettings(r=4, alpha=8.0, layers=1)
+    shapes = adapter_shapes(tiny_model_dir, top)
+    assert shapes and all(".layers.1." in name for name in shapes)  # the tiny model has 2
+    assert len(shapes) * 2 == len(adapter_shapes(tiny_model_dir, LORA))
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model = get_peft_model(base, top.peft_config(tiny_model_dir))
+    assert sorted(get_lora_state(model)) == sorted(shapes)  # nodes and server agree
+    with pytest.raises(ConfigError, match="lora-layers=3: the model has only 2 layers"):
+        LoraSettings(layers=3).peft_config(tiny_model_dir)
+    with pytest.raises(ConfigError, match="lora-layers=-1"):
+        LoraSettings(layers=-1)

@@ -48,6 +48,7 @@ class RunConfig:
     lora_dropout: float = 0.0  # dropout on the LoRA path (0: none, and ~1.8x faster on CPU)
     target_modules: str = "all-linear"  # "all-linear" or comma-separated module names
     lora_rslora: bool = False  # rank-stabilised LoRA scaling alpha / sqrt(r)
+    lora_layers: int = 0  # LoRA on the last N transformer layers only; 0 = every layer
     local_epochs: float = 0.0  # > 0: passes over each node's data per round, instead of local-steps
     grad_accum: int = 1  # micro-batches (of batch-size) per optimizer step
     warmup_steps: int = 0  # linear learning-rate warmup at the start of each round
@@ -267,6 +268,7 @@ class RunConfig:
             target_modules=self.target_modules,
             rslora=self.lora_rslora,
             sb=self.strategy == "fed-sb",
+            layers=self.lora_layers,
         )
 
     @classmethod

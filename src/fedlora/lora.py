@@ -36,6 +36,9 @@ class LoraSettings:
     target_modules: str = "all-linear"  # "all-linear" or comma-separated module names
     rslora: bool = False  # rank-stabilised LoRA: scale by alpha / sqrt(r) (Kalajdzievski, 2023)
     sb: bool = False  # LoRA-SB: train only an r x r matrix R between frozen A and B (Fed-SB)
+    # LoRA on the last N transformer layers only (0: every layer). Backward then stops at the
+    # lowest adapted layer: on an fp32 CPU the top 15 of SmolLM2's 30 layers train ~1.7x faster
+    layers: int = 0
 
     @property
     def scaling(self) -> float:
@@ -51,13 +54,20 @@ class LoraSettings:
             raise ConfigError(f"lora-dropout={self.dropout!r}: must be in [0, 1)")
         if not self.target_modules.strip():
             raise ConfigError("target-modules is empty: use 'all-linear' or module names")
+        if not isinstance(self.layers, int) or self.layers < 0:
+            raise ConfigError(f"lora-layers={self.layers!r}: must be 0 (all layers) or a count")
 
-    def peft_config(self, base_dir: Path | str | None = None) -> Any:
+    def peft_config(self, base_dir: Path | str | None = None, model_config: Any = None) -> Any:
+        """peft's LoraConfig. With ``layers`` set, the model's config (``model_config``, or read
+        from ``base_dir``) gives its layer count (and, for all-linear, its linear layer names)."""
         from peft import LoraConfig
 
         targets: str | list[str] = self.target_modules
         if self.target_modules != "all-linear":
             targets = [t.strip() for t in self.target_modules.split(",") if t.strip()]
+        top: dict[str, Any] = {}
+        if self.layers:
+            targets, top = self._top_layers(targets, base_dir, model_config)
         return LoraConfig(
             r=self.r,
             lora_alpha=self.alpha,
@@ -67,7 +77,25 @@ class LoraSettings:
             task_type="CAUSAL_LM",
             use_rslora=self.rslora,
             base_model_name_or_path=str(base_dir) if base_dir else None,
+            **top,
         )
+
+    def _top_layers(
+        self, targets: str | list[str], base_dir: Path | str | None, model_config: Any
+    ) -> tuple[list[str], dict[str, Any]]:
+        """Target names and peft's ``layers_to_transform`` for the last ``layers`` layers (peft
+        takes a layer list only with named targets, so all-linear becomes the model's names)."""
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = model_config or AutoConfig.from_pretrained(base_dir)
+        n = int(config.num_hidden_layers)
+        if self.layers > n:
+            raise ConfigError(f"lora-layers={self.layers}: the model has only {n} layers")
+        if isinstance(targets, str):  # all-linear
+            with init_empty_weights():
+                targets = linear_layer_names(AutoModelForCausalLM.from_config(config))
+        return targets, {"layers_to_transform": list(range(n - self.layers, n))}
 
 
 def adapter_shapes(base_dir: Path, settings: LoraSettings) -> dict[str, tuple[int, ...]]:
@@ -79,13 +107,36 @@ def adapter_shapes(base_dir: Path, settings: LoraSettings) -> dict[str, tuple[in
     config = AutoConfig.from_pretrained(base_dir)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config)
-    peft_model = get_peft_model(model, settings.peft_config())
+    try:
+        peft_model = get_peft_model(model, settings.peft_config(model_config=config))
+    except ValueError as exc:  # peft's NoMatchingPeftModuleError: no layer has such a name
+        if "not found in the base model" not in str(exc):
+            raise
+        kind = ", ".join(getattr(config, "architectures", None) or [config.model_type])
+        raise ConfigError(
+            f"target-modules={settings.target_modules!r} names no layer of {base_dir} ({kind}), "
+            f"whose linear layers are {', '.join(linear_layer_names(model))}: use some of "
+            f"those or 'all-linear'"
+        ) from None
     state = get_peft_model_state_dict(peft_model)
     shapes = {k: tuple(v.shape) for k, v in sorted(state.items())}
     if settings.sb:
         for name in [n for n in shapes if n.endswith(A_WEIGHT)]:
             shapes[name[: -len(A_WEIGHT)] + R_WEIGHT] = (settings.r, settings.r)
     return dict(sorted(shapes.items()))
+
+
+def linear_layer_names(model: Any) -> list[str]:
+    """The distinct names of ``model``'s linear layers that LoRA can target (not the head):
+    ``q_proj, k_proj, v_proj, ...`` in a Llama, ``qkv_proj, gate_up_proj, ...`` in a Phi-3."""
+    import torch
+
+    names = {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and name != "lm_head"
+    }
+    return sorted(names)
 
 
 A_WEIGHT, B_WEIGHT, R_WEIGHT = ".lora_A.weight", ".lora_B.weight", ".lora_R.weight"
