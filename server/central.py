@@ -1,8 +1,9 @@
 """Central evaluation: the server scores the global adapter on test data it holds itself.
 
 Optional (``central-eval``): the packaged drug-review test split (``drugreview``) or a data file
-or folder of chat examples. The base model is loaded once (bf16 where native, else fp32) with
-the LoRA layers; each evaluation only swaps the adapter weights (and, for FedEx-LoRA, adds the
+or folder of chat examples. The base model is loaded once, on the GPU when one is visible
+(:func:`fedlora.precision.device`; ``FEDLORA_DEVICE`` pins it), in bf16 where native, else fp32,
+with the LoRA layers; each evaluation only swaps the adapter weights (and, for FedEx-LoRA, adds the
 residuals to the base weights they belong to). Reports loss and perplexity on the answers, and
 label accuracy when the task has labels. When every answer is one of the labels (the drug
 reviews), one pass gives both: the loss is the gold label's, from the label scores
@@ -75,14 +76,17 @@ def make_central_eval(
 
         from fedlora.encoding import encode_examples
         from fedlora.evaluate import eval_loss, label_eval
-        from fedlora.precision import compute_dtype
+        from fedlora.precision import compute_dtype, device
 
         start = time.perf_counter()
         if not state:
             tokenizer = AutoTokenizer.from_pretrained(base_dir)
             if tokenizer.pad_token_id is None:
                 tokenizer.pad_token = tokenizer.eos_token
-            base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=compute_dtype())
+            dev = device()
+            base = AutoModelForCausalLM.from_pretrained(
+                base_dir, dtype=compute_dtype(dev), device_map=dev
+            )
             state.update(
                 model=get_peft_model(base, lora.peft_config(base_dir)).eval(),
                 tokenizer=tokenizer,
@@ -128,4 +132,5 @@ def _apply_residuals(model: object, residuals: Arrays, originals: dict[str, Any]
         if name not in originals:
             originals[name] = layer.weight.detach().float().clone()
         original = originals[name]
-        layer.weight.data = (original + torch.from_numpy(residual)).to(layer.weight.dtype)
+        delta = torch.from_numpy(residual).to(original.device)
+        layer.weight.data = (original + delta).to(layer.weight.dtype)

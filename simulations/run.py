@@ -3,6 +3,14 @@
 Each site is a virtual SuperNode (partition-id i trains on the i-th name in ``sites``); the real
 ServerApp and ClientApp run unchanged. The base model is resolved and the data checked in this
 process first, so a bad path fails in one line before Ray starts.
+
+Ray is private by default: ``ray.init(address="local")`` starts a fresh instance in this process
+and never joins a cluster that ``ray start`` left on the machine (nor ``RAY_ADDRESS``). With
+``ray_address`` the run goes to that existing cluster instead; every Ray node must then see the
+base model and the data at the same paths, and run the same installation (docs/gpu-and-clusters.md).
+Virtual clients get ``client_gpus`` of a GPU each (Ray packs 1/F of them on one GPU) and then run
+on it; with 0 they run on CPU even where a GPU is visible. By default (None) a private run shares
+this machine's GPUs among its clients, and runs them on CPU where there is none.
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from fedlora.basemodel import resolve_base_model
 from fedlora.config import RunConfig
 from fedlora.data.drugreview import load_split, split_by_site
-from fedlora.errors import DataError, FedloraError
+from fedlora.errors import ConfigError, DataError, FedloraError
 
 if TYPE_CHECKING:
     from flwr.clientapp import ClientApp
@@ -70,16 +78,44 @@ def partitioned_config(cfg: RunConfig, part: Partition, given: set[str]) -> RunC
     return RunConfig.from_mapping(cfg.to_mapping() | changes, source="simulate --data")
 
 
+def backend_config(
+    client_cpus: float = 1.0, client_gpus: float = 0.0, ray_address: str = ""
+) -> dict[str, Any]:
+    """Flower's Ray backend config: resources per virtual client, and ``ray.init`` arguments.
+
+    Flower passes ``init_args`` to ``ray.init`` only when Ray is not yet initialised in this
+    process (:func:`simulate` disconnects first when a different cluster is asked for).
+    """
+    if client_cpus <= 0:
+        raise ConfigError(f"cpus-per-client={client_cpus}: must be > 0")
+    if client_gpus < 0:
+        raise ConfigError(f"gpus-per-client={client_gpus}: must be >= 0 (e.g. 0.125: 8 per GPU)")
+    init: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
+    if ray_address:  # an existing cluster brings its own CPUs and GPUs
+        init["address"] = ray_address
+    else:  # a private instance: never a `ray start` cluster on this machine
+        init |= {"address": "local", "num_cpus": max(os.cpu_count() or 1, 1)}
+    return {
+        "client_resources": {"num_cpus": client_cpus, "num_gpus": client_gpus},
+        "init_args": init,
+    }
+
+
 def simulate(
     cfg: RunConfig,
     client_cpus: float = 1.0,
     client_app: ClientApp | None = None,
     partition: Partition | None = None,
+    client_gpus: float | None = None,
+    ray_address: str = "",
 ) -> SimulationResult:
     """Run the federation described by ``cfg``: one virtual node per site, or per client of
     ``partition`` (written by :func:`fedlora.simulations.partition.prepare`).
 
     ``client_app`` replaces fedlora's ClientApp (tests use it to plant slow or failing nodes).
+    ``client_cpus`` / ``client_gpus``: Ray resources per virtual client (0 GPUs: clients run on
+    CPU; None: :func:`default_gpus_per_client`). ``ray_address``: run on that existing Ray
+    cluster instead of a private one.
     """
     offline_environment()
     from flwr.simulation import run_simulation
@@ -117,22 +153,24 @@ def simulate(
         node_defaults["partition-dir"] = str(partition.folder)
         node_defaults["personal-state-dir"] = str(Path(cfg.output_dir) / "personal-state")
     run_cfg = cfg.to_mapping() | {"min-available-nodes": n}  # every site joins round 1
-    backend = {
-        "client_resources": {"num_cpus": client_cpus, "num_gpus": 0.0},
-        "init_args": {
-            "num_cpus": max(os.cpu_count() or 1, 1),
-            "include_dashboard": False,
-            "log_to_driver": True,
-        },
-    }
+    if client_gpus is None:
+        client_gpus = default_gpus_per_client(n, ray_address)
+    node_defaults["device"] = "cuda" if client_gpus > 0 else "cpu"
+    backend = backend_config(client_cpus, client_gpus, ray_address)
+    _note_idle_gpu(client_gpus)
     start = time.perf_counter()
-    run_simulation(
-        server_app=make_server_app(run_cfg),
-        client_app=client_app or make_client_app(node_defaults),
-        num_supernodes=n,
-        backend_name="ray",
-        backend_config=backend,
-    )
+    _leave_other_ray(ray_address)
+    try:
+        run_simulation(
+            server_app=make_server_app(run_cfg),
+            client_app=client_app or make_client_app(node_defaults),
+            num_supernodes=n,
+            backend_name="ray",
+            backend_config=backend,
+        )
+    finally:
+        if ray_address:
+            _leave_other_ray("")  # disconnect: the cluster keeps running, this process lets go
     seconds = time.perf_counter() - start
     out = Path(cfg.output_dir)
     history_file = out / "metrics.jsonl"
@@ -149,3 +187,49 @@ def simulate(
     return SimulationResult(
         output_dir=out, adapter_dir=out / "global-adapter", history=history, seconds=seconds
     )
+
+
+_RAY_TARGET: list[str] = []  # the cluster address this process's Ray was last initialised for
+
+
+def _leave_other_ray(address: str) -> None:
+    """Shut this process's Ray down if it is connected elsewhere than ``address`` ("" =
+    private), so that Flower initialises it with the new ``init_args`` (it skips ``ray.init``
+    when Ray is already initialised). Shutting down a connection to an existing cluster only
+    disconnects; the cluster keeps running."""
+    import ray
+
+    if ray.is_initialized() and _RAY_TARGET and _RAY_TARGET[-1] != address:
+        ray.shutdown()
+    elif ray.is_initialized() and not _RAY_TARGET and address:
+        ray.shutdown()  # initialised by someone else: not the cluster asked for
+    _RAY_TARGET[:] = [address]
+
+
+def visible_gpus() -> int:
+    """CUDA GPUs this process sees; 0 without NVIDIA's driver (then torch is not imported)."""
+    gpus = Path("/proc/driver/nvidia/gpus")
+    if not (gpus.is_dir() and any(gpus.iterdir())):
+        return 0
+    import torch
+
+    return int(torch.cuda.device_count())
+
+
+def default_gpus_per_client(clients: int, ray_address: str = "") -> float:
+    """A private run's clients share this machine's GPUs (1/F clients per GPU, at most one GPU
+    each); 0 (CPU) without a GPU, and on a cluster, whose GPUs this process cannot see."""
+    gpus = 0 if ray_address else visible_gpus()
+    share = min(1.0, gpus / max(clients, 1))
+    if share:
+        log.info("%d virtual clients share %d GPU(s): %.3g GPU each", clients, gpus, share)
+    return share
+
+
+def _note_idle_gpu(client_gpus: float) -> None:
+    """One line when this machine has a GPU the virtual clients will not use."""
+    if client_gpus == 0 and visible_gpus():
+        log.info(
+            "A CUDA GPU is visible but gpus-per-client is 0: virtual clients train on CPU "
+            "(give each a share with --gpus-per-client, e.g. 0.25 for four per GPU)"
+        )

@@ -20,7 +20,7 @@ from typing import Any
 
 from fedlora.data.records import Example
 from fedlora.encoding import prompt_and_answers
-from fedlora.prompting import IGNORE, Encoded, answer_logits, collate
+from fedlora.prompting import IGNORE, Encoded, answer_logits, collate, model_device
 
 
 @dataclass
@@ -64,7 +64,9 @@ def label_scores(
 
     width = max(len(a) for a in answers)
     n_lab = len(answers)
-    batch = collate([Encoded(list(p), [0] * len(p), False) for p in prompts], pad_id)
+    dev = model_device(model)
+    rows = collate([Encoded(list(p), [0] * len(p), False) for p in prompts], pad_id)
+    batch = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in rows.items()}
     out = model(
         input_ids=batch["input_ids"],
         attention_mask=batch["attention_mask"],
@@ -75,7 +77,7 @@ def label_scores(
     first = torch.log_softmax(out.logits[:, -1].float(), -1)  # predicts each answer's 1st token
     cache = out.past_key_values
     cache.batch_repeat_interleave(n_lab)
-    cont = torch.full((len(prompts) * n_lab, width), pad_id, dtype=torch.long)
+    cont = torch.full((len(prompts) * n_lab, width), pad_id, dtype=torch.long, device=dev)
     cont_mask = torch.zeros_like(cont)
     for j, ids in enumerate(answers):
         cont[j::n_lab, : len(ids)] = torch.tensor(ids)
@@ -86,7 +88,7 @@ def label_scores(
         attention_mask=torch.cat(
             [batch["attention_mask"].repeat_interleave(n_lab, 0), cont_mask], dim=1
         ),
-        position_ids=lengths[:, None] + torch.arange(width)[None],
+        position_ids=lengths[:, None] + torch.arange(width, device=dev)[None],
         past_key_values=cache,
         use_cache=False,
     )
@@ -98,7 +100,7 @@ def label_scores(
         dim=1,
     )
     picked = logp.gather(-1, cont.unsqueeze(-1)).squeeze(-1) * cont_mask
-    return picked.sum(-1).view(len(prompts), n_lab)
+    return picked.sum(-1).view(len(prompts), n_lab).cpu()
 
 
 def label_accuracy(

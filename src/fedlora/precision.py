@@ -4,12 +4,20 @@ Shared by the rooms that run the model (client training, the server's central ev
 demo's scoring), so that none hard-codes bf16: on a CPU without native bf16 (x86 without
 AVX512-BF16 or AMX, such as AVX2-only EPYCs) PyTorch runs bf16 by conversion, and there one
 training step of the default model took 24x longer than in fp32 (README, "Precision").
+
+``FEDLORA_CPU_BF16=0`` makes :func:`cpu_has_bf16` answer False on any CPU, so a machine with
+native bf16 (AMX, AVX512-BF16) picks what an AVX2-only one picks (fp32 under
+``quantization="auto"``), for measurements; ``FEDLORA_CPU_BF16=1`` or unset keeps the probe.
+The variable is read at every call and must be set in every process that loads a model (Ray
+workers started by a simulation inherit the driver's environment; nodes of a ``ray start``
+cluster inherit the environment of their ``ray start``).
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import os
 import platform
 from typing import TYPE_CHECKING
 
@@ -19,21 +27,62 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def device() -> str:
-    """``"cuda"`` when a CUDA GPU is visible, else ``"cpu"``."""
+DEVICE_ENV = "FEDLORA_DEVICE"
+DEVICES = ("auto", "cpu", "cuda")
+_FELL_BACK: list[bool] = []  # the CPU fallback is logged once per process
+
+
+def device(choice: str | None = None) -> str:
+    """Where models run: ``"cuda"`` or ``"cpu"``. Every place that builds or runs a model asks here.
+
+    ``choice`` (a node's ``device`` setting; empty or None: the ``FEDLORA_DEVICE`` environment
+    variable; unset: ``"auto"``) is one of :data:`DEVICES`. ``auto`` takes CUDA when a GPU is
+    visible and falls back to CPU with one log line per process; ``cpu`` never touches the GPU;
+    ``cuda`` with no visible GPU is a ConfigError (a run meant for a GPU would otherwise take
+    hours on CPU without a word). Inside a Ray simulation, a virtual client sees only the GPU
+    share Ray gave it (``--gpus-per-client``).
+    """
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    from fedlora.errors import ConfigError
+
+    choice = (choice or os.environ.get(DEVICE_ENV, "") or "auto").strip().lower()
+    if choice not in DEVICES:
+        raise ConfigError(f"device={choice!r}: use one of {', '.join(DEVICES)}")
+    if choice == "cpu":
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    if choice == "cuda":
+        raise ConfigError(
+            "device='cuda' but no CUDA GPU is visible here (CUDA_VISIBLE_DEVICES, drivers; in a "
+            "simulation, give virtual clients a GPU share with --gpus-per-client); "
+            "use device='auto' or 'cpu' to run on CPU"
+        )
+    if not _FELL_BACK:
+        _FELL_BACK.append(True)
+        log.info("No CUDA GPU visible: models run on CPU")
+    return "cpu"
 
 
-@functools.cache
+CPU_BF16_ENV = "FEDLORA_CPU_BF16"
+
+
 def cpu_has_bf16() -> bool:
     """Whether this CPU does bf16 arithmetic natively (x86: AVX512-BF16 or AMX; ARM: BF16).
 
     Without it PyTorch still runs bf16, but by conversion, far slower than fp32, so we only
     pick bf16 compute where it is native. (On the 2-core Xeons with AMX, bf16 matmuls ran 2x to
     8x faster than fp32; on a 2-core AVX2 EPYC, a bf16 training step ran 24x slower.)
+    ``FEDLORA_CPU_BF16=0`` answers False without probing (see the module docstring).
     """
+    if os.environ.get(CPU_BF16_ENV, "").strip() == "0":
+        return False
+    return _cpu_probes_bf16()
+
+
+@functools.cache
+def _cpu_probes_bf16() -> bool:
     import torch
 
     for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):

@@ -91,7 +91,8 @@ def answer_logits(model: Any, batch: dict[str, Any]) -> tuple[Any, Any]:
     for a left-padded completion-only batch that is the last few columns instead of every prompt
     token, the same loss for a fraction of the lm_head work; for full-sequence loss or packed
     rows it is (almost) every column. Returns ``(logits [b, k, vocab], targets [b, k])``;
-    targets hold IGNORE where not scored.
+    targets hold IGNORE where not scored. Batches are built on CPU and moved to the model's
+    device here (a no-op on CPU); the targets come back on the logits' device.
     """
     labels = batch["labels"]
     scored = (labels != IGNORE).any(0)
@@ -104,19 +105,29 @@ def answer_logits(model: Any, batch: dict[str, Any]) -> tuple[Any, Any]:
     # copies the whole weight once per row, forward and backward (a third of a training step).
     # A contiguous input keeps it one matrix product, with the same numbers.
     head = model.get_output_embeddings()
+    dev = model_device(model)
     hook = head.register_forward_pre_hook(_contiguous_input) if head is not None else None
     try:
         out = model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            position_ids=batch["position_ids"],
+            input_ids=_on(batch["input_ids"], dev),
+            attention_mask=_on(batch["attention_mask"], dev),
+            position_ids=_on(batch["position_ids"], dev),
             logits_to_keep=k + 1,
             use_cache=False,
         )
     finally:
         if hook is not None:
             hook.remove()
-    return out.logits[:, :-1], labels[:, -k:]
+    return out.logits[:, :-1], labels[:, -k:].to(out.logits.device)
+
+
+def _on(tensor: Any, dev: Any) -> Any:
+    return None if tensor is None else tensor.to(dev)
+
+
+def model_device(model: Any) -> Any:
+    """The device of the model's input embeddings: where its input ids must be."""
+    return model.get_input_embeddings().weight.device
 
 
 def _contiguous_input(module: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
