@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,39 +27,65 @@ from fedlora.simulations.run import SimulationResult, simulate
 log = logging.getLogger(__name__)
 
 
+# Where bf16 is not native the base trains in fp32, 2-3x slower per step (on a 2-core AVX2 EPYC
+# the demo took 24 min). There the demo's sites adapt the top 15 of the default model's 30
+# layers (backward stops below them) on reviews cut to 160 tokens (18% of training reviews are
+# longer; the answer is always kept): 2.3x less CPU per step, same rounds, steps and checks
+# (benchmarks/bench_demo_recipe.py; docs/benchmarks.md, "make demo without native bf16").
+FP32_RECIPE = {"lora-layers": 15, "max-length": 160}
+
+
 @dataclass(frozen=True)
 class DemoOptions:
     eval_samples: int = 150  # first N reviews of the test split, the same for base and tuned
     export: bool = True  # merge, export to ONNX and answer with ONNX Runtime
-    client_cpus: float = 1.0  # CPUs per simulated node (Ray schedules nodes by it)
+    # CPUs per simulated node (Ray schedules nodes by it); 0: all sites at once, sharing the
+    # machine's cores (packed_cpus)
+    client_cpus: float = 0.0
 
     def __post_init__(self) -> None:
         if self.eval_samples < 1:
             raise ConfigError(f"eval-samples={self.eval_samples}: must be >= 1")
-        if self.client_cpus <= 0:
-            raise ConfigError(f"client-cpus={self.client_cpus}: must be > 0")
+        if self.client_cpus < 0:
+            raise ConfigError(f"client-cpus={self.client_cpus}: must be > 0, or 0 for auto")
+
+
+def packed_cpus(sites: int, cpus: int | None = None) -> float:
+    """CPUs per node so that every site trains at once, at most one each.
+
+    Ray runs as many nodes at a time as whole shares fit: with one CPU each, five sites on two
+    cores train in three waves (2 + 2 + 1), and in the last one a core idles. With 2/5 CPU each
+    all five run together (one thread each, time-shared), a round in 2.5 steps' time instead
+    of 3. Rounded down to Ray's resource precision (1e-4), so that the shares always fit.
+    """
+    n = max(cpus or os.cpu_count() or 1, 1)
+    return min(1.0, math.floor(1e4 * n / max(sites, 1)) / 1e4)
 
 
 def evaluate_sample(base_dir: Path, adapter_dir: Path | None, n: int) -> dict[str, Any]:
-    """Label accuracy of the base (plus adapter) on the first ``n`` test reviews, in the
-    machine's fast dtype (bf16 where native, else fp32: :mod:`fedlora.precision`)."""
+    """Label accuracy of the base (plus adapter) on the first ``n`` test reviews, on the GPU
+    when one is visible, in the device's fast dtype (bf16 where native, else fp32:
+    :mod:`fedlora.precision`)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from fedlora.evaluate import label_accuracy
-    from fedlora.precision import compute_dtype
+    from fedlora.precision import compute_dtype, device
     from fedlora.prompting import review_example
 
     reviews = load_split("test")[:n]
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    dev = device()
     if adapter_dir is None:
-        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=compute_dtype())
+        model = AutoModelForCausalLM.from_pretrained(
+            base_dir, dtype=compute_dtype(dev), device_map=dev
+        )
     else:  # merged in fp32, then run in the base's dtype: same cost, same precision
         from peft import PeftModel
 
         model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
         model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
-        model = model.to(compute_dtype())
+        model = model.to(device=dev, dtype=compute_dtype(dev))
     start = time.perf_counter()
     examples = [
         review_example(r.text, r.label, f"drugreview:test:{i + 2}") for i, r in enumerate(reviews)
@@ -91,6 +119,13 @@ def run_demo(cfg: RunConfig, options: DemoOptions) -> dict[str, Any]:
     out = Path(cfg.output_dir)
     with status("Preparing the base model"):
         base_dir = resolve_base_model(cfg.base_model)
+    if all(cfg.to_mapping()[k] == v for k, v in FP32_RECIPE.items()):
+        log.warning(
+            "No native bf16 here: the demo trains in fp32 on its lighter recipe (LoRA on the "
+            "top %d layers, reviews cut to %d tokens)",
+            cfg.lora_layers,
+            cfg.max_length,
+        )
     report.section("1/4 Base model on held-out reviews")
     with status(f"Scoring the base model on {options.eval_samples} reviews"):
         base_eval = evaluate_sample(base_dir, None, options.eval_samples)
@@ -100,7 +135,8 @@ def run_demo(cfg: RunConfig, options: DemoOptions) -> dict[str, Any]:
         f"2/4 Federated fine-tuning: {len(cfg.site_names)} sites, "
         f"{cfg.num_server_rounds} rounds, {cfg.quantization} base"
     )
-    sim: SimulationResult = simulate(cfg, client_cpus=options.client_cpus)
+    cpus = options.client_cpus or packed_cpus(len(cfg.site_names))
+    sim: SimulationResult = simulate(cfg, client_cpus=cpus)
     report.rounds(sim.history)
 
     report.section("3/4 Tuned model (base + global adapter) on the same reviews")

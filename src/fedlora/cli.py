@@ -1,4 +1,4 @@
-"""The ``fedlora`` command line: demo, simulate, export, prepare-base, check-data.
+"""The ``fedlora`` command line: demo, simulate, export, plan, prepare-base, check-data.
 
 Bad input (a wrong model path, a missing data file, a malformed config) ends with one line on
 stderr that says what to fix, and exit status 2; never a traceback.
@@ -6,6 +6,7 @@ stderr that says what to fix, and exit status 2; never a traceback.
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -17,6 +18,8 @@ from fedlora.console import configure as configure_console
 from fedlora.console import verbose_requested
 from fedlora.errors import ConfigError, FedloraError
 from fedlora.export.parity import ATOL, NOISE_FACTOR
+
+log = logging.getLogger(__name__)
 
 cli = typer.Typer(
     add_completion=False,
@@ -64,6 +67,18 @@ _DEMO_DEFAULTS = {
 }
 
 
+def _demo_defaults() -> dict[str, Any]:
+    """The demo's run settings here: the lighter recipe where the base would train in fp32."""
+    import torch
+
+    from fedlora.precision import cpu_has_bf16
+    from fedlora.simulations.demo import FP32_RECIPE
+
+    if torch.cuda.is_available() or cpu_has_bf16():
+        return dict(_DEMO_DEFAULTS)
+    return _DEMO_DEFAULTS | FP32_RECIPE
+
+
 def _load(
     config: Path | None, overrides: dict[str, Any], defaults: dict[str, Any] | None = None
 ) -> tuple[Any, dict[str, Any]]:
@@ -90,7 +105,7 @@ def demo(
     cfg, extra = _load(
         config,
         {"num-server-rounds": rounds, "output-dir": output, "base-model": base_model},
-        _DEMO_DEFAULTS,
+        _demo_defaults(),
     )
     opts = {k.replace("-", "_"): v for k, v in extra.items()}
     if eval_samples is not None:
@@ -144,11 +159,38 @@ def simulate(
     text_column: TextColOpt = "",
     on_bad_record: BadRecordOpt = "stop",
     encoding: EncodingOpt = "utf-8",
+    gpus_per_client: Annotated[
+        float | None,
+        typer.Option(
+            help="GPU share per virtual client (Ray num_gpus; 0.125 packs 8 on one GPU); "
+            "0: clients run on CPU; default: this machine's GPUs shared by the clients "
+            "(none: CPU)"
+        ),
+    ] = None,
+    cpus_per_client: Annotated[
+        float, typer.Option(help="CPUs per virtual client (Ray num_cpus)")
+    ] = 1.0,
+    ray_address: Annotated[
+        str,
+        typer.Option(
+            help="run on this existing Ray cluster (HEAD:6379, from `ray start --head`); "
+            "default: a private Ray instance"
+        ),
+    ] = "",
 ) -> None:
     """Run only the federation on the simulation engine: the packaged sites, or your data
     split across --num-clients clients."""
+    from functools import partial
+
     from fedlora.simulations import report
-    from fedlora.simulations.run import simulate as run_sim
+    from fedlora.simulations.run import simulate
+
+    run_sim = partial(
+        simulate,
+        client_cpus=cpus_per_client,
+        client_gpus=gpus_per_client,
+        ray_address=ray_address,
+    )
 
     overrides = {"num-server-rounds": rounds, "output-dir": output, "base-model": base_model}
     cfg, _ = _load(config, overrides)
@@ -296,6 +338,85 @@ def export(
         graph=graph,
     )
     report.export(exp, first.turns[-2].content, first.turns[-1].content)
+
+
+@cli.command()
+def plan(
+    config: ConfigOpt = None,
+    base_model: Annotated[
+        str | None,
+        typer.Option(help="'default', a model folder, a folder with only config.json, or a file"),
+    ] = None,
+    quantization: Annotated[
+        str | None, typer.Option(help="auto | bf16 | fp32 | nf4 | int8 | quanto-int4 | ...")
+    ] = None,
+    lora_r: Annotated[int | None, typer.Option(help="LoRA rank")] = None,
+    target_modules: Annotated[str | None, typer.Option(help="'all-linear' or names")] = None,
+    lora_layers: Annotated[int | None, typer.Option(help="LoRA on the last N layers")] = None,
+    max_length: Annotated[int | None, typer.Option(help="tokens per row")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="rows per micro-batch")] = None,
+    gradient_checkpointing: Annotated[
+        bool | None, typer.Option("--gradient-checkpointing/--no-gradient-checkpointing")
+    ] = None,
+    device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
+    compute: Annotated[
+        str, typer.Option(help="auto (this machine's native dtype) | bf16 | fp32")
+    ] = "auto",
+    answer_tokens: Annotated[
+        int, typer.Option(help="columns the loss scores (0: every column, the worst case)")
+    ] = 0,
+    memory: Annotated[
+        float | None, typer.Option("--memory", help="GiB the node may use: largest batch")
+    ] = None,
+    tflops: Annotated[
+        float | None, typer.Option(help="achieved TFLOP/s of the device (default: measured CPU)")
+    ] = None,
+    allocator: Annotated[
+        str,
+        typer.Option(
+            help="CPU nodes: glibc (its defaults: adds an allowance for freed memory it keeps) "
+            "or fixed (nodes run with MALLOC_MMAP_THRESHOLD_=131072)"
+        ),
+    ] = "glibc",
+    plain: Annotated[bool, typer.Option(help="plain text instead of a table")] = False,
+) -> None:
+    """Memory, traffic and time of one node per round, from the config alone (no weights)."""
+    from fedlora.basemodel import resolve_base_model
+    from fedlora.planner import make_plan, table, with_budget
+    from fedlora.planner import plain as plain_text
+
+    overrides = {
+        "base-model": base_model,
+        "quantization": quantization,
+        "lora-r": lora_r,
+        "target-modules": target_modules,
+        "lora-layers": lora_layers,
+        "max-length": max_length,
+        "batch-size": batch_size,
+        "gradient-checkpointing": gradient_checkpointing,
+    }
+    cfg, _ = _load(config, overrides)
+    given = Path(cfg.base_model)
+    base = resolve_base_model("default") if cfg.base_model == "default" else given
+    if memory is not None and memory <= 0:
+        raise ConfigError(f"--memory {memory}: give the node's memory in GiB, > 0")
+    found = make_plan(
+        cfg,
+        base,
+        device=device,
+        compute=compute,
+        answer_tokens=answer_tokens,
+        tflops=tflops,
+        allocator=allocator,
+    )
+    if memory is not None:
+        found = with_budget(found, int(memory * 2**30))
+    if plain:
+        typer.echo(plain_text(found))
+    else:
+        from rich.console import Console
+
+        Console(highlight=False).print(table(found))
 
 
 @cli.command("prepare-base")
