@@ -5,7 +5,7 @@ Usage::
     .venv/bin/python benchmarks/plan_check.py                 # default model, 0.5B and 1B
     .venv/bin/python benchmarks/plan_check.py --models default --steps 2
 
-Each run is a fresh subprocess (its own peak RSS, ``ru_maxrss``) that trains the way a node does:
+Each run is a fresh subprocess (its own peak RSS, ``VmHWM``) that trains the way a node does:
 ``fedlora.client.quantization.load_base`` (the node's loader), peft's LoRA from the run config
 (r=8 on every linear layer), ``fedlora.client.train.train_lora`` (AdamW, eager attention on CPU,
 bf16 autocast of the LoRA path) on batches of the default run config's shape (batch-size rows
@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -69,7 +68,11 @@ TOLERANCE = 0.15
 
 
 def _peak() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    """This process's peak RSS (VmHWM). Not ``ru_maxrss``: Linux carries a forking parent's
+    resident set into the child's across fork and exec, so a child of a large process (a test
+    run) reported the parent's 5.7 GB for a model of a few hundred MB."""
+    status = Path("/proc/self/status").read_text().splitlines()
+    return int(next(x for x in status if x.startswith("VmHWM:")).split()[1]) * 1024  # KiB
 
 
 def worker(job: dict[str, Any]) -> dict[str, Any]:

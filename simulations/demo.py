@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 # Where bf16 is not native the base trains in fp32, 2-3x slower per step (on a 2-core AVX2 EPYC
 # the demo took 24 min). There the demo's sites adapt the top 15 of the default model's 30
 # layers (backward stops below them) on reviews cut to 160 tokens (18% of training reviews are
-# longer; the answer is always kept): 2.3x less CPU per step, same rounds, steps and checks
+# longer; the answer is always kept): 1.8x less CPU per step, same rounds, steps and checks
 # (benchmarks/bench_demo_recipe.py; docs/benchmarks.md, "make demo without native bf16").
 FP32_RECIPE = {"lora-layers": 15, "max-length": 160}
 

@@ -202,9 +202,11 @@ def test_secagg_limbs_are_all_the_plan_leaves_out() -> None:
 
 
 WORKER = """
-import json, resource, sys
+import json, sys
 from pathlib import Path
-def peak(): return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def peak():  # VmHWM: this process's own high-water mark (ru_maxrss keeps the forking parent's)
+    status = Path("/proc/self/status").read_text().splitlines()
+    return int(next(l for l in status if l.startswith("VmHWM:")).split()[1]) * 1024
 import torch
 from peft import get_peft_model
 from fedlora.client.quantization import load_base
