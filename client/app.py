@@ -23,6 +23,7 @@ from flwr.common import Error
 
 from fedlora.client.dp_ledger import BudgetExceeded, Charge, LedgerSettings, check_budget
 from fedlora.client.dp_ledger import charge as charge_ledger
+from fedlora.client.memory_plan import round_checkpointing
 from fedlora.client.node import (
     DATA_KEYS,
     NodeSettings,
@@ -323,7 +324,9 @@ def run_round(
         schedule=rc.lr_schedule,
         max_grad_norm=rc.max_grad_norm,
         weight_decay=rc.weight_decay,
-        gradient_checkpointing=rc.gradient_checkpointing,
+        gradient_checkpointing=round_checkpointing(
+            node.model, node.spec, rc, lora, settings.memory_gib
+        ),
     )
     global_adapter, received = load_adapter(node, message_content, rc, state, settings)
     set_trainable(node.model, rc.train_factors)

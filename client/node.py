@@ -72,6 +72,9 @@ class NodeSettings:
     # where the model runs: auto | cpu | cuda; "" = FEDLORA_DEVICE, else auto
     # (fedlora.precision.device)
     device: str = ""
+    # memory this node may train in, GiB (RAM on CPU, GPU memory on CUDA): a round whose step
+    # fits it only with gradient checkpointing turns it on (client/memory_plan.py); 0 = off
+    memory_gib: float = 0.0
 
     @property
     def site_id(self) -> int:
@@ -130,6 +133,7 @@ class NodeSettings:
                 partition_id=partition_id,
                 personal_dir=str(merged.get("personal-state-dir", "") or ""),
                 device=str(merged.get("device", "") or ""),
+                memory_gib=float(merged.get("memory-gib", 0.0)),
             )
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"node settings: {exc}") from None
@@ -137,6 +141,8 @@ class NodeSettings:
     def __post_init__(self) -> None:
         if not 0 <= self.eval_fraction < 1:
             raise ConfigError(f"eval-fraction={self.eval_fraction}: must be in [0, 1)")
+        if not 0 <= self.memory_gib < float("inf"):
+            raise ConfigError(f"memory-gib={self.memory_gib}: must be >= 0 (0: no check)")
         if not 0 <= self.dp_min_noise_multiplier < float("inf"):
             raise ConfigError(
                 f"dp-min-noise-multiplier={self.dp_min_noise_multiplier}: must be a number >= 0"
