@@ -325,7 +325,7 @@ def run_round(
         max_grad_norm=rc.max_grad_norm,
         weight_decay=rc.weight_decay,
         gradient_checkpointing=round_checkpointing(
-            node.model, node.spec, rc, lora, settings.memory_gib
+            node.model, node.spec, rc, lora, settings.memory_gib, settings.quantization
         ),
     )
     global_adapter, received = load_adapter(node, message_content, rc, state, settings)

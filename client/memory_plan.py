@@ -17,19 +17,31 @@ from typing import Any
 
 from fedlora.errors import ConfigError
 from fedlora.lora import LoraSettings
-from fedlora.plan import Budget, ModelShape, StepSettings, needs_gradient_checkpointing
+from fedlora.plan import (
+    GIB,
+    Budget,
+    ModelShape,
+    StepSettings,
+    adapted_layers,
+    needs_gradient_checkpointing,
+)
+from fedlora.planner import resolve_auto
 from fedlora.protocol.adapter import AdapterSpec, factor_of
 from fedlora.protocol.messages import RoundConfig
 
 log = logging.getLogger(__name__)
 
-GIB = 2**30
-
 
 def round_checkpointing(
-    model: Any, spec: AdapterSpec, rc: RoundConfig, lora: LoraSettings, memory_gib: float
+    model: Any,
+    spec: AdapterSpec,
+    rc: RoundConfig,
+    lora: LoraSettings,
+    memory_gib: float,
+    quantization: str = "auto",
 ) -> bool:
-    """Whether this round trains with gradient checkpointing (see the module docstring)."""
+    """Whether this round trains with gradient checkpointing (see the module docstring);
+    ``quantization``: the node's setting, as its base was loaded."""
     if rc.gradient_checkpointing or memory_gib <= 0:
         return rc.gradient_checkpointing
     try:
@@ -43,7 +55,7 @@ def round_checkpointing(
         length=rc.max_length,
         scored=rc.max_length,  # the worst case: every column scored
         lora_r=rc.lora_r,
-        targets=tuple(sorted({n.split(".lora_")[0].rsplit(".", 1)[1] for n in spec})),
+        targets=adapted_layers(spec),
         dropout=rc.lora_dropout > 0,
         device=weight.device.type,
         grad_layers=lora.layers,
@@ -54,8 +66,8 @@ def round_checkpointing(
         adapter_params=sum(sizes.values()),
         trained_params=sum(v for n, v in sizes.items() if factor_of(n) in rc.train_factors),
     )
-    quantization = _weights(model)
-    if not needs_gradient_checkpointing(shape, step, quantization, budget):
+    weights = resolve_auto(quantization, step.device)
+    if not needs_gradient_checkpointing(shape, step, weights, budget):
         return False
     log.info(
         "Round %d: batch %d x %d tokens fits memory-gib=%s only with gradient checkpointing "
@@ -66,15 +78,3 @@ def round_checkpointing(
         memory_gib,
     )
     return True
-
-
-def _weights(model: Any) -> str:
-    """The planner's name for how the loaded base holds its weights."""
-    config = getattr(model.config, "quantization_config", None)
-    if config is None:
-        return "auto"  # plain weights in the compute dtype
-    if getattr(config, "load_in_4bit", False):
-        return "nf4"
-    if getattr(config, "load_in_8bit", False):
-        return "int8"
-    return "auto"

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedlora.errors import ConfigError
+from fedlora.precision import auto_backend as resolve_auto
 from fedlora.precision import compute_dtype, device
 
 if TYPE_CHECKING:
@@ -94,12 +95,6 @@ def get_backend(name: str) -> Backend:
 def available_backends() -> list[str]:
     """Names of the backends that can run on this machine (imports their libraries)."""
     return [name for name, backend in BACKENDS.items() if backend.available() is None]
-
-
-def resolve_auto(dev: str) -> str:
-    """The backend ``quantization="auto"`` means on ``dev``: ``nf4`` on CUDA, else ``auto``
-    (plain weights in the CPU's fast dtype)."""
-    return "nf4" if dev.startswith("cuda") else "auto"
 
 
 def describe_auto(dev: str, dtype: torch.dtype) -> str:

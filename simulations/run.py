@@ -84,7 +84,7 @@ def backend_config(
     """Flower's Ray backend config: resources per virtual client, and ``ray.init`` arguments.
 
     Flower passes ``init_args`` to ``ray.init`` only when Ray is not yet initialised in this
-    process (:func:`simulate` disconnects first when a different cluster is asked for).
+    process (:func:`simulate` shuts down a Ray left initialised here first).
     """
     if client_cpus <= 0:
         raise ConfigError(f"cpus-per-client={client_cpus}: must be > 0")
@@ -159,18 +159,14 @@ def simulate(
     backend = backend_config(client_cpus, client_gpus, ray_address)
     _note_idle_gpu(client_gpus)
     start = time.perf_counter()
-    _leave_other_ray(ray_address)
-    try:
-        run_simulation(
-            server_app=make_server_app(run_cfg),
-            client_app=client_app or make_client_app(node_defaults),
-            num_supernodes=n,
-            backend_name="ray",
-            backend_config=backend,
-        )
-    finally:
-        if ray_address:
-            _leave_other_ray("")  # disconnect: the cluster keeps running, this process lets go
+    _fresh_ray()
+    run_simulation(
+        server_app=make_server_app(run_cfg),
+        client_app=client_app or make_client_app(node_defaults),
+        num_supernodes=n,
+        backend_name="ray",
+        backend_config=backend,
+    )
     seconds = time.perf_counter() - start
     out = Path(cfg.output_dir)
     history_file = out / "metrics.jsonl"
@@ -189,21 +185,14 @@ def simulate(
     )
 
 
-_RAY_TARGET: list[str] = []  # the cluster address this process's Ray was last initialised for
-
-
-def _leave_other_ray(address: str) -> None:
-    """Shut this process's Ray down if it is connected elsewhere than ``address`` ("" =
-    private), so that Flower initialises it with the new ``init_args`` (it skips ``ray.init``
-    when Ray is already initialised). Shutting down a connection to an existing cluster only
-    disconnects; the cluster keeps running."""
+def _fresh_ray() -> None:
+    """Shut down a Ray that other code left initialised in this process: Flower passes
+    ``init_args`` (the private instance or the cluster asked for) to ``ray.init`` only when Ray
+    is not initialised, and shuts Ray down itself when a run ends."""
     import ray
 
-    if ray.is_initialized() and _RAY_TARGET and _RAY_TARGET[-1] != address:
+    if ray.is_initialized():
         ray.shutdown()
-    elif ray.is_initialized() and not _RAY_TARGET and address:
-        ray.shutdown()  # initialised by someone else: not the cluster asked for
-    _RAY_TARGET[:] = [address]
 
 
 def visible_gpus() -> int:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -136,6 +136,11 @@ class ModelShape:
     @property
     def params(self) -> int:
         return self.linear_params + self.other_params
+
+
+def adapted_layers(names: Iterable[str]) -> tuple[str, ...]:
+    """The linear layers an adapter's LoRA tensor names adapt (``q_proj``, ...), sorted."""
+    return tuple(sorted({n.split(".lora_")[0].rsplit(".", 1)[1] for n in names}))
 
 
 def read_shape(path: Path) -> ModelShape:

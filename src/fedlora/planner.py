@@ -29,6 +29,7 @@ from fedlora.plan import (
     ModelShape,
     StepSettings,
     Traffic,
+    adapted_layers,
     largest_batch,
     memory,
     needs_gradient_checkpointing,
@@ -76,8 +77,10 @@ class Plan:
 
 def resolve_auto(quantization: str, device: str) -> str:
     """What ``quantization`` means on ``device``: "auto" is nf4 on CUDA, plain weights on CPU
-    (client/quantization.py's ``resolve_auto``; tests/test_plan.py keeps the two in step)."""
-    return "nf4" if quantization == "auto" and device == "cuda" else quantization
+    (:func:`fedlora.precision.auto_backend`, which nodes load by)."""
+    from fedlora.precision import auto_backend
+
+    return auto_backend(device) if quantization == "auto" else quantization
 
 
 def compute_dtype(quantization: str, device: str, compute: str) -> str:
@@ -110,10 +113,6 @@ def lora_sizes(base: Path, cfg: RunConfig) -> tuple[dict[str, tuple[int, ...]], 
     return shapes, train, send
 
 
-def _factor(name: str) -> str:
-    return name.rsplit(".lora_", 1)[1][0]
-
-
 def _weight_files(base: Path) -> int | None:
     files = list(base.glob("*.safetensors")) if base.is_dir() else []
     return sum(f.stat().st_size for f in files) or None
@@ -132,6 +131,8 @@ def make_plan(
     """The plan of one node of the run ``cfg`` on the base model at ``base`` (a model folder,
     a folder holding only config.json, or a config.json file). ``answer_tokens``: columns the
     loss scores (0: every column, the worst case of max-length rows all answer)."""
+    from fedlora.protocol.adapter import factor_of
+
     if device not in DEVICES:
         raise ConfigError(f"--device {device!r}: use one of {', '.join(DEVICES)}")
     if compute not in COMPUTES:
@@ -142,7 +143,7 @@ def make_plan(
         raise ConfigError("--answer-tokens must be >= 0 and --tflops > 0")
     shape = read_shape(base)
     shapes, train, send = lora_sizes(base, cfg)
-    targets = tuple(sorted({n.split(".lora_")[0].rsplit(".", 1)[1] for n in shapes}))
+    targets = adapted_layers(shapes)
     indices = [int(m.group(1)) for n in shapes if (m := re.search(r"\.layers\.(\d+)\.", n))]
     quantization = resolve_auto(cfg.quantization, device)
     dtype = compute_dtype(quantization, device, compute)
@@ -160,8 +161,8 @@ def make_plan(
         allocator=allocator,
     )
     adapter = sum(math.prod(s) for s in shapes.values())
-    trained = sum(math.prod(s) for n, s in shapes.items() if _factor(n) in train)
-    sent = {n: s for n, s in shapes.items() if _factor(n) in send}
+    trained = sum(math.prod(s) for n, s in shapes.items() if factor_of(n) in train)
+    sent = {n: s for n, s in shapes.items() if factor_of(n) in send}
     codec = "none" if cfg.secure_aggregation else cfg.codec  # server/app.py: wire_codec
     budget = Budget(0, adapter, trained)
     speed, source = _throughput(device, dtype, tflops)

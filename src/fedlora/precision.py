@@ -65,6 +65,12 @@ def device(choice: str | None = None) -> str:
     return "cpu"
 
 
+def auto_backend(dev: str) -> str:
+    """The backend ``quantization="auto"`` means on ``dev``: ``nf4`` on CUDA (QLoRA), else
+    ``auto`` (plain weights in the CPU's fast dtype). Nodes load it, the planner plans it."""
+    return "nf4" if dev.startswith("cuda") else "auto"
+
+
 CPU_BF16_ENV = "FEDLORA_CPU_BF16"
 
 
