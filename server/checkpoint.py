@@ -1,4 +1,5 @@
-"""Write the global adapter as a standard PEFT adapter folder, atomically.
+"""Write the global adapter as a standard PEFT adapter folder, atomically; check a saved
+server checkpoint before a resume uses it.
 
 ``adapter_model.safetensors`` + ``adapter_config.json``: ``peft.PeftModel.from_pretrained(base,
 folder)`` loads it as it is. A folder is written under a temporary name and renamed into place,
@@ -10,6 +11,7 @@ PEFT ignores that file and the export adds it to the base weights.
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import save_file
 
+from fedlora.errors import FileFormatError
 from fedlora.lora import RESIDUAL_FILE, LoraSettings, fold_sb
 from fedlora.savedfiles import atomic_folder
 
@@ -50,3 +53,63 @@ def save_adapter(
         if metadata:
             (tmp / "fedlora.json").write_text(json.dumps(dict(metadata), indent=2))
     return folder
+
+
+# The dtype of each part of ``state.safetensors`` (fedlora.server.state), by name prefix.
+STATE_DTYPES = {"global/": "float32", "residual/": "float32", "optimizer/": "float64"}
+OPTIMIZER_STEP = "optimizer/step"  # int64, one value
+
+
+def check_checkpoint(meta: Any, arrays: Mapping[str, np.ndarray], where: Path, fix: str) -> None:
+    """Raise a one-line FileFormatError unless ``state.json``'s ``meta`` and the arrays of
+    ``state.safetensors`` are a checkpoint a resume can use (types, dtypes, shapes, history)."""
+    problem = _meta_problem(meta) or _arrays_problem(arrays)
+    if problem:
+        raise FileFormatError(f"{where} holds an incomplete checkpoint ({problem}): {fix}")
+
+
+def _meta_problem(meta: Any) -> str:
+    if not isinstance(meta, dict):
+        return "state.json is not an object"
+    missing = [
+        k for k in ("completed-round", "history", "settings", "python-random") if k not in meta
+    ]
+    if missing:
+        return f"state.json lacks {', '.join(missing)}"
+    done = meta["completed-round"]
+    if not isinstance(done, int) or isinstance(done, bool) or done < 0:
+        return f"completed-round={str(done)[:20]} is not a round number"
+    if not isinstance(meta["settings"], dict):
+        return "settings is not an object"
+    history = meta["history"]
+    if not isinstance(history, list) or not all(
+        isinstance(h, dict) and isinstance(h.get("round"), int) for h in history
+    ):
+        return "history is not a list of rounds, each with its round number"
+    value = meta["python-random"]
+    if value is not None:
+        try:
+            version, internal, gauss = value
+            random.Random().setstate((version, tuple(internal), gauss))
+        except (TypeError, ValueError, OverflowError):
+            return "python-random is not a state of Python's random module"
+    return ""
+
+
+def _arrays_problem(arrays: Mapping[str, np.ndarray]) -> str:
+    shapes = {k[len("global/") :]: v.shape for k, v in arrays.items() if k.startswith("global/")}
+    for name, value in arrays.items():
+        if name == OPTIMIZER_STEP:
+            if value.dtype != np.int64 or value.size != 1 or int(value.reshape(-1)[0]) < 0:
+                return f"{name} is not one int64 step count"
+            continue
+        want = next((d for p, d in STATE_DTYPES.items() if name.startswith(p)), None)
+        if want is None:
+            return f"tensor {name} is not part of a checkpoint"
+        if value.dtype.name != want:
+            return f"tensor {name} is {value.dtype.name}, expected {want}"
+        if name.startswith(("optimizer/m/", "optimizer/v/")):
+            of = name[len("optimizer/m/") :]
+            if shapes.get(of) != value.shape:
+                return f"tensor {name} has shape {value.shape}, the adapter's {of} {shapes.get(of)}"
+    return ""

@@ -21,6 +21,7 @@ from safetensors.numpy import save_file
 from fedlora.config import RunConfig
 from fedlora.errors import ConfigError, FileFormatError
 from fedlora.savedfiles import atomic_folder, load_safetensors, read_json
+from fedlora.server.checkpoint import check_checkpoint
 from fedlora.server.strategies import OptimizerState
 
 Arrays = dict[str, np.ndarray]
@@ -77,8 +78,9 @@ def load_state(out_dir: Path) -> ServerState | None:
         f"the checkpoint is truncated or corrupted; delete {folder} to start the run over "
         f"(or set resume=false), or restore it from a backup"
     )
-    meta = read_json(folder / "state.json", fix)
-    arrays = load_safetensors(folder / "state.safetensors", fix)
+    meta = read_json(folder / "state.json", fix, allow_nonfinite=True)  # a NaN figure in history
+    arrays = load_safetensors(folder / "state.safetensors", fix, ("float32", "float64", "int64"))
+    check_checkpoint(meta, arrays, folder, fix)
 
     def part(prefix: str) -> Arrays:
         return {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}

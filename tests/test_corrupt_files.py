@@ -50,7 +50,9 @@ def test_corrupted_adapter_weights_are_one_line(tmp_path, tiny_model_dir, corrup
 
 
 def _state(tmp_path: Path) -> Path:
-    save_state(tmp_path, ServerState(completed_round=1, global_adapter={A: np.ones((2, 2))}))
+    save_state(
+        tmp_path, ServerState(completed_round=1, global_adapter={A: np.ones((2, 2), np.float32)})
+    )
     return tmp_path / "server-state"
 
 
