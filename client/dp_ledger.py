@@ -31,7 +31,8 @@ from typing import Any
 
 from flwr.app import ConfigRecord, RecordDict
 
-from fedlora.errors import ConfigError
+from fedlora.errors import ConfigError, FileFormatError
+from fedlora.readback import parse_json, read_json
 from fedlora.savedfiles import atomic_file
 
 log = logging.getLogger(__name__)
@@ -111,17 +112,51 @@ class NodeLedger:
         )
 
     @classmethod
-    def from_json(cls, text: str, where: str) -> NodeLedger:
-        try:
-            data = json.loads(text)
-            if data.get("version") != LEDGER_VERSION:
-                raise ValueError(f"version {data.get('version')!r}, expected {LEDGER_VERSION}")
-            return cls(delta=float(data["delta"]), charges=[Charge(**c) for c in data["charges"]])
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ConfigError(
-                f"{where}: not a fedlora DP ledger ({exc}); move it aside to start a new one "
-                f"(its charges would then be forgotten)"
-            ) from None
+    def from_data(cls, data: Any, where: str) -> NodeLedger:
+        """The ledger in ``data`` (parsed JSON), checked field by field; a FileFormatError
+        naming ``where`` otherwise."""
+        problem = _ledger_problem(data)
+        if problem:
+            raise FileFormatError(f"{where}: not a fedlora DP ledger ({problem}); {LEDGER_FIX}")
+        charges = [Charge(**{k: c[k] for k in _CHARGE_FIELDS}) for c in data["charges"]]
+        return cls(delta=float(data["delta"]), charges=charges)
+
+
+LEDGER_FIX = "move it aside to start a new one (its charges would then be forgotten)"
+_CHARGE_FIELDS = ("round", "noise_multiplier", "expected_clients", "clip_norm")
+
+
+def _number(value: Any, low: float, integer: bool = False) -> bool:
+    """Whether ``value`` is a finite JSON number >= ``low`` (an int where ``integer``)."""
+    kinds = (int,) if integer else (int, float)
+    return (
+        isinstance(value, kinds)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value >= low
+    )
+
+
+def _ledger_problem(data: Any) -> str:
+    if not isinstance(data, dict):
+        return "not a JSON object"
+    if data.get("version") != LEDGER_VERSION:
+        return f"version {str(data.get('version'))[:20]}, expected {LEDGER_VERSION}"
+    if not _number(data.get("delta"), 0.0) or not 0 < data["delta"] < 1:
+        return "delta is not a number in (0, 1)"
+    charges = data.get("charges")
+    if not isinstance(charges, list):
+        return "charges is not a list"
+    for i, c in enumerate(charges):
+        if not (
+            isinstance(c, dict)
+            and _number(c.get("round"), 0, integer=True)
+            and _number(c.get("noise_multiplier"), 0.0)
+            and _number(c.get("expected_clients"), 1, integer=True)
+            and _number(c.get("clip_norm"), 0.0)
+        ):
+            return f"charge {i} is not a charge ({', '.join(_CHARGE_FIELDS)})"
+    return ""
 
 
 @dataclass(frozen=True)
@@ -154,9 +189,16 @@ def load(settings: LedgerSettings, state: RecordDict | None) -> NodeLedger:
         path = Path(settings.path)
         if not path.exists():
             return NodeLedger(delta=settings.delta)
-        ledger = NodeLedger.from_json(path.read_text(), str(path))
+        # Python writes an epsilon of inf as Infinity: allowed here, the figures are not read
+        data = read_json(path, f"not a fedlora DP ledger; {LEDGER_FIX}", allow_nonfinite=True)
+        ledger = NodeLedger.from_data(data, str(path))
     elif state is not None and STATE_KEY in state.config_records:
-        ledger = NodeLedger.from_json(str(state.config_records[STATE_KEY]["json"]), "node state")
+        text = str(state.config_records[STATE_KEY].get("json", ""))
+        try:
+            data = parse_json(text, allow_nonfinite=True)
+        except ValueError as exc:
+            raise FileFormatError(f"node state: not a fedlora DP ledger ({exc})") from None
+        ledger = NodeLedger.from_data(data, "node state")
     else:
         return NodeLedger(delta=settings.delta)
     ledger.delta = settings.delta

@@ -30,6 +30,7 @@ from fedlora.errors import ConfigError, DataError
 from fedlora.lora import R_WEIGHT, LoraSettings
 from fedlora.prompting import Encoded, review_example
 from fedlora.protocol.adapter import AdapterSpec, spec_of
+from fedlora.readback import load_npz
 from fedlora.savedfiles import atomic_file
 
 log = logging.getLogger(__name__)
@@ -260,10 +261,13 @@ def load_personal(settings: NodeSettings, kind: str = "") -> dict[str, np.ndarra
     """This node's personal factors (or another ``kind`` of its state, e.g. the downlink's
     copy) from ``personal_dir`` (None before its first round)."""
     path = _personal_path(settings, kind)
-    if not path.is_file():
+    if not path.exists():
         return None
-    with np.load(path) as f:
-        return {k: f[k] for k in f.files}
+    fix = (
+        "this node's saved state is corrupted; move the file aside (the node then starts that "
+        "state afresh) or restore it from a backup"
+    )
+    return load_npz(path, fix, ("float32", "float64"))  # the downlink's version is float64
 
 
 def save_personal(settings: NodeSettings, arrays: Mapping[str, np.ndarray], kind: str = "") -> None:

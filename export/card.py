@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedlora.readback import parse_json
+
 CARD_VERSION = 1
 CARD_JSON, CARD_MD = "model-card.json", "MODEL_CARD.md"
 
@@ -69,8 +71,9 @@ def weight_hashes(folder: Path) -> dict[str, str]:
 
 
 def _read_json(path: Path) -> Any:
+    """What a run file says, or None when it is missing or unusable (the card then omits it)."""
     try:
-        return json.loads(path.read_text())
+        return parse_json(path.read_text(encoding="utf-8"), allow_nonfinite=True)
     except (OSError, ValueError):
         return None
 
@@ -107,9 +110,11 @@ def federation_of(adapter_dir: Path) -> dict[str, Any]:
     if metrics.is_file():
         for line in metrics.read_text().splitlines():
             try:
-                history.append(json.loads(line))
+                record = parse_json(line, allow_nonfinite=True)
             except ValueError:
                 continue
+            if isinstance(record, dict):
+                history.append(record)
     sites: set[str] = set()
     for record in history:
         if isinstance(record.get("sites"), dict):

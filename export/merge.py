@@ -9,24 +9,29 @@ folder (safetensors, config, generation config, tokenizer) that any exporter can
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
 from fedlora.basemodel import check_model_dir
-from fedlora.errors import FedloraError
+from fedlora.errors import FedloraError, FileFormatError
 from fedlora.lora import RESIDUAL_FILE
-from fedlora.savedfiles import check_safetensors, load_safetensors
+from fedlora.readback import load_safetensors, read_json
 
 log = logging.getLogger(__name__)
 
 ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PICKLED_WEIGHTS = "adapter_model.bin"  # torch.save's pickle: refused, never opened
 
 
 def check_adapter_dir(adapter_dir: Path) -> Path:
-    """Fail with a one-line :class:`FedloraError` unless ``adapter_dir`` is a PEFT LoRA folder."""
+    """Fail with a one-line :class:`FedloraError` unless ``adapter_dir`` is a PEFT LoRA folder
+    whose settings are in range and whose tensors are finite floats (a NaN names its tensor).
+
+    Only safetensors weights are read: ``adapter_model.bin`` is a pickle (``torch.save``), which
+    can run code when loaded, and is refused.
+    """
     adapter_dir = Path(adapter_dir)
     hint = "give the folder written by PeftModel.save_pretrained (adapter_config.json + weights)"
     if not adapter_dir.exists():
@@ -38,26 +43,50 @@ def check_adapter_dir(adapter_dir: Path) -> Path:
         raise FedloraError(
             f"{adapter_dir} has no {ADAPTER_CONFIG}: it is not a PEFT adapter folder; {hint}"
         )
-    try:
-        config = json.loads(config_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise FedloraError(
-            f"{config_file} is not valid JSON ({exc}): re-save the adapter"
-        ) from None
+    config = read_json(config_file, "re-save the adapter")
+    problem = _config_problem(config)
+    if problem:
+        raise FileFormatError(f"{config_file}: {problem}; re-save the adapter")
+    weights = adapter_dir / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        if (adapter_dir / PICKLED_WEIGHTS).is_file():
+            raise FileFormatError(
+                f"{adapter_dir / PICKLED_WEIGHTS} is a pickle (torch.save), which can run code "
+                f"when loaded, and fedlora does not open it: convert it to {ADAPTER_WEIGHTS} "
+                f"where you trust it (PeftModel.save_pretrained(folder) writes safetensors)"
+            )
+        raise FedloraError(f"{adapter_dir} holds no adapter weights ({ADAPTER_WEIGHTS}): {hint}")
+    fix = "the file is truncated or corrupted; copy the adapter folder again or re-save it"
+    for name in (ADAPTER_WEIGHTS, RESIDUAL_FILE):
+        if (adapter_dir / name).is_file():
+            load_safetensors(adapter_dir / name, fix, ("float32", "float16"))
+    return adapter_dir
+
+
+MAX_RANK = 1 << 16  # a LoRA rank fedlora merges (ranks beyond a layer's width add nothing)
+
+
+def _config_problem(config: Any) -> str:
+    """What is wrong with an adapter_config.json's LoRA settings ("" if nothing)."""
     if not isinstance(config, dict) or str(config.get("peft_type", "")).upper() != "LORA":
         peft_type = config.get("peft_type") if isinstance(config, dict) else None
-        raise FedloraError(
-            f"{config_file}: peft_type={peft_type!r} is not a LoRA adapter; "
-            f"only LoRA adapters can be merged"
-        )
-    if not any((adapter_dir / name).is_file() for name in ADAPTER_WEIGHTS):
-        weights = " or ".join(ADAPTER_WEIGHTS)
-        raise FedloraError(f"{adapter_dir} holds no adapter weights ({weights}): {hint}")
-    fix = "the file is truncated or corrupted; copy the adapter folder again or re-save it"
-    for name in (ADAPTER_WEIGHTS[0], RESIDUAL_FILE):
-        if (adapter_dir / name).is_file():
-            check_safetensors(adapter_dir / name, fix)
-    return adapter_dir
+        return f"peft_type={str(peft_type)[:20]!r} is not a LoRA adapter; only LoRA merges"
+    r, alpha = config.get("r"), config.get("lora_alpha", 8)
+    if not isinstance(r, int) or isinstance(r, bool) or not 1 <= r <= MAX_RANK:
+        return f"r={str(r)[:20]} is not a LoRA rank (an integer in [1, {MAX_RANK}])"
+    if not isinstance(alpha, int | float) or isinstance(alpha, bool) or not 0 < alpha < 1e6:
+        return f"lora_alpha={str(alpha)[:20]} is not a number in (0, 1e6)"
+    targets = config.get("target_modules")
+    if not (
+        targets is None
+        or isinstance(targets, str)
+        or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))
+    ):
+        return "target_modules is not a name or a list of names"
+    dropout = config.get("lora_dropout", 0.0)
+    if not isinstance(dropout, int | float) or not 0 <= dropout < 1:
+        return f"lora_dropout={str(dropout)[:20]} is not a number in [0, 1)"
+    return ""
 
 
 def _brief(exc: BaseException, limit: int = 240) -> str:

@@ -161,3 +161,178 @@ def test_a_hostile_npz_file_is_one_line(tmp_path, write, expected):
 
 def test_typed_errors_are_fedlora_errors():
     assert issubclass(FileFormatError, FedloraError)
+
+
+# ---- the DP ledger ---------------------------------------------------------------------------
+
+
+def _ledger_settings(path: Path):
+    from fedlora.client.dp_ledger import LedgerSettings
+
+    return LedgerSettings(path=str(path), max_epsilon=10.0)
+
+
+@pytest.mark.parametrize(
+    "write, expected",
+    [
+        (lambda p: p.write_text("[]"), "not a JSON object"),
+        (lambda p: p.write_text("null"), "not a JSON object"),
+        (lambda p: p.write_bytes(b"\x00\xff\xfe binary"), "not valid JSON"),
+        (lambda p: p.mkdir(), "not valid JSON"),
+        (lambda p: p.write_text("[" * 10_000), "not valid JSON"),
+        (lambda p: p.write_text('{"version": 1, "delta": 1e-5, "charges": {}}'), "charges"),
+        (lambda p: p.write_text('{"version": 1, "delta": 1e-5, "charges": [1]}'), "charge 0"),
+        (
+            lambda p: p.write_text(
+                '{"version": 1, "delta": 1e-5, "charges": [{"round": 1, "noise_multiplier": '
+                'NaN, "expected_clients": 2, "clip_norm": 1.0}]}'
+            ),
+            "charge 0",
+        ),
+        (lambda p: p.write_text('{"version": 1, "delta": 7, "charges": []}'), "delta"),
+    ],
+)
+def test_a_hostile_dp_ledger_is_one_line(tmp_path, write, expected):
+    from fedlora.client import dp_ledger
+
+    path = tmp_path / "dp-ledger.json"
+    write(path)
+    with pytest.raises(FileFormatError) as e:
+        dp_ledger.load(_ledger_settings(path), None)
+    _one_line(e, str(path), expected, "move it aside")
+
+
+def test_a_hostile_ledger_in_node_state_is_one_line():
+    from flwr.app import ConfigRecord, RecordDict
+
+    from fedlora.client import dp_ledger
+
+    state = RecordDict({dp_ledger.STATE_KEY: ConfigRecord({"json": "[" * 5000})})
+    with pytest.raises(FileFormatError, match="node state: not a fedlora DP ledger"):
+        dp_ledger.load(dp_ledger.LedgerSettings(max_epsilon=1.0), state)
+
+
+# ---- a node's personal state -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "write",
+    [
+        lambda p: p.write_bytes(p.read_bytes()[:50]),
+        lambda p: p.write_bytes(b""),
+        lambda p: _write(p, np.save, np.ones((2, 3), np.float32)),
+        lambda p: _write(p, np.savez, np.full((2, 3), np.inf, np.float32)),
+    ],
+)
+def test_a_hostile_personal_state_file_is_one_line(tmp_path, write):
+    from fedlora.client.node import NodeSettings, load_personal, save_personal
+
+    settings = NodeSettings.from_config({"site": "pain", "personal-state-dir": str(tmp_path)})
+    save_personal(settings, {"b": np.ones((2, 3), np.float32)})
+    path = tmp_path / "pain.npz"
+    write(path)
+    with pytest.raises(FileFormatError) as e:
+        load_personal(settings)
+    _one_line(e, str(path), "move the file aside")
+
+
+# ---- data files ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "line, expected",
+    [
+        ('{"prompt": ' + "[" * 3000 + "]" * 3000 + ', "response": "b"}', "nested more than"),
+        ('{"prompt": "a", "response": "b", "n": ' + "7" * 5000 + "}", "integer of 5000 digits"),
+        ('{"prompt": "a", "response": "b", "n": 1e400}', "beyond a float's range"),
+    ],
+)
+def test_a_hostile_jsonl_line_is_a_named_data_problem(tmp_path, line, expected):
+    from fedlora.data.formats import DataSpec, load_examples
+    from fedlora.errors import DataError
+
+    path = tmp_path / "notes.jsonl"
+    path.write_text('{"prompt": "a", "response": "b"}\n' + line + "\n")
+    with pytest.raises(DataError) as e:
+        load_examples(DataSpec(str(path)))
+    assert f"{path.name}:2" in str(e.value) and expected in str(e.value)
+    kept = load_examples(DataSpec(str(path), on_bad_record="skip"))
+    assert len(kept.examples) == 1 and len(kept.skipped) == 1
+
+
+def test_a_hostile_json_array_file_is_a_named_data_problem(tmp_path):
+    from fedlora.data.formats import DataSpec, load_examples
+    from fedlora.errors import DataError
+
+    path = tmp_path / "notes.json"
+    path.write_text('[{"prompt": "a", "response": "b"},\n' + "[" * 3000 + "]" * 3000 + "]")
+    with pytest.raises(DataError, match="nested more than"):
+        load_examples(DataSpec(str(path)))
+
+
+# ---- an adapter folder for export and merge --------------------------------------------------
+
+
+def _adapter(tmp_path: Path, model: Path, value: float = 0.0) -> Path:
+    from fedlora.lora import LoraSettings
+    from fedlora.server.checkpoint import save_adapter
+
+    arrays = {A: np.full((4, 64), value, np.float32)}
+    return save_adapter(arrays, tmp_path / "adapter", LoraSettings(r=4, alpha=8.0), model)
+
+
+def _edit_config(folder: Path, **values) -> None:
+    path = folder / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config.update(values)
+    path.write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize(
+    "corrupt, expected",
+    [
+        (lambda d: _edit_config(d, r=None), "r=None is not a LoRA rank"),
+        (lambda d: _edit_config(d, r={"x": 1}), "is not a LoRA rank"),
+        (lambda d: _edit_config(d, r="eight"), "r=eight is not a LoRA rank"),
+        (lambda d: _edit_config(d, r=2**20), "is not a LoRA rank"),
+        (lambda d: _edit_config(d, lora_alpha=[1]), "lora_alpha"),
+        (lambda d: _edit_config(d, target_modules=[[["q"]]]), "target_modules"),
+        (lambda d: (d / "adapter_config.json").write_text("[" * 5000), "nested more than"),
+        (lambda d: (d / "adapter_config.json").write_text("null"), "not a LoRA adapter"),
+    ],
+)
+def test_a_hostile_adapter_config_is_one_line(tmp_path, tiny_model_dir, corrupt, expected):
+    from fedlora.export.merge import check_adapter_dir
+
+    adapter = _adapter(tmp_path, tiny_model_dir)
+    check_adapter_dir(adapter)
+    corrupt(adapter)
+    with pytest.raises(FileFormatError) as e:
+        check_adapter_dir(adapter)
+    _one_line(e, "adapter_config.json", expected, "re-save the adapter")
+
+
+def test_a_pickled_adapter_is_refused_unopened(tmp_path, tiny_model_dir):
+    from fedlora.export.merge import check_adapter_dir
+
+    adapter = _adapter(tmp_path, tiny_model_dir)
+    (adapter / "adapter_model.safetensors").unlink()
+    # a pickle that would run code if anything unpickled it
+    (adapter / "adapter_model.bin").write_bytes(b"cos\nsystem\n(S'touch pwned'\ntR.")
+    with pytest.raises(FileFormatError) as e:
+        check_adapter_dir(adapter)
+    _one_line(e, "adapter_model.bin is a pickle", "convert it to adapter_model.safetensors")
+    assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_a_non_finite_adapter_is_refused_by_merge_naming_the_tensor(
+    tmp_path, tiny_model_dir, value
+):
+    from fedlora.export.merge import merge_adapter
+
+    adapter = _adapter(tmp_path, tiny_model_dir, value)
+    with pytest.raises(FileFormatError) as e:
+        merge_adapter(tiny_model_dir, adapter, tmp_path / "merged")
+    _one_line(e, f"tensor {A} holds 256 non-finite values")
+    assert not (tmp_path / "merged").exists()

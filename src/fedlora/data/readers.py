@@ -27,6 +27,7 @@ from fedlora.data.records import (
     json_type,
     scalar_fields,
 )
+from fedlora.readback import MAX_DEPTH, JsonLimitError, depth_ok, json_decoder, parse_json
 
 if TYPE_CHECKING:
     from fedlora.data.formats import DataSpec
@@ -67,31 +68,44 @@ def read_json(text: str, source: str, spec: DataSpec) -> Iterator[Example | Prob
         if not raw.strip():
             continue
         try:
-            record = json.loads(raw)
+            record = parse_json(raw)
         except json.JSONDecodeError as exc:
             yield Problem(
                 f"{source}:{line}",
                 f"not valid JSON ({exc.msg} at column {exc.colno}): fix or delete the line",
             )
             continue
+        except ValueError as exc:  # beyond fedlora.readback's limits
+            yield Problem(f"{source}:{line}", f"not usable JSON ({exc}): fix or delete the line")
+            continue
         yield _json_record(record, f"{source}:{line}", spec)
 
 
 def _json_array(text: str, source: str, spec: DataSpec) -> Iterator[Example | Problem]:
     """The items of a top-level JSON array, each with the line it starts on."""
-    decoder = json.JSONDecoder()
+    decoder = json_decoder()
     pos = _WS.match(text, text.index("[") + 1).end()
     line, counted = 1, 0
     while not text.startswith("]", pos):
         line, counted = line + text.count("\n", counted, pos), pos
         try:
             record, pos = decoder.raw_decode(text, pos)
+            if not depth_ok(record):
+                raise JsonLimitError(f"nested more than {MAX_DEPTH} levels deep")
         except json.JSONDecodeError as exc:
             yield Problem(
                 f"{source}:{exc.lineno}",
                 f"not valid JSON ({exc.msg} at column "
                 f"{exc.colno}): fix it; the rest of the file "
                 "cannot be read",
+                droppable=False,
+            )
+            return
+        except (ValueError, RecursionError) as exc:  # beyond fedlora.readback's limits
+            reason = exc if isinstance(exc, ValueError) else f"nested more than {MAX_DEPTH} levels"
+            yield Problem(
+                f"{source}:{line}",
+                f"not usable JSON ({reason}): fix it; the rest of the file cannot be read",
                 droppable=False,
             )
             return
