@@ -123,7 +123,13 @@ class MetricSpec:
 
 _TRAIN, _EVAL, _BOTH = frozenset({"train"}), frozenset({"eval"}), frozenset({"train", "eval"})
 _COUNT = Bound(int, 0, MAX_INT)
-_SECONDS = Bound(float, 0.0)
+# Finite is not enough: a figure enters sums and products (loss x examples, seconds summed over
+# nodes), so each has a ceiling far above any honest value that keeps every such sum finite.
+MAX_LOSS = 1e4  # nats per token; an untrained model scores about ln(vocabulary), ~11
+MAX_PERPLEXITY = 1e22  # nodes report exp(min(loss, 50)) ~ 5.2e21
+MAX_SECONDS = 1e7  # about 116 days
+_SECONDS = Bound(float, 0.0, MAX_SECONDS)
+_LOSS = Bound(float, 0.0, MAX_LOSS)
 
 # The one table of what a node may report. Both whitelists below derive from it.
 METRIC_SPECS: dict[str, MetricSpec] = {
@@ -132,7 +138,7 @@ METRIC_SPECS: dict[str, MetricSpec] = {
     ),
     "wire-version": MetricSpec(Bound(int, 1, INT64_MAX), _BOTH, True, None, "", "wire format"),
     "site-id": MetricSpec(Bound(int, -1, 2**31 - 1), _BOTH, False, -1, "", "-1: own data"),
-    "train-loss": MetricSpec(Bound(float, 0.0), _TRAIN, True, None, "", "mean train loss"),
+    "train-loss": MetricSpec(_LOSS, _TRAIN, True, None, "", "mean train loss"),
     "load-seconds": MetricSpec(_SECONDS, _TRAIN, False, 0.0, "", "model load time"),
     "train-seconds": MetricSpec(_SECONDS, _TRAIN, False, 0.0, "", "training time"),
     "train-tokens": MetricSpec(_COUNT, _TRAIN, False, 0, "", "tokens processed"),
@@ -140,8 +146,10 @@ METRIC_SPECS: dict[str, MetricSpec] = {
     "bytes-sent": MetricSpec(_COUNT, _TRAIN, False, 0, "", "encoded delta bytes"),
     "bytes-received": MetricSpec(_COUNT, _TRAIN, False, 0, "", "global adapter bytes"),
     "dp-noised": MetricSpec(Bound(int, 0, 1), _TRAIN, False, 0, "0 or 1", "DP noise added"),
-    "eval-loss": MetricSpec(Bound(float, 0.0), _EVAL, True, None, "", "loss per scored token"),
-    "eval-perplexity": MetricSpec(Bound(float, 1.0), _EVAL, True, None, "", "exp(eval-loss)"),
+    "eval-loss": MetricSpec(_LOSS, _EVAL, True, None, "", "loss per scored token"),
+    "eval-perplexity": MetricSpec(
+        Bound(float, 1.0, MAX_PERPLEXITY), _EVAL, True, None, "", "exp(eval-loss)"
+    ),
     "eval-accuracy": MetricSpec(Bound(float, 0.0, 1.0), _EVAL, False, None, "", "label tasks"),
     "eval-tokens": MetricSpec(_COUNT, _EVAL, False, 0, "", "scored eval tokens"),
     "eval-seconds": MetricSpec(_SECONDS, _EVAL, False, 0.0, "", "evaluation time"),

@@ -6,6 +6,7 @@ folders), ``metrics.jsonl`` (one line per round: per-site and aggregated loss), 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -29,6 +30,7 @@ from fedlora.lora import adapter_shapes, initial_adapter
 from fedlora.protocol.adapter import spec_of
 from fedlora.protocol.messages import RoundConfig, to_array_record
 from fedlora.protocol.secagg import SecAggSettings
+from fedlora.server.bounds import ReplyBounds
 from fedlora.server.central import make_central_eval
 from fedlora.server.checkpoint import save_adapter
 from fedlora.server.privacy import DpSettings, PrivacyLedger
@@ -91,6 +93,17 @@ def secagg_settings(cfg: RunConfig, nodes: int) -> SecAggSettings:
 
 
 NARROW_MAX_WEIGHT = 2**12  # a node's weight cap on 32-bit secure wires
+
+
+def capped_secagg_settings(cfg: RunConfig, nodes: int) -> SecAggSettings:
+    """:func:`secagg_settings` with each node's weight capped at max-examples-per-node when set:
+    the nodes' encoders clip their weight to ``max_weight`` and the server checks the decoded
+    total against ``nodes x max_weight`` (fedlora.server.secagg.checked_decode)."""
+    settings = secagg_settings(cfg, nodes)
+    cap = cfg.max_examples_per_node
+    if 0 < cap < settings.max_weight:
+        settings = dataclasses.replace(settings, max_weight=cap)
+    return settings
 
 
 # RoundConfig fields that do not come from a run-config key of the same name, and where they
@@ -208,12 +221,13 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict[str, np.ndarray]:
         federated_eval=cfg.federated_eval,
         num_rounds=cfg.num_server_rounds,
         round_timeout=cfg.round_timeout,
-        secagg=partial(secagg_settings, cfg) if cfg.secure_aggregation else None,
+        secagg=partial(capped_secagg_settings, cfg) if cfg.secure_aggregation else None,
         codec=wire_codec(cfg),
         codec_block=cfg.codec_block,
         down_codec=cfg.down_codec,
         seeded=saved is None,  # a new run starts at the seeded initial adapter nodes derive
         dp=ledger,
+        bounds=ReplyBounds(cfg.max_examples_per_node, cfg.norm_bound_factor),
         site_names=SITES,  # packaged drug-review sites report their index as site-id
     )
     if cfg.secure_aggregation:

@@ -20,6 +20,7 @@ saves the checkpoint and the report.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -46,6 +47,8 @@ from fedlora.protocol.messages import (
     wire_record,
 )
 from fedlora.protocol.secagg import SecAggSettings
+from fedlora.server.aggregate import check_bounded
+from fedlora.server.bounds import ReplyBounds, bound_norms, bound_secure_mean, cap_examples
 from fedlora.server.downlink import Downlink
 from fedlora.server.privacy import PrivacyLedger, effective_noise_multiplier
 from fedlora.server.secagg import (
@@ -98,10 +101,13 @@ class LoraFedAvg(FedAvg):
         site_names: Sequence[str] = (),
         down_codec: str = "none",
         seeded: bool = False,
+        bounds: ReplyBounds | None = None,
         **fedavg: Any,
     ) -> None:
         super().__init__(**fedavg)
         self.spec = spec
+        self.bounds = bounds or ReplyBounds()  # weight, norm and global-value bounds (bounds.py)
+        self._saved: tuple[Any, ...] | None = None  # state at the start of the running round
         self.global_adapter = global_adapter
         self.aggregator = aggregator or FedIT()
         self.optimizer = optimizer or ServerOptimizer()
@@ -204,11 +210,23 @@ class LoraFedAvg(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Aggregate the round; any exception fails the round, never the run (_fail_round)."""
         server_round += self.round_offset
-        if self.secagg is not None:
-            return self._aggregate_secure(server_round)
+        self._saved = self._snapshot()
+        try:
+            if self.secagg is not None:
+                return self._aggregate_secure(server_round)
+            return self._aggregate_plain(server_round, replies)
+        except Exception as exc:  # noqa: BLE001 -- the round boundary: the run goes on
+            self._fail_round(server_round, exc)
+            return None, None
+
+    def _aggregate_plain(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         accepted: list[TrainReply] = []
         names: list[str] = []
+        nodes: list[int] = []
         rejected: list[dict[str, Any]] = []
         for msg in replies:
             node = msg.metadata.src_node_id
@@ -229,7 +247,21 @@ class LoraFedAvg(FedAvg):
             self._acknowledge(node, True)
             accepted.append(reply)
             names.append(self.site_name(reply.site_id, node))
+            nodes.append(node)
+        weights, capped = cap_examples([r.num_examples for r in accepted], nodes, self.bounds)
+        accepted = [
+            dataclasses.replace(r, num_examples=w) for r, w in zip(accepted, weights, strict=True)
+        ]
         record = self._round_record(server_round, accepted, names, rejected)
+        record.update(capped)
+        for entry in capped["weight-capped"]:
+            log.warning(
+                "Round %d: node %s claimed %d examples; weighed as %d (max-examples)",
+                server_round,
+                entry["node"],
+                entry["claimed"],
+                capped["max-examples"],
+            )
         if len(accepted) < max(self.min_train_nodes, 1):
             log.warning(
                 "Round %d: %d usable replies, fewer than the minimum %d; the global "
@@ -241,9 +273,21 @@ class LoraFedAvg(FedAvg):
             record["skipped"] = True
             self._finish_round(server_round, record)
             return None, None
-        return self._apply(
-            server_round, [ClientUpdate(r.delta, r.num_examples) for r in accepted], record
+        updates, norms, bounded = bound_norms(
+            [ClientUpdate(r.delta, r.num_examples) for r in accepted], nodes, self.bounds
         )
+        record.update(bounded)
+        for name, norm in zip(names, norms, strict=True):
+            record["sites"][name]["delta-norm"] = norm
+        for entry in bounded["norm-clipped"]:
+            log.warning(
+                "Round %d: node %s sent a delta of L2 norm %.4g; clipped to %.4g (norm bound)",
+                server_round,
+                entry["node"],
+                entry["norm"],
+                bounded["norm-bound"],
+            )
+        return self._apply(server_round, updates, record)
 
     def _apply(
         self, server_round: int, updates: list[ClientUpdate], record: dict[str, Any]
@@ -294,12 +338,15 @@ class LoraFedAvg(FedAvg):
             record.update(self.dp.record_round(server_round).metrics())
         elif self.dp is not None:
             self._charge_secure_dp(server_round, record)
-        new_global, self.opt_state = step(
-            self.global_adapter, delta, self.opt_state, self.optimizer
-        )
+        new_global, opt_state = step(self.global_adapter, delta, self.opt_state, self.optimizer)
+        residuals = add_residuals(self.residuals, result.residuals) if result.residuals else None
+        bound = self.bounds.max_global_value  # beyond it the round fails (_fail_round)
+        check_bounded(new_global, bound)
+        check_bounded(residuals or {}, bound, "FedEx-LoRA's residuals")
         self.global_adapter = self.downlink.publish(new_global)
-        if result.residuals:
-            self.residuals = add_residuals(self.residuals, result.residuals)
+        self.opt_state = opt_state
+        if residuals is not None:
+            self.residuals = residuals
         self._finish_round(server_round, record)
         metrics = MetricRecord(
             {
@@ -321,13 +368,15 @@ class LoraFedAvg(FedAvg):
         result: SecAggResult | None = None
         error = "no nodes sampled"
         rejected: dict[int, str] = {}
+        settings: SecAggSettings | None = None
         if grid is not None and nodes and content is not None:
             try:
+                settings = self._secagg_settings(len(nodes))
                 result = secure_weighted_sum(
                     grid,
                     nodes,
                     content,
-                    self._secagg_settings(len(nodes)),
+                    settings,
                     {k: v.shape for k, v in self.reply_spec.items()},
                     timeout=self.round_timeout,
                     group_id=str(server_round),
@@ -335,7 +384,7 @@ class LoraFedAvg(FedAvg):
             except FedloraError as exc:  # SecAggError, or any WireError from the nodes' input
                 error = str(exc)
                 rejected = dict(getattr(exc, "rejected", {}) or {})
-        if result is None:
+        if result is None or settings is None:
             log.warning(
                 "Round %d: secure aggregation failed (%s); the global adapter is unchanged",
                 server_round,
@@ -366,7 +415,19 @@ class LoraFedAvg(FedAvg):
                 self._charge_secure_dp(server_round, record)
             self._finish_round(server_round, record)
             return None, None
-        return self._apply(server_round, [as_client_update(result, self.global_adapter)], record)
+        update, bounded = bound_secure_mean(
+            as_client_update(result, self.global_adapter), settings.clip_norm, result.tolerance
+        )
+        record.update(bounded)
+        if bounded.get("secagg-mean-clipped"):
+            log.warning(
+                "Round %d: the secure mean has L2 norm %.4g, beyond the clip %g every node "
+                "applies: some node skipped its clip; the mean is projected back",
+                server_round,
+                bounded["secagg-mean-norm"],
+                settings.clip_norm,
+            )
+        return self._apply(server_round, [update], record)
 
     def _charge_secure_dp(self, server_round: int, record: dict[str, Any]) -> None:
         """Account for a decoded secure sum whose noise the nodes added.
@@ -477,10 +538,20 @@ class LoraFedAvg(FedAvg):
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
+        """Complete the round with its evaluation; any exception fails the round (_fail_round)."""
         server_round += self.round_offset
         record, self._pending = self._pending, None
         if record is None:  # no evaluation this round: it completed after training
             return None
+        try:
+            return self._evaluate_round(server_round, replies, record)
+        except Exception as exc:  # noqa: BLE001 -- the round boundary: the run goes on
+            self._fail_round(server_round, exc, record)
+            return None
+
+    def _evaluate_round(
+        self, server_round: int, replies: Iterable[Message], record: dict[str, Any]
+    ) -> MetricRecord | None:
         results: list[tuple[str, EvalReply]] = []
         rejected: list[dict[str, Any]] = []
         for msg in replies:
@@ -598,10 +669,65 @@ class LoraFedAvg(FedAvg):
         self.history.append(record)
         if self.on_round is not None:
             self.on_round(server_round, self.global_adapter, self.residuals, record)
+        self._write_history(record)
+
+    def _write_history(self, record: dict[str, Any]) -> None:
+        """One line of metrics.jsonl; a figure that is not finite is written as null."""
         if self.history_file is not None:
             self.history_file.parent.mkdir(parents=True, exist_ok=True)
             with self.history_file.open("a") as fh:
-                fh.write(json.dumps(record) + "\n")
+                fh.write(json.dumps(_finite(record), allow_nan=False) + "\n")
+
+    def _snapshot(self) -> tuple[Any, ...]:
+        """What a round changes, to restore when it fails (the downlink with its node table)."""
+        downlink = copy.copy(self.downlink)
+        downlink.acknowledged = dict(self.downlink.acknowledged)
+        return self.global_adapter, self.opt_state, self.residuals, downlink, dict(self._sent)
+
+    def _fail_round(
+        self, server_round: int, exc: BaseException, record: dict[str, Any] | None = None
+    ) -> None:
+        """The round fails cleanly: the state it started from comes back (the previous global
+        adapter), the record says why (``failed``, ``failure``), the checkpoint and report are
+        written for it as for any round, and the next round runs. Nothing raised here ends the
+        run: a failing checkpoint or report is logged and recorded."""
+        cause = _rejection(0, f"{type(exc).__name__}: {exc}")["error"]
+        log.warning(
+            "Round %d failed (%s); the global adapter is unchanged and the run goes on",
+            server_round,
+            cause,
+        )
+        if self._saved is not None:
+            (self.global_adapter, self.opt_state, self.residuals, self.downlink, self._sent) = (
+                self._saved
+            )
+        self._pending = None
+        if self.history and self.history[-1].get("round") == server_round:
+            record = self.history.pop()  # appended before saving it raised
+        failed = dict(record or {"round": server_round, "sites": {}})
+        failed.update({"round": server_round, "skipped": True, "failed": True, "failure": cause})
+        self.history.append(failed)
+        if self.on_round is not None:
+            try:
+                self.on_round(server_round, self.global_adapter, self.residuals, failed)
+            except Exception as again:  # noqa: BLE001 -- recorded; the run goes on
+                log.warning("Round %d: saving the failed round failed too: %s", server_round, again)
+                failed["save-failure"] = _rejection(0, f"{type(again).__name__}: {again}")["error"]
+        try:
+            self._write_history(failed)
+        except (OSError, TypeError, ValueError) as again:
+            log.warning("Round %d: metrics.jsonl not written: %s", server_round, again)
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with every float that is not finite replaced by None, for strict JSON."""
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _rejection(node: int, reason: str, limit: int = 300) -> dict[str, Any]:

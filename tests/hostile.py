@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import io
 import pickle
+import time
 from collections.abc import Callable
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Metadata, MetricRecord, RecordDict
 
 from fedlora.protocol.adapter import spec_of
 from fedlora.protocol.messages import ARRAYS, METRICS, EvalReply, RoundConfig, TrainReply
@@ -68,6 +69,21 @@ def eval_content(accuracy: float | None = 0.5) -> RecordDict:
         num_examples=5, loss=1.2, perplexity=float(np.exp(1.2)), tokens=40, accuracy=accuracy
     )
     return reply.to_content()
+
+
+def reply_metadata(node: int, kind: str = "train") -> Metadata:
+    """The metadata of a reply from ``node`` (a message of type ``kind``) to the server."""
+    return Metadata(
+        run_id=1,
+        message_id="",
+        src_node_id=node,
+        dst_node_id=0,
+        reply_to_message_id="m",
+        group_id="1",
+        created_at=time.time(),
+        ttl=60.0,
+        message_type=kind,
+    )
 
 
 def copy_content(content: RecordDict) -> RecordDict:

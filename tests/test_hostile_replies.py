@@ -11,13 +11,12 @@ from __future__ import annotations
 import json
 import logging
 import math
-import time
 import tracemalloc
 from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import Context, Error, Message, Metadata, MetricRecord, RecordDict
+from flwr.app import Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedlora.errors import WireError
@@ -50,6 +49,7 @@ from hostile import (
     huge_header,
     npy_bytes,
     raw_set,
+    reply_metadata,
     train_content,
 )
 
@@ -308,18 +308,7 @@ def test_a_node_refuses_an_out_of_range_round_config_with_an_error_reply():
 # ----------------------------------------------------------------------------- strategy
 
 
-def _meta(node: int, kind: str = "train") -> Metadata:
-    return Metadata(
-        run_id=1,
-        message_id="",
-        src_node_id=node,
-        dst_node_id=0,
-        reply_to_message_id="m",
-        group_id="1",
-        created_at=time.time(),
-        ttl=60.0,
-        message_type=kind,
-    )
+_meta = reply_metadata
 
 
 def _strategy(tmp_path: Path, **kwargs) -> LoraFedAvg:

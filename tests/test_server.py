@@ -1,34 +1,23 @@
 """The server strategy: validation and dropping of bad replies, FedAvg of deltas, checkpoints."""
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import Error, Message, Metadata
+from flwr.app import Error, Message
 
 from fedlora.lora import LoraSettings, adapter_shapes, initial_adapter
 from fedlora.protocol.adapter import spec_of
 from fedlora.protocol.messages import TrainReply, arrays_of
 from fedlora.server.checkpoint import save_adapter
 from fedlora.server.strategy import LoraFedAvg
+from hostile import reply_metadata
 
 LORA = LoraSettings(r=4, alpha=8.0, dropout=0.0)
 
 
-def _meta(node: int) -> Metadata:
-    return Metadata(
-        run_id=1,
-        message_id="",
-        src_node_id=node,
-        dst_node_id=0,
-        reply_to_message_id="m",
-        group_id="1",
-        created_at=time.time(),
-        ttl=60.0,
-        message_type="train",
-    )
+_meta = reply_metadata
 
 
 def _reply(node: int, delta, n: int, loss: float = 1.0) -> Message:

@@ -92,6 +92,11 @@ class RunConfig:
     )
     trim_fraction: float = 0.1  # trimmed-mean: share of values cut at each end per coordinate
     clip_norm: float = 0.0  # per-client L2 bound on the delta before aggregation; 0 = off
+    # Bounds on one node's reply (server/bounds.py): its example weight is clipped to this (0: 4x
+    # the round's lower median claim; under SecAgg+ it also caps the nodes' encoders)
+    max_examples_per_node: int = 0
+    norm_bound_factor: float = 3.0  # plain path: deltas clipped to this x the round's lower
+    # median L2 norm; 0 = off
     seed: int = 0  # seeds the initial adapter and every node's sampling
     min_nodes: int = 1  # nodes needed to start a round, and usable replies to aggregate one
     min_available_nodes: int = 0  # nodes to wait for before sampling; 0 = min-nodes
@@ -188,6 +193,11 @@ class RunConfig:
             raise ConfigError(
                 f"trim-fraction={self.trim_fraction}: must be in [0, 0.5), the share of "
                 f"updates cut at each end (e.g. 0.1)"
+            )
+        if self.max_examples_per_node < 0 or self.norm_bound_factor < 0:
+            raise ConfigError(
+                f"max-examples-per-node={self.max_examples_per_node}, norm-bound-factor="
+                f"{self.norm_bound_factor}: must be >= 0 (0: automatic / off)"
             )
         if self.clip_norm < 0:
             raise ConfigError(f"clip-norm={self.clip_norm}: must be >= 0 (0 turns it off)")
