@@ -52,11 +52,15 @@ from fedlora.protocol.secagg import (
 from fedlora.protocol.secagg_auth import (
     MAX_SIGNATURE_BYTES,
     MAX_SIGNER_CHARS,
+    NONCE_BYTES,
+    Entry,
     Identity,
     Roster,
     key_statement,
+    round_id,
     survivors_statement,
 )
+from fedlora.protocol.secagg_graph import least_threshold, majority, neighbour_graph
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +70,12 @@ TrainFn = Callable[[RecordDict], tuple[Mapping[str, np.ndarray], int, Mapping[st
 STATE = "fedlora.secagg"  # ConfigRecord: stage, session, settings, keys, seeds, shares
 UPDATE = "fedlora.secagg.update"  # ArrayRecord: the quantized update until it is masked
 METRICS = "fedlora.secagg.metrics"  # MetricRecord: clear metrics and the scalars to sum
+SESSIONS = "fedlora.secagg.sessions"  # ConfigRecord: every session this node set up in the run
 MAX_SESSION_CHARS = 256
+MAX_PARTICIPANTS = 10_000  # participants listed in one round
+# A train metric the node's train function sets and this module keeps (never sends): the number
+# of nodes its DP noise share was sized for (each adds 1/n of the variance; 0: no DP noise).
+NOISE_SHARES = "dp-noise-shares"
 
 
 @dataclass(frozen=True)
@@ -78,18 +87,23 @@ class SecAggPolicy:
     - ``secagg-min-nodes`` (3): fewest share holders (this node included) in a round. With two,
       the other node and the server together learn this node's update from the sum.
     - ``secagg-min-threshold`` (2): fewest shares the server may need to rebuild a secret.
+    - ``secagg-corrupt-nodes`` (1): how many other nodes of a round this node assumes may
+      collude with the server. It refuses thresholds with ``2t <= holders + c`` and reveals
+      shares only when more than ``(n + c) / 2`` of the round's ``n`` participants signed the
+      survivor set it was told (:mod:`fedlora.protocol.secagg_graph`).
     - ``secagg-roster`` and ``secagg-identity-key``: the federation's roster (every node's
       long-term public key, from the coordinator, out of band) and this node's private key.
       The node signs its round keys and refuses neighbours whose keys are not signed by a
       roster member (:mod:`fedlora.protocol.secagg_auth`). Required for a secure round unless
       ``secagg-allow-unauthenticated = true`` (simulations, tests), which is logged loudly.
 
-    Always enforced: the threshold is more than half of the holders actually given (else the
-    server could ask some holders for the self-mask seed and the others for the mask key).
+    Always enforced: this node's id is its own (Flower's context, never a message's), each
+    session is new to it, and its neighbours are the ones it computes from the round id.
     """
 
     min_nodes: int = 3
     min_threshold: int = 2
+    corrupt_nodes: int = 1
     roster: Roster | None = None  # None: neighbours' keys are not authenticated
     identity: Identity | None = None
 
@@ -99,6 +113,7 @@ class SecAggPolicy:
         for key, attr, least in (
             ("secagg-min-nodes", "min_nodes", 2),
             ("secagg-min-threshold", "min_threshold", 2),
+            ("secagg-corrupt-nodes", "corrupt_nodes", 0),
         ):
             if key not in merged:
                 continue
@@ -123,9 +138,14 @@ class SecAggPolicy:
             )
         return cls(**values)
 
-    def check(self, holders: int, threshold: int) -> None:
+    def corrupt(self, announced: int = 0) -> int:
+        """The corrupt-node bound this node acts on: its own, or the server's if larger."""
+        return max(self.corrupt_nodes, announced)
+
+    def check(self, holders: int, threshold: int, announced_corrupt: int = 0) -> None:
         """Refuse (SecAggProtocolError) a share graph this node should not join."""
         what = Stage.SHARE_KEYS
+        corrupt = self.corrupt(announced_corrupt)
         if holders < self.min_nodes:
             raise SecAggProtocolError(
                 f"{what}: {holders} share holders, fewer than this node's secagg-min-nodes="
@@ -136,10 +156,12 @@ class SecAggPolicy:
                 f"{what}: threshold {threshold} below this node's secagg-min-threshold="
                 f"{self.min_threshold}"
             )
-        if 2 * threshold <= holders:
+        if 2 * threshold <= holders + corrupt:
             raise SecAggProtocolError(
-                f"{what}: threshold {threshold} is not more than half of the {holders} share "
-                f"holders: the server could rebuild both of this node's secrets"
+                f"{what}: threshold {threshold} with {holders} share holders and {corrupt} "
+                f"corrupt nodes assumed (secagg-corrupt-nodes): the server and that many "
+                f"colluders could rebuild both of this node's secrets; it needs a threshold of "
+                f"at least {least_threshold(holders, corrupt)}"
             )
 
 
@@ -152,19 +174,20 @@ def handle_secagg(
     wipes this node's secrets; errors of ``train_fn`` pass through unchanged. ``policy`` is the
     node's own (default: :class:`SecAggPolicy`).
     """
-    me = msg.metadata.dst_node_id
     policy = policy or SecAggPolicy()
     try:
+        me = _own_id(msg, context)
         cfg, stage, session = _stage_of(msg.content)
         if stage == Stage.SETUP:
             _wipe(context)
-            out = _setup(msg.content, cfg, context, train_fn)
+            _fresh(context, session)
+            out = _setup(me, msg.content, cfg, context, train_fn)
             _sign(out, me, session, policy)
         else:
             order = Stage.SIGNED_ORDER if policy.identity is not None else Stage.ORDER
             st = _expect(context, session, stage, order)
             if stage == Stage.SHARE_KEYS:
-                out = _share_keys(me, cfg, st, context, policy)
+                out = _share_keys(me, cfg, st, policy)
             elif stage == Stage.CONSISTENCY:
                 out = _consistency(me, cfg, st, policy)
             else:
@@ -182,6 +205,25 @@ def handle_secagg(
     else:
         context.state.config_records[STATE][Key.STAGE] = stage
     return Message(content=out, reply_to=msg)
+
+
+def _own_id(msg: Message, context: Context) -> int:
+    """This node's id for the whole run: its own context's, never one a message names."""
+    me = int(context.node_id)
+    if msg.metadata.dst_node_id != me:
+        raise SecAggProtocolError(
+            f"a stage message addressed to node {msg.metadata.dst_node_id}, not to this node"
+        )
+    return me
+
+
+def _fresh(context: Context, session: str) -> None:
+    """Refuse a session this node has set up before in this run (a replayed round)."""
+    seen = context.state.config_records.get(SESSIONS)
+    sessions = list(cast(list[str], seen["seen"])) if seen is not None else []
+    if session in sessions:
+        raise SecAggProtocolError("setup: this session was used before; refusing a replayed round")
+    context.state.config_records[SESSIONS] = ConfigRecord({"seen": [*sessions, session]})
 
 
 def _stage_of(content: RecordDict) -> tuple[ConfigRecord, str, str]:
@@ -224,9 +266,10 @@ def _wipe(context: Context) -> None:
 
 
 def _setup(
-    content: RecordDict, cfg: ConfigRecord, context: Context, train_fn: TrainFn
+    me: int, content: RecordDict, cfg: ConfigRecord, context: Context, train_fn: TrainFn
 ) -> RecordDict:
-    """Train, clip, quantize; keep the result and fresh secrets; reply the two public keys."""
+    """Train, clip, quantize; keep the result and fresh secrets; reply the two public keys and
+    a fresh nonce."""
     settings = _settings(cfg)
     names, sizes = _spec_of(cfg)
     train_content = RecordDict({k: v for k, v in content.items() if k != Key.CONFIG})
@@ -266,22 +309,28 @@ def _setup(
     context.state.metric_records[METRICS] = MetricRecord(metrics)
     c_sk, c_pk = crypto.new_key_pair()
     s_sk, s_pk = crypto.new_key_pair()
+    nonce = os.urandom(NONCE_BYTES)
     context.state.config_records[STATE] = ConfigRecord(
         {
             Key.SESSION: cfg[Key.SESSION],
             Key.STAGE: Stage.SETUP,
             **settings.to_record(),
+            "me": me,
             "weight": weight,
             "c-sk": c_sk,
             "s-sk": s_sk,
             Key.C_PK: c_pk,
             Key.S_PK: s_pk,
+            Key.NONCE: nonce,
             "b": crypto.new_seed(),
+            NOISE_SHARES: int(train_metrics.get(NOISE_SHARES, 0) or 0),
         }
     )
     if seed:
         context.state.config_records[STATE]["rounding-seed"] = seed
-    return RecordDict({Key.CONFIG: ConfigRecord({Key.C_PK: c_pk, Key.S_PK: s_pk})})
+    return RecordDict(
+        {Key.CONFIG: ConfigRecord({Key.C_PK: c_pk, Key.S_PK: s_pk, Key.NONCE: nonce})}
+    )
 
 
 @functools.cache
@@ -300,46 +349,55 @@ def _sign(out: RecordDict, me: int, session: str, policy: SecAggPolicy) -> None:
         _warn_unsigned()
         return
     cfg = out.config_records[Key.CONFIG]
-    statement = key_statement(session, me, cast(bytes, cfg[Key.C_PK]), cast(bytes, cfg[Key.S_PK]))
+    statement = key_statement(
+        session,
+        me,
+        cast(bytes, cfg[Key.C_PK]),
+        cast(bytes, cfg[Key.S_PK]),
+        cast(bytes, cfg[Key.NONCE]),
+    )
     cfg[Key.SIGNATURE] = policy.identity.sign(statement)
     cfg[Key.SIGNER] = policy.identity.name
 
 
-def _check_signatures(
+def _signers(
     cfg: ConfigRecord,
-    nodes: list[int],
-    keys: list[tuple[bytes, bytes]],
+    entries: list[tuple[int, bytes, bytes, bytes]],
     session: str,
     policy: SecAggPolicy,
-) -> None:
-    """Every neighbour's round keys signed by a distinct member of this node's roster."""
+) -> list[str]:
+    """Every participant's round keys signed by a distinct member of this node's roster: their
+    names, in the order of ``entries`` (``""`` each when this node authenticates no one)."""
     what = Stage.SHARE_KEYS
     roster, identity = policy.roster, policy.identity
     if roster is None or identity is None:
-        return
+        return [""] * len(entries)
     if Key.SIGNATURES not in cfg or Key.SIGNERS not in cfg:
         raise SecAggProtocolError(
-            f"{what}: the neighbours' keys come unsigned; this node accepts only keys signed by "
-            f"members of its roster"
+            f"{what}: the participants' keys come unsigned; this node accepts only keys signed "
+            f"by members of its roster"
         )
-    signatures = bytes_list(cfg, Key.SIGNATURES, what, len(nodes), MAX_SIGNATURE_BYTES)
+    signatures = bytes_list(cfg, Key.SIGNATURES, what, len(entries), MAX_SIGNATURE_BYTES)
     signers = config_field(cfg, Key.SIGNERS, list, what)
-    if len(signers) != len(nodes) or not all(
+    if len(signers) != len(entries) or not all(
         isinstance(n, str) and 0 < len(n) <= MAX_SIGNER_CHARS for n in signers
     ):
         raise SecAggProtocolError(f"{what}: {Key.SIGNERS!r} must name one roster member per node")
     if len(set(signers)) != len(signers):
         raise SecAggProtocolError(f"{what}: one roster member is listed as several nodes")
-    for node, (c_pk, s_pk), signer, signature in zip(nodes, keys, signers, signatures, strict=True):
+    for (node, c_pk, s_pk, nonce), signer, signature in zip(
+        entries, signers, signatures, strict=True
+    ):
         if signer not in roster.keys:
             raise SecAggProtocolError(
                 f"{what}: node {node} names {signer!r}, not in this node's roster"
             )
-        if not roster.verify(signer, signature, key_statement(session, node, c_pk, s_pk)):
+        if not roster.verify(signer, signature, key_statement(session, node, c_pk, s_pk, nonce)):
             raise SecAggProtocolError(
                 f"{what}: node {node}'s keys are not signed by {signer!r}'s key in this "
                 f"node's roster"
             )
+    return list(signers)
 
 
 def _settings(cfg: ConfigRecord) -> SecAggSettings:
@@ -365,45 +423,61 @@ def _spec_of(cfg: ConfigRecord) -> tuple[list[str], list[int]]:
     return names, sizes
 
 
-def _share_keys(
-    me: int, cfg: ConfigRecord, st: ConfigRecord, context: Context, policy: SecAggPolicy
-) -> RecordDict:
-    """Check the neighbours' keys against the server's settings and this node's policy;
-    Shamir-share ``b`` and ``s_sk``; encrypt one share each."""
+def _participants(
+    me: int, cfg: ConfigRecord, st: ConfigRecord, policy: SecAggPolicy
+) -> list[Entry]:
+    """The round's participants (U1) as the server lists them, checked: this node's own keys
+    and nonce echoed, distinct valid keys, every entry signed by a distinct roster member."""
     what = Stage.SHARE_KEYS
-    settings = SecAggSettings.from_record(st)
     nodes = id_list(cfg, Key.NODES, what)
-    policy.check(len(nodes), settings.reconstruction_threshold)
+    if len(nodes) > MAX_PARTICIPANTS:
+        raise SecAggProtocolError(
+            f"{what}: {len(nodes)} participants, more than {MAX_PARTICIPANTS}"
+        )
     c_pks = bytes_list(cfg, Key.C_PK, what, len(nodes), MAX_KEY_BYTES)
     s_pks = bytes_list(cfg, Key.S_PK, what, len(nodes), MAX_KEY_BYTES)
-    if len(nodes) > settings.num_shares + 1:
-        raise SecAggProtocolError(
-            f"{what}: {len(nodes)} share holders, more than num_shares + 1 = "
-            f"{settings.num_shares + 1}"
-        )
+    nonces = bytes_list(cfg, Key.NONCE, what, len(nodes), NONCE_BYTES)
+    if any(len(n) != NONCE_BYTES for n in nonces):
+        raise SecAggProtocolError(f"{what}: a nonce is not {NONCE_BYTES} bytes")
     bad = [n for n, c, k in zip(nodes, c_pks, s_pks, strict=True) if not _keys_ok(c, k)]
     if bad:
         raise SecAggProtocolError(f"{what}: node {bad[0]}'s keys are not P-384 public keys")
-    if me not in nodes or (c_pks[nodes.index(me)], s_pks[nodes.index(me)]) != (
-        st[Key.C_PK],
-        st[Key.S_PK],
-    ):
-        raise SecAggProtocolError("the server did not echo this node's own public keys")
+    if me not in nodes or (
+        c_pks[nodes.index(me)],
+        s_pks[nodes.index(me)],
+        nonces[nodes.index(me)],
+    ) != (st[Key.C_PK], st[Key.S_PK], st[Key.NONCE]):
+        raise SecAggProtocolError("the server did not echo this node's own public keys and nonce")
     if len(set(c_pks) | set(s_pks)) != 2 * len(nodes):
-        raise SecAggProtocolError("repeated public keys among neighbours")
-    _check_signatures(
-        cfg, nodes, list(zip(c_pks, s_pks, strict=True)), cast(str, st[Key.SESSION]), policy
-    )
-    if policy.identity is not None:
-        signers = cast(list[str], cfg[Key.SIGNERS])
-        if signers[nodes.index(me)] != policy.identity.name:
-            raise SecAggProtocolError("the server did not echo this node's own roster name")
-    if len(nodes) < settings.reconstruction_threshold:
-        raise SecAggProtocolError(
-            f"{len(nodes)} share holders, fewer than the threshold "
-            f"{settings.reconstruction_threshold}"
-        )
+        raise SecAggProtocolError("repeated public keys among participants")
+    entries = list(zip(nodes, c_pks, s_pks, nonces, strict=True))
+    names = _signers(cfg, entries, cast(str, st[Key.SESSION]), policy)
+    if policy.identity is not None and names[nodes.index(me)] != policy.identity.name:
+        raise SecAggProtocolError("the server did not echo this node's own roster name")
+    return [(n, name, c, s, x) for (n, c, s, x), name in zip(entries, names, strict=True)]
+
+
+def _share_keys(me: int, cfg: ConfigRecord, st: ConfigRecord, policy: SecAggPolicy) -> RecordDict:
+    """Check the round's participants; compute the round id and this node's neighbours from
+    them (never the server's choice); Shamir-share ``b`` and ``s_sk``; encrypt one share each."""
+    what = Stage.SHARE_KEYS
+    settings = SecAggSettings.from_record(st)
+    entries = _participants(me, cfg, st, policy)
+    rid = round_id(cast(str, st[Key.SESSION]), entries)
+    by_id = {e[0]: e for e in entries}
+    nodes = sorted(neighbour_graph(rid, by_id, settings.num_shares)[me])
     t = settings.reconstruction_threshold
+    policy.check(len(nodes), t, settings.corrupt_nodes)
+    if len(nodes) < t:
+        raise SecAggProtocolError(f"{len(nodes)} share holders, fewer than the threshold {t}")
+    shares = cast(int, st[NOISE_SHARES])
+    if shares > len(entries):
+        raise SecAggProtocolError(
+            f"{what}: this node's DP noise share was sized for {shares} nodes, but only "
+            f"{len(entries)} take part in the round: the sum would carry too little noise"
+        )
+    c_pks = [by_id[n][2] for n in nodes]
+    s_pks = [by_id[n][3] for n in nodes]
     b_shares = crypto.split_secret(cast(bytes, st["b"]), t, len(nodes))
     sk_shares = crypto.split_secret(cast(bytes, st["s-sk"]), t, len(nodes))
     dsts, ciphertexts = [], []
@@ -422,6 +496,9 @@ def _share_keys(
             Key.NODES: nodes,
             "nb-c-pk": c_pks,
             "nb-s-pk": s_pks,
+            "round-id": rid,
+            "participants": sorted(by_id),
+            "participant-names": [by_id[n][1] for n in sorted(by_id)],
             "held-owners": [me],
             "held-b": [b_shares[own]],
             "held-sk": [sk_shares[own]],
@@ -433,7 +510,8 @@ def _share_keys(
 
 
 def _consistency(me: int, cfg: ConfigRecord, st: ConfigRecord, policy: SecAggPolicy) -> RecordDict:
-    """Sign the survivors U3 the server says it summed (kept to check the unmask request)."""
+    """Sign the survivors U3 the server says it summed, bound to the round id (kept to check
+    the unmask request)."""
     what = Stage.CONSISTENCY
     survivors = id_list(cfg, Key.ALIVE, what)
     settings = SecAggSettings.from_record(st)
@@ -442,35 +520,52 @@ def _consistency(me: int, cfg: ConfigRecord, st: ConfigRecord, policy: SecAggPol
             f"{what}: {len(survivors)} survivors {'with' if me in survivors else 'without'} "
             f"this node, which sent its masked vector; refusing to go on"
         )
+    if not set(survivors) <= set(cast(list[int], st["participants"])):
+        raise SecAggProtocolError(f"{what}: survivors that are not participants of the round")
     assert policy.identity is not None
     st["survivors"] = sorted(survivors)
-    signature = policy.identity.sign(survivors_statement(cast(str, st[Key.SESSION]), survivors))
-    return RecordDict({Key.CONFIG: ConfigRecord({Key.SIGNATURE: signature})})
+    statement = survivors_statement(cast(bytes, st["round-id"]), survivors)
+    return RecordDict({Key.CONFIG: ConfigRecord({Key.SIGNATURE: policy.identity.sign(statement)})})
 
 
 def _check_consistency(cfg: ConfigRecord, st: ConfigRecord, policy: SecAggPolicy) -> None:
-    """Reveal shares only if at least t roster members signed this node's U3, and never the
-    mask-key share of a node in U3."""
+    """Reveal shares only if more than ``(n + c) / 2`` of the round's ``n`` participants signed
+    this node's U3 (and, under DP, at least as many survivors as its noise was sized for), and
+    never the mask-key share of a node in U3."""
     what = Stage.UNMASK
     assert policy.roster is not None
     survivors = cast(list[int], st["survivors"])
-    settings = SecAggSettings.from_record(st)
+    participants = cast(list[int], st["participants"])
+    names = cast(list[str], st["participant-names"])
+    survivor_names = {names[participants.index(n)] for n in survivors}
     signers = config_field(cfg, Key.SIGNERS, list, what) if Key.SIGNERS in cfg else []
     signatures = (
         bytes_list(cfg, Key.SIGNATURES, what, len(signers), MAX_SIGNATURE_BYTES)
         if (Key.SIGNATURES in cfg)
         else []
     )
-    statement = survivors_statement(cast(str, st[Key.SESSION]), survivors)
+    statement = survivors_statement(cast(bytes, st["round-id"]), survivors)
     valid = {
         name
         for name, signature in zip(signers, signatures, strict=False)
-        if isinstance(name, str) and policy.roster.verify(name, signature, statement)
+        if isinstance(name, str)
+        and name in names
+        and policy.roster.verify(name, signature, statement)
     }
-    if len(valid) < settings.reconstruction_threshold:
+    corrupt = policy.corrupt(cast(int, st["corrupt-nodes"]))
+    need = majority(len(participants), corrupt)
+    if len(valid) < need:
         raise SecAggProtocolError(
-            f"{what}: {len(valid)} roster members signed the survivors this node was told, "
-            f"fewer than the threshold {settings.reconstruction_threshold}: refusing to unmask"
+            f"{what}: {len(valid)} of the round's {len(participants)} participants signed the "
+            f"survivors this node was told, fewer than the {need} that no split view can also "
+            f"gather ({corrupt} corrupt nodes assumed): refusing to unmask"
+        )
+    noise_shares = cast(int, st[NOISE_SHARES])
+    if len(valid & survivor_names) < noise_shares:
+        raise SecAggProtocolError(
+            f"{what}: {len(valid & survivor_names)} survivors confirmed the sum, fewer than the "
+            f"{noise_shares} this node's DP noise share was sized for: refusing to unmask a sum "
+            f"with too little noise"
         )
     alive, dropped = id_list(cfg, Key.ALIVE, what), id_list(cfg, Key.DROPPED, what)
     if set(dropped) & set(survivors):

@@ -128,8 +128,9 @@ class Key:
     B_COMMIT = "b-commit"  # SHA-256 commitment to the self-mask seed (share-keys reply)
     SIGNATURE = "key-signature"  # setup reply: the node's signature of its round keys
     SIGNER = "signer"  # setup reply: the node's name in the federation's roster
-    SIGNATURES = "key-signatures"  # share-keys: each neighbour's signature, as NODES
-    SIGNERS = "signers"  # share-keys: each neighbour's roster name, as NODES
+    SIGNATURES = "key-signatures"  # share-keys: each participant's signature, as NODES
+    SIGNERS = "signers"  # share-keys: each participant's roster name, as NODES
+    NONCE = "nonce"  # setup reply: the node's fresh nonce; share-keys: every participant's
 
 
 # Flags a node sums inside its masked vector (fedlora.protocol.secagg_encoding.SUMMED_SCALARS).
@@ -233,8 +234,11 @@ class SecAggSettings:
         },
     )
     reconstruction_threshold: int = field(
-        default=3,
-        metadata={"help": "shares needed to rebuild a secret; more than half of num_shares"},
+        default=4,
+        metadata={
+            "help": "shares needed to rebuild a secret; more than half of num_shares, and "
+            "2t > holders + corrupt_nodes at the nodes"
+        },
     )
     quantization_bits: int = field(
         default=32,
@@ -258,6 +262,15 @@ class SecAggSettings:
         },
     )
 
+    corrupt_nodes: int = field(
+        default=1,
+        metadata={
+            "help": "nodes assumed to collude with the server: thresholds need 2t > holders + c "
+            "and the consistency check more than (n + c) / 2 signers; each node also applies its "
+            "own secagg-corrupt-nodes, whichever is larger"
+        },
+    )
+
     def __post_init__(self) -> None:
         if not (
             isinstance(self.clip_norm, int | float)
@@ -275,6 +288,7 @@ class SecAggSettings:
             "modulus_bits",
             "max_weight",
             "wire_bits",
+            "corrupt_nodes",
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
@@ -305,6 +319,11 @@ class SecAggSettings:
             )
         if self.max_weight < 1:
             raise ConfigError(f"secagg max_weight={self.max_weight}: must be >= 1")
+        if not 0 <= self.corrupt_nodes < t:
+            raise ConfigError(
+                f"secagg corrupt_nodes={self.corrupt_nodes}: use 0..{t - 1} (below the "
+                f"reconstruction threshold {t}, else colluders alone could rebuild a secret)"
+            )
         self.check_overflow(1)
 
     @classmethod

@@ -39,26 +39,50 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
 from fedlora.errors import ConfigError
 
-DOMAIN = b"fedlora secagg+ round keys v1"
-SURVIVORS_DOMAIN = b"fedlora secagg+ survivors v1"
+DOMAIN = b"fedlora secagg+ round keys v2"
+SURVIVORS_DOMAIN = b"fedlora secagg+ survivors v2"
+ROUND_DOMAIN = b"fedlora secagg+ round v2"
 MAX_SIGNATURE_BYTES = 128  # a DER ECDSA P-384 signature has at most 104
 MAX_SIGNER_CHARS = 128
+NONCE_BYTES = 16  # each node's fresh contribution to the round id
 
 
-def key_statement(session: str, node_id: int, c_pk: bytes, s_pk: bytes) -> bytes:
-    """The SHA-384 digest a node signs: its round's keys, bound to the session and its id."""
+def _digest(*parts: bytes) -> hashlib._Hash:
     digest = hashlib.sha384()
-    for part in (DOMAIN, session.encode(), node_id.to_bytes(8, "big"), c_pk, s_pk):
+    for part in parts:
         digest.update(len(part).to_bytes(4, "big") + part)
+    return digest
+
+
+def key_statement(session: str, node_id: int, c_pk: bytes, s_pk: bytes, nonce: bytes) -> bytes:
+    """The SHA-384 digest a node signs: its round's keys and fresh nonce, bound to the session
+    and its id."""
+    return _digest(DOMAIN, session.encode(), node_id.to_bytes(8, "big"), c_pk, s_pk, nonce).digest()
+
+
+# One participant of a round as every node sees it: (node id, roster name or "", c_pk, s_pk,
+# nonce).
+Entry = tuple[int, str, bytes, bytes, bytes]
+
+
+def round_id(session: str, entries: list[Entry]) -> bytes:
+    """The round's id: the session and every participant's keys and nonce (in node order).
+
+    Each honest node's nonce is fresh, so no id (and no signature over one) repeats across
+    rounds, and two nodes share an id only if they were shown the same participants. The share
+    graph (:mod:`fedlora.protocol.secagg_graph`) and the survivor signatures derive from it.
+    """
+    digest = _digest(ROUND_DOMAIN, session.encode(), len(entries).to_bytes(4, "big"))
+    for node, name, c_pk, s_pk, nonce in sorted(entries):
+        digest.update(_digest(node.to_bytes(8, "big"), name.encode(), c_pk, s_pk, nonce).digest())
     return digest.digest()
 
 
-def survivors_statement(session: str, survivors: list[int]) -> bytes:
+def survivors_statement(round_id: bytes, survivors: list[int]) -> bytes:
     """The SHA-384 digest a node signs in the consistency check: the round's survivors (U3),
-    the nodes whose masked vectors are in the sum (Bonawitz et al., 2017, section 4)."""
-    digest = hashlib.sha384()
-    for part in (SURVIVORS_DOMAIN, session.encode(), len(survivors).to_bytes(4, "big")):
-        digest.update(len(part).to_bytes(4, "big") + part)
+    the nodes whose masked vectors are in the sum (Bonawitz et al., 2017, section 4), bound to
+    the round id (so it cannot be replayed into another round or another participant list)."""
+    digest = _digest(SURVIVORS_DOMAIN, round_id, len(survivors).to_bytes(4, "big"))
     for node in sorted(survivors):
         digest.update(node.to_bytes(8, "big"))
     return digest.digest()

@@ -30,6 +30,7 @@ from fedlora.lora import adapter_shapes, initial_adapter
 from fedlora.protocol.adapter import spec_of
 from fedlora.protocol.messages import RoundConfig, to_array_record
 from fedlora.protocol.secagg import SecAggSettings
+from fedlora.protocol.secagg_graph import least_threshold, max_holders
 from fedlora.server.bounds import ReplyBounds
 from fedlora.server.central import make_central_eval
 from fedlora.server.checkpoint import save_adapter
@@ -74,12 +75,23 @@ def secagg_settings(cfg: RunConfig, nodes: int) -> SecAggSettings:
     bounded by the clip alone). Quantization takes the most bits that cannot overflow.
     """
     shares = max(3, min(cfg.secagg_num_shares, nodes))
-    threshold = max(min(cfg.secagg_threshold, shares, nodes), shares // 2 + 1)
+    corrupt = cfg.secagg_corrupt_nodes
+    # 2t > holders + c for the most holders the round's graph can give a node (its nodes refuse
+    # less: fedlora.protocol.secagg_graph)
+    least = least_threshold(max_holders(nodes, shares), corrupt)
+    threshold = min(max(cfg.secagg_threshold, least), shares)
+    if threshold < least:
+        raise ConfigError(
+            f"secagg-corrupt-nodes={corrupt} on {nodes} nodes with secagg-num-shares={shares} "
+            f"needs a threshold of {least}, more than the shares: raise secagg-num-shares or "
+            f"lower secagg-corrupt-nodes"
+        )
     if cfg.secagg_wire_bits == 64:
         return SecAggSettings(
             clip_norm=float(cfg.secagg_clip_norm),
             num_shares=shares,
             reconstruction_threshold=threshold,
+            corrupt_nodes=corrupt,
         )
     equal = cfg.secagg_wire_bits == 16 or cfg.dp_noise_multiplier > 0
     return SecAggSettings.for_nodes(
@@ -89,6 +101,7 @@ def secagg_settings(cfg: RunConfig, nodes: int) -> SecAggSettings:
         max_weight=1 if equal else NARROW_MAX_WEIGHT,
         num_shares=shares,
         reconstruction_threshold=threshold,
+        corrupt_nodes=corrupt,
     )
 
 

@@ -47,6 +47,7 @@ from fedlora.protocol.secagg import (
     vector_length,
 )
 from fedlora.protocol.secagg_encoding import limb_bits
+from fedlora.protocol.secagg_graph import majority
 from fedlora.server.secagg_stages import (
     SecAggError,
     Session,
@@ -116,6 +117,9 @@ def secure_weighted_sum(
     factors). Contributors that vanish after sending their masked vectors are recovered while
     at least ``reconstruction_threshold`` share holders answer the unmask stage; with fewer,
     SecAggError is raised and nothing is returned. ConfigError if the modulus could overflow.
+    In a signed round the survivors' consistency signatures must come from more than
+    ``(|U1| + settings.corrupt_nodes) / 2`` participants (each node checks the same, with the
+    larger of that bound and its own).
     """
     nodes = sorted(set(node_ids))
     settings.check_overflow(len(nodes))
@@ -127,13 +131,17 @@ def secure_weighted_sum(
         )
     stage_timeout = timeout if stage_timeout is None else stage_timeout
     start = time.perf_counter()
-    s = Session(settings=settings, spec={k: tuple(v) for k, v in spec.items()}, group_id=group_id)
+    s = Session(
+        settings=settings,
+        spec={k: tuple(v) for k, v in spec.items()},
+        group_id=group_id,
+    )
     try:
         u3 = _run_stages(grid, s, nodes, train_content, timeout, stage_timeout)
         u4 = None
         if signed_round(s, sorted(s.keys)):
             u4 = consistency_check(grid, s, u3, stage_timeout)
-            _enough(u4, settings.reconstruction_threshold, Stage.CONSISTENCY)
+            _enough(u4, majority(len(s.keys), settings.corrupt_nodes), Stage.CONSISTENCY, "signers")
         total = unmask(grid, s, s.u2, u3, stage_timeout, u4)
         weighted_sum, weight, scalars = checked_decode(total, settings, s.spec, len(u3))
     except SecAggError as exc:
@@ -227,12 +235,16 @@ def checked_decode(
     return weighted_sum, weight, decode_scalars(limbs, settings)
 
 
-def _enough(survivors: list[int], threshold: int, stage: str) -> None:
+def _enough(survivors: list[int], threshold: int, stage: str, what: str = "") -> None:
     if len(survivors) < threshold:
+        need = (
+            f"the {threshold} signers the nodes need (a majority beyond the corrupt bound)"
+            if what
+            else f"the reconstruction threshold {threshold}"
+        )
         raise SecAggError(
-            f"after stage {stage!r} {len(survivors)} nodes remain, fewer than the "
-            f"reconstruction threshold {threshold}: the round fails, nothing "
-            f"is aggregated"
+            f"after stage {stage!r} {len(survivors)} nodes remain, fewer than {need}: the round "
+            f"fails, nothing is aggregated"
         )
 
 

@@ -13,7 +13,6 @@ import functools
 import io
 import itertools
 import logging
-import random
 import secrets
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -42,7 +41,13 @@ from fedlora.protocol.secagg import (
     reduce_mod,
     vector_length,
 )
-from fedlora.protocol.secagg_auth import MAX_SIGNATURE_BYTES, MAX_SIGNER_CHARS
+from fedlora.protocol.secagg_auth import (
+    MAX_SIGNATURE_BYTES,
+    MAX_SIGNER_CHARS,
+    NONCE_BYTES,
+    round_id,
+)
+from fedlora.protocol.secagg_graph import neighbour_graph
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +74,8 @@ class Session:
     group_id: str
     session: str = field(default_factory=lambda: secrets.token_hex(16))
     keys: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)  # node -> (c_pk, s_pk)
+    nonces: dict[int, bytes] = field(default_factory=dict)  # node -> its fresh nonce
+    round_id: bytes = b""  # from the session and U1's keys and nonces (share-keys on)
     # node -> (signature of its keys, its roster name); (b"", "") from an unsigned node
     signed: dict[int, tuple[bytes, str]] = field(default_factory=dict)
     commits: dict[int, bytes] = field(default_factory=dict)  # node -> commitment to its seed
@@ -98,40 +105,6 @@ def record_bytes(content: RecordDict) -> int:
             for v in value if isinstance(value, list) else [value]:
                 n += len(v) if isinstance(v, bytes | str) else 8
     return n
-
-
-def neighbour_graph(
-    nodes: Iterable[int], num_shares: int, rng: random.Random | None = None
-) -> dict[int, set[int]]:
-    """SecAgg+'s sparse graph: a random ring, each node joined to ``num_shares - 1`` others.
-
-    Nodes sit on a ring in random order and each is joined to the ``h = (num_shares - 1) // 2``
-    nearest on either side (a Harary graph, Bell et al. §3); with ``num_shares - 1`` odd and an
-    even ring, also to the opposite node. ``num_shares >= len(nodes)`` gives the complete graph
-    (classic SecAgg). Each set includes the node itself (it keeps one share).
-    """
-    order = sorted(nodes)
-    (rng or random.SystemRandom()).shuffle(order)
-    n = len(order)
-    if num_shares >= n:
-        return {u: set(order) for u in order}
-    h = (num_shares - 1) // 2
-    graph = {u: {order[(i + d) % n] for d in range(-h, h + 1)} for i, u in enumerate(order)}
-    if (num_shares - 1) % 2 == 1:
-        if n % 2 == 0:
-            for i, u in enumerate(order):
-                graph[u].add(order[(i + n // 2) % n])
-        else:  # an odd ring cannot take one more edge each: one more on each side instead
-            log.info(
-                "secagg: num_shares %d on %d nodes: each node gets %d shares",
-                num_shares,
-                n,
-                num_shares + 1,
-            )
-            graph = {
-                u: {order[(i + d) % n] for d in range(-h - 1, h + 2)} for i, u in enumerate(order)
-            }
-    return graph
 
 
 def exchange(
@@ -200,22 +173,26 @@ def reply_config(
     return cfg
 
 
-def parse_setup_reply(content: RecordDict, what: str) -> tuple[bytes, bytes, bytes, str]:
-    """``(c_pk, s_pk, signature, signer)``: two distinct P-384 public keys in PEM, and the
-    node's signature of them with its roster name (``b""``, ``""`` from an unsigned node; the
-    nodes check signatures against their own rosters, the server only relays them)."""
+def parse_setup_reply(content: RecordDict, what: str) -> tuple[bytes, bytes, bytes, bytes, str]:
+    """``(c_pk, s_pk, nonce, signature, signer)``: two distinct P-384 public keys in PEM, the
+    node's fresh nonce, and its signature of them with its roster name (``b""``, ``""`` from an
+    unsigned node; the nodes check signatures against their own rosters, the server only relays
+    them)."""
     signed = Key.SIGNATURE in content.config_records.get(Key.CONFIG, {})
-    fields = {Key.C_PK, Key.S_PK} | ({Key.SIGNATURE, Key.SIGNER} if signed else set())
+    fields = {Key.C_PK, Key.S_PK, Key.NONCE} | ({Key.SIGNATURE, Key.SIGNER} if signed else set())
     cfg = reply_config(content, fields, what, set())
     c_pk = config_field(cfg, Key.C_PK, bytes, what)
     s_pk = config_field(cfg, Key.S_PK, bytes, what)
+    nonce = config_field(cfg, Key.NONCE, bytes, what)
+    if len(nonce) != NONCE_BYTES:
+        raise SecAggProtocolError(f"{what}: a nonce of {len(nonce)} bytes, expected {NONCE_BYTES}")
     for key, value in ((Key.C_PK, c_pk), (Key.S_PK, s_pk)):
         if not crypto.is_public_key(value):
             raise SecAggProtocolError(f"{what}: {key!r} is not a P-384 public key in PEM")
     if c_pk == s_pk:
         raise SecAggProtocolError(f"{what}: the two public keys are the same")
     if not signed:
-        return c_pk, s_pk, b"", ""
+        return c_pk, s_pk, nonce, b"", ""
     signature = config_field(cfg, Key.SIGNATURE, bytes, what)
     signer = config_field(cfg, Key.SIGNER, str, what)
     if not 0 < len(signature) <= MAX_SIGNATURE_BYTES or not 0 < len(signer) <= MAX_SIGNER_CHARS:
@@ -223,7 +200,7 @@ def parse_setup_reply(content: RecordDict, what: str) -> tuple[bytes, bytes, byt
             f"{what}: a signature of {len(signature)} bytes by a name of {len(signer)} "
             f"characters; expected 1..{MAX_SIGNATURE_BYTES} and 1..{MAX_SIGNER_CHARS}"
         )
-    return c_pk, s_pk, signature, signer
+    return c_pk, s_pk, nonce, signature, signer
 
 
 def parse_share_keys_reply(
@@ -355,8 +332,11 @@ def setup(
     }
     for node, content in exchange(grid, s, Stage.SETUP, contents, timeout).items():
         try:
-            c_pk, s_pk, signature, signer = parse_setup_reply(content, _what(Stage.SETUP, node))
+            c_pk, s_pk, nonce, signature, signer = parse_setup_reply(
+                content, _what(Stage.SETUP, node)
+            )
             s.keys[node], s.signed[node] = (c_pk, s_pk), (signature, signer)
+            s.nonces[node] = nonce
         except SecAggProtocolError as exc:
             s.reject(Stage.SETUP, node, str(exc))
     shown: dict[bytes, int] = {}
@@ -366,27 +346,27 @@ def setup(
     for node in sorted(s.keys):  # a key shown twice is dropped with every node showing it
         if any(shown[k] > 1 for k in s.keys[node]):
             s.reject(Stage.SETUP, node, "reused a public key of another node")
-            del s.keys[node]
+            del s.keys[node], s.nonces[node]
     return sorted(s.keys)
 
 
 def share_keys(grid: Grid, s: Session, u1: list[int], timeout: float | None) -> list[int]:
-    """Stage 1: each node gets its neighbours' keys, returns one encrypted share per neighbour."""
-    s.neighbours = neighbour_graph(u1, s.settings.num_shares)
-    contents = {}
-    for node in u1:
-        nb = sorted(s.neighbours[node])
-        cfg = ConfigRecord(
-            {
-                Key.NODES: nb,
-                Key.C_PK: [s.keys[v][0] for v in nb],
-                Key.S_PK: [s.keys[v][1] for v in nb],
-            }
-        )
-        if all(s.signed[v][1] for v in nb):  # relayed only when every neighbour signed
-            cfg[Key.SIGNATURES] = [s.signed[v][0] for v in nb]
-            cfg[Key.SIGNERS] = [s.signed[v][1] for v in nb]
-        contents[node] = RecordDict({Key.CONFIG: cfg})
+    """Stage 1: every node gets every participant's keys and nonce (and signatures), computes
+    the round id and its own neighbours from them, and returns one encrypted share per
+    neighbour. The server computes the same graph; it chooses neither."""
+    entries = [(v, s.signed[v][1], *s.keys[v], s.nonces[v]) for v in u1]
+    s.round_id = round_id(s.session, entries)
+    s.neighbours = neighbour_graph(s.round_id, u1, s.settings.num_shares)
+    listed: dict[str, list[int] | list[bytes] | list[str]] = {
+        Key.NODES: list(u1),
+        Key.C_PK: [s.keys[v][0] for v in u1],
+        Key.S_PK: [s.keys[v][1] for v in u1],
+        Key.NONCE: [s.nonces[v] for v in u1],
+    }
+    if all(s.signed[v][1] for v in u1):  # relayed only when every participant signed
+        listed[Key.SIGNATURES] = [s.signed[v][0] for v in u1]
+        listed[Key.SIGNERS] = [s.signed[v][1] for v in u1]
+    contents = {node: RecordDict({Key.CONFIG: ConfigRecord(dict(listed))}) for node in u1}
     s.forwards = {n: [] for n in u1}
     u2 = []
     for node, content in exchange(grid, s, Stage.SHARE_KEYS, contents, timeout).items():

@@ -56,7 +56,7 @@ METRIC_VALUE = st.one_of(
 KEYS = [v for k, v in vars(Key).items() if not k.startswith("_") and isinstance(v, str)]
 FIELD_NAME = st.one_of(st.sampled_from(KEYS + sorted(SECURE_METRICS)), st.text(max_size=10))
 FIVE = SecAggSettings(
-    clip_norm=4.0, num_shares=5, reconstruction_threshold=3, modulus_bits=40, quantization_bits=16
+    clip_norm=4.0, num_shares=5, reconstruction_threshold=4, modulus_bits=40, quantization_bits=16
 )
 
 

@@ -29,7 +29,7 @@ from flwr.clientapp import ClientApp
 from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
 from flwr.serverapp import Grid
 
-from fedlora.client.secagg import SecAggProtocolError, handle_secagg
+from fedlora.client.secagg import SecAggPolicy, SecAggProtocolError, handle_secagg
 from fedlora.clipping import clip_l2
 from fedlora.errors import ConfigError
 from fedlora.protocol import secagg_crypto as crypto
@@ -45,6 +45,7 @@ from fedlora.protocol.secagg import (
     vector_length,
     weighted_vector,
 )
+from fedlora.protocol.secagg_graph import neighbour_graph
 from fedlora.server import secagg_stages
 from fedlora.server.secagg import (
     SecAggError,
@@ -53,12 +54,14 @@ from fedlora.server.secagg import (
     check_composable,
     secure_weighted_sum,
 )
-from fedlora.server.secagg_stages import neighbour_graph
 from fedlora.server.strategies import ClientUpdate, FedExLoRA, FedIT, FFALoRA, Reducer
 
 SPEC = {"layer.a": (4, 30), "layer.b": (50, 4), "head": (60,)}  # 380 values
 WEIGHTS = [12, 25, 31, 47, 58, 9, 70, 33]  # num_examples of partition 0, 1, ...
-SETTINGS = SecAggSettings(clip_norm=80.0, num_shares=5, reconstruction_threshold=3)
+# The dropout mechanics at threshold 3 of 5 holders need no colluder assumed (corrupt nodes 0);
+# with the default of 1 a node refuses them (tests/test_secagg_attacks.py plays the colluders).
+SETTINGS = SecAggSettings(clip_norm=80.0, num_shares=5, reconstruction_threshold=3, corrupt_nodes=0)
+NO_COLLUDERS = SecAggPolicy(corrupt_nodes=0)
 
 
 # Messages built outside a ServerApp need a task identity (tests/conftest.py).
@@ -110,7 +113,7 @@ def secagg_client_app(drop_at: dict[int, str] | None = None) -> ClientApp:
             context.state["test-drop"] = ConfigRecord({"at": at})
         if context.state.config_records["test-drop"]["at"] == stage:
             raise RuntimeError(f"partition {pid} vanishes at {stage}")
-        return handle_secagg(msg, context, train_fn_for(pid))
+        return handle_secagg(msg, context, train_fn_for(pid), NO_COLLUDERS)
 
     return app
 
@@ -264,11 +267,15 @@ def test_pair_masks_cancel_and_shares_rebuild_keys():
 
 def test_neighbour_graph_is_regular_symmetric_and_complete_for_classic_secagg():
     nodes = list(range(10, 20))
-    assert all(nb == set(nodes) for nb in neighbour_graph(nodes, 10).values())
+    rid = b"round"
+    assert all(nb == set(nodes) for nb in neighbour_graph(rid, nodes, 10).values())
     for k in (3, 4, 5):
-        graph = neighbour_graph(nodes, k)
+        graph = neighbour_graph(rid, nodes, k)
         assert all(len(nb) == k and u in nb for u, nb in graph.items())
         assert all(u in graph[v] for u, nb in graph.items() for v in nb)
+    # the round id decides the graph, the same for everyone who computes it
+    assert neighbour_graph(b"other", nodes, 3) != neighbour_graph(rid, nodes, 3)
+    assert neighbour_graph(rid, reversed(nodes), 3) == neighbour_graph(rid, nodes, 3)
 
 
 def test_only_strategies_that_need_the_weighted_mean_compose():
@@ -320,7 +327,7 @@ def test_secure_mean_matches_the_plain_mean_and_reports_clipping():
     assert all(set(m) <= {"wire-version", "site-id"} for m in result.metrics.values())
     # Clip below the updates' norms (about 45): every node clips, says so, and the mean is that
     # of the clipped updates.
-    s = SecAggSettings(clip_norm=30.0, num_shares=5, reconstruction_threshold=3)
+    s = SecAggSettings(clip_norm=30.0, num_shares=5, reconstruction_threshold=3, corrupt_nodes=0)
     _, clipped = run_in_process(5, s)
     assert clipped.num_clipped == 5
     assert all(set(m) <= {"wire-version", "site-id"} for m in clipped.metrics.values())
@@ -352,7 +359,7 @@ def test_sparse_secagg_plus_graph_with_dropouts_at_every_stage():
     grid, result = run_in_process(8, drop_at=drop)
     assert sorted(grid.pid(n) for n in result.dropped) == [0, 2]
     assert max_diff(result.mean(), plain_mean([1, 3, 4, 5, 6, 7])) <= result.tolerance
-    assert all(len(nb) == 5 for nb in neighbour_graph(range(7), 5).values())
+    assert all(len(nb) == 5 for nb in neighbour_graph(b"r", range(7), 5).values())
 
 
 def test_server_never_holds_an_individual_update(monkeypatch):
@@ -394,6 +401,7 @@ def test_client_refuses_out_of_order_stages():
     assert set(reply.content.config_records[Key.CONFIG]) == {
         Key.C_PK,
         Key.S_PK,
+        Key.NONCE,
         Key.STAGE,
         Key.SESSION,
     }

@@ -91,6 +91,7 @@ def _invent(cfg, signer: str, signature: bytes | None = None, node: int = 99) ->
     cfg[Key.NODES] = [*cfg[Key.NODES], node]
     cfg[Key.C_PK] = [*cfg[Key.C_PK], c_pk]
     cfg[Key.S_PK] = [*cfg[Key.S_PK], s_pk]
+    cfg[Key.NONCE] = [*cfg[Key.NONCE], b"\x01" * 16]
     cfg[Key.SIGNERS] = [*cfg[Key.SIGNERS], signer]
     cfg[Key.SIGNATURES] = [*cfg[Key.SIGNATURES], signature or b"\x30" * 70]
 
@@ -104,7 +105,7 @@ def test_an_invented_node_is_refused_whatever_name_it_claims(task_identity, fede
     mallory = Identity.load(Federation(stranger).node("mallory").auth_key, mallory_roster)
     cases = {
         "not in this node's roster": lambda cfg, session: _invent(
-            cfg, "mallory", mallory.sign(key_statement(session, 99, b"", b""))
+            cfg, "mallory", mallory.sign(key_statement(session, 99, b"", b"", b""))
         ),
         "listed as several nodes": lambda cfg, session: _invent(cfg, "riverside"),
         "not signed by 'outsider'": lambda cfg, session: _invent(cfg, "outsider"),
@@ -180,30 +181,43 @@ def test_the_server_checks_the_size_of_what_it_relays():
     from flwr.app import ConfigRecord
 
     def reply(**extra) -> RecordDict:
-        cfg = {Key.C_PK: c_pk, Key.S_PK: s_pk, Key.STAGE: Stage.SETUP, Key.SESSION: "s"}
+        cfg = {
+            Key.C_PK: c_pk,
+            Key.S_PK: s_pk,
+            Key.NONCE: b"n" * 16,
+            Key.STAGE: Stage.SETUP,
+            Key.SESSION: "s",
+        }
         return RecordDict({Key.CONFIG: ConfigRecord(cfg | extra)})
 
-    assert parse_setup_reply(reply(), "setup")[2:] == (b"", "")
+    assert parse_setup_reply(reply(), "setup")[2:] == (b"n" * 16, b"", "")
     got = parse_setup_reply(reply(**{Key.SIGNATURE: b"sig", Key.SIGNER: "a"}), "setup")
-    assert got[2:] == (b"sig", "a")
+    assert got[2:] == (b"n" * 16, b"sig", "a")
     from fedlora.protocol.secagg import SecAggProtocolError
 
     with pytest.raises(SecAggProtocolError, match="signature of 500 bytes"):
         parse_setup_reply(reply(**{Key.SIGNATURE: b"x" * 500, Key.SIGNER: "a"}), "setup")
     with pytest.raises(SecAggProtocolError, match="config fields"):
         parse_setup_reply(reply(**{Key.SIGNATURE: b"sig"}), "setup")  # no signer
+    with pytest.raises(SecAggProtocolError, match="a nonce of 3 bytes"):
+        parse_setup_reply(reply(**{Key.NONCE: b"old"}), "setup")
 
 
-def test_the_signature_covers_session_node_and_both_keys(federation):
+def test_the_signature_covers_session_node_both_keys_and_the_nonce(federation):
     node = federation.node("northgate")
     roster = Roster.load(node.roster)
     me = Identity.load(node.auth_key, roster)
-    c, s = crypto.new_key_pair()[1], crypto.new_key_pair()[1]
-    signature = me.sign(key_statement("sess", 44, c, s))
-    assert roster.verify("northgate", signature, key_statement("sess", 44, c, s))
-    for changed in (("other", 44, c, s), ("sess", 45, c, s), ("sess", 44, s, c)):
+    c, s, n = crypto.new_key_pair()[1], crypto.new_key_pair()[1], b"\x07" * 16
+    signature = me.sign(key_statement("sess", 44, c, s, n))
+    assert roster.verify("northgate", signature, key_statement("sess", 44, c, s, n))
+    for changed in (
+        ("other", 44, c, s, n),
+        ("sess", 45, c, s, n),
+        ("sess", 44, s, c, n),
+        ("sess", 44, c, s, b"\x08" * 16),
+    ):
         assert not roster.verify("northgate", signature, key_statement(*changed))
-    assert not roster.verify("st-marys", signature, key_statement("sess", 44, c, s))
+    assert not roster.verify("st-marys", signature, key_statement("sess", 44, c, s, n))
 
 
 def test_a_path_in_the_policy_that_does_not_exist_names_the_setting(tmp_path: Path):
@@ -245,13 +259,14 @@ def _no_shares_revealed(grid: LocalGrid, why: str, refusing=NODES) -> None:
 
 def test_different_survivor_sets_for_different_nodes_are_refused(task_identity, federation):
     """The server tells two nodes that riverside (33) dropped and the other two that it
-    survived: neither set gathers t = 3 signatures, so nobody reveals a share."""
+    survived: neither set gathers the 3 signatures of a majority beyond one colluder
+    ((4 + 1) // 2 + 1), so nobody reveals a share."""
 
     def split(node: int, stage: str, content: RecordDict) -> None:
         if stage == Stage.CONSISTENCY and node in (11, 22):
             content.config_records[Key.CONFIG][Key.ALIVE] = [11, 22, 44]
 
-    _no_shares_revealed(_grid(federation, split), "fewer than the threshold 3")
+    _no_shares_revealed(_grid(federation, split), "no split view can also gather")
 
 
 def test_a_request_for_the_mask_key_of_a_survivor_is_refused(task_identity, federation):
@@ -278,7 +293,7 @@ def test_an_unmask_request_without_enough_signatures_is_refused(task_identity, f
             cfg[Key.SIGNERS] = list(cfg[Key.SIGNERS])[:2]
             cfg[Key.SIGNATURES] = list(cfg[Key.SIGNATURES])[:2]
 
-    _no_shares_revealed(_grid(federation, strip), "2 roster members signed")
+    _no_shares_revealed(_grid(federation, strip), "2 of the round's 4 participants signed")
 
 
 def test_a_server_that_skips_the_check_is_refused(task_identity, federation, monkeypatch):

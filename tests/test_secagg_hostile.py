@@ -14,6 +14,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedlora.client.secagg import SecAggPolicy
 from fedlora.protocol.adapter import spec_of
 from fedlora.protocol.secagg import (
     SECURE_METRICS,
@@ -114,17 +115,31 @@ def test_a_malformed_reply_makes_its_node_a_dropout(kind, caplog):
     assert not grid.errors
 
 
+# Three nodes that tolerate one dropout: threshold 2 of 3 holders, with no colluder assumed
+# (with the default of one, a node needs 2t > 3 + 1; tests/test_secagg_attacks.py).
+TOLERANT = SecAggSettings(clip_norm=4.0, num_shares=3, reconstruction_threshold=2, corrupt_nodes=0)
+NO_COLLUDERS = SecAggPolicy(corrupt_nodes=0)
+
+
 def test_too_few_valid_replies_fail_the_round_cleanly():
-    settings = SecAggSettings(clip_norm=4.0, num_shares=3, reconstruction_threshold=2)
-    grid = LocalGrid((11, 22, 33), corrupt=corrupting({22, 33}, Stage.COLLECT, extra_metric))
+    settings = TOLERANT
+    grid = LocalGrid(
+        (11, 22, 33),
+        corrupt=corrupting({22, 33}, Stage.COLLECT, extra_metric),
+        policy=NO_COLLUDERS,
+    )
     with pytest.raises(SecAggError, match="fewer than the reconstruction threshold") as info:
         secure_weighted_sum(grid, (11, 22, 33), RecordDict(), settings, SPEC)
     assert set(info.value.rejected) == {22, 33}
 
 
 def test_seed_shares_no_subset_verifies_fail_the_round():
-    settings = SecAggSettings(clip_norm=4.0, num_shares=3, reconstruction_threshold=2)
-    grid = LocalGrid((11, 22, 33), corrupt=corrupting({22, 33}, Stage.UNMASK, flip_seed_share))
+    settings = TOLERANT
+    grid = LocalGrid(
+        (11, 22, 33),
+        corrupt=corrupting({22, 33}, Stage.UNMASK, flip_seed_share),
+        policy=NO_COLLUDERS,
+    )
     with pytest.raises(SecAggError, match="self-mask seed of node 11"):
         secure_weighted_sum(grid, (11, 22, 33), RecordDict(), settings, SPEC)
 
@@ -173,7 +188,12 @@ def run_rounds(nodes, settings, corrupt, rounds: int = 2):
     )
     adapters = []
     for rnd in range(1, rounds + 1):
-        grid = LocalGrid(nodes, corrupt=corrupt if rnd == 1 else None, train_fn=lora_train_fn)
+        grid = LocalGrid(
+            nodes,
+            corrupt=corrupt if rnd == 1 else None,
+            train_fn=lora_train_fn,
+            policy=SecAggPolicy(corrupt_nodes=settings.corrupt_nodes),
+        )
         arrays = ArrayRecord({k: Array(v) for k, v in strategy.global_adapter.items()})
         assert list(strategy.configure_train(rnd, arrays, ConfigRecord({}), grid)) == []
         strategy.aggregate_train(rnd, [])
@@ -192,8 +212,7 @@ def test_a_flipped_seed_share_is_outvoted_and_the_next_round_runs():
 
 def test_unrecoverable_seed_shares_keep_the_adapter_and_the_next_round_runs():
     nodes = (11, 22, 33)
-    settings = SecAggSettings(clip_norm=4.0, num_shares=3, reconstruction_threshold=2)
-    strategy, got = run_rounds(nodes, settings, corrupting({22, 33}, Stage.UNMASK, flip_seed_share))
+    strategy, got = run_rounds(nodes, TOLERANT, corrupting({22, 33}, Stage.UNMASK, flip_seed_share))
     first, second = strategy.history
     assert first["skipped"] and "self-mask seed" in first["secagg-error"]
     assert all(not got[0][k].any() for k in LORA)  # round 1: the adapter stayed at zero
@@ -246,6 +265,7 @@ def _simulate(tiny_model_dir: Path, out: Path, sites: str, app: ClientApp | None
             "evaluate-every": 0,
             "secagg-num-shares": 3,
             "secagg-threshold": 2,
+            "secagg-corrupt-nodes": 0,  # 2 of 3 holders: one dropout tolerated, no colluder
             "secagg-clip-norm": 50.0,
         }
     )
@@ -254,6 +274,7 @@ def _simulate(tiny_model_dir: Path, out: Path, sites: str, app: ClientApp | None
         "quantization": cfg.quantization,
         "sites": cfg.sites,
         "secagg-allow-unauthenticated": True,  # simulated nodes: no federation roster
+        "secagg-corrupt-nodes": 0,
     }
     return simulate(cfg, client_app=app(defaults) if app else None)
 

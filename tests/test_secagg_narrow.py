@@ -117,7 +117,8 @@ def test_run_settings_weigh_equally_on_16_bits_and_cap_weights_on_32():
     s = secagg_settings(cfg, 10)
     assert (s.wire_bits, s.modulus_bits, s.max_weight) == (16, 16, 1)  # equal weights
     assert 10 * s.levels < 2**16 <= 10 * (2 * s.levels + 1)  # the most bits that fit
-    assert s.num_shares == 5 and s.reconstruction_threshold == 3
+    # five holders and one colluder assumed: 2t > 5 + 1
+    assert s.num_shares == 5 and s.reconstruction_threshold == 4
     assert secagg_settings(RunConfig(), 10) == SecAggSettings(clip_norm=10.0)  # 64: as before
     wide = RunConfig(secure_aggregation=True, min_nodes=2, secagg_wire_bits=32)
     assert secagg_settings(wide, 10).max_weight == NARROW_MAX_WEIGHT
@@ -248,7 +249,7 @@ def test_masks_cancel_in_narrow_accumulators():
 def test_narrow_secure_mean_matches_the_plain_weighted_mean(n, bits):
     # Prepare
     nodes = nodes_of(n)
-    s = narrow(n, bits, nodes, num_shares=5, reconstruction_threshold=3)
+    s = narrow(n, bits, nodes, num_shares=5, reconstruction_threshold=3 if n == 3 else 4)
     grid = local_grid(nodes, record=n <= 10)
     # Execute
     result = secure_weighted_sum(grid, nodes, RecordDict(), s, SPEC)

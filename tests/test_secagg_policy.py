@@ -18,6 +18,8 @@ from hostile import VALID_ROUND
 from secagg_transcript import SPEC, LocalGrid, expected_mean, max_diff
 
 PAIR = SecAggSettings(clip_norm=4.0, num_shares=3, reconstruction_threshold=2)
+# three holders and one colluder assumed (the default): 2t > 3 + 1 needs t = 3
+THREE = SecAggSettings(clip_norm=4.0, num_shares=3, reconstruction_threshold=3)
 
 
 def test_a_node_refuses_a_round_of_two_unless_its_operator_allows_it(task_identity):
@@ -34,17 +36,24 @@ def test_a_node_refuses_a_round_of_two_unless_its_operator_allows_it(task_identi
 
 def test_three_nodes_join_by_default(task_identity):
     grid = LocalGrid((11, 22, 33))
-    result = secure_weighted_sum(grid, (11, 22, 33), RecordDict(), PAIR, SPEC)
+    result = secure_weighted_sum(grid, (11, 22, 33), RecordDict(), THREE, SPEC)
     assert list(result.contributors) == [11, 22, 33] and not grid.errors
+    # threshold 2 of 3 holders: the server and one colluder would hold 2 + 2 shares
+    grid = LocalGrid((11, 22, 33))
+    with pytest.raises(SecAggError):
+        secure_weighted_sum(grid, (11, 22, 33), RecordDict(), PAIR, SPEC)
+    assert len(grid.errors) == 3 and all("at least 3" in e for e in grid.errors)
 
 
 @pytest.mark.parametrize(
     ("holders", "threshold", "policy", "message"),
     [
         (2, 2, SecAggPolicy(), "fewer than this node's secagg-min-nodes=3"),
-        (6, 3, SecAggPolicy(), "not more than half of the 6 share holders"),
-        (7, 3, SecAggPolicy(), "not more than half of the 7 share holders"),
-        (5, 3, SecAggPolicy(min_threshold=4), "below this node's secagg-min-threshold=4"),
+        (6, 3, SecAggPolicy(corrupt_nodes=0), "needs a threshold of at least 4"),
+        (7, 3, SecAggPolicy(corrupt_nodes=0), "needs a threshold of at least 4"),
+        (5, 3, SecAggPolicy(), "1 corrupt nodes assumed .* at least 4"),
+        (6, 4, SecAggPolicy(corrupt_nodes=2), "2 corrupt nodes assumed .* at least 5"),
+        (5, 4, SecAggPolicy(min_threshold=5), "below this node's secagg-min-threshold=5"),
     ],
 )
 def test_share_graphs_a_node_refuses(holders, threshold, policy, message):
@@ -52,20 +61,37 @@ def test_share_graphs_a_node_refuses(holders, threshold, policy, message):
         policy.check(holders, threshold)
 
 
+def test_the_server_can_only_raise_the_corrupt_bound():
+    SecAggPolicy().check(5, 4)
+    with pytest.raises(SecAggProtocolError, match="3 corrupt nodes assumed"):
+        SecAggPolicy().check(5, 4, announced_corrupt=3)
+    with pytest.raises(SecAggProtocolError, match="1 corrupt nodes assumed"):
+        SecAggPolicy().check(5, 3, announced_corrupt=0)  # the node's own bound stands
+
+
 def test_share_graphs_a_node_joins():
-    SecAggPolicy().check(5, 3)  # k = 5, t = 3: the default settings
-    SecAggPolicy().check(3, 2)
+    SecAggPolicy().check(5, 4)  # 5 holders, t = 4: the deployment defaults on five nodes
+    SecAggPolicy().check(6, 4)
+    SecAggPolicy().check(3, 3)
+    SecAggPolicy(corrupt_nodes=0).check(5, 3)
     SecAggPolicy(min_nodes=2).check(2, 2)
 
 
 def test_policy_comes_from_node_config_keys():
     plain = {"secagg-allow-unauthenticated": True}  # tests/test_secagg_auth.py: rosters
-    assert SecAggPolicy.from_config(plain) == SecAggPolicy(min_nodes=3, min_threshold=2)
-    got = SecAggPolicy.from_config(
-        plain | {"secagg-min-nodes": 5, "secagg-min-threshold": 3, "lr": 1}
+    assert SecAggPolicy.from_config(plain) == SecAggPolicy(
+        min_nodes=3, min_threshold=2, corrupt_nodes=1
     )
-    assert got == SecAggPolicy(min_nodes=5, min_threshold=3)
-    for key, value in (("secagg-min-nodes", 1), ("secagg-min-threshold", "3")):
+    got = SecAggPolicy.from_config(
+        plain
+        | {"secagg-min-nodes": 5, "secagg-min-threshold": 3, "secagg-corrupt-nodes": 2, "lr": 1}
+    )
+    assert got == SecAggPolicy(min_nodes=5, min_threshold=3, corrupt_nodes=2)
+    for key, value in (
+        ("secagg-min-nodes", 1),
+        ("secagg-min-threshold", "3"),
+        ("secagg-corrupt-nodes", -1),
+    ):
         with pytest.raises(ConfigError, match=f"node config {key}="):
             SecAggPolicy.from_config({key: value})
 
@@ -145,6 +171,6 @@ def test_unsigned_round_keys_are_warned_about_once_per_process(task_identity, ca
     grid = LocalGrid((11, 22, 33))  # no roster: round keys travel unsigned
     with caplog.at_level("WARNING", logger=secagg.log.name):
         for _ in range(2):
-            secure_weighted_sum(grid, (11, 22, 33), RecordDict(), PAIR, SPEC)
+            secure_weighted_sum(grid, (11, 22, 33), RecordDict(), THREE, SPEC)
     warnings = [r for r in caplog.records if "round keys are unsigned" in r.getMessage()]
     assert len(warnings) == 1, [r.getMessage() for r in caplog.records]

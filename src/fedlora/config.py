@@ -71,7 +71,9 @@ class RunConfig:
     secure_aggregation: bool = False  # SecAgg+: the server learns only the sum of the updates
     secagg_clip_norm: float = 10.0  # SecAgg+: nodes clip their delta to this L2 norm (reported)
     secagg_num_shares: int = 5  # SecAgg+: shares per secret (neighbours + self); capped at nodes
-    secagg_threshold: int = 3  # SecAgg+: shares needed to reconstruct; > half the shares
+    secagg_threshold: int = 4  # SecAgg+: shares needed to reconstruct; > half the shares (raised
+    # per round to (holders + secagg-corrupt-nodes) // 2 + 1 where that is more)
+    secagg_corrupt_nodes: int = 1  # SecAgg+: nodes assumed to collude with the server
     secagg_wire_bits: int = 64  # SecAgg+: masked values travel as 16/32/64-bit integers
     # (narrow: quantized after weighting)
     codec: str = "none"  # how nodes encode their delta: none | fp16 | int8 | int8-block
@@ -239,6 +241,12 @@ class RunConfig:
                 f"{self.secagg_num_shares}, secagg-threshold="
                 f"{self.secagg_threshold}: need clip > 0, shares >= 3 and "
                 f"shares/2 < threshold <= shares"
+            )
+        if not 0 <= self.secagg_corrupt_nodes <= (self.secagg_num_shares - 3) // 2 + 1:
+            raise ConfigError(
+                f"secagg-corrupt-nodes={self.secagg_corrupt_nodes} with secagg-num-shares="
+                f"{self.secagg_num_shares}: use 0..{(self.secagg_num_shares - 3) // 2 + 1}, or "
+                f"more shares (each secret needs 2 x threshold > holders + corrupt nodes)"
             )
 
     def _check_privacy(self) -> None:
