@@ -3,17 +3,22 @@
 Settings merge, later winning: defaults given to :func:`make_client_app`, the run config, the node
 config (``--node-config 'data-path="/data/notes.jsonl" base-model="/models/x"'`` in deployment;
 Flower sets ``partition-id`` in simulation). A train reply holds the adapter delta and
-whitelisted metrics only; an evaluate reply holds whitelisted metrics only. A round the node
-cannot honour (a round config it cannot parse, or one beyond the node's limits) is answered with
-an error reply that says why; problems with the node's own data are reported to the server
-without their details, which stay in the node's log.
+whitelisted metrics only; an evaluate reply holds whitelisted metrics only.
+
+Every handler answers through :func:`_answer`: whatever is raised while decoding, validating,
+training or evaluating becomes a typed one-line error reply (:func:`error_reply`), never an
+exception out of the ClientApp. A round the node cannot honour (a message or round config it
+cannot accept, settings beyond its limits in client/limits.py, its DP budget) is refused with the
+reason; problems with the node's own data, files, model or machine are reported by kind only,
+their details staying in the node's log.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, cast
 
 import numpy as np
@@ -21,11 +26,20 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common import Error
 
+from fedlora.basemodel import resolve_base_model
 from fedlora.client.dp_ledger import BudgetExceeded, Charge, LedgerSettings, check_budget
 from fedlora.client.dp_ledger import charge as charge_ledger
+from fedlora.client.limits import (
+    DEFAULT_MAX_LOCAL_STEPS,
+    NodeBudget,
+    limit_problem,
+    machine_bytes,
+    model_limits,
+)
 from fedlora.client.memory_plan import round_checkpointing
 from fedlora.client.node import (
     DATA_KEYS,
+    NodeData,
     NodeSettings,
     WarmModel,
     encoded_rows,
@@ -44,9 +58,11 @@ from fedlora.client.train import TrainOptions, sample_batches, steps_for_epochs,
 from fedlora.client.worker import SOCKET_KEY, WorkerDown, WorkerFailed, forward
 from fedlora.clipping import add_noise, clip_l2
 from fedlora.console import configure_worker
-from fedlora.errors import ConfigError, DataError, FedloraError
+from fedlora.errors import ConfigError, DataError, FedloraError, WireError
 from fedlora.evaluate import eval_loss, label_accuracy
 from fedlora.lora import LoraSettings, initial_adapter
+from fedlora.planner import compute_dtype, resolve_auto
+from fedlora.precision import device
 from fedlora.protocol.adapter import AdapterSpec, restrict, validate
 from fedlora.protocol.compression import nbytes, wire_spec
 from fedlora.protocol.downlink import EXACT, apply_delta, digest
@@ -69,6 +85,7 @@ PERSONAL = "fedlora.personal-lora"  # node state: trained factors that never lea
 SECURE_ROUNDS = "fedlora.secagg.rounds"  # node state: the last round trained under SecAgg+
 REFUSED, DATA_FAILED = 4001, 4002  # error codes of replies the server logs and drops
 WORKER_DOWN = 4003  # the node's warm worker (client/worker.py) is not running
+NODE_FAILED = 4004  # any other failure on the node (its files, model, machine): see its log
 
 
 class RoundRefused(FedloraError):
@@ -76,7 +93,8 @@ class RoundRefused(FedloraError):
 
 
 def round_settings(content: Any, settings: NodeSettings) -> tuple[RoundConfig, LoraSettings]:
-    """Parse the server's round config and check it against the node's limits."""
+    """Parse the server's round config and check it against the node's limits
+    (client/limits.py), before anything is loaded or allocated for it."""
     try:
         rc = RoundConfig.from_record(content[CONFIG])
         lora = LoraSettings(
@@ -88,22 +106,13 @@ def round_settings(content: Any, settings: NodeSettings) -> tuple[RoundConfig, L
             sb=rc.train_factors == "R",
             layers=rc.lora_layers,
         )
-    except (ProtocolError, ConfigError, KeyError) as exc:
+    except (ProtocolError, ConfigError, KeyError, TypeError) as exc:
         raise RoundRefused(f"round config not accepted: {exc}") from None
-    if (
-        settings.max_local_steps
-        and rc.local_epochs == 0
-        and rc.local_steps * rc.grad_accum > settings.max_local_steps
-    ):
-        raise RoundRefused(
-            f"local-steps={rc.local_steps} x grad-accum={rc.grad_accum} exceeds "
-            f"this node's max-local-steps={settings.max_local_steps}"
-        )
-    if settings.max_batch_size and rc.batch_size > settings.max_batch_size:
-        raise RoundRefused(
-            f"batch-size={rc.batch_size} exceeds this node's max-batch-size="
-            f"{settings.max_batch_size}"
-        )
+    problem = limit_problem(
+        rc, model_limits(resolve_base_model(settings.base_model)), _budget(settings)
+    )
+    if problem:
+        raise RoundRefused(problem)
     if rc.dp_noise_multiplier < settings.dp_min_noise_multiplier:
         raise RoundRefused(
             f"dp-noise-multiplier={rc.dp_noise_multiplier} is below this node's "
@@ -111,6 +120,54 @@ def round_settings(content: Any, settings: NodeSettings) -> tuple[RoundConfig, L
             f"noise under secure aggregation; without it, this node cannot check it)"
         )
     return rc, lora
+
+
+def _budget(settings: NodeSettings) -> NodeBudget:
+    """What this node gives a round: its memory and steps (client/limits.py)."""
+    dev = device(settings.device)
+    quantization = resolve_auto(settings.quantization, dev)
+    return NodeBudget(
+        dev=dev,
+        quantization=quantization,
+        compute=compute_dtype(quantization, dev, "auto"),
+        memory_bytes=machine_bytes(dev, settings.memory_gib),
+        max_batch_size=settings.max_batch_size,
+        max_local_steps=settings.max_local_steps or DEFAULT_MAX_LOCAL_STEPS,
+    )
+
+
+@dataclass
+class RoundSetup:
+    """What a train or evaluate message starts from: the node's settings, the server's round
+    config (checked), the DP charge it would make, the warm model and the node's data."""
+
+    settings: NodeSettings
+    rc: RoundConfig
+    lora: LoraSettings
+    ledger: LedgerSettings
+    dp_charge: Charge
+    node: WarmModel
+    data: NodeData
+
+
+def set_up_round(content: Any, merged: Mapping[str, Any], state: RecordDict | None) -> RoundSetup:
+    """Check the round against the node's settings, limits and DP budget, then load what it
+    needs (the warm model and the node's data): every check before any allocation."""
+    settings = NodeSettings.from_config(merged)
+    rc, lora = round_settings(content, settings)
+    ledger = LedgerSettings.from_config(merged)
+    dp_charge = Charge(
+        round=rc.server_round,
+        noise_multiplier=rc.dp_noise_multiplier,
+        expected_clients=max(rc.dp_expected_clients, 1),
+        clip_norm=rc.dp_clip_norm,
+    )
+    try:
+        check_budget(ledger, state, dp_charge)
+    except BudgetExceeded as exc:
+        raise RoundRefused(str(exc)) from None
+    node = warm_model(settings, lora)
+    return RoundSetup(settings, rc, lora, ledger, dp_charge, node, node_data(settings))
 
 
 def load_adapter(
@@ -289,32 +346,20 @@ def run_round(
     trained is frozen at the global value (FFA-LoRA's A); one that is trained but not sent is
     personal: it is restored from, and saved back to, the node's ``state`` (FedSA-LoRA's B).
     """
-    settings = NodeSettings.from_config(merged)
-    rc, lora = round_settings(message_content, settings)
-    budget = LedgerSettings.from_config(merged)
-    dp_charge = Charge(
-        round=rc.server_round,
-        noise_multiplier=rc.dp_noise_multiplier,
-        expected_clients=max(rc.dp_expected_clients, 1),
-        clip_norm=rc.dp_clip_norm,
-    )
-    try:
-        check_budget(budget, state, dp_charge)
-    except BudgetExceeded as exc:
-        raise RoundRefused(str(exc)) from None
-    node = warm_model(settings, lora)
+    setup = set_up_round(message_content, merged, state)
+    settings, rc, lora, node, data = setup.settings, setup.rc, setup.lora, setup.node, setup.data
     first = node.rounds_served == 0
-    data = node_data(settings)
     rows = encoded_rows(data, "train", node.tokenizer, rc.max_length, rc.loss, rc.packing)
     steps = (
         rc.local_steps
         if rc.local_epochs == 0
         else steps_for_epochs(len(rows), rc.local_epochs, rc.batch_size, rc.grad_accum)
     )
-    if settings.max_local_steps and steps * rc.grad_accum > settings.max_local_steps:
+    most = settings.max_local_steps or DEFAULT_MAX_LOCAL_STEPS
+    if steps * rc.grad_accum > most:
         raise RoundRefused(
             f"{rc.local_epochs} local epochs = {steps} steps exceed this node's "
-            f"max-local-steps={settings.max_local_steps}"
+            f"max-local-steps={most}"
         )
     options = TrainOptions(
         lr=rc.lr,
@@ -364,7 +409,7 @@ def run_round(
             rc.dp_noise_multiplier, rc.dp_clip_norm, max(rc.dp_expected_clients, 1)
         )
         delta = add_noise(delta, std, np.random.default_rng())  # OS entropy: never predictable
-        charge_ledger(budget, state, dp_charge)  # before the update leaves the node
+        charge_ledger(setup.ledger, state, setup.dp_charge)  # before the update leaves the node
         log.info(
             "DP: clipped the delta from L2 norm %.4f to %g and added N(0, %.3g^2) noise",
             norm_before,
@@ -392,21 +437,8 @@ def run_evaluation(
 ) -> EvalReply:
     """Evaluate the global adapter (plus personal factors) on the node's eval split."""
     start = time.perf_counter()
-    settings = NodeSettings.from_config(merged)
-    rc, lora = round_settings(message_content, settings)
-    budget = LedgerSettings.from_config(merged)
-    dp_charge = Charge(
-        round=rc.server_round,
-        noise_multiplier=rc.dp_noise_multiplier,
-        expected_clients=max(rc.dp_expected_clients, 1),
-        clip_norm=rc.dp_clip_norm,
-    )
-    try:
-        check_budget(budget, state, dp_charge)
-    except BudgetExceeded as exc:
-        raise RoundRefused(str(exc)) from None
-    node = warm_model(settings, lora)
-    data = node_data(settings)
+    setup = set_up_round(message_content, merged, state)
+    settings, rc, node, data = setup.settings, setup.rc, setup.node, setup.data
     if not data.eval:
         raise DataError("no eval split: eval-fraction is 0 or the node has one example")
     load_adapter(node, message_content, rc, state, settings)
@@ -449,21 +481,41 @@ def run_evaluation(
     return reply
 
 
-def _answer(msg: Message, work: Any) -> Message:
-    """Run ``work()`` and wrap its reply; refusals and data problems become error replies."""
-    try:
-        return Message(content=work().to_content(), reply_to=msg)
-    except RoundRefused as exc:
+def error_reply(exc: Exception) -> Error:
+    """The one-line error reply for an error raised while decoding, validating, training or
+    evaluating. A refusal of the server's message says why (it concerns only that message);
+    anything about the node's own data, files, model or machine says only its kind, and the
+    details stay in the node's log."""
+    if isinstance(exc, RoundRefused | WireError | BudgetExceeded):
         log.warning("Refusing round: %s", exc)
-        return Message(error=Error(code=REFUSED, reason=str(exc)), reply_to=msg)
-    except DataError as exc:  # the details name private files and records: keep them here
+        return Error(code=REFUSED, reason=_one_line(str(exc)))
+    if isinstance(exc, DataError):  # the details name private files and records: keep them here
         log.error("Node data problem: %s", exc)
-        return Message(
-            error=Error(
-                code=DATA_FAILED, reason="the node's data could not be used; see the node's log"
-            ),
-            reply_to=msg,
-        )
+        return Error(code=DATA_FAILED, reason="the node's data could not be used; see its log")
+    if isinstance(exc, FedloraError):
+        log.error("The node cannot run the round: %s", exc)
+    else:
+        log.error("The round failed on this node: %s: %s", type(exc).__name__, _one_line(str(exc)))
+        log.debug("Traceback of the failed round", exc_info=exc)
+    return Error(
+        code=NODE_FAILED,
+        reason=f"the node could not run the round ({type(exc).__name__}); see the node's log",
+    )
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _answer(msg: Message, work: Callable[[], Message | RecordDict]) -> Message:
+    """Run ``work()``: its reply, or the error reply for whatever it raised (:func:`error_reply`).
+    Every handler of the ClientApp answers through here."""
+    try:
+        out = work()
+    except Exception as exc:  # noqa: BLE001 - every failure becomes a typed error reply
+        return Message(error=error_reply(exc), reply_to=msg)
+    return out if isinstance(out, Message) else Message(content=out, reply_to=msg)
 
 
 def _once_per_round(content: Any, context: Context) -> None:
@@ -545,7 +597,7 @@ def make_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         merged = node_view(base, context)
-        return _answer(msg, lambda: run_round(msg.content, merged, context.state))
+        return _answer(msg, lambda: run_round(msg.content, merged, context.state).to_content())
 
     @app.train("secagg")
     def secure_train(msg: Message, context: Context) -> Message:
@@ -559,26 +611,18 @@ def make_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
             weight = 1 if reply.dp_norm_before_clip >= 0 else reply.num_examples
             return reply.delta, weight, reply.metrics()
 
-        try:
-            # the node's own policy: its node config (or defaults), never the server's run config
-            policy = SecAggPolicy.from_config({**base, **context.node_config})
-            return handle_secagg(msg, context, train_fn, policy)
-        except (RoundRefused, ConfigError) as exc:
-            log.warning("Refusing round: %s", exc)
-            return Message(error=Error(code=REFUSED, reason=str(exc)), reply_to=msg)
-        except DataError as exc:
-            log.error("Node data problem: %s", exc)
-            return Message(
-                error=Error(
-                    code=DATA_FAILED, reason="the node's data could not be used; see the node's log"
-                ),
-                reply_to=msg,
-            )
+        # the node's own policy: its node config (or defaults), never the server's run config
+        return _answer(
+            msg,
+            lambda: handle_secagg(
+                msg, context, train_fn, SecAggPolicy.from_config({**base, **context.node_config})
+            ),
+        )
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         merged = node_view(base, context)
-        return _answer(msg, lambda: run_evaluation(msg.content, merged, context.state))
+        return _answer(msg, lambda: run_evaluation(msg.content, merged, context.state).to_content())
 
     return app
 

@@ -59,8 +59,11 @@ class NodeSettings:
     eval_fraction: float = 0.1  # share of examples held out for evaluation (seeded split)
     eval_labels: tuple[str, ...] = ()  # label task: answers scored for accuracy
     seed: int = 0  # seeds the train/eval split
-    max_local_steps: int = 0  # the node refuses rounds asking for more steps; 0 = no limit
-    max_batch_size: int = 0  # the node refuses rounds asking for larger batches; 0 = no limit
+    # the node refuses rounds asking for more micro-batches; 0 = client/limits.py's default
+    max_local_steps: int = 0
+    # the node refuses rounds asking for larger batches; 0 = what its memory allows
+    # (client/limits.py)
+    max_batch_size: int = 0
     # the node refuses rounds whose DP noise multiplier (sent under secure aggregation, where
     # the nodes add the noise) is below this; 0 = no minimum
     dp_min_noise_multiplier: float = 0.0
