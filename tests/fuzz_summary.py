@@ -1,5 +1,7 @@
 """Print ``make fuzz``'s table from the reports the fuzz sessions wrote; the last line is
-``crashes: C of N inputs``. Exits 1 when any input crashed or a report is missing."""
+``crashes: C of N inputs``, then ``poisoned rounds: P of M hostile rounds`` (the value-level
+targets: rounds played with a hostile node, and those it poisoned). Exits 1 when any input
+crashed, any round was poisoned or a report is missing."""
 
 from __future__ import annotations
 
@@ -23,7 +25,10 @@ def main(paths: list[str]) -> int:
     inputs = sum(row["inputs"] for row in rows.values())
     crashes = sum(row["crashes"] for row in rows.values())
     print(f"crashes: {crashes} of {inputs} inputs")
-    return 1 if crashes else 0
+    hostile = sum(row.get("hostile-rounds", 0) for row in rows.values())
+    poisoned = sum(row.get("poisoned", 0) for row in rows.values())
+    print(f"poisoned rounds: {poisoned} of {hostile} hostile rounds")
+    return 1 if crashes or poisoned else 0
 
 
 if __name__ == "__main__":

@@ -54,6 +54,8 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 INPUTS: Counter[str] = Counter()  # entry point -> inputs tried
 REFUSED: Counter[str] = Counter()  # entry point -> inputs refused with a typed error
 CRASHES: Counter[str] = Counter()  # entry point -> inputs that raised anything else
+HOSTILE: Counter[str] = Counter()  # entry point -> rounds played with a hostile node
+POISONED: Counter[str] = Counter()  # entry point -> of those, rounds the hostile node poisoned
 
 
 @contextmanager
@@ -69,10 +71,22 @@ def outcome(entry_point: str) -> Iterator[None]:
         raise
 
 
+def hostile_round(entry_point: str, poisoned: str | None) -> None:
+    """Count one round played with a hostile node; a poisoned one (``poisoned`` says how: the
+    round failed, or its global adapter is not finite, beyond its bound or moved further than
+    the stated bound) fails the test."""
+    HOSTILE[entry_point] += 1
+    if poisoned:
+        POISONED[entry_point] += 1
+        raise AssertionError(f"poisoned round ({entry_point}): {poisoned}")
+
+
 def write_report(path: Path) -> None:
     """Write the counts as JSON (read by ``make fuzz``)."""
-    rows = {
+    rows: dict[str, dict[str, int]] = {
         name: {"inputs": INPUTS[name], "refused": REFUSED[name], "crashes": CRASHES[name]}
         for name in sorted(INPUTS)
     }
+    for name in HOSTILE:
+        rows[name].update({"hostile-rounds": HOSTILE[name], "poisoned": POISONED[name]})
     path.write_text(json.dumps(rows, indent=1))
