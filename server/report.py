@@ -104,6 +104,24 @@ def _line(
         )
 
 
+def _bounded_lines(history: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Rounds that failed (and why) and the replies a bound acted on (server/bounds.py)."""
+    lines = []
+    for r in history:
+        if r.get("failed"):
+            lines.append(f"- round {r['round']} failed, global adapter kept: {r.get('failure')}")
+        acted = [
+            (f"node {e['node']}", f"weighed as {r.get('max-examples')}, claimed {e['claimed']}")
+            for e in r.get("weight-capped", [])
+        ]
+        acted += [
+            (f"node {e['node']}", f"L2 norm {e['norm']:.4g} clipped to {r.get('norm-bound'):.4g}")
+            for e in r.get("norm-clipped", [])
+        ]
+        lines += [f"- round {r['round']}: {who} {what}" for who, what in acted]
+    return ["", "Failed rounds and bounded replies:", "", *lines] if lines else []
+
+
 def summary_markdown(history: Sequence[Mapping[str, Any]], settings: Mapping[str, Any]) -> str:
     """A markdown page: the settings, then one row per round."""
     lines = ["# fedlora run", "", "| setting | value |", "|---|---|"]
@@ -116,7 +134,8 @@ def summary_markdown(history: Sequence[Mapping[str, Any]], settings: Mapping[str
     ]
     nan = float("nan")
     for r in history:
-        loss = "skipped" if r.get("skipped") else _num(r.get("train-loss", nan))
+        loss = "failed" if r.get("failed") else "skipped" if r.get("skipped") else None
+        loss = loss or _num(r.get("train-loss", nan))
         losses = [v["train-loss"] for v in r["sites"].values() if "train-loss" in v]
         sites = (
             ", ".join(
@@ -135,6 +154,7 @@ def summary_markdown(history: Sequence[Mapping[str, Any]], settings: Mapping[str
             f"{r.get('replies', 0)} | {r.get('dropped', 0)} | "
             f"{_num(r.get('seconds', nan), 1)} | {sites} |"
         )
+    lines += _bounded_lines(history)
     load = [
         v["load-seconds"] for r in history for v in r["sites"].values() if v.get("load-seconds")
     ]

@@ -47,8 +47,14 @@ from fedlora.protocol.messages import (
     wire_record,
 )
 from fedlora.protocol.secagg import SecAggSettings
-from fedlora.server.aggregate import check_bounded
-from fedlora.server.bounds import ReplyBounds, bound_norms, bound_secure_mean, cap_examples
+from fedlora.server.aggregate import cap_weights, check_bounded
+from fedlora.server.bounds import (
+    EXAMPLES_FACTOR,
+    ReplyBounds,
+    bound_norms,
+    bound_secure_mean,
+    cap_examples,
+)
 from fedlora.server.downlink import Downlink
 from fedlora.server.privacy import PrivacyLedger, effective_noise_multiplier
 from fedlora.server.secagg import (
@@ -578,7 +584,7 @@ class LoraFedAvg(FedAvg):
         record["eval-rejected"] = rejected
         metrics: dict[str, float] = {}
         if results:
-            metrics = weighted_eval([r for _, r in results])
+            metrics = weighted_eval(self._capped_eval([r for _, r in results]))
             for name, r in results:
                 site = record["sites"].setdefault(name, {})
                 site.update({"eval-loss": r.loss, "eval-examples": r.num_examples})
@@ -603,6 +609,17 @@ class LoraFedAvg(FedAvg):
             )
         self._complete_round(server_round, record)
         return MetricRecord(dict(metrics)) if metrics else None
+
+    def _capped_eval(self, results: list[EvalReply]) -> list[EvalReply]:
+        """Eval replies with their weights (examples, tokens) capped as train weights are
+        (server/bounds.py), so one node's claim cannot decide the federated figures."""
+        for field in ("num_examples", "tokens"):
+            claims = [getattr(r, field) for r in results]
+            weights, _ = cap_weights(claims, 0, EXAMPLES_FACTOR)
+            results = [
+                dataclasses.replace(r, **{field: w}) for r, w in zip(results, weights, strict=True)
+            ]
+        return results
 
     def _round_record(
         self,

@@ -308,3 +308,40 @@ def test_the_global_adapter_sent_is_the_kept_one_after_a_failed_round(tmp_path):
     expected = to_array_record(strategy.global_adapter)
     for name, value in payload.items():
         np.testing.assert_array_equal(value, expected[name].numpy())
+
+
+def test_the_report_lists_failed_rounds_and_the_replies_a_bound_acted_on():
+    from fedlora.server.report import summary_markdown
+
+    history = [
+        {"round": 1, "sites": {}, "skipped": True, "failed": True, "failure": "ValueError: x"},
+        {
+            "round": 2,
+            "sites": {},
+            "max-examples": 48,
+            "weight-capped": [{"node": 9, "claimed": 2**53}],
+            "norm-bound": 6.0,
+            "norm-clipped": [{"node": 8, "norm": 3e38}],
+        },
+    ]
+    page = summary_markdown(history, {})
+    assert "| 1 | failed |" in page
+    assert "- round 1 failed, global adapter kept: ValueError: x" in page
+    assert f"- round 2: node 9 weighed as 48, claimed {2**53}" in page
+    assert "- round 2: node 8 L2 norm 3e+38 clipped to 6" in page
+
+
+def test_an_eval_reply_claiming_2_pow_53_tokens_weighs_at_most_the_cap(tmp_path):
+    strategy = _strategy(tmp_path, evaluate_every=1, num_rounds=1)
+    strategy.aggregate_train(1, [_reply(n, d) for n, d in HONEST])
+    hostile = corrupt_metric(
+        corrupt_metric(eval_content(), "eval-loss", 9999.0), "eval-tokens", 2**53
+    )
+    replies = [
+        _evaluation(1),
+        _evaluation(2),
+        Message(content=hostile, metadata=reply_metadata(9, "evaluate")),
+    ]
+    strategy.aggregate_evaluate(1, replies)
+    record = _records(tmp_path)[0]
+    assert record["eval-loss"] == pytest.approx((1.2 * 80 + 9999.0 * 160) / 240)
