@@ -13,9 +13,15 @@ on the plain path, before aggregation:
   the round instead of tuned). The lower median is one of the honest norms while fewer than half
   the replies are hostile, one of two included.
 
-With both, a hostile node holding a weight share ``s`` (at most ``cap / (W_honest + cap)``)
-moves the round's mean by at most ``s * (bound + |honest mean|)`` in L2 norm
-(``tests/test_poisoned_replies.py``). Under secure aggregation the server sees only the sum:
+With both, hostile replies holding a weight share ``s`` (each at most the cap) move the round's
+mean from the honest-only mean by at most ``s * (b + M)`` in L2 norm (``b``: the round's norm
+bound, ``M``: the largest honest norm) while the honest replies keep their weights and norms
+(none capped or clipped), and never further than ``max(b, M) + M`` (both means lie in that
+ball). The medians are honest values while hostile replies are fewer than honest ones; with as
+many, the lower median still holds against large replies, but tiny ones can lower the bounds
+and so shrink the honest replies (a stalled round, not a poisoned one). Tests:
+tests/test_poisoned_replies.py, tests/test_poisoned_federation.py, and make fuzz's
+tests/test_fuzz_values.py. Under secure aggregation the server sees only the sum:
 :func:`bound_secure_mean` projects the decoded mean back into the ball every honest mean lies
 in (radius the SecAgg clip), so a node bypassing its own clip moves the mean no further than one
 clipping honestly can.

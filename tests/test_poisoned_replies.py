@@ -345,3 +345,35 @@ def test_an_eval_reply_claiming_2_pow_53_tokens_weighs_at_most_the_cap(tmp_path)
     strategy.aggregate_evaluate(1, replies)
     record = _records(tmp_path)[0]
     assert record["eval-loss"] == pytest.approx((1.2 * 80 + 9999.0 * 160) / 240)
+
+
+def test_a_secure_sum_whose_mean_leaves_the_clip_ball_is_projected_in_the_round(
+    tmp_path, monkeypatch
+):
+    # A node that skips its clip puts every coordinate at +C: each passes the decoder's
+    # per-coordinate range check, their L2 norm does not.
+    from fedlora.protocol.secagg import SecAggSettings
+    from fedlora.server import strategy as module
+    from fedlora.server.secagg import SecAggResult
+
+    clip = 5.0
+    result = SecAggResult(
+        weighted_sum={k: np.full(v.shape, clip * 36.0) for k, v in SPEC.items()},
+        total_weight=36,
+        contributors=(1, 2, 3),
+        dropped=(),
+        metrics={},
+        seconds={"total": 0.0},
+        tolerance=1e-9,
+        scalars={"num-examples": 36.0},
+    )
+    monkeypatch.setattr(module, "secure_weighted_sum", lambda *args, **kwargs: result)
+    strategy = _strategy(tmp_path, secagg=lambda n: SecAggSettings(clip_norm=clip))
+    start = dict(strategy.global_adapter)
+    strategy._secure_round = (object(), [1, 2, 3], {})
+    arrays, _ = strategy.aggregate_train(1, [])
+
+    assert arrays is not None
+    record = _records(tmp_path)[0]
+    assert record["secagg-mean-clipped"] and record["secagg-mean-norm"] == pytest.approx(20.0)
+    assert _distance(strategy.global_adapter, start) <= clip
