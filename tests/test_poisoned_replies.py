@@ -377,3 +377,25 @@ def test_a_secure_sum_whose_mean_leaves_the_clip_ball_is_projected_in_the_round(
     record = _records(tmp_path)[0]
     assert record["secagg-mean-clipped"] and record["secagg-mean-norm"] == pytest.approx(20.0)
     assert _distance(strategy.global_adapter, start) <= clip
+
+
+def test_max_examples_per_node_also_caps_the_secure_encoders_weight():
+    from fedlora.config import RunConfig
+    from fedlora.server.app import capped_secagg_settings, secagg_settings
+
+    secure = {"secure_aggregation": True, "min_nodes": 2}
+    assert capped_secagg_settings(RunConfig(**secure), 5) == secagg_settings(RunConfig(**secure), 5)
+    for bits in (64, 32):
+        cfg = RunConfig(**secure, secagg_wire_bits=bits, max_examples_per_node=100)
+        assert capped_secagg_settings(cfg, 5).max_weight == 100
+    cfg = RunConfig(**secure, secagg_wire_bits=32, max_examples_per_node=10**6)
+    assert capped_secagg_settings(cfg, 5).max_weight == 2**12  # never above the wire's cap
+
+
+@pytest.mark.parametrize("key", ["max-examples-per-node", "norm-bound-factor"])
+def test_the_reply_bounds_settings_refuse_negative_values(key):
+    from fedlora.config import RunConfig
+    from fedlora.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f"{key}=-1"):
+        RunConfig.from_mapping({key: -1})
