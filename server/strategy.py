@@ -14,8 +14,15 @@ the global adapter stays unchanged.
 After training, nodes evaluate the global adapter on their eval splits (every
 ``evaluate_every`` rounds and after the last): loss, perplexity and, for label tasks, accuracy,
 weighted by eval examples. An optional central evaluation runs on the server's own test data.
-Then the round is complete: its record goes to the history (metrics.jsonl) and ``on_round``
-saves the checkpoint and the report.
+Then the round is complete: its record goes to the history (metrics.jsonl, built by
+fedlora.server.records) and ``on_round`` saves the checkpoint and the report.
+
+Replies right in form but hostile in value are bounded before aggregation (fedlora.server.bounds:
+example weights capped, plain deltas norm-clipped, a secure mean held to the clip ball), and the
+round is a boundary: any exception while aggregating, encoding the downlink, evaluating or
+saving, and any global adapter that would be non-finite or beyond its bound, fails that round
+only (the state it started from comes back, the record says ``failed`` and why) and the next
+round runs.
 """
 
 from __future__ import annotations
@@ -47,9 +54,8 @@ from fedlora.protocol.messages import (
     wire_record,
 )
 from fedlora.protocol.secagg import SecAggSettings
-from fedlora.server.aggregate import cap_weights, check_bounded
+from fedlora.server.aggregate import check_bounded
 from fedlora.server.bounds import (
-    EXAMPLES_FACTOR,
     ReplyBounds,
     bound_norms,
     bound_secure_mean,
@@ -57,6 +63,15 @@ from fedlora.server.bounds import (
 )
 from fedlora.server.downlink import Downlink
 from fedlora.server.privacy import PrivacyLedger, effective_noise_multiplier
+from fedlora.server.records import (
+    capped_eval,
+    finite,
+    plain_record,
+    rejected_list,
+    rejection,
+    secure_record,
+    weighted_eval,
+)
 from fedlora.server.secagg import (
     SecAggError,
     SecAggResult,
@@ -75,7 +90,6 @@ from fedlora.server.strategies import (
 from fedlora.server.strategies.fedex_lora import add_residuals
 
 log = logging.getLogger(__name__)
-SITE_LINES = 10  # more replies than this: one aggregate line per round, per-site lines at debug
 
 Arrays = dict[str, np.ndarray]
 RoundHook = Callable[[int, Arrays, Arrays, dict[str, Any]], None]
@@ -238,7 +252,7 @@ class LoraFedAvg(FedAvg):
             node = msg.metadata.src_node_id
             if msg.has_error():
                 log.warning("Round %d: node %s failed: %s", server_round, node, msg.error.reason)
-                rejected.append(_rejection(node, f"node error: {msg.error.reason}"))
+                rejected.append(rejection(node, f"node error: {msg.error.reason}"))
                 self._acknowledge(node, False)
                 continue
             try:
@@ -247,7 +261,7 @@ class LoraFedAvg(FedAvg):
                 )
             except WireError as exc:
                 log.warning("Round %d: dropped reply from node %s: %s", server_round, node, exc)
-                rejected.append(_rejection(node, str(exc)))
+                rejected.append(rejection(node, str(exc)))
                 self._acknowledge(node, False)
                 continue
             self._acknowledge(node, True)
@@ -258,7 +272,14 @@ class LoraFedAvg(FedAvg):
         accepted = [
             dataclasses.replace(r, num_examples=w) for r, w in zip(accepted, weights, strict=True)
         ]
-        record = self._round_record(server_round, accepted, names, rejected)
+        record = plain_record(
+            server_round,
+            accepted,
+            names,
+            rejected,
+            getattr(self, "_round_started", None),
+            sum(self._down_bytes.values()),
+        )
         record.update(capped)
         for entry in capped["weight-capped"]:
             log.warning(
@@ -400,7 +421,7 @@ class LoraFedAvg(FedAvg):
                 self._acknowledge(node, False)
             record = self._secure_record(server_round, None, len(nodes))
             record.update(
-                {"skipped": True, "secagg-error": error, "rejected": _rejected_list(rejected)}
+                {"skipped": True, "secagg-error": error, "rejected": rejected_list(rejected)}
             )
             self._finish_round(server_round, record)
             return None, None
@@ -475,57 +496,8 @@ class LoraFedAvg(FedAvg):
     def _secure_record(
         self, server_round: int, result: SecAggResult | None, asked: int
     ) -> dict[str, Any]:
-        """The round record from the sums of the scalars inside the masked vectors.
-
-        Per site only its participation is known (the clear site index); losses, examples,
-        seconds and the clipped flags are sums over the contributors.
-        """
-        sites: dict[str, Any] = {}
-        for node, m in (result.metrics if result else {}).items():
-            sites[self.site_name(int(m.get("site-id", -1)), node)] = {}
-        sums = result.scalars if result else {}
-        n = int(sums.get("num-examples", 0))
-        loss = result.train_loss if result else float("nan")
         started = getattr(self, "_round_started", None)
-        record: dict[str, Any] = {
-            "round": server_round,
-            "train-loss": loss,
-            "num-examples": n,
-            "replies": len(result.contributors) if result else 0,
-            "dropped": asked - (len(result.contributors) if result else 0),
-            "seconds": time.monotonic() - started if started is not None else float("nan"),
-            "sites": sites,
-            "secure-aggregation": True,
-            "asked": asked,
-        }
-        if result is not None:
-            record.update(
-                {
-                    "rejected": _rejected_list(result.rejected),
-                    "secagg-clipped": result.num_clipped,
-                    "secagg-weight-capped": int(sums.get("secagg-weight-capped", 0)),
-                    "dp-noised": int(sums.get("dp-noised", 0)),
-                    "train-seconds-sum": sums.get("train-seconds", 0.0),
-                    "load-seconds-sum": sums.get("load-seconds", 0.0),
-                    "train-tokens": int(sums.get("train-tokens", 0)),
-                    "secagg-tolerance": result.tolerance,
-                    "secagg-seconds": result.seconds,
-                    "bytes-sent": sum(result.bytes_sent.values()),
-                    "bytes-received": sum(result.bytes_received.values()),
-                }
-            )
-            log.info(
-                "Round %d | secure aggregate | loss %.4f | examples %4d | %d of %d nodes, "
-                "%d clipped | %.1f s",
-                server_round,
-                loss,
-                n,
-                len(result.contributors),
-                asked,
-                result.num_clipped,
-                result.seconds.get("total", float("nan")),
-            )
-        return record
+        return secure_record(server_round, result, asked, self.site_name, started)
 
     def site_name(self, site_id: int, node_id: int) -> str:
         """The name of the site a node reports (an index into ``site_names``), else node-<id>."""
@@ -566,7 +538,7 @@ class LoraFedAvg(FedAvg):
                 log.warning(
                     "Round %d: node %s did not evaluate: %s", server_round, node, msg.error.reason
                 )
-                rejected.append(_rejection(node, f"node error: {msg.error.reason}"))
+                rejected.append(rejection(node, f"node error: {msg.error.reason}"))
                 self._acknowledge(node, False)
                 continue
             try:
@@ -575,7 +547,7 @@ class LoraFedAvg(FedAvg):
                 log.warning(
                     "Round %d: dropped eval reply from node %s: %s", server_round, node, exc
                 )
-                rejected.append(_rejection(node, str(exc)))
+                rejected.append(rejection(node, str(exc)))
                 self._acknowledge(node, False)
                 continue
             self._acknowledge(node, True)
@@ -584,7 +556,7 @@ class LoraFedAvg(FedAvg):
         record["eval-rejected"] = rejected
         metrics: dict[str, float] = {}
         if results:
-            metrics = weighted_eval(self._capped_eval([r for _, r in results]))
+            metrics = weighted_eval(capped_eval([r for _, r in results]))
             for name, r in results:
                 site = record["sites"].setdefault(name, {})
                 site.update({"eval-loss": r.loss, "eval-examples": r.num_examples})
@@ -610,71 +582,6 @@ class LoraFedAvg(FedAvg):
         self._complete_round(server_round, record)
         return MetricRecord(dict(metrics)) if metrics else None
 
-    def _capped_eval(self, results: list[EvalReply]) -> list[EvalReply]:
-        """Eval replies with their weights (examples, tokens) capped as train weights are
-        (server/bounds.py), so one node's claim cannot decide the federated figures."""
-        for field in ("num_examples", "tokens"):
-            claims = [getattr(r, field) for r in results]
-            weights, _ = cap_weights(claims, 0, EXAMPLES_FACTOR)
-            results = [
-                dataclasses.replace(r, **{field: w}) for r, w in zip(results, weights, strict=True)
-            ]
-        return results
-
-    def _round_record(
-        self,
-        server_round: int,
-        accepted: list[TrainReply],
-        names: list[str],
-        rejected: list[dict[str, Any]],
-    ) -> dict[str, Any]:
-        n = sum(r.num_examples for r in accepted)
-        sites = {}
-        for name, r in zip(names, accepted, strict=True):
-            sites[name] = {
-                "train-loss": r.train_loss,
-                "num-examples": r.num_examples,
-                "train-seconds": r.train_seconds,
-                "load-seconds": r.load_seconds,
-                "train-tokens": r.train_tokens,
-                "bytes-sent": r.bytes_sent,
-                "bytes-received": r.bytes_received,
-            }
-            log.log(
-                logging.INFO if len(accepted) <= SITE_LINES else logging.DEBUG,
-                "Round %d | site %-12s | loss %.4f | examples %4d | %.1f s",
-                server_round,
-                name,
-                r.train_loss,
-                r.num_examples,
-                r.train_seconds,
-            )
-        loss = sum(r.train_loss * r.num_examples for r in accepted) / n if n else float("nan")
-        log.info(
-            "Round %d | %-17s | loss %.4f | examples %4d | %d replies, %d dropped",
-            server_round,
-            "aggregate",
-            loss,
-            n,
-            len(accepted),
-            len(rejected),
-        )
-        started = getattr(self, "_round_started", None)
-        seconds = time.monotonic() - started if started is not None else float("nan")
-        return {
-            "round": server_round,
-            "train-loss": loss,
-            "num-examples": n,
-            "replies": len(accepted),
-            "dropped": len(rejected),
-            "rejected": rejected,
-            "seconds": seconds,
-            "sites": sites,
-            "bytes-sent": sum(r.bytes_sent for r in accepted),
-            "bytes-received": sum(r.bytes_received for r in accepted),
-            "downlink-bytes": sum(self._down_bytes.values()),
-        }
-
     def _finish_round(self, server_round: int, record: dict[str, Any]) -> None:
         """Training is done; the round completes now, or after its evaluation."""
         if self.evaluates(server_round):
@@ -693,7 +600,7 @@ class LoraFedAvg(FedAvg):
         if self.history_file is not None:
             self.history_file.parent.mkdir(parents=True, exist_ok=True)
             with self.history_file.open("a") as fh:
-                fh.write(json.dumps(_finite(record), allow_nan=False) + "\n")
+                fh.write(json.dumps(finite(record), allow_nan=False) + "\n")
 
     def _snapshot(self) -> tuple[Any, ...]:
         """What a round changes, to restore when it fails (the downlink with its node table)."""
@@ -708,7 +615,7 @@ class LoraFedAvg(FedAvg):
         adapter), the record says why (``failed``, ``failure``), the checkpoint and report are
         written for it as for any round, and the next round runs. Nothing raised here ends the
         run: a failing checkpoint or report is logged and recorded."""
-        cause = _rejection(0, f"{type(exc).__name__}: {exc}")["error"]
+        cause = rejection(0, f"{type(exc).__name__}: {exc}")["error"]
         log.warning(
             "Round %d failed (%s); the global adapter is unchanged and the run goes on",
             server_round,
@@ -729,55 +636,8 @@ class LoraFedAvg(FedAvg):
                 self.on_round(server_round, self.global_adapter, self.residuals, failed)
             except Exception as again:  # noqa: BLE001 -- recorded; the run goes on
                 log.warning("Round %d: saving the failed round failed too: %s", server_round, again)
-                failed["save-failure"] = _rejection(0, f"{type(again).__name__}: {again}")["error"]
+                failed["save-failure"] = rejection(0, f"{type(again).__name__}: {again}")["error"]
         try:
             self._write_history(failed)
         except (OSError, TypeError, ValueError) as again:
             log.warning("Round %d: metrics.jsonl not written: %s", server_round, again)
-
-
-def _finite(value: Any) -> Any:
-    """``value`` with every float that is not finite replaced by None, for strict JSON."""
-    if isinstance(value, float) and not np.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    return value
-
-
-def _rejection(node: int, reason: str, limit: int = 300) -> dict[str, Any]:
-    """A dropped reply in the round record: the node and why (one line, bounded)."""
-    reason = " ".join(reason.split())
-    return {"node": node, "error": reason if len(reason) <= limit else reason[: limit - 3] + "..."}
-
-
-def _rejected_list(rejected: dict[int, str]) -> list[dict[str, Any]]:
-    """Nodes whose secure replies were refused (treated as dropouts), as the plain path lists
-    rejected replies in the round record."""
-    return [{"node": node, "error": why} for node, why in sorted(rejected.items())]
-
-
-def weighted_eval(results: list[EvalReply]) -> dict[str, float]:
-    """Eval loss (per scored token), perplexity and accuracy over nodes, weighted.
-
-    Loss is weighted by scored tokens (so it is the loss over all nodes' eval tokens) and
-    perplexity is its exponential; accuracy is weighted by eval examples over the nodes that
-    report one.
-    """
-    tokens = sum(r.tokens for r in results)
-    if tokens > 0:
-        loss = sum(r.loss * r.tokens for r in results) / tokens
-    else:
-        loss = sum(r.loss * r.num_examples for r in results) / sum(r.num_examples for r in results)
-    out = {
-        "eval-loss": loss,
-        "eval-perplexity": float(np.exp(min(loss, 50.0))),
-        "eval-examples": float(sum(r.num_examples for r in results)),
-    }
-    scored = [r for r in results if r.accuracy is not None]
-    if scored:
-        n = sum(r.num_examples for r in scored)
-        out["eval-accuracy"] = sum(float(r.accuracy or 0.0) * r.num_examples for r in scored) / n
-    return out
