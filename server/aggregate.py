@@ -12,6 +12,13 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from fedlora.errors import FedloraError
+
+
+class AggregationError(FedloraError, ValueError):
+    """A round's aggregate cannot be used: it would make the global adapter (or a residual)
+    non-finite or carry it beyond its bound. The round fails; the previous adapter is kept."""
+
 
 def weighted_mean(
     updates: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float]
@@ -85,13 +92,13 @@ def norm_bound(norms: Sequence[float], factor: float) -> float:
 def check_bounded(
     arrays: Mapping[str, np.ndarray], bound: float, what: str = "the global adapter"
 ) -> None:
-    """ValueError naming the first tensor holding NaN/Inf or a value beyond ``+-bound``."""
+    """AggregationError naming the first tensor holding NaN/Inf or a value beyond ``+-bound``."""
     for name in sorted(arrays):
         a = arrays[name]
         if not np.isfinite(a).all():
-            raise ValueError(f"{what} would hold NaN or Inf in {name}")
+            raise AggregationError(f"{what} would hold NaN or Inf in {name}")
         peak = float(np.max(np.abs(a))) if a.size else 0.0
         if peak > bound:
-            raise ValueError(
+            raise AggregationError(
                 f"{what} would hold |value| {peak:.3g} in {name}, beyond the bound {bound:g}"
             )

@@ -20,7 +20,13 @@ from flwr.app import Message
 
 from fedlora.clipping import global_norm
 from fedlora.protocol.messages import TrainReply, to_array_record
-from fedlora.server.aggregate import cap_weights, check_bounded, median_low, norm_bound
+from fedlora.server.aggregate import (
+    AggregationError,
+    cap_weights,
+    check_bounded,
+    median_low,
+    norm_bound,
+)
 from fedlora.server.bounds import EXAMPLES_FACTOR, ReplyBounds, bound_secure_mean
 from fedlora.server.downlink import Downlink
 from fedlora.server.strategies import ClientUpdate, get_strategy
@@ -66,7 +72,7 @@ def test_the_norm_bound_follows_the_lower_median_norm_and_is_off_at_zero():
 )
 def test_check_bounded_names_the_tensor(values, problem):
     check_bounded({"x": np.array([0.0, 1e4, -1e4, 2.0])}, 1e4)
-    with pytest.raises(ValueError, match=f"{problem}.* in x"):
+    with pytest.raises(AggregationError, match=f"{problem}.* in x"):
         check_bounded({"x": np.array(values)}, 1e4)
 
 
@@ -166,7 +172,8 @@ def test_without_the_norm_bound_a_3e38_round_fails_and_the_next_one_runs(tmp_pat
     arrays, _ = strategy.aggregate_train(2, [_reply(n, d) for n, d in HONEST])
     assert arrays is not None and strategy.downlink.version == 1
     first, second = _records(tmp_path)
-    assert first["failed"] and "beyond the bound" in first["failure"]
+    assert first["failed"] and first["failure"].startswith("AggregationError: the global adapter")
+    assert "beyond the bound" in first["failure"]
     assert not second.get("failed")
 
 
