@@ -190,11 +190,12 @@ def handle_secagg(
                 out = _share_keys(me, cfg, st, policy)
             elif stage == Stage.CONSISTENCY:
                 out = _consistency(me, cfg, st, policy)
+            elif stage == Stage.COLLECT:
+                out = _collect(me, cfg, st, context)
             else:
-                if stage == Stage.UNMASK and policy.roster is not None:
+                if policy.roster is not None:
                     _check_consistency(cfg, st, policy)  # before any share is looked up
-                handler = {Stage.COLLECT: _collect, Stage.UNMASK: _unmask}[stage]
-                out = handler(me, cfg, st, context)
+                out = _unmask(me, cfg, st)
     except Exception:
         _wipe(context)  # a failed round leaves no secrets behind
         raise
@@ -645,7 +646,7 @@ def _open(
     return got_src, dst, check_share(b_share, what), check_share(sk_share, what)
 
 
-def _unmask(me: int, cfg: ConfigRecord, st: ConfigRecord, context: Context) -> RecordDict:
+def _unmask(me: int, cfg: ConfigRecord, st: ConfigRecord) -> RecordDict:
     """Reveal b-shares of alive neighbours and s_sk-shares of dropped ones; never both."""
     settings = SecAggSettings.from_record(st)
     alive, dropped = id_list(cfg, Key.ALIVE, Stage.UNMASK), id_list(cfg, Key.DROPPED, Stage.UNMASK)

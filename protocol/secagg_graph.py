@@ -12,6 +12,10 @@ Thresholds against ``c`` corrupt nodes (the node's ``secagg-corrupt-nodes``, def
 - shares: ``2t > holders + c`` (:func:`least_threshold`). Even if honest holders could be split
   into two groups, one revealing a node's self-mask seed and the other its mask key, the server
   plus ``c`` colluders would hold ``holders + c`` shares in all, fewer than ``2t``;
+  It also keeps a server from isolating a node: forwarding the victim only ``t - 1``
+  neighbours' shares and declaring them all dropped leaves ``holders - t + c`` holders of its
+  seed besides itself (the victim, whose mask partners all dropped, refuses to unmask), fewer
+  than ``t``;
 - the consistency round: a node reveals shares only when more than ``(n + c) / 2`` of the
   round's ``n`` participants signed the very survivor set it was told (:func:`majority`). Two
   different survivor sets would then share more than ``c`` signers, so at least one honest node

@@ -138,6 +138,8 @@ def simulate(
         # one machine, one owner: simulated nodes join secure rounds of two (a deployed node
         # refuses fewer than three holders unless its operator sets this)
         "secagg-min-nodes": 2,
+        # ... and assume the run's colluder bound (a deployed node sets its own, default 1)
+        "secagg-corrupt-nodes": cfg.secagg_corrupt_nodes,
         # every simulated node runs in this process's Ray cluster: there is no federation
         # roster to check neighbours' keys against
         "secagg-allow-unauthenticated": True,

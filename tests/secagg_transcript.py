@@ -28,8 +28,15 @@ from fedlora.server.secagg_stages import Session, collect, setup, share_keys, un
 
 NODES = (11, 22, 33, 44)
 SPEC = {"a": (2,), "b": (3,)}  # vectors of 1 + scalar limbs + 5 values
+# Hostile-reply and fuzz rounds of four nodes that tolerate one dropout: no colluder assumed
+# (corrupt nodes 0); tests/test_secagg_attacks.py plays a malicious server at the defaults.
 SETTINGS = SecAggSettings(
-    clip_norm=4.0, num_shares=4, reconstruction_threshold=3, quantization_bits=16, modulus_bits=40
+    clip_norm=4.0,
+    num_shares=4,
+    reconstruction_threshold=3,
+    quantization_bits=16,
+    modulus_bits=40,
+    corrupt_nodes=0,
 )
 SESSION = "fuzz-session"
 
@@ -82,7 +89,7 @@ class LocalGrid(Grid):
         policies: Mapping[int, SecAggPolicy] | None = None,
         tamper: Corrupt | None = None,
     ) -> None:
-        self.policy = policy or SecAggPolicy()
+        self.policy = policy or SecAggPolicy(corrupt_nodes=0)
         self.policies = dict(policies or {})  # node -> its own policy (default: ``policy``)
         self.tamper = tamper  # a dishonest server: edits what it sends a node, in place
         self.contexts = {

@@ -17,7 +17,7 @@ from fedlora.server.secagg import SecAggError, secure_weighted_sum
 from hostile import VALID_ROUND
 from secagg_transcript import SPEC, LocalGrid, expected_mean, max_diff
 
-PAIR = SecAggSettings(clip_norm=4.0, num_shares=3, reconstruction_threshold=2)
+PAIR = SecAggSettings(clip_norm=4.0, num_shares=3, reconstruction_threshold=2, corrupt_nodes=0)
 # three holders and one colluder assumed (the default): 2t > 3 + 1 needs t = 3
 THREE = SecAggSettings(clip_norm=4.0, num_shares=3, reconstruction_threshold=3)
 
@@ -28,18 +28,20 @@ def test_a_node_refuses_a_round_of_two_unless_its_operator_allows_it(task_identi
         secure_weighted_sum(grid, (11, 22), RecordDict(), PAIR, SPEC)
     assert len(grid.errors) == 2 and all("secagg-min-nodes=3" in e for e in grid.errors)
 
-    grid = LocalGrid((11, 22), policy=SecAggPolicy(min_nodes=2))
+    # (one colluder would be the other node: a round of two assumes none)
+    grid = LocalGrid((11, 22), policy=SecAggPolicy(min_nodes=2, corrupt_nodes=0))
     result = secure_weighted_sum(grid, (11, 22), RecordDict(), PAIR, SPEC)
     assert max_diff(result.mean(), expected_mean((11, 22), PAIR)) <= result.tolerance
     assert not grid.errors
 
 
 def test_three_nodes_join_by_default(task_identity):
-    grid = LocalGrid((11, 22, 33))
+    grid = LocalGrid((11, 22, 33), policy=SecAggPolicy())
     result = secure_weighted_sum(grid, (11, 22, 33), RecordDict(), THREE, SPEC)
     assert list(result.contributors) == [11, 22, 33] and not grid.errors
-    # threshold 2 of 3 holders: the server and one colluder would hold 2 + 2 shares
-    grid = LocalGrid((11, 22, 33))
+    # threshold 2 of 3 holders: the server and one colluder would hold 2 + 2 shares (the
+    # settings assume no colluder; the node's own default of one stands)
+    grid = LocalGrid((11, 22, 33), policy=SecAggPolicy())
     with pytest.raises(SecAggError):
         secure_weighted_sum(grid, (11, 22, 33), RecordDict(), PAIR, SPEC)
     assert len(grid.errors) == 3 and all("at least 3" in e for e in grid.errors)
