@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 KINDS = ("iid", "dirichlet", "column", "shards")
 USAGE = "use iid, dirichlet:ALPHA[:COLUMN], column:NAME or shards:K"
 PACKAGED = ("drugreview",)
+MAX_ALPHA = 1e4  # beyond, a Dirichlet draw is an IID split
+MAX_SHARDS = 10_000  # shards per client
 MAX_LABELS = 20  # more distinct answers than this: not a label task
 MAX_LABEL_CHARS = 40
 
@@ -51,10 +53,16 @@ class PartitionSpec:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ConfigError(f"--partition {self.kind!r}: {USAGE}")
-        if self.kind == "dirichlet" and not self.alpha > 0:
-            raise ConfigError(f"--partition dirichlet:{self.alpha}: alpha must be > 0, e.g. 0.5")
-        if self.kind == "shards" and self.shards < 1:
-            raise ConfigError(f"--partition shards:{self.shards}: K must be >= 1, e.g. shards:2")
+        if self.kind == "dirichlet" and not 0 < self.alpha <= MAX_ALPHA:
+            raise ConfigError(
+                f"--partition dirichlet:{self.alpha}: alpha must be > 0 and at most {MAX_ALPHA:g}"
+                f" (0.1: each client holds mostly one label; 100: near IID); for an even split "
+                f"use --partition iid"
+            )
+        if self.kind == "shards" and not 1 <= self.shards <= MAX_SHARDS:
+            raise ConfigError(
+                f"--partition shards:{self.shards}: K must be >= 1 and at most {MAX_SHARDS}, e.g. 2"
+            )
         if not self.column:
             raise ConfigError(f"--partition {self.kind}: name a column, e.g. column:site")
 

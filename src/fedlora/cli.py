@@ -7,6 +7,7 @@ stderr that says what to fix, and exit status 2; never a traceback.
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -37,6 +38,32 @@ BaseOpt = Annotated[
     str | None, typer.Option("--base-model", help="'default' or a local model folder")
 ]
 _DEMO_KEYS = {"eval-samples", "export", "client-cpus"}
+
+# The range [low, high] of every numeric option that is not a run setting (those are checked by
+# RunConfig's RANGES), checked once per command by _check_options.
+OPTION_RANGES: dict[str, tuple[float, float]] = {
+    "eval_samples": (1, 10_000_000),
+    "num_clients": (0, 100_000),
+    "test_fraction": (0, 0.9),
+    "gpus_per_client": (0, 64),
+    "cpus_per_client": (0.01, 1024),
+    "atol": (0, 1),
+    "noise_factor": (1, 1e6),
+    "answer_tokens": (0, 1 << 20),
+    "memory": (0.01, 1e5),
+    "tflops": (1e-3, 1e6),
+}
+
+
+def _check_options(**values: float | None) -> None:
+    """Each given option finite and within OPTION_RANGES; the first one out is a ConfigError."""
+    for name, value in values.items():
+        if value is None:
+            continue
+        low, high = OPTION_RANGES[name]
+        option = "--" + name.replace("_", "-")
+        if not math.isfinite(value) or not low <= value <= high:
+            raise ConfigError(f"{option} {value}: use a number in [{low:g}, {high:g}]")
 
 
 @cli.callback()
@@ -102,6 +129,7 @@ def demo(
     """Simulated sites fine-tune the default model; evaluate; export to ONNX."""
     from fedlora.simulations.demo import DemoOptions, run_demo
 
+    _check_options(eval_samples=eval_samples)
     cfg, extra = _load(
         config,
         {"num-server-rounds": rounds, "output-dir": output, "base-model": base_model},
@@ -185,6 +213,12 @@ def simulate(
     from fedlora.simulations import report
     from fedlora.simulations.run import simulate
 
+    _check_options(
+        num_clients=num_clients,
+        test_fraction=test_fraction,
+        gpus_per_client=gpus_per_client,
+        cpus_per_client=cpus_per_client,
+    )
     run_sim = partial(
         simulate,
         client_cpus=cpus_per_client,
@@ -307,8 +341,7 @@ def export(
     from fedlora.server.central import central_examples
     from fedlora.simulations import report
 
-    if eval_samples < 1:
-        raise ConfigError(f"--eval-samples {eval_samples}: must be >= 1")
+    _check_options(eval_samples=eval_samples, atol=atol, noise_factor=noise_factor)
     variants = () if quantize.strip().lower() == "none" else parse_variants(quantize)
     thresholds = parse_overrides(gate or [])
     quant = QuantSettings(block_size=block_size, accuracy_level=accuracy_level)
@@ -398,8 +431,7 @@ def plan(
     cfg, _ = _load(config, overrides)
     given = Path(cfg.base_model)
     base = resolve_base_model("default") if cfg.base_model == "default" else given
-    if memory is not None and memory <= 0:
-        raise ConfigError(f"--memory {memory}: give the node's memory in GiB, > 0")
+    _check_options(answer_tokens=answer_tokens, memory=memory, tflops=tflops)
     found = make_plan(
         cfg,
         base,

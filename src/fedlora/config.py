@@ -119,29 +119,13 @@ class RunConfig:
                 raise ConfigError(f"{_key(f.name)}={value!r}: must be a finite number")
         if self.quantization not in QUANTIZATIONS:
             raise ConfigError(f"quantization={self.quantization!r}: use one of {QUANTIZATIONS}")
-        if self.seed < 0:
-            raise ConfigError(f"seed={self.seed}: must be >= 0")
-        for name in ("num_server_rounds", "local_steps", "batch_size", "min_nodes"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{_key(name)}={getattr(self, name)}: must be >= 1")
+        _check_ranges(self)
         if not 0 < self.lr < 1:
             raise ConfigError(f"lr={self.lr}: must be in (0, 1), e.g. 3e-4")
         if self.loss not in LOSSES:
             raise ConfigError(f"loss={self.loss!r}: use one of {LOSSES}")
         if self.lr_schedule not in SCHEDULES:
             raise ConfigError(f"lr-schedule={self.lr_schedule!r}: use one of {SCHEDULES}")
-        for name in ("grad_accum", "central_eval_samples", "length_grouping"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{_key(name)}={getattr(self, name)}: must be >= 1")
-        for name in (
-            "local_epochs",
-            "warmup_steps",
-            "max_grad_norm",
-            "weight_decay",
-            "evaluate_every",
-        ):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{_key(name)}={getattr(self, name)}: must be >= 0")
         if self.local_epochs == 0 and self.warmup_steps > self.local_steps:
             raise ConfigError(
                 f"warmup-steps={self.warmup_steps} exceeds local-steps={self.local_steps}"
@@ -150,10 +134,6 @@ class RunConfig:
             raise ConfigError(f"eval-fraction={self.eval_fraction}: must be in [0, 1)")
         if not 0 < self.fraction_evaluate <= 1:
             raise ConfigError(f"fraction-evaluate={self.fraction_evaluate}: must be in (0, 1]")
-        if self.max_length < 32:
-            raise ConfigError(f"max-length={self.max_length}: must be >= 32")
-        if self.min_available_nodes < 0:
-            raise ConfigError(f"min-available-nodes={self.min_available_nodes}: must be >= 0")
         if not 0 < self.fraction_train <= 1:
             raise ConfigError(f"fraction-train={self.fraction_train}: must be in (0, 1]")
         if self.round_timeout <= 0:
@@ -167,8 +147,6 @@ class RunConfig:
             raise ConfigError(f"codec={self.codec!r}: use one of {CODECS}")
         if self.down_codec not in CODECS:
             raise ConfigError(f"down-codec={self.down_codec!r}: use one of {CODECS}")
-        if self.codec_block < 1:
-            raise ConfigError(f"codec-block={self.codec_block}: must be >= 1")
         self._check_privacy()
         unknown = [s for s in self.site_names if s not in SITES]
         if unknown or not self.site_names:
@@ -309,6 +287,65 @@ class RunConfig:
 
     def to_mapping(self) -> dict[str, Any]:
         return {_key(f.name): getattr(self, f.name) for f in fields(self)}
+
+
+# The range [low, high] of every numeric setting that a real run can use, checked once at
+# construction (the open bounds and the rules between settings are checked after it). The upper
+# bounds are far past any run's need: they catch a typo, a unit slip or an overflow (2^63 - 1
+# rounds, 1e308 epochs) before it reaches a node or a loop.
+DAY = 86_400.0
+RANGES: dict[str, tuple[float, float]] = {
+    "num_server_rounds": (1, 100_000),
+    "local_steps": (1, 1_000_000),
+    "batch_size": (1, 65_536),
+    "max_length": (32, 1 << 20),
+    "lora_r": (1, 65_536),
+    "lora_alpha": (0, 1e6),
+    "lora_layers": (0, 100_000),
+    "local_epochs": (0, 10_000),
+    "grad_accum": (1, 65_536),
+    "warmup_steps": (0, 1_000_000),
+    "max_grad_norm": (0, 1e6),
+    "weight_decay": (0, 10),
+    "length_grouping": (1, 10_000),
+    "evaluate_every": (0, 100_000),
+    "central_eval_samples": (1, 10_000_000),
+    "secagg_clip_norm": (0, 1e6),
+    "secagg_num_shares": (1, 10_000),
+    "secagg_threshold": (1, 10_000),
+    "codec_block": (1, 1 << 24),
+    "dp_noise_multiplier": (0, 1e4),
+    "dp_clip_norm": (0, 1e6),
+    "dp_delta": (0, 1),
+    "server_lr": (0, 100),
+    "trim_fraction": (0, 1),
+    "clip_norm": (0, 1e9),
+    "max_examples_per_node": (0, 1e12),
+    "norm_bound_factor": (0, 1e6),
+    "secagg_corrupt_nodes": (0, 10_000),
+    "seed": (0, 2**63 - 1),
+    "min_nodes": (1, 100_000),
+    "min_available_nodes": (0, 100_000),
+    "round_timeout": (0, 7 * DAY),
+}
+
+
+def _check_ranges(cfg: RunConfig) -> None:
+    """Every setting in :data:`RANGES` within its range; the first one out names it."""
+    for name, (low, high) in RANGES.items():
+        value = getattr(cfg, name)
+        if value < low:
+            raise ConfigError(f"{_key(name)}={_show(value)}: must be >= {_show(low)}")
+        if value > high:
+            raise ConfigError(
+                f"{_key(name)}={_show(value)}: must be <= {_show(high)}, past what a run can use"
+            )
+
+
+def _show(value: float) -> str:
+    """A number as a message shows it: ints whole (not 1e+06), at most 24 characters."""
+    text = str(value) if isinstance(value, int) else f"{value:g}"
+    return text if len(text) <= 24 else f"{text[:20]}..."
 
 
 def read_toml(path: Path) -> dict[str, Any]:
