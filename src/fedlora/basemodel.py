@@ -16,7 +16,8 @@ from pathlib import Path
 
 from fedlora.assets import DEFAULT_MODEL_GGUF, locate
 from fedlora.errors import ModelError
-from fedlora.savedfiles import atomic_folder, check_safetensors
+from fedlora.readback import check_safetensors, read_json
+from fedlora.savedfiles import atomic_folder
 
 log = logging.getLogger(__name__)
 
@@ -53,18 +54,23 @@ def check_model_dir(path: Path) -> Path:
     config_file = path / "config.json"
     if not config_file.is_file():
         raise ModelError(f"{path} has no config.json: it is not a Hugging Face model folder")
-    try:
-        config = json.loads(config_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelError(f"{config_file} is not valid JSON ({exc}): re-save the model") from None
-    archs = config.get("architectures") or []
+    config = read_json(config_file, "re-save the model")
+    archs = (config.get("architectures") if isinstance(config, dict) else None) or []
+    if not isinstance(archs, list):
+        archs = []
     if not any(str(a).endswith("ForCausalLM") for a in archs):
         raise ModelError(
             f"{config_file}: architectures={archs} has no *ForCausalLM model; "
             f"fedlora fine-tunes causal language models"
         )
-    if not any(path.glob("*.safetensors")) and not any(path.glob("pytorch_model*.bin")):
-        raise ModelError(f"{path} holds no weights (*.safetensors or pytorch_model*.bin)")
+    if not any(path.glob("*.safetensors")):
+        if any(path.glob("pytorch_model*.bin")):
+            raise ModelError(
+                f"{path} holds only pytorch_model*.bin, a pickle (torch.save) that can run code "
+                f"when loaded, which fedlora does not open: convert it to safetensors where you "
+                f"trust it (model.save_pretrained(folder, safe_serialization=True))"
+            )
+        raise ModelError(f"{path} holds no weights (*.safetensors)")
     for weights in sorted(path.glob("*.safetensors")):  # headers only: cheap
         check_safetensors(weights, "the model file is truncated or corrupted; copy it again")
     if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
