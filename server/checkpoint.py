@@ -21,6 +21,7 @@ from safetensors.numpy import save_file
 
 from fedlora.errors import FileFormatError
 from fedlora.lora import RESIDUAL_FILE, LoraSettings, fold_sb
+from fedlora.protocol.adapter import factor_of
 from fedlora.savedfiles import atomic_folder
 
 
@@ -112,4 +113,24 @@ def _arrays_problem(arrays: Mapping[str, np.ndarray]) -> str:
             of = name[len("optimizer/m/") :]
             if shapes.get(of) != value.shape:
                 return f"tensor {name} has shape {value.shape}, the adapter's {of} {shapes.get(of)}"
+    return _moments_problem(arrays, set(shapes))
+
+
+def _moments_problem(arrays: Mapping[str, np.ndarray], names: set[str]) -> str:
+    """The server optimizer's moments cover whole factors of the adapter (the tensors a strategy
+    sends: every A and B, or every B), m and v the same ones."""
+    covered = {
+        kind: {k[len(f"optimizer/{kind}/") :] for k in arrays if k.startswith(f"optimizer/{kind}/")}
+        for kind in ("m", "v")
+    }
+    if covered["m"] and covered["v"] and covered["m"] != covered["v"]:
+        return "the optimizer's m and v moments cover different tensors"
+    for kind, part in covered.items():
+        try:
+            factors = {factor_of(n) for n in part}
+            whole = {n for n in names if factor_of(n) in factors}
+        except ValueError:
+            return f"the optimizer's {kind} moments or the adapter hold a non-LoRA tensor name"
+        if part != whole:
+            return f"the optimizer's {kind} moments cover part of a factor ({len(part)} tensors)"
     return ""

@@ -19,6 +19,8 @@ from fedlora.server.state import ServerState, load_state, save_state
 from fedlora.server.strategies import OptimizerState
 
 A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+B = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+A1 = "base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"
 
 
 def _one_line(exc: pytest.ExceptionInfo, *expected: str) -> None:
@@ -73,8 +75,8 @@ def test_a_folder_instead_of_a_json_file_is_one_line(tmp_path):
 
 
 def _checkpoint(tmp_path: Path) -> Path:
-    adapter = {A: np.ones((2, 2), np.float32)}
-    moments = {A: np.zeros((2, 2), np.float64)}
+    adapter = {n: np.ones((2, 2), np.float32) for n in (A, B, A1)}
+    moments = {n: np.zeros((2, 2), np.float64) for n in (A, B, A1)}
     state = ServerState(
         completed_round=1,
         global_adapter=adapter,
@@ -98,6 +100,13 @@ def _edit_arrays(folder: Path, **values) -> None:
     save_file(arrays, str(folder / "state.safetensors"))
 
 
+def _drop_arrays(folder: Path, *names: str) -> None:
+    arrays = load_file(str(folder / "state.safetensors"))
+    save_file(
+        {k: v for k, v in arrays.items() if k not in names}, str(folder / "state.safetensors")
+    )
+
+
 NAN = np.full((2, 2), np.nan, np.float32)
 
 
@@ -108,6 +117,8 @@ NAN = np.full((2, 2), np.nan, np.float32)
         (lambda d: _edit_arrays(d, **{f"global__{A}": np.ones((2, 2))}), "float64, expected"),
         (lambda d: _edit_arrays(d, **{f"global__{A}": np.ones((2, 2), np.int32)}), "int32"),
         (lambda d: _edit_arrays(d, **{f"optimizer__v__{A}": np.ones((3,))}), "has shape (3,)"),
+        (lambda d: _drop_arrays(d, f"optimizer/m/{B}"), "cover different tensors"),
+        (lambda d: _drop_arrays(d, f"optimizer/m/{A1}", f"optimizer/v/{A1}"), "part of a factor"),
         (lambda d: _edit_arrays(d, optimizer__step=np.ones(2, np.int64)), "step count"),
         (lambda d: _edit_json(d, history=[{"loss": 1}]), "history is not a list"),
         (lambda d: _edit_json(d, history=None), "history is not a list"),
