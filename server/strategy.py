@@ -268,27 +268,11 @@ class LoraFedAvg(FedAvg):
             accepted.append(reply)
             names.append(self.site_name(reply.site_id, node))
             nodes.append(node)
-        weights, capped = cap_examples([r.num_examples for r in accepted], nodes, self.bounds)
-        accepted = [
-            dataclasses.replace(r, num_examples=w) for r, w in zip(accepted, weights, strict=True)
-        ]
-        record = plain_record(
-            server_round,
-            accepted,
-            names,
-            rejected,
-            getattr(self, "_round_started", None),
-            sum(self._down_bytes.values()),
-        )
+        accepted, capped = self._cap_weights(server_round, accepted, nodes)
+        started = getattr(self, "_round_started", None)
+        down = sum(self._down_bytes.values())
+        record = plain_record(server_round, accepted, names, rejected, started, down)
         record.update(capped)
-        for entry in capped["weight-capped"]:
-            log.warning(
-                "Round %d: node %s claimed %d examples; weighed as %d (max-examples)",
-                server_round,
-                entry["node"],
-                entry["claimed"],
-                capped["max-examples"],
-            )
         if len(accepted) < max(self.min_train_nodes, 1):
             log.warning(
                 "Round %d: %d usable replies, fewer than the minimum %d; the global "
@@ -300,9 +284,39 @@ class LoraFedAvg(FedAvg):
             record["skipped"] = True
             self._finish_round(server_round, record)
             return None, None
-        updates, norms, bounded = bound_norms(
-            [ClientUpdate(r.delta, r.num_examples) for r in accepted], nodes, self.bounds
-        )
+        updates = [ClientUpdate(r.delta, r.num_examples) for r in accepted]
+        updates = self._bound_norms(server_round, updates, names, nodes, record)
+        return self._apply(server_round, updates, record)
+
+    def _cap_weights(
+        self, server_round: int, accepted: list[TrainReply], nodes: list[int]
+    ) -> tuple[list[TrainReply], dict[str, Any]]:
+        """The replies with their example weights capped (server/bounds.py), and the record's
+        fields saying which and to what."""
+        weights, capped = cap_examples([r.num_examples for r in accepted], nodes, self.bounds)
+        for entry in capped["weight-capped"]:
+            log.warning(
+                "Round %d: node %s claimed %d examples; weighed as %d (max-examples)",
+                server_round,
+                entry["node"],
+                entry["claimed"],
+                capped["max-examples"],
+            )
+        pairs = zip(accepted, weights, strict=True)
+        replies = [dataclasses.replace(r, num_examples=w) for r, w in pairs]
+        return replies, capped
+
+    def _bound_norms(
+        self,
+        server_round: int,
+        updates: list[ClientUpdate],
+        names: list[str],
+        nodes: list[int],
+        record: dict[str, Any],
+    ) -> list[ClientUpdate]:
+        """The updates with each delta clipped to the round's norm bound (server/bounds.py);
+        the record gets the bound, the clipped nodes and every site's norm."""
+        updates, norms, bounded = bound_norms(updates, nodes, self.bounds)
         record.update(bounded)
         for name, norm in zip(names, norms, strict=True):
             record["sites"][name]["delta-norm"] = norm
@@ -314,7 +328,7 @@ class LoraFedAvg(FedAvg):
                 entry["norm"],
                 bounded["norm-bound"],
             )
-        return self._apply(server_round, updates, record)
+        return updates
 
     def _apply(
         self, server_round: int, updates: list[ClientUpdate], record: dict[str, Any]
