@@ -218,7 +218,7 @@ class Deployment:
 
     def up(self) -> None:
         fedlora = str(BIN / "fedlora")
-        init = [fedlora, "federation", "init", str(self.fed.root)]
+        init = [fedlora, "federation", "init", str(self.fed.root), "--trial"]
         for site in SITES:
             init += ["--node", site]
         done = subprocess.run(

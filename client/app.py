@@ -52,8 +52,8 @@ from fedlora.client.node import (
     set_trainable,
     warm_model,
 )
-from fedlora.client.privacy import noise_share_std
-from fedlora.client.secagg import SecAggPolicy, handle_secagg
+from fedlora.client.privacy import noise_share_std, noise_shares
+from fedlora.client.secagg import NOISE_SHARES, SecAggPolicy, handle_secagg
 from fedlora.client.train import TrainOptions, sample_batches, steps_for_epochs, train_lora
 from fedlora.client.worker import SOCKET_KEY, WorkerDown, WorkerFailed, forward
 from fedlora.clipping import add_noise, clip_l2
@@ -159,7 +159,7 @@ def set_up_round(content: Any, merged: Mapping[str, Any], state: RecordDict | No
     dp_charge = Charge(
         round=rc.server_round,
         noise_multiplier=rc.dp_noise_multiplier,
-        expected_clients=max(rc.dp_expected_clients, 1),
+        expected_clients=noise_shares(rc.dp_expected_clients, settings.dp_max_contributors),
         clip_norm=rc.dp_clip_norm,
     )
     try:
@@ -402,12 +402,11 @@ def run_round(
     )
     sent = restrict(node.spec, rc.send_factors)
     delta = {k: local[k] - global_adapter[k] for k in sent}
-    norm_before = -1.0
+    norm_before, shares = -1.0, 0
     if rc.dp_noise_multiplier > 0:  # distributed DP: this node's share of the Gaussian noise
         delta, norm_before, _ = clip_l2(delta, rc.dp_clip_norm, "dp-clip-norm")
-        std = noise_share_std(
-            rc.dp_noise_multiplier, rc.dp_clip_norm, max(rc.dp_expected_clients, 1)
-        )
+        shares = setup.dp_charge.expected_clients  # the server's count, bounded by the node's
+        std = noise_share_std(rc.dp_noise_multiplier, rc.dp_clip_norm, shares)
         delta = add_noise(delta, std, np.random.default_rng())  # OS entropy: never predictable
         charge_ledger(setup.ledger, state, setup.dp_charge)  # before the update leaves the node
         log.info(
@@ -429,6 +428,7 @@ def run_round(
         codec_block=rc.codec_block,
         bytes_received=received,
         dp_norm_before_clip=norm_before,
+        dp_noise_shares=shares,
     )
 
 
@@ -573,6 +573,7 @@ NODE_ONLY_KEYS = frozenset(DATA_KEYS) | {
     "max-local-steps",
     "max-batch-size",
     "dp-min-noise-multiplier",
+    "dp-max-contributors",
     "dp-ledger",
     "dp-max-epsilon",
     "dp-ledger-delta",
@@ -609,7 +610,9 @@ def make_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
             reply = run_round(content, merged, context.state)
             # Under DP every node weighs 1: one node's whole contribution is bounded by the clip.
             weight = 1 if reply.dp_norm_before_clip >= 0 else reply.num_examples
-            return reply.delta, weight, reply.metrics()
+            # kept on the node (never sent): the secure round checks that as many nodes take
+            # part and confirm the sum as this node's noise share was sized for
+            return reply.delta, weight, reply.metrics() | {NOISE_SHARES: reply.dp_noise_shares}
 
         # the node's own policy: its node config (or defaults), never the server's run config
         return _answer(

@@ -67,6 +67,9 @@ class NodeSettings:
     # the node refuses rounds whose DP noise multiplier (sent under secure aggregation, where
     # the nodes add the noise) is below this; 0 = no minimum
     dp_min_noise_multiplier: float = 0.0
+    # the most nodes this node sizes its DP noise share for, whatever the server announces;
+    # 0 = its roster's size when it has one (secagg-roster), else no bound
+    dp_max_contributors: int = 0
     # simulation: a partition folder (fedlora.data.partitioned); this node trains on client
     # ``partition_id`` of it
     partition_dir: str = ""
@@ -133,6 +136,7 @@ class NodeSettings:
                 max_local_steps=int(merged.get("max-local-steps", 0)),
                 max_batch_size=int(merged.get("max-batch-size", 0)),
                 dp_min_noise_multiplier=float(merged.get("dp-min-noise-multiplier", 0.0)),
+                dp_max_contributors=_contributor_bound(merged),
                 partition_dir=partition_dir,
                 partition_id=partition_id,
                 personal_dir=str(merged.get("personal-state-dir", "") or ""),
@@ -143,6 +147,11 @@ class NodeSettings:
             raise ConfigError(f"node settings: {exc}") from None
 
     def __post_init__(self) -> None:
+        if self.dp_max_contributors < 0:
+            raise ConfigError(
+                f"dp-max-contributors={self.dp_max_contributors}: must be >= 0 (0: the roster's "
+                f"size)"
+            )
         if not 0 <= self.eval_fraction < 1:
             raise ConfigError(f"eval-fraction={self.eval_fraction}: must be in [0, 1)")
         if not 0 <= self.memory_gib < float("inf"):
@@ -151,6 +160,17 @@ class NodeSettings:
             raise ConfigError(
                 f"dp-min-noise-multiplier={self.dp_min_noise_multiplier}: must be a number >= 0"
             )
+
+
+def _contributor_bound(merged: Mapping[str, Any]) -> int:
+    """``dp-max-contributors``, or the number of nodes in the node's roster (no secure round has
+    more signed participants), or 0 (no bound: simulations, unauthenticated nodes)."""
+    bound = int(merged.get("dp-max-contributors", 0) or 0)
+    if bound or not merged.get("secagg-roster"):
+        return bound
+    from fedlora.protocol.secagg_auth import Roster
+
+    return len(Roster.load(str(merged["secagg-roster"])).keys)
 
 
 @dataclass

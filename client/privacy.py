@@ -43,4 +43,14 @@ def noise_share_std(noise_multiplier: float, clip_norm: float, expected_clients:
     return noise_multiplier * clip_norm / math.sqrt(expected_clients)
 
 
-__all__ = ["noise_share_std"]
+def noise_shares(announced: int, node_bound: int) -> int:
+    """How many nodes this node sizes its noise share for: the server's announcement, never
+    more than the node's own bound (``dp-max-contributors``; 0: none). A server announcing 10**6
+    nodes would otherwise have each add a thousandth of the noise it needs; the node then also
+    refuses a secure round in which fewer nodes take part or confirm the sum
+    (:mod:`fedlora.client.secagg`)."""
+    shares = max(int(announced), 1)
+    return min(shares, node_bound) if node_bound > 0 else shares
+
+
+__all__ = ["noise_share_std", "noise_shares"]

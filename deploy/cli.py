@@ -25,6 +25,7 @@ import typer
 
 from fedlora.deploy import federation as fed
 from fedlora.deploy import launch
+from fedlora.errors import ConfigError
 
 federation = typer.Typer(
     no_args_is_help=True,
@@ -32,6 +33,14 @@ federation = typer.Typer(
 )
 
 FedArg = Annotated[Path, typer.Argument(help="the federation folder")]
+TrialOpt = Annotated[
+    bool,
+    typer.Option(
+        "--trial",
+        help="make key pairs here for nodes given without a public key: whoever holds FED_DIR "
+        "can then sign as those nodes (a trial on one machine, never a real federation)",
+    ),
+]
 InsecureOpt = Annotated[
     bool,
     typer.Option(
@@ -54,19 +63,21 @@ def init(
         list[str] | None,
         typer.Option(
             "--node",
-            help="a node (hospital): NAME (key pair made here) or NAME=PATH/auth.pub (the "
-            "hospital's own public key, from `fedlora federation keygen`) (repeat)",
+            help="a node (hospital): NAME=PATH/auth.pub (the hospital's own public key, from "
+            "`fedlora federation keygen`), or NAME with --trial (key pair made here) (repeat)",
         ),
     ] = None,
     force: Annotated[
         bool, typer.Option("--force", help="replace an existing federation in FED_DIR")
     ] = False,
+    trial: TrialOpt = False,
 ) -> None:
     """Create a CA, the SuperLink's TLS certificate and a folder per node (with the node's
-    public key if given, else a key pair made here)."""
+    public key; a key pair made here only with --trial)."""
     specs = [fed.parse_node(spec) for spec in node or []]
     public_keys = {name: path for name, path in specs if path is not None}
     names = [name for name, _ in specs]
+    _check_trial([n for n in names if n not in public_keys], trial)
     roster = fed.init_federation(fed_dir, host or [], names, force=force, public_keys=public_keys)
     layout = fed.Federation(fed_dir)
     typer.echo(f"federation created in {fed_dir} (keep {layout.ca_key} private)")
@@ -85,14 +96,35 @@ def add_node(
             "is made or kept here",
         ),
     ] = None,
+    trial: TrialOpt = False,
 ) -> None:
-    """A new node and its folder (from the hospital's public key, or with a key pair made
-    here); every node folder's roster.json is refreshed."""
+    """A new node and its folder (from the hospital's public key, or with --trial a key pair
+    made here); every node folder's roster.json is refreshed."""
+    _check_trial([] if public_key else [name], trial)
     entry = fed.add_node(fed_dir, name, public_key)
     layout = fed.Federation(fed_dir)
     _echo_nodes(layout, [entry])
     nodes = layout.root / "nodes"
     typer.echo(f"roster updated: hand every node its refreshed {nodes}/*/roster.json")
+
+
+def _check_trial(keyless: list[str], trial: bool) -> None:
+    """Coordinator-made keys only when asked for: whoever holds them can sign as the node."""
+    if not keyless:
+        return
+    if not trial:
+        first = keyless[0]
+        raise ConfigError(
+            f"node {first!r} has no public key: have the hospital run `fedlora federation "
+            f"keygen NODE_DIR --name {first}` and pass --node {first}=auth.pub (or "
+            f"--public-key), or add --trial to make its key pair here (whoever holds this "
+            f"folder can then sign as it)"
+        )
+    typer.echo(
+        f"--trial: key pairs for {', '.join(keyless)} are made and kept here; whoever holds this "
+        f"folder can sign as them and read their secure-aggregation shares. Use public keys "
+        f"from `fedlora federation keygen` for a real federation."
+    )
 
 
 def _echo_nodes(layout: fed.Federation, entries: Iterable[fed.RosterEntry]) -> None:

@@ -16,7 +16,8 @@ flow: the hospital runs ``fedlora federation keygen NODE_DIR --name NAME`` (:fun
 sends only ``auth.pub``, and the coordinator adds it with ``add-node NAME --public-key`` (or
 ``init --node NAME=PATH``): that node's folder under FED then has no ``auth.key``, only
 ``auth.pub``, ``ca.crt`` and ``roster.json``, which the hospital copies next to its own key.
-Without a public key the coordinator makes the key pair itself, as a convenience for trials.
+Without a public key the coordinator makes the key pair itself, for trials only (the CLI needs
+``--trial``: whoever holds the federation folder can then sign as that node).
 
 Every node folder holds its own copy of the roster: nodes will check their SecAgg+ neighbours'
 keys against it, so it must reach them out of band, never from the server. Private keys are

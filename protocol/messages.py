@@ -231,6 +231,7 @@ class TrainReply:
     bytes_received: int = 0  # payload bytes of the global adapter this round
     bytes_sent: int = 0  # payload bytes of the encoded delta (set by to_content)
     dp_norm_before_clip: float = -1.0  # DP: the delta's norm before clipping (never sent)
+    dp_noise_shares: int = 0  # DP: the nodes its noise share was sized for (never sent)
 
     def metrics(self) -> dict[str, float | int]:
         return {

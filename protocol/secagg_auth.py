@@ -8,18 +8,22 @@ the active-adversary variant) answer with a PKI; here it is the federation's ros
 band, never by the server.
 
 Consistency check (authenticated rounds): before unmasking, the server tells each survivor the
-set U3 of nodes whose masked vectors it summed; each signs ``(session, U3)``; the unmask
-request carries the survivors' signatures, and a node reveals shares only if at least t
-members of its roster signed the very U3 it was told, and only b-shares for nodes in U3 (never
-the mask-key share of a node that is in the sum). So the server cannot tell some nodes that a
-node dropped and others that it survived, and collect both of its secrets.
+set U3 of nodes whose masked vectors it summed; each signs ``(round id, U3)``; the unmask
+request carries the survivors' signatures, and a node reveals shares only if more than
+``(n + c) / 2`` of the round's ``n`` participants signed the very U3 it was told
+(:func:`fedlora.protocol.secagg_graph.majority`), and only b-shares for nodes in U3 (never the
+mask-key share of a node that is in the sum). So the server cannot tell some nodes that a node
+dropped and others that it survived, and collect both of its secrets.
 
-In the setup stage a node signs the statement ``(session, its node id, c_pk, s_pk)`` with its
-long-term key (its SuperNode authentication key: EC P-384, ECDSA with SHA-384; the statement
+In the setup stage a node signs the statement ``(session, its node id, c_pk, s_pk, nonce)`` with
+its long-term key (its SuperNode authentication key: EC P-384, ECDSA with SHA-384; the statement
 is domain-separated, so the signature means nothing elsewhere) and names itself as the roster
-entry that holds its public key. The server relays every neighbour's signature and name with
-their keys; each node checks every one against its own copy of the roster and refuses the
-round on an unknown name, a bad signature, or two node ids claiming one name.
+entry that holds its public key; the nonce is fresh. The server relays every participant's
+keys, nonce, signature and name to every participant; each node checks every one against its
+own copy of the roster and refuses the round on an unknown name, a bad signature, or two node
+ids claiming one name. The round id (:func:`round_id`) hashes the session and all of it, so it
+never repeats (each honest node's nonce is new) and the share graph derived from it is no one's
+choice.
 
 Needs ``cryptography`` only; never torch or Flower.
 """

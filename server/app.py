@@ -79,7 +79,7 @@ def secagg_settings(cfg: RunConfig, nodes: int) -> SecAggSettings:
     # 2t > holders + c for the most holders the round's graph can give a node (its nodes refuse
     # less: fedlora.protocol.secagg_graph)
     least = least_threshold(max_holders(nodes, shares), corrupt)
-    threshold = min(max(cfg.secagg_threshold, least), shares)
+    threshold = min(max(cfg.secagg_threshold, least), shares, nodes)
     if threshold < least:
         raise ConfigError(
             f"secagg-corrupt-nodes={corrupt} on {nodes} nodes with secagg-num-shares={shares} "

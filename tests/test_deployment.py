@@ -37,10 +37,11 @@ def _history(metrics: Path) -> list[dict]:
 
 
 def _node_config(model: Path) -> str:
-    # three hospitals, each operator accepts secure rounds of two; no federation roster here
+    # three hospitals, each operator accepts secure rounds of two and assumes no colluder (2 of
+    # 3 holders rebuild a secret: one dropout tolerated); no federation roster here
     return (
         f'base-model="{model}" quantization="auto" secagg-min-nodes=2 '
-        f"secagg-allow-unauthenticated=true"
+        f"secagg-allow-unauthenticated=true secagg-corrupt-nodes=0"
     )
 
 
@@ -56,7 +57,8 @@ def test_secure_rounds_survive_a_node_killed_mid_round_and_take_it_back(
         submitted = dep.flwr_run(
             f'num-server-rounds=2 local-steps=2 base-model="{tiny_model_dir}" '
             f'quantization="auto" min-nodes=2 min-available-nodes=3 secure-aggregation=true '
-            f"secagg-num-shares=3 secagg-threshold=2 round-timeout=45 evaluate-every=0 "
+            f"secagg-num-shares=3 secagg-threshold=2 secagg-corrupt-nodes=0 round-timeout=45 "
+            f"evaluate-every=0 "
             f'output-dir="{out}"',
             stream=False,
             timeout=120,

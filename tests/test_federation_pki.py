@@ -189,11 +189,11 @@ def test_init_refuses_to_replace_a_ca_unless_forced(fed: Federation):
 
 def test_the_command_line_reports_a_user_error_as_one_line(tmp_path: Path, capsys):
     root = tmp_path / "fed"
-    main(["federation", "init", str(root), "--node", "pain", "--host", "127.0.0.1"])
+    main(["federation", "init", str(root), "--node", "pain", "--host", "127.0.0.1", "--trial"])
     assert "SHA256:" in capsys.readouterr().out
 
     with pytest.raises(SystemExit) as exit_info:
-        main(["federation", "add-node", str(root), "pain"])
+        main(["federation", "add-node", str(root), "pain", "--trial"])
 
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
@@ -278,7 +278,18 @@ def test_init_takes_nodes_by_public_key_next_to_plain_names(tmp_path: Path, caps
     keygen(site.root, "pain")
     root = tmp_path / "fed"
 
-    main(["federation", "init", str(root), "--node", f"pain={site.auth_pub}", "--node", "derm"])
+    main(
+        [
+            "federation",
+            "init",
+            str(root),
+            "--node",
+            f"pain={site.auth_pub}",
+            "--node",
+            "derm",
+            "--trial",
+        ]
+    )
 
     fed = Federation(root)
     roster = read_roster(fed.roster)
@@ -406,3 +417,23 @@ def test_the_superlink_registers_public_keys_only(fed: Federation, tmp_path: Pat
     fed.node("derm").auth_pub.write_text(fed.node("pain").auth_pub.read_text())
     with pytest.raises(ConfigError, match="is not the key .*lists for node 'derm'"):
         launch.register_nodes(fed.root, "127.0.0.1:9092")
+
+
+def test_coordinator_made_keys_need_trial_and_say_what_it_gives_away(tmp_path: Path, capsys):
+    root = tmp_path / "fed"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["federation", "init", str(root), "--node", "pain"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "fedlora federation keygen NODE_DIR --name pain" in err and "--trial" in err
+    assert "\n" not in err and not (root / "nodes").exists()
+    site = NodeFolder(tmp_path / "derm-site")
+    keygen(site.root, "derm")
+    main(["federation", "init", str(root), "--node", f"derm={site.auth_pub}"])
+    with pytest.raises(SystemExit):
+        main(["federation", "add-node", str(root), "pain"])
+    assert "--trial" in capsys.readouterr().err
+    main(["federation", "add-node", str(root), "pain", "--trial"])
+    out = capsys.readouterr().out
+    assert "whoever holds this folder can sign as them" in out
+    assert Federation(root).node("pain").auth_key.exists()

@@ -220,3 +220,29 @@ def test_a_node_charges_its_own_dp_ledger_and_refuses_past_its_budget(
     # A round without DP noise is refused too while the node keeps a budget.
     reply = _call(app, _content(start_adapter, server_round=2, local_steps=1), "train", node)
     assert reply.has_error() and "adds no DP noise" in reply.error.reason
+
+
+def test_a_node_sizes_its_noise_share_for_at_most_its_own_bound(
+    tiny_model_dir, start_adapter, tmp_path
+):
+    """The server announces 10**6 nodes sharing the noise; the node's dp-max-contributors=4
+    stands: its noise share has std z * C / sqrt(4), and its ledger charges for four nodes."""
+    import json
+
+    dp = {"dp_noise_multiplier": 1.0, "dp_clip_norm": 0.5, "dp_expected_clients": 10**6}
+    ledger = tmp_path / "dp-ledger.json"
+    node = {
+        "base-model": str(tiny_model_dir),
+        "quantization": "auto",
+        "site": "pain",
+        "dp-ledger": str(ledger),
+        "dp-max-contributors": 4,
+    }
+    reply = _call(make_client_app(), _content(start_adapter, local_steps=1, **dp), "train", node)
+    assert not reply.has_error(), reply.error
+    assert [c["expected_clients"] for c in json.loads(ledger.read_text())["charges"]] == [4]
+    delta = np.concatenate(
+        [a.numpy().ravel() for a in reply.content.array_records[ARRAYS].values()]
+    )
+    # the clipped delta (norm 0.5 over thousands of values) is far below the noise
+    assert float(delta.std()) == pytest.approx(1.0 * 0.5 / 2, rel=0.1)

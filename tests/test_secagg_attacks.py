@@ -618,3 +618,32 @@ def test_fixture_keys_are_the_hospitals_own(federation):
         assert "hospitals" in config["secagg-identity-key"]
         fed_nodes = Path(config["secagg-roster"]).parent
         assert not (fed_nodes / "auth.key").exists()
+
+
+def test_a_node_with_a_roster_bounds_its_noise_by_the_roster_size(federation):
+    from fedlora.client.node import NodeSettings
+    from fedlora.client.privacy import noise_shares
+
+    settings = NodeSettings.from_config({"site": "pain", **federation[node_id(0)]})
+    assert settings.dp_max_contributors == len(NAMES)
+    assert noise_shares(10**6, settings.dp_max_contributors) == len(NAMES)
+    assert noise_shares(5, settings.dp_max_contributors) == 5  # announcements can only lower it
+    explicit = NodeSettings.from_config({"site": "pain", "dp-max-contributors": 3})
+    assert noise_shares(10**6, explicit.dp_max_contributors) == 3
+    assert noise_shares(10**6, NodeSettings.from_config({"site": "pain"}).dp_max_contributors) == (
+        10**6
+    )
+
+
+def test_every_test_the_threat_model_cites_exists():
+    import re
+
+    root = Path(__file__).parents[1]
+    page = (root / "docs" / "privacy.md").read_text()
+    cited = re.findall(r"`(tests/\w+\.py)?(?:::(\w+))?`", page)
+    last = ""
+    for path, name in cited:  # `::name` alone: the file last named
+        last = path or last
+        text = (root / last).read_text() if last else ""
+        assert last and (not name or f"def {name}(" in text), f"{last}::{name}"
+    assert len([c for c in cited if c[1]]) >= 20

@@ -92,3 +92,26 @@ def test_report_survives_a_round_whose_training_was_skipped(tmp_path):
     ]
     text = write_report(tmp_path, history, {"strategy": "fedit"}).read_text()
     assert "skipped" in text and (tmp_path / "accuracy.png").is_file()
+
+
+def test_the_threshold_is_raised_to_hold_against_the_assumed_colluders():
+    cfg = RunConfig.from_mapping(
+        {"secure-aggregation": True, "min-nodes": 2, "secagg-threshold": 3}
+    )
+    # five holders and one colluder: 2t > 5 + 1
+    assert secagg_settings(cfg, 10).reconstruction_threshold == 4
+    assert secagg_settings(cfg, 3).reconstruction_threshold == 3  # 2t > 3 + 1
+    none = RunConfig.from_mapping(
+        {
+            "secure-aggregation": True,
+            "min-nodes": 2,
+            "secagg-threshold": 3,
+            "secagg-corrupt-nodes": 0,
+        }
+    )
+    assert secagg_settings(none, 10).reconstruction_threshold == 3
+    assert secagg_settings(none, 10).corrupt_nodes == 0
+    with pytest.raises(ConfigError, match="secagg-corrupt-nodes=5"):
+        RunConfig.from_mapping(
+            {"secure-aggregation": True, "min-nodes": 2, "secagg-corrupt-nodes": 5}
+        )
