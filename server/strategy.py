@@ -128,6 +128,7 @@ class LoraFedAvg(FedAvg):
         self.spec = spec
         self.bounds = bounds or ReplyBounds()  # weight, norm and global-value bounds (bounds.py)
         self._saved: tuple[Any, ...] | None = None  # state at the start of the running round
+        self._record: dict[str, Any] | None = None  # the running round's record, once it has one
         self.global_adapter = global_adapter
         self.aggregator = aggregator or FedIT()
         self.optimizer = optimizer or ServerOptimizer()
@@ -233,12 +234,13 @@ class LoraFedAvg(FedAvg):
         """Aggregate the round; any exception fails the round, never the run (_fail_round)."""
         server_round += self.round_offset
         self._saved = self._snapshot()
+        self._record = None
         try:
             if self.secagg is not None:
                 return self._aggregate_secure(server_round)
             return self._aggregate_plain(server_round, replies)
         except Exception as exc:  # noqa: BLE001 -- the round boundary: the run goes on
-            self._fail_round(server_round, exc)
+            self._fail_round(server_round, exc, self._record)
             return None, None
 
     def _aggregate_plain(
@@ -339,6 +341,7 @@ class LoraFedAvg(FedAvg):
         equally and adds Gaussian noise of std z * C to the sum (central DP). Under secure
         aggregation the nodes did both; the server only accounts for the privacy spent.
         """
+        self._record = record  # a failure from here on keeps what the round knew
         central_dp = self.dp is not None and self.secagg is None
         if central_dp:
             assert self.dp is not None

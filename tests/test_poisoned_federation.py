@@ -216,3 +216,24 @@ def test_train_and_eval_losses_beyond_any_real_one_are_dropped(
         np.testing.assert_array_equal(a[name], b[name])  # the stated bound here: 0
     for x, y in zip(run.history, absent.history, strict=True):
         assert x["train-loss"] == y["train-loss"] and x["eval-loss"] == y["eval-loss"]
+
+
+def test_without_the_norm_bound_3e38_deltas_fail_their_rounds_and_the_run_completes(
+    tiny_model_dir, tmp_path
+):
+    # Before the round boundary this run ended in round 1: the fp16 downlink could not encode
+    # the new global adapter (CodecError inside aggregate_train).
+    settings = {"down-codec": "fp16", "norm-bound-factor": 0.0}
+    run, _ = _federation(tiny_model_dir, tmp_path, {"pain"}, _huge_delta, **settings)
+
+    assert len(run.history) == ROUNDS
+    for record in run.history:
+        assert record["failed"] and record["failure"].startswith("AggregationError:")
+        assert record["sites"]["pain"]["delta-norm"] > 1e38  # the record shows whose reply
+        assert record["norm-bound"] is None and record["norm-clipped"] == []
+    from fedlora.config import RunConfig
+    from fedlora.lora import adapter_shapes, initial_adapter
+
+    start = initial_adapter(adapter_shapes(tiny_model_dir, RunConfig().lora), 0)
+    final = _adapter(run)  # every round failed: the seeded start, kept
+    assert set(final) == set(start) and _distance(final, start) == 0.0

@@ -173,6 +173,7 @@ def test_without_the_norm_bound_a_3e38_round_fails_and_the_next_one_runs(tmp_pat
     assert arrays is not None and strategy.downlink.version == 1
     first, second = _records(tmp_path)
     assert first["failed"] and first["failure"].startswith("AggregationError: the global adapter")
+    assert first["sites"]["node-9"]["delta-norm"] > 1e38  # the failed round keeps its record
     assert "beyond the bound" in first["failure"]
     assert not second.get("failed")
 
