@@ -38,8 +38,9 @@ lint: setup
 # Long fuzzing run: FUZZ_EXAMPLES generated inputs per network entry point (default 10,000);
 # every input must end in acceptance or a typed project error. The plain and the SecAgg+ entry
 # points run side by side (one process each); the plain one also plays value-level rounds
-# (tests/test_fuzz_values.py). Last lines: crashes: C of N inputs, then
-# poisoned rounds: P of M hostile rounds.
+# (tests/test_fuzz_values.py), the SecAgg+ one also the files fedlora reads back and a real node
+# (tiny model) against a hostile server (tests/test_fuzz_files.py, tests/test_fuzz_node.py).
+# Last lines: crashes: C of N inputs, then poisoned rounds: P of M hostile rounds.
 FUZZ_EXAMPLES ?= 10000
 FUZZ_ENV = HYPOTHESIS_PROFILE=fuzz FEDLORA_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES)
 fuzz: setup
@@ -48,7 +49,8 @@ fuzz: setup
 	  $(VENV)/bin/python -m pytest -q -p no:cacheprovider -m fuzz tests/test_fuzz_plain.py \
 	  tests/test_fuzz_values.py & \
 	$(FUZZ_ENV) FEDLORA_FUZZ_REPORT=runs/fuzz-secagg.json \
-	  $(VENV)/bin/python -m pytest -q -p no:cacheprovider -m fuzz tests/test_fuzz_secagg.py; \
+	  $(VENV)/bin/python -m pytest -q -p no:cacheprovider -m fuzz tests/test_fuzz_secagg.py \
+	  tests/test_fuzz_files.py tests/test_fuzz_node.py; \
 	wait
 	@$(VENV)/bin/python tests/fuzz_summary.py runs/fuzz-plain.json runs/fuzz-secagg.json
 
