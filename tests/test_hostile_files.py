@@ -347,3 +347,30 @@ def test_a_non_finite_adapter_is_refused_by_merge_naming_the_tensor(
         merge_adapter(tiny_model_dir, adapter, tmp_path / "merged")
     _one_line(e, f"tensor {A} holds 256 non-finite values")
     assert not (tmp_path / "merged").exists()
+
+
+# ---- through the command line: no traceback --------------------------------------------------
+
+
+@pytest.mark.integration
+def test_cli_export_of_a_nan_adapter_is_one_line_naming_the_tensor(tmp_path, tiny_model_dir):
+    from test_corrupt_files import _cli, _one_line
+
+    adapter = _adapter(tmp_path, tiny_model_dir, np.nan)
+    result = _cli(
+        "export", "--adapter", str(adapter), "--base-model", str(tiny_model_dir), cwd=tmp_path
+    )
+    _one_line(result, f"tensor {A} holds 256 non-finite values")
+
+
+@pytest.mark.integration
+def test_cli_check_data_of_hostile_jsonl_names_the_lines_without_a_traceback(tmp_path):
+    from test_corrupt_files import _cli
+
+    path = tmp_path / "notes.jsonl"
+    deep = "[" * 3000 + "]" * 3000
+    path.write_text(f'{{"prompt": {deep}, "response": "b"}}\n{{"n": {"9" * 5000}}}\n')
+    result = _cli("check-data", str(path), cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "notes.jsonl:1: not usable JSON (nested more than" in result.stderr
+    assert "notes.jsonl:2: not usable JSON (an integer of 5000 digits" in result.stderr
