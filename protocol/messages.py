@@ -34,38 +34,45 @@ from fedlora.protocol.gate import (
     record_keys,
     show,
 )
+from fedlora.ranges import RANGES
 
 WIRE_VERSION = 1
 ARRAYS, CONFIG, METRICS = "arrays", "config", "metrics"
 NUM_EXAMPLES = "num-examples"  # the weight FedAvg-style aggregation uses
 LOSSES = ("completion", "full")
 SCHEDULES = ("constant", "cosine", "linear")
-_POSITIVE = Bound(int, 1, INT64_MAX)
 _NON_NEGATIVE_INT = Bound(int, 0, INT64_MAX)
-_NON_NEGATIVE = Bound(float, 0.0)
+
+
+def _ranged(kind: type, name: str, low: float, low_open: bool = False) -> Bound:
+    """``low`` (and its openness) as the wire has always had it, the run settings' upper bound
+    (fedlora.ranges): a node refuses what no run config could have asked."""
+    return Bound(kind, low, RANGES[name][1], low_open=low_open)
+
+
 # The range of every numeric round-config field a node accepts (floats must also be finite).
 ROUND_BOUNDS: dict[str, Bound] = {
     "server_round": _NON_NEGATIVE_INT,
-    "local_steps": _POSITIVE,
-    "batch_size": _POSITIVE,
+    "local_steps": _ranged(int, "local_steps", 1),
+    "batch_size": _ranged(int, "batch_size", 1),
     "lr": Bound(float, 0.0, 1.0, low_open=True, high_open=True),
-    "max_length": _POSITIVE,
+    "max_length": _ranged(int, "max_length", 1),
     "seed": _NON_NEGATIVE_INT,
-    "lora_r": _POSITIVE,
-    "lora_alpha": Bound(float, 0.0, low_open=True),
+    "lora_r": _ranged(int, "lora_r", 1),
+    "lora_alpha": _ranged(float, "lora_alpha", 0.0, low_open=True),
     "lora_dropout": Bound(float, 0.0, 1.0, high_open=True),
-    "lora_layers": Bound(int, 0, 100_000),  # 0: every layer; a node also checks its model's
-    "local_epochs": _NON_NEGATIVE,
-    "grad_accum": _POSITIVE,
-    "length_grouping": _POSITIVE,
-    "warmup_steps": _NON_NEGATIVE_INT,
-    "max_grad_norm": _NON_NEGATIVE,
-    "weight_decay": _NON_NEGATIVE,
-    "codec_block": _POSITIVE,
+    "lora_layers": _ranged(int, "lora_layers", 0),  # 0: every layer; a node checks its model's
+    "local_epochs": _ranged(float, "local_epochs", 0.0),
+    "grad_accum": _ranged(int, "grad_accum", 1),
+    "length_grouping": _ranged(int, "length_grouping", 1),
+    "warmup_steps": _ranged(int, "warmup_steps", 0),
+    "max_grad_norm": _ranged(float, "max_grad_norm", 0.0),
+    "weight_decay": _ranged(float, "weight_decay", 0.0),
+    "codec_block": _ranged(int, "codec_block", 1),
     "down_base": Bound(int, -1, INT64_MAX),
     "down_version": Bound(int, -1, INT64_MAX),
-    "dp_noise_multiplier": _NON_NEGATIVE,
-    "dp_clip_norm": _NON_NEGATIVE,
+    "dp_noise_multiplier": _ranged(float, "dp_noise_multiplier", 0.0),
+    "dp_clip_norm": _ranged(float, "dp_clip_norm", 0.0),
     "dp_expected_clients": _NON_NEGATIVE_INT,
     "wire_version": _NON_NEGATIVE_INT,
 }

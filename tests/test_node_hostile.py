@@ -15,6 +15,7 @@ from fedlora.client import app as app_mod
 from fedlora.client.app import DATA_FAILED, NODE_FAILED, REFUSED, make_client_app
 from fedlora.lora import LoraSettings, adapter_shapes, initial_adapter
 from fedlora.protocol.messages import ARRAYS, CONFIG, to_array_record
+from hostile import raw_set
 from test_node_app import _call, _content
 
 LORA = LoraSettings(r=4, alpha=8.0, dropout=0.0)
@@ -73,25 +74,59 @@ def test_hostile_server_messages_are_refused_with_an_error_reply(node, start, ki
         assert reply.error.code == REFUSED, (what, reply.error)
 
 
+# Beyond any run (refused by the wire's bounds, fedlora.ranges) and within the wire's bounds but
+# beyond this node's model (context 1024, hidden 64, 2 layers) or its defaults.
 ABSURD = {
     "batch_size": 2**31,
-    "max_length": 2**20,
-    "codec_block": 2**40,
+    "max_length": 10**9,
+    "codec_block": 2**63 - 1,
     "lora_r": 2**20,
     "local_steps": 10**9,
-    "lora_layers": 1000,
+}
+BEYOND_THE_NODE = {
+    "batch_size": (65_536, {"max_length": 1024}, "does not fit this node's"),
+    "max_length": (2048, {}, "exceeds the model's context of 1024"),
+    "codec_block": (2**24, {}, "exceeds the adapter's"),
+    "lora_r": (65, {}, "exceeds the model's hidden size 64"),
+    "lora_layers": (3, {}, "exceeds the model's 2 layers"),
+    "local_steps": (20_000, {}, "max-local-steps=10000"),
 }
 
 
-@pytest.mark.parametrize("field", sorted(ABSURD))
-def test_absurd_round_settings_are_refused_before_allocation(node, start, field, monkeypatch):
+def _raw_content(start: dict[str, np.ndarray], **values) -> RecordDict:
+    """A message whose round config holds ``values`` as a hostile server would send them."""
+    content = _content(start)
+    for key, value in values.items():
+        raw_set(content.config_records[CONFIG], key.replace("_", "-"), value)
+    return content
+
+
+@pytest.fixture
+def no_allocation(monkeypatch):
     def allocate(*args, **kwargs):
         raise AssertionError("the node allocated for a round it should have refused")
 
     monkeypatch.setattr(app_mod, "warm_model", allocate)
-    content = _content(start, **{field: ABSURD[field]})
-    reason = _error(_call(make_client_app(), content, "train", node), REFUSED)
+
+
+@pytest.mark.parametrize("field", sorted(ABSURD))
+@pytest.mark.parametrize("kind", ["train", "evaluate"])
+def test_absurd_round_settings_are_refused_before_allocation(
+    node, start, field, kind, no_allocation
+):
+    content = _raw_content(start, **{field: ABSURD[field]})
+    reason = _error(_call(make_client_app(), content, kind, node), REFUSED)
     assert field.replace("_", "-") in reason
+
+
+@pytest.mark.parametrize("field", sorted(BEYOND_THE_NODE))
+def test_settings_beyond_the_node_are_refused_before_allocation_by_default(
+    node, start, field, no_allocation
+):
+    value, others, expected = BEYOND_THE_NODE[field]
+    content = _content(start, **{field: value}, **others)
+    reason = _error(_call(make_client_app(), content, "train", node), REFUSED)
+    assert expected in reason
 
 
 def test_a_batch_beyond_the_nodes_memory_is_refused_naming_the_largest(node, start):
