@@ -30,6 +30,7 @@ from fedlora.errors import ConfigError, DataError
 from fedlora.lora import R_WEIGHT, LoraSettings
 from fedlora.prompting import Encoded, review_example
 from fedlora.protocol.adapter import AdapterSpec, spec_of
+from fedlora.protocol.gate import ProtocolError
 from fedlora.readback import load_npz
 from fedlora.savedfiles import atomic_file
 
@@ -320,7 +321,15 @@ def _load_model(settings: NodeSettings, lora: LoraSettings) -> WarmModel:
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     base = load_base(base_dir, settings.quantization, settings.device)
-    model = get_peft_model(base, lora.peft_config(base_dir))
+    try:
+        model = get_peft_model(base, lora.peft_config(base_dir))
+    except ValueError as exc:  # peft's NoMatchingPeftModuleError: the server named no layer
+        if "not found in the base model" not in str(exc):
+            raise
+        raise ProtocolError(
+            f"round config target-modules={lora.target_modules[:40]!r} names no layer of this "
+            f"node's model"
+        ) from None
     if lora.sb:
         from fedlora.client.lora_sb import attach_sb
 

@@ -59,6 +59,7 @@ def _hostile_messages(start: dict[str, np.ndarray]) -> dict[str, RecordDict]:
         "downlink from a version the node lacks": _content(
             start, down_codec="int8", down_base=3, down_version=4
         ),
+        "target modules the model lacks": _content(start, target_modules="none,wq"),
         "downlink digest of another adapter": _content(
             start, down_codec="fp16", down_base=-1, down_version=2, down_digest="ab" * 32
         ),
