@@ -374,3 +374,32 @@ def test_cli_check_data_of_hostile_jsonl_names_the_lines_without_a_traceback(tmp
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert "notes.jsonl:1: not usable JSON (nested more than" in result.stderr
     assert "notes.jsonl:2: not usable JSON (an integer of 5000 digits" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "corrupt",
+    [
+        lambda d: (d / "indices.npy").write_bytes(b"\x93NUMPY garbage"),
+        lambda d: np.save(d / "offsets.npy", np.array([0, 99], np.int64)),
+        lambda d: np.save(d / "indices.npy", np.array([0, 10**9], np.int64)),
+        lambda d: np.save(d / "offsets.npy", np.array([0.0, 1.0])),
+        lambda d: (d / "train.jsonl").write_text("[" * 5000 + "\n"),
+    ],
+)
+def test_a_hostile_partition_folder_is_a_data_error(tmp_path, corrupt):
+    from fedlora.data import partitioned
+    from fedlora.data.records import Example
+    from fedlora.errors import DataError
+
+    folder = tmp_path / "partition"
+    folder.mkdir()
+    examples = [Example(source=f"s:{i}", text=f"text {i}") for i in range(2)]
+    partitioned.write_examples(folder / partitioned.POOL, examples)
+    partitioned.write_indices(folder, [np.array([0, 1])])
+    assert len(partitioned.client_examples(folder, 0)) == 2
+    partitioned._pool.cache_clear()
+    corrupt(folder)
+    with pytest.raises(DataError) as e:
+        partitioned.client_examples(folder, 0)
+    _one_line(e, "partition")
+    partitioned._pool.cache_clear()

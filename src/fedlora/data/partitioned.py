@@ -23,6 +23,7 @@ import numpy as np
 
 from fedlora.data.records import Example, Turn
 from fedlora.errors import DataError
+from fedlora.readback import parse_json
 
 POOL = "train.jsonl"
 TEST = "test.jsonl"
@@ -51,10 +52,10 @@ def read_examples(path: Path) -> list[Example]:
     out = []
     for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         try:
-            record = json.loads(line)
+            record = parse_json(line)
             turns = tuple(Turn(m["role"], m["content"]) for m in record.get("messages", ()))
             out.append(Example(source=record["source"], turns=turns, text=record.get("text", "")))
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise DataError(
                 f"{path}:{line_no}: not a partition record ({exc}): write the partition again "
                 f"with fedlora simulate --data"
@@ -74,20 +75,42 @@ def write_indices(folder: Path, parts: list[np.ndarray]) -> None:
 def client_indices(folder: str | Path, client: int) -> np.ndarray:
     """Client ``client``'s indices into the pool (memory-mapped)."""
     folder = Path(folder)
-    offsets = np.load(folder / OFFSETS, mmap_mode="r")
+    offsets, indices = _index_file(folder / OFFSETS), _index_file(folder / INDICES)
+    if (
+        len(offsets) < 1
+        or offsets[0] != 0
+        or np.any(np.diff(offsets) < 0)
+        or (offsets[-1] != len(indices))
+    ):
+        raise DataError(f"{folder}: the partition's offsets do not fit its indices: {_REDO}")
     if not 0 <= client < len(offsets) - 1:
         raise DataError(
             f"{folder}: partition-id {client} has no data: the partition has "
             f"{len(offsets) - 1} clients; run that many nodes"
         )
-    indices: np.ndarray = np.load(folder / INDICES, mmap_mode="r")
     return indices[offsets[client] : offsets[client + 1]]
+
+
+_REDO = "write the partition again with fedlora simulate --data"
+
+
+def _index_file(path: Path) -> np.ndarray:
+    """A partition's int64 index file (memory-mapped, never unpickled), or a DataError."""
+    try:
+        values = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise DataError(f"{path}: not a partition index file ({exc}): {_REDO}") from None
+    if not isinstance(values, np.ndarray) or values.dtype != np.int64 or values.ndim != 1:
+        raise DataError(f"{path}: not a partition index file (int64, one dimension): {_REDO}")
+    return values
 
 
 def client_examples(folder: str | Path, client: int) -> list[Example]:
     """The training examples of client ``client`` (its partition id) in this partition."""
     indices = client_indices(folder, client)
     pool = _pool(str(Path(folder) / POOL))
+    if len(indices) and not 0 <= int(indices.min()) <= int(indices.max()) < len(pool):
+        raise DataError(f"{folder}: the partition's indices point past its pool: {_REDO}")
     return [pool[int(i)] for i in indices]
 
 
