@@ -129,38 +129,95 @@ def federation_of(adapter_dir: Path) -> dict[str, Any]:
 
 def build_card(
     base_dir: Path,
-    adapter_dir: Path,
+    adapter_dir: Path | None,
     variants: Sequence[Variant],
     *,
     default_base: bool,
     eval_data: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """The card as a JSON-ready dict."""
-    base_dir, adapter_dir = Path(base_dir), Path(adapter_dir)
-    base: dict[str, Any] = {"folder": base_dir.name, "sha256": weight_hashes(base_dir)}
-    if default_base:
-        base |= DEFAULT_BASE
-    else:
-        base |= {
-            "licence": "not recorded: check the base model's own licence",
-            "credit": "not recorded",
-        }
-    adapter: dict[str, Any] = {"folder": adapter_dir.name, "sha256": weight_hashes(adapter_dir)}
-    lora = _read_json(adapter_dir / "adapter_config.json") or {}
-    for key in ("r", "lora_alpha", "target_modules", "use_rslora"):
-        if key in lora:
-            adapter[key] = lora[key]
+    """The card as a JSON-ready dict (``adapter_dir`` None: an adaptable base, no adapter)."""
+    base_dir = Path(base_dir)
     return {
         "model-card-version": CARD_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "base-model": base,
-        "adapter": adapter,
-        "federation": federation_of(adapter_dir),
+        "base-model": _base_entry(base_dir, default_base),
+        "adapter": _adapter_entry(adapter_dir),
+        "federation": federation_of(adapter_dir) if adapter_dir else {},
         "training-data": "held by the federation's nodes; it never left them and the server "
         "never saw it (see the run's report.md)",
         "evaluation-data": dict(eval_data or {}),
         "variants": [asdict(v) for v in variants],
     }
+
+
+def _base_entry(base_dir: Path, default_base: bool) -> dict[str, Any]:
+    base: dict[str, Any] = {"folder": base_dir.name, "sha256": weight_hashes(base_dir)}
+    if default_base:
+        return base | DEFAULT_BASE
+    return base | {
+        "licence": "not recorded: check the base model's own licence",
+        "credit": "not recorded",
+    }
+
+
+def _adapter_entry(adapter_dir: Path | None) -> dict[str, Any]:
+    if adapter_dir is None:
+        return {"folder": "none: an adaptable base (adapters are separate files)", "sha256": {}}
+    adapter: dict[str, Any] = {"folder": adapter_dir.name, "sha256": weight_hashes(adapter_dir)}
+    lora = _read_json(adapter_dir / "adapter_config.json") or {}
+    for key in ("r", "lora_alpha", "target_modules", "use_rslora"):
+        if key in lora:
+            adapter[key] = lora[key]
+    return adapter
+
+
+def adapter_card(
+    base_dir: Path,
+    adapter_dir: Path,
+    bundle: Path,
+    file_info: Mapping[str, Any],
+    gate: Mapping[str, Any],
+) -> dict[str, Any]:
+    """The card of an adapter-only export: the base it fits (id and weights' sha256), the
+    adapter, its federation, the file and its gate against a merged re-export."""
+    return {
+        "model-card-version": CARD_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "kind": "adapter-only",
+        "fits-base": {
+            "base-id": file_info["base_id"],
+            "bundle": str(bundle),
+            "sha256": weight_hashes(Path(base_dir)),
+        },
+        "adapter": _adapter_entry(Path(adapter_dir)),
+        "federation": federation_of(Path(adapter_dir)),
+        "file": {k: v for k, v in file_info.items() if k != "base_id"},
+        "gates": {"merged-export-parity": dict(gate)},
+    }
+
+
+def adapter_card_markdown(card: Mapping[str, Any]) -> str:
+    base, file, gate = card["fits-base"], card["file"], card["gates"]["merged-export-parity"]
+    lines = [
+        "# Adapter card",
+        "",
+        f"Created {card['created']} by `fedlora export --adapter-only`. "
+        f"Machine-readable: `{CARD_JSON}`.",
+        "",
+        f"- file `{file['file']}`: {file['size_mib']:.2f} MiB, {file['parameters']} parameters "
+        f"in {file['slots']} of the base's {file['of_slots']} LoRA slots",
+        f"- fits base id `{base['base-id']}` (bundle `{base['bundle']}`); any other is refused",
+    ]
+    lines += [f"- base sha256 `{name}`: `{digest}`" for name, digest in base["sha256"].items()]
+    lines += [f"- adapter sha256 `{n}`: `{d}`" for n, d in card["adapter"]["sha256"].items()]
+    lines.append(
+        f"- gate, against a merged re-export: {'pass' if gate['passed'] else 'FAIL'} "
+        f"({_fmt(gate['figures'])})"
+    )
+    fed = card["federation"]
+    lines += ["", "## Federation", ""]
+    lines += [f"- {k}: {_fmt(v)}" for k, v in fed.items()] or ["- not recorded"]
+    return "\n".join(lines) + "\n"
 
 
 def _fmt(value: Any) -> str:
@@ -188,6 +245,10 @@ def card_markdown(card: Mapping[str, Any]) -> str:
     lines += [f"- sha256 `{name}`: `{digest}`" for name, digest in base["sha256"].items()]
     lines += ["", "## Adapter", ""]
     lines += [f"- sha256 `{name}`: `{digest}`" for name, digest in adapter["sha256"].items()]
+    if not adapter["sha256"]:
+        lines.append(f"- {adapter['folder']}")
+    if "adaptable" in card:
+        lines.append(f"- base id adapters must carry: `{card['adaptable']['base-id']}`")
     lora = {
         k: adapter[k] for k in ("r", "lora_alpha", "target_modules", "use_rslora") if k in adapter
     }
@@ -229,7 +290,8 @@ def write_card(bundle: Path, card: Mapping[str, Any]) -> None:
     """``model-card.json`` and ``MODEL_CARD.md`` at the root of ``bundle``."""
     bundle = Path(bundle)
     (bundle / CARD_JSON).write_text(json.dumps(card, indent=1, default=str) + "\n")
-    (bundle / CARD_MD).write_text(card_markdown(card))
+    markdown = adapter_card_markdown if card.get("kind") == "adapter-only" else card_markdown
+    (bundle / CARD_MD).write_text(markdown(card))
 
 
 __all__ = [
@@ -238,6 +300,8 @@ __all__ = [
     "DEFAULT_BASE",
     "DRUG_REVIEWS",
     "Variant",
+    "adapter_card",
+    "adapter_card_markdown",
     "build_card",
     "card_markdown",
     "federation_of",

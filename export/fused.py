@@ -171,11 +171,14 @@ class _Weights:
 
 
 class _Graph:
-    """A small helper around onnx.helper: nodes, initializers, unique names."""
+    """A small helper around onnx.helper: nodes, initializers, unique names. With
+    ``lora_slots``, every linear layer gets an empty LoRA branch (:mod:`fedlora.export.slots`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, lora_slots: bool = False) -> None:
         self.nodes: list[Any] = []
         self.initializers: list[Any] = []
+        self.lora_slots = lora_slots
+        self.slot_inputs: list[Any] = []  # graph inputs of the overridable LoRA factors
 
     def node(
         self,
@@ -205,15 +208,39 @@ class _Graph:
 
         w = self.const(f"{name}.weight", np.ascontiguousarray(weight.T))
         (y,) = self.node("MatMul", [x, w], [f"{name}/MatMul_output"], f"{name}/MatMul")
+        if self.lora_slots:
+            y = self.lora_branch(x, y, weight.shape[1], weight.shape[0], name)
         if bias is None:
             return y
         b = self.const(f"{name}.bias", np.ascontiguousarray(bias))
         (y,) = self.node("Add", [y, b], [f"{name}/Add_output"], f"{name}/Add")
         return y
 
+    def lora_branch(self, x: str, y: str, fan_in: int, fan_out: int, name: str) -> str:
+        """``y + (x @ A) @ B`` with A ``[in, rank]`` and B ``[rank, out]`` overridable
+        initializers (empty by default: rank 0 adds nothing), the slot an adapter file fills."""
+        import numpy as np
+        from onnx import TensorProto, helper
 
-def build_fused_model(model_dir: Path) -> Any:
-    """The fused decoder of ``model_dir`` (a merged fp32 folder) as an ``onnx.ModelProto``."""
+        from fedlora.export.slots import slot_names
+
+        a, b = slot_names(name)
+        rank = f"{name}.rank"
+        self.const(a, np.zeros((fan_in, 0), dtype=np.float32))
+        self.const(b, np.zeros((0, fan_out), dtype=np.float32))
+        self.slot_inputs += [
+            helper.make_tensor_value_info(a, TensorProto.FLOAT, [fan_in, rank]),
+            helper.make_tensor_value_info(b, TensorProto.FLOAT, [rank, fan_out]),
+        ]
+        (low,) = self.node("MatMul", [x, a], [f"{name}/lora_A_output"], f"{name}/lora_A/MatMul")
+        (delta,) = self.node("MatMul", [low, b], [f"{name}/lora_output"], f"{name}/lora_B/MatMul")
+        (out,) = self.node("Add", [y, delta], [f"{name}/lora_Add_output"], f"{name}/lora/Add")
+        return out
+
+
+def build_fused_model(model_dir: Path, lora_slots: bool = False) -> Any:
+    """The fused decoder of ``model_dir`` (a merged fp32 folder) as an ``onnx.ModelProto``;
+    with ``lora_slots``, a LoRA slot on every linear layer (:mod:`fedlora.export.slots`)."""
     import numpy as np
     from onnx import TensorProto, helper
 
@@ -224,7 +251,7 @@ def build_fused_model(model_dir: Path) -> Any:
         raise FedloraError(f"{model_dir}: no fused graph for this model: {reason}")
     shape = DecoderShape.from_config(config)
     weights = _Weights(model_dir)
-    g = _Graph()
+    g = _Graph(lora_slots)
     kv_names = [
         (f"past_key_values.{i}.key", f"past_key_values.{i}.value") for i in range(shape.layers)
     ]
@@ -361,6 +388,7 @@ def build_fused_model(model_dir: Path) -> Any:
     for present_k, present_v in presents:
         outputs.append(helper.make_tensor_value_info(present_k, f32, present_shape))
         outputs.append(helper.make_tensor_value_info(present_v, f32, present_shape))
+    inputs += g.slot_inputs
     graph = helper.make_graph(g.nodes, "fedlora_fused_decoder", inputs, outputs, g.initializers)
     model = helper.make_model(
         graph,
@@ -371,14 +399,20 @@ def build_fused_model(model_dir: Path) -> Any:
     return model
 
 
-def export_fused(merged_dir: Path, out_dir: Path) -> Path:
-    """Write ``out_dir/model.onnx`` (the fused graph of ``merged_dir``) and the runtime files."""
+def export_fused(merged_dir: Path, out_dir: Path, base_id: str | None = None) -> Path:
+    """Write ``out_dir/model.onnx`` (the fused graph of ``merged_dir``) and the runtime files.
+    With ``base_id`` (see :func:`fedlora.export.slots.base_id`) the graph is an adaptable base:
+    LoRA slots on every linear layer, and the id in its metadata for adapters to match."""
     import onnx
 
     from fedlora.export.onnx import MODEL_FILE, copy_runtime_files
 
     merged_dir, out_dir = Path(merged_dir), Path(out_dir)
-    model = build_fused_model(merged_dir)
+    model = build_fused_model(merged_dir, lora_slots=base_id is not None)
+    if base_id is not None:
+        from fedlora.export.slots import BASE_ID_KEY
+
+        onnx.helper.set_model_props(model, {BASE_ID_KEY: base_id})
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.glob(MODEL_FILE + "*"):
         stale.unlink()

@@ -92,6 +92,8 @@ def quantize_variant(
     )
     quantizer = MatMulNBitsQuantizer(
         model,
+        # an adaptable base's LoRA slots stay fp32 (fedlora.export.slots)
+        nodes_to_exclude=[n.name for n in model.graph.node if "/lora_" in n.name],
         bits=bits,
         block_size=settings.block_size,
         is_symmetric=settings.symmetric,

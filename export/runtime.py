@@ -132,9 +132,14 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 class EdgeModel:
-    """An exported causal LM on onnxruntime (CPU) with its tokenizer and chat template."""
+    """An exported causal LM on onnxruntime (CPU) with its tokenizer and chat template.
 
-    def __init__(self, model_dir: Path, num_threads: int | None = None) -> None:
+    ``adapter``: an adapter file for an adaptable base (:mod:`fedlora.export.adapter`), applied
+    to every request until :meth:`set_adapter` switches it."""
+
+    def __init__(
+        self, model_dir: Path, num_threads: int | None = None, adapter: Path | None = None
+    ) -> None:
         self.model_dir = Path(model_dir)
         onnx_file = self.model_dir / MODEL_FILE
         if not onnx_file.is_file():
@@ -156,6 +161,9 @@ class EdgeModel:
         self.eos_token_ids = self._eos_ids()
 
         options = ort.SessionOptions()
+        # an adaptable base warns once per LoRA slot that overridable initializers are not
+        # constant-folded (by design); errors still raise
+        options.log_severity_level = 3
         if num_threads is not None:
             options.intra_op_num_threads = num_threads
         self.session = ort.InferenceSession(
@@ -164,6 +172,11 @@ class EdgeModel:
         self._input_names = {i.name for i in self.session.get_inputs()}
         self._output_names = [o.name for o in self.session.get_outputs()]
         self._past_specs = self._read_past_specs()
+        self.adapter: Path | None = None
+        self._run_options: ort.RunOptions | None = None
+        self._lora: ort.LoraAdapter | None = None  # kept alive while _run_options point at it
+        if adapter is not None:
+            self.set_adapter(adapter)
         log.info(
             "Loaded %s: %d layers of KV cache, eos ids %s",
             onnx_file,
@@ -261,6 +274,20 @@ class EdgeModel:
             )
         return specs
 
+    def set_adapter(self, adapter: Path | None) -> float:
+        """Apply ``adapter`` (an ``.onnx_adapter`` file or its folder; None: the bare base) to
+        the following requests, without reloading the model; returns the seconds it took.
+        FedloraError (one line) for a file written for another base."""
+        from fedlora.export.adapter import activate, adapter_file
+
+        start = time.perf_counter()
+        if adapter is None:
+            self._run_options, self._lora, self.adapter = None, None, None
+        else:
+            self._run_options, self._lora = activate(self.session, self.model_dir, Path(adapter))
+            self.adapter = adapter_file(Path(adapter))
+        return time.perf_counter() - start
+
     # ---- text ------------------------------------------------------------------------------
     def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
         """The chat-templated prompt, as ``apply_chat_template(tokenize=False)`` renders it."""
@@ -293,7 +320,7 @@ class EdgeModel:
             positions = np.arange(past_len, past_len + length, dtype=np.int64)
             feed["position_ids"] = np.broadcast_to(positions, (batch, length)).copy()
         feed.update(past)
-        outputs = self.session.run(self._output_names, feed)
+        outputs = self.session.run(self._output_names, feed, self._run_options)
         by_name = dict(zip(self._output_names, outputs, strict=True))
         present = {in_name: by_name[out_name] for in_name, out_name, _, _ in self._past_specs}
         return by_name["logits"], present

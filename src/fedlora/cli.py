@@ -264,11 +264,21 @@ def simulate(
 @cli.command()
 def compare(
     config: Annotated[Path, typer.Option("--config", "-c", help="comparison TOML file")],
+    seeds: Annotated[
+        int | None,
+        typer.Option(
+            "--seeds",
+            help="run every method on N seeds (the [run] seed and the next N - 1) and report "
+            "means with 95% confidence intervals; overrides [compare] seeds",
+        ),
+    ] = None,
 ) -> None:
     """Centralized, local-only and federated methods on one data set, split and test set."""
-    from fedlora.simulations.compare import CompareConfig, run_compare
+    from fedlora.simulations.compare import CompareConfig, run_compare, with_seeds
 
     cc = CompareConfig.from_toml(config)
+    if seeds is not None:
+        cc = with_seeds(cc, seeds)
     run_compare(cc)
     from fedlora.simulations import report
 
@@ -285,7 +295,7 @@ def _given_keys(config: Path | None, overrides: dict[str, Any]) -> set[str]:
 
 @cli.command()
 def export(
-    adapter: Annotated[Path, typer.Option(help="PEFT adapter folder")],
+    adapter: Annotated[Path | None, typer.Option(help="PEFT adapter folder")] = None,
     output: Annotated[Path, typer.Option("--output", "-o")] = Path("runs/export"),
     base_model: BaseOpt = "default",
     atol: Annotated[
@@ -331,8 +341,19 @@ def export(
             "traced (optimum's trace of transformers), or auto (fused where it applies)"
         ),
     ] = "auto",
+    base_only: Annotated[
+        bool, typer.Option(help="export the base alone, with a LoRA slot per linear layer")
+    ] = False,
+    adapter_only: Annotated[
+        bool, typer.Option(help="write only the adapter file for the --base bundle")
+    ] = False,
+    base: Annotated[
+        Path | None, typer.Option(help="with --adapter-only: the --base-only bundle it fits")
+    ] = None,
 ) -> None:
-    """Merge an adapter into the base, export to ONNX with parity and task gates, answer once."""
+    """Merge an adapter into the base, export to ONNX with parity and task gates, answer once.
+    On-device adapters: --base-only exports the base once; --adapter-only --base BUNDLE writes
+    each adapter as one small file for it (docs/edge.md)."""
     from fedlora.basemodel import resolve_base_model
     from fedlora.export.card import DRUG_REVIEWS
     from fedlora.export.gates import parse_overrides
@@ -350,6 +371,15 @@ def export(
     examples, labels = central_examples(source, eval_samples, names, option="--eval-data")
     first = examples[0]
     prompt = [{"role": t.role, "content": t.content} for t in first.turns[:-1]]
+    if base_only or adapter_only or adapter is None:
+        from fedlora.export.adaptable import run_cli
+
+        base_dir = resolve_base_model(base_model or "default")
+        run_cli(base_dir, adapter, output, prompt, base_only, adapter_only, base, atol=atol,
+                noise_factor=noise_factor, default_base=(base_model or "default") == "default",
+                quantize=variants, quant=quant, eval_examples=examples, labels=labels,
+                thresholds=thresholds)  # fmt: skip
+        return
     exp = export_adapter(
         resolve_base_model(base_model or "default"),
         adapter,

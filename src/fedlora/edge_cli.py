@@ -8,6 +8,7 @@ Usage::
 
     fedlora-edge generate --model runs/edge/onnx-int8 "Is this review positive? ..."
     fedlora-edge chat --model runs/edge/onnx-int8          # one user turn per line; empty line ends
+    fedlora-edge generate --model runs/base/onnx-int8 --adapter runs/site-a "..."  # on-device LoRA
 """
 
 from __future__ import annotations
@@ -33,6 +34,12 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--max-new-tokens", type=int, default=128)
         p.add_argument("--system", default="", help="a system prompt")
         p.add_argument("--threads", type=int, default=None, help="onnxruntime threads")
+        p.add_argument(
+            "--adapter",
+            type=Path,
+            default=None,
+            help="an adapter file (fedlora export --adapter-only) for a --base-only model",
+        )
         if name == "generate":
             p.add_argument("prompt", help="the user's message")
     return ap
@@ -65,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         from fedlora.export.runtime import EdgeModel
 
-        model = EdgeModel(args.model, num_threads=args.threads)
+        model = EdgeModel(args.model, num_threads=args.threads, adapter=args.adapter)
         if args.command == "generate":
             turns = [{"role": "system", "content": args.system}] if args.system else []
             turns.append({"role": "user", "content": args.prompt})
