@@ -143,7 +143,16 @@ def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path) -> Path:
     log.info("Applying adapter %s", adapter_dir)
     try:
         peft_model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=False)
-    except (ValueError, RuntimeError, KeyError, OSError) as exc:
+    except (
+        ValueError,
+        RuntimeError,
+        KeyError,
+        OSError,
+        TypeError,
+        AttributeError,
+        IndexError,
+    ) as exc:
+        # peft reads every field of adapter_config.json; one it cannot use ends here
         raise FedloraError(
             f"adapter {adapter_dir} does not fit base {base_dir} "
             f"({_brief(exc)}): merge it onto the base model it was trained on"
