@@ -83,6 +83,7 @@ def test_partition_dirichlet_out_of_range_has_the_fitting_hint(alpha):
         (["simulate", "--cpus-per-client", "nan"], "--cpus-per-client nan"),
         (["simulate", "--test-fraction", "inf"], "--test-fraction inf"),
         (["plan", "--memory", "nan"], "--memory nan"),
+        (["compare", "--config", "x.toml", "--seeds", "0"], "--seeds 0"),
         (["plan", "--tflops", "-1"], "--tflops -1"),
         (["export", "--adapter", "x", "--atol", "nan"], "--atol nan"),
         (["export", "--adapter", "x", "--eval-samples", "0"], "--eval-samples 0"),
@@ -96,3 +97,10 @@ def test_cli_options_out_of_range_are_one_line(args, expected):
 def test_every_option_range_is_finite_and_ordered():
     for name, (low, high) in OPTION_RANGES.items():
         assert math.isfinite(low) and math.isfinite(high) and low < high, name
+
+
+def test_demo_settings_from_a_toml_file_are_bounded_too(tmp_path):
+    config = tmp_path / "demo.toml"
+    config.write_text("client-cpus = nan\n")
+    message = _cli("demo", "--config", str(config))
+    assert message.startswith("--client-cpus nan") and "use a number in" in message

@@ -43,10 +43,12 @@ _DEMO_KEYS = {"eval-samples", "export", "client-cpus"}
 # RunConfig's RANGES), checked once per command by _check_options.
 OPTION_RANGES: dict[str, tuple[float, float]] = {
     "eval_samples": (1, 10_000_000),
+    "seeds": (1, 1000),
     "num_clients": (0, 100_000),
     "test_fraction": (0, 0.9),
     "gpus_per_client": (0, 64),
     "cpus_per_client": (0.01, 1024),
+    "client_cpus": (0, 1024),  # the demo's; 0: every site at once
     "atol": (0, 1),
     "noise_factor": (1, 1e6),
     "answer_tokens": (0, 1 << 20),
@@ -129,7 +131,6 @@ def demo(
     """Simulated sites fine-tune the default model; evaluate; export to ONNX."""
     from fedlora.simulations.demo import DemoOptions, run_demo
 
-    _check_options(eval_samples=eval_samples)
     cfg, extra = _load(
         config,
         {"num-server-rounds": rounds, "output-dir": output, "base-model": base_model},
@@ -143,6 +144,7 @@ def demo(
         options = DemoOptions(**opts)
     except TypeError as exc:
         raise ConfigError(f"{config}: {exc}") from None
+    _check_options(eval_samples=options.eval_samples, client_cpus=options.client_cpus)
     run_demo(cfg, options)
 
 
@@ -276,6 +278,7 @@ def compare(
     """Centralized, local-only and federated methods on one data set, split and test set."""
     from fedlora.simulations.compare import CompareConfig, run_compare, with_seeds
 
+    _check_options(seeds=seeds)
     cc = CompareConfig.from_toml(config)
     if seeds is not None:
         cc = with_seeds(cc, seeds)
