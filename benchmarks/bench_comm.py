@@ -145,7 +145,8 @@ def print_measured(
 ) -> None:
     print(
         f"(2) Measured: fedlora compare --config {cfg_path.relative_to(ROOT)} (bytes averaged "
-        f"over the rounds; accuracy on {scored} held-out reviews)\n"
+        f"over the rounds; accuracy on {scored} held-out reviews, the mean over the config's "
+        f"seeds: intervals in compare.md)\n"
     )
     print("| method | secure | accuracy | vs FedIT | up | down | full model / (up + down) | s |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
@@ -164,10 +165,11 @@ def main() -> None:
     ap.add_argument("--methods", help="comma-separated subset of the config's methods")
     ap.add_argument("--output", help="output folder (default: the config's)")
     ap.add_argument("--bytes-only", action="store_true", help="table (1) only, no training")
+    ap.add_argument("--seeds", type=int, help="N seeds instead of the config's")
     args = ap.parse_args()
     from fedlora.basemodel import resolve_base_model
     from fedlora.console import configure
-    from fedlora.simulations.compare import CompareConfig
+    from fedlora.simulations.compare import CompareConfig, with_seeds
     from fedlora.simulations.run import offline_environment
 
     offline_environment()
@@ -182,6 +184,8 @@ def main() -> None:
         cc = replace(cc, methods=tuple(m.strip() for m in args.methods.split(",")))
     if args.output:
         cc = replace(cc, output=args.output)
+    if args.seeds:
+        cc = with_seeds(cc, args.seeds)
     rows = measured(cc, full)
     out = Path(cc.output)
     (out / "bench-comm.json").write_text(json.dumps({"full-model-bytes": full, "rows": rows}))

@@ -10,6 +10,7 @@
     methods = ["centralized", "local", "fedit", "ffa-lora", "fedex-lora", "fedsa-lora",
                "fedit+adam"]
     output = "runs/compare"
+    seeds = [0, 1, 2]              # optional: every method on each seed (or --seeds N)
 
     [run]                          # the recipe: run-config keys every method shares
     num-server-rounds = 3
@@ -34,10 +35,16 @@ against the best centralized row, so a federated recipe with its own learning ra
 with centralized training at its own best, not at the federated one.
 
 Writes ``compare.json``, ``compare.md`` and ``compare.png`` (accuracy per method) to ``output``.
+With several seeds (the split, the initial adapter, client sampling, batches and stochastic
+rounding all follow the run's ``seed``), each seed's comparison goes to ``output/seed-S/`` and
+the top-level files give each method's mean accuracy with its 95% confidence interval, the
+per-seed values, and the paired difference against the first federated method
+(:mod:`fedlora.simulations.stats`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -55,6 +62,7 @@ from fedlora.data import partitioned
 from fedlora.errors import ConfigError
 from fedlora.simulations.partition import Partition, PartitionSpec, prepare
 from fedlora.simulations.run import partitioned_config, simulate
+from fedlora.simulations.stats import mean_ci, paired_diff
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +76,17 @@ DEFAULT_METHODS = (
     "fedit+adam",
 )
 BASELINES = ("centralized", "local")
-COMPARE_KEYS = {"data", "partition", "num-clients", "test", "test-fraction", "methods", "output"}
+COMPARE_KEYS = {
+    "data",
+    "partition",
+    "num-clients",
+    "test",
+    "test-fraction",
+    "methods",
+    "output",
+    "seeds",
+}
+MAX_SEEDS = 50
 
 
 @dataclass(frozen=True)
@@ -80,6 +98,7 @@ class CompareConfig:
     test_fraction: float = 0.0
     methods: tuple[str, ...] = DEFAULT_METHODS
     output: str = "runs/compare"
+    seeds: tuple[int, ...] = ()  # every method on each; () = the [run] seed only
     run: dict[str, Any] = field(default_factory=dict)  # run-config keys shared by every method
     custom: dict[str, dict[str, Any]] = field(default_factory=dict)  # [methods.NAME] overrides
 
@@ -92,6 +111,15 @@ class CompareConfig:
             method_kind(m, self.custom)
         if len(set(self.methods)) != len(self.methods):
             raise ConfigError(f"[compare] methods: {list(self.methods)} lists a method twice")
+        seeds = self.seeds
+        if not isinstance(seeds, tuple) or not all(
+            isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**31 for x in seeds
+        ):
+            raise ConfigError(f"[compare] seeds={seeds!r}: give a list of integers in [0, 2^31)")
+        if len(set(seeds)) != len(seeds) or len(seeds) > MAX_SEEDS:
+            raise ConfigError(
+                f"[compare] seeds={list(seeds)}: give at most {MAX_SEEDS} distinct seeds"
+            )
         base = RunConfig.from_mapping(self.run, source="[run]")
         for m in self.methods:
             self._check_budget(m, base)
@@ -130,8 +158,9 @@ class CompareConfig:
             raise ConfigError(
                 f"{path}: [compare] unknown keys {sorted(bad)}; known: {sorted(COMPARE_KEYS)}"
             )
-        if "methods" in compare:
-            compare["methods"] = tuple(compare["methods"])
+        for key in ("methods", "seeds"):
+            if isinstance(compare.get(key), list):
+                compare[key] = tuple(compare[key])
         try:
             return cls(
                 **{k.replace("-", "_"): v for k, v in compare.items()},
@@ -188,11 +217,38 @@ def merged_partition(part: Partition, clients: list[int], folder: Path) -> Parti
     )
 
 
+def with_seeds(cc: CompareConfig, count: int) -> CompareConfig:
+    """``--seeds N``: the [run] seed and the next N - 1."""
+    if not 1 <= count <= MAX_SEEDS:
+        raise ConfigError(f"--seeds {count}: use 1..{MAX_SEEDS}")
+    first = RunConfig.from_mapping(cc.run, source="[run]").seed
+    return dataclasses.replace(cc, seeds=tuple(range(first, first + count)))
+
+
 def run_compare(cc: CompareConfig) -> dict[str, Any]:
-    """Run every method and write the comparison; returns what compare.json holds."""
+    """Run every method (on each seed) and write the comparison; returns what compare.json
+    holds."""
     out = Path(cc.output)
     out.mkdir(parents=True, exist_ok=True)
     base = RunConfig.from_mapping(cc.run, source="[run]")
+    if len(cc.seeds) <= 1:
+        if cc.seeds:
+            base = RunConfig.from_mapping(base.to_mapping() | {"seed": cc.seeds[0]}, source="[run]")
+        run_seed(cc, base, out, set(cc.run) | ({"seed"} if cc.seeds else set()))
+        return json.loads((out / "compare.json").read_text())
+    docs = []
+    for seed in cc.seeds:
+        seeded = RunConfig.from_mapping(base.to_mapping() | {"seed": seed}, source="[run]")
+        log.info("compare: seed %d (%d of %d)", seed, len(docs) + 1, len(cc.seeds))
+        docs.append(run_seed(cc, seeded, out / f"seed-{seed}", set(cc.run) | {"seed"}))
+    write_seeds(out, cc, docs)
+    return json.loads((out / "compare.json").read_text())
+
+
+def run_seed(cc: CompareConfig, base: RunConfig, out: Path, given: set[str]) -> dict[str, Any]:
+    """Every method on one seed (``base.seed``: split, initialisation, sampling); writes and
+    returns that seed's comparison."""
+    out.mkdir(parents=True, exist_ok=True)
     part = prepare(
         cc.data,
         out / "partition",
@@ -205,7 +261,6 @@ def run_compare(cc: CompareConfig) -> dict[str, Any]:
     per_round = max(1, round(base.fraction_train * part.num_clients))
     rounds, steps = base.num_server_rounds, base.local_steps
     total = rounds * per_round * steps
-    given = set(cc.run)
     cpus = float(os.cpu_count() or 1)
     results: dict[str, dict[str, Any]] = {}
     for method in cc.methods:
@@ -260,7 +315,7 @@ def run_compare(cc: CompareConfig) -> dict[str, Any]:
         results[method] = res
         log.info("compare: %s done: %s", method, _brief(res))
         write(out, cc, part, results, total)
-    return json.loads((out / "compare.json").read_text())
+    return dict(json.loads((out / "compare.json").read_text()))
 
 
 def single_client(
@@ -363,6 +418,101 @@ def write(
     _plot(results, out / "compare.png")
 
 
+def write_seeds(out: Path, cc: CompareConfig, docs: list[dict[str, Any]]) -> None:
+    """The comparison over seeds: per method the mean accuracy with its 95% interval, the
+    per-seed values, and the paired difference against the first federated method."""
+    seeds = list(cc.seeds)
+    names = list(docs[0]["methods"])
+    ref = next((m for m in names if docs[0]["methods"][m]["method"] not in BASELINES), None)
+
+    def accs(name: str) -> list[float] | None:
+        values = [d["methods"][name].get("accuracy") for d in docs]
+        return None if any(v is None for v in values) else [float(v) for v in values]
+
+    methods: dict[str, Any] = {}
+    for name in names:
+        rows = [d["methods"][name] for d in docs]
+        entry: dict[str, Any] = {
+            "method": rows[0]["method"],
+            "lr": rows[0]["lr"],
+            "loss": float(np.mean([r["loss"] for r in rows])),
+            "bytes-per-client-round": float(np.mean([r["bytes-per-client-round"] for r in rows])),
+            "secure-aggregation": bool(rows[0].get("secure-aggregation", False)),
+            "seconds": float(sum(r["seconds"] for r in rows)),
+            "per-seed": {str(s): r for s, r in zip(seeds, rows, strict=True)},
+        }
+        mine = accs(name)
+        if mine is not None:
+            entry["accuracy"] = float(np.mean(mine))  # the mean, as a one-seed row has it
+            entry["accuracy-ci"] = mean_ci(mine).to_json()
+            entry["accuracy-per-seed"] = mine
+            theirs = accs(ref) if ref else None
+            if ref and name != ref and theirs is not None:
+                entry["vs-reference"] = paired_diff(mine, theirs).to_json()
+        for key in ("bytes-up-per-client-round", "bytes-down-per-client-round"):
+            entry[key] = float(np.mean([r.get(key, 0.0) for r in rows]))
+        methods[name] = entry
+    central = max(
+        (
+            r["accuracy"]
+            for r in methods.values()
+            if r["method"] == "centralized" and "accuracy" in r
+        ),
+        default=None,
+    )
+    for entry in methods.values():
+        if central and "accuracy" in entry:
+            entry["of-centralized"] = entry["accuracy"] / central
+    doc = {
+        "data": cc.data,
+        "centralized-accuracy": central,
+        "partition": docs[0]["partition"],
+        "clients": docs[0]["clients"],
+        "test": docs[0]["test"],
+        "test-examples": docs[0]["test-examples"],
+        "total-client-steps": docs[0]["total-client-steps"],
+        "seeds": seeds,
+        "reference": ref,
+        "run": cc.run,
+        "methods": methods,
+    }
+    (out / "compare.json").write_text(json.dumps(doc, indent=1))
+    lines = [
+        f"# fedlora compare: {cc.data}, {doc['partition']}, {doc['clients']} clients, "
+        f"{len(seeds)} seeds",
+        "",
+        f"Seeds {seeds} (each: its own split, initial adapter, sampling and batches; per-seed "
+        f"tables in `seed-S/`). Accuracy in percentage points: mean +- the half-width of its "
+        f"95% Student-t interval over the seeds; the difference to `{ref}` is paired by seed. "
+        f"Every method: {doc['total-client-steps']} client optimizer steps per seed.",
+        "",
+        f"| method | accuracy (mean +- 95% CI) | per seed | vs {ref} (paired, 95% CI) | loss "
+        f"| bytes / client / round | secure agg. | wall s (all seeds) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in methods.items():
+        acc = mean_ci(r["accuracy-per-seed"]) if "accuracy-per-seed" in r else None
+        per = ", ".join(f"{a:.1%}" for a in r.get("accuracy-per-seed", []))
+        diff = "-"
+        if "vs-reference" in r:
+            d = paired_diff(r["accuracy-per-seed"], methods[ref]["accuracy-per-seed"])
+            diff = f"{d.text()} [{d.low * 100:+.1f}, {d.high * 100:+.1f}]"
+        sent = "-" if r["method"] in BASELINES else f"{r['bytes-per-client-round']:,.0f}"
+        lines.append(
+            f"| {name} | {acc.text() if acc else '-'} | {per or '-'} | {diff} | {r['loss']:.4f} "
+            f"| {sent} | {'on' if r['secure-aggregation'] else 'off'} | {r['seconds']:.0f} |"
+        )
+    (out / "compare.md").write_text("\n".join(lines) + "\n")
+    _plot(
+        {
+            n: {"accuracy": r["accuracy"], "ci": r["accuracy-ci"]}
+            for n, r in methods.items()
+            if "accuracy" in r
+        },
+        out / "compare.png",
+    )
+
+
 def _plot(results: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -373,7 +523,15 @@ def _plot(results: dict[str, Any], path: Path) -> None:
     if not names:
         return
     fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(names)), 3.5))
-    ax.bar(names, [results[n]["accuracy"] for n in names], color="tab:blue")
+    means = [results[n]["accuracy"] for n in names]
+    cis = [results[n].get("ci") for n in names]
+    errors = None
+    if all(c and c.get("ci-low") is not None for c in cis):  # 95% intervals over seeds
+        errors = [
+            [m - c["ci-low"] for m, c in zip(means, cis, strict=True)],
+            [c["ci-high"] - m for m, c in zip(means, cis, strict=True)],
+        ]
+    ax.bar(names, means, color="tab:blue", yerr=errors, capsize=4 if errors else 0)
     ax.set_ylabel("test accuracy")
     ax.set_ylim(0, 1)
     ax.tick_params(axis="x", rotation=30)
