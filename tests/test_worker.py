@@ -164,17 +164,28 @@ def test_a_stale_socket_is_cleared_and_other_files_are_refused(short_dir: Path) 
 
 @pytest.mark.skipif(os.getuid() != 0, reason="needs root to connect as another user")
 def test_the_worker_answers_only_its_own_user(worker: Path) -> None:
-    os.chmod(worker.parent, 0o755)  # open the folder and the socket: the uid check must hold
+    # Open the socket, its folder and the temporary folder above it to everyone, so that only the
+    # worker's own check (SO_PEERCRED) can refuse the other user: the child first proves it can
+    # connect at all (exit 2 if not, which would test the folders' modes instead).
+    for folder in (worker.parent, worker.parent.parent):
+        os.chmod(folder, 0o755)
     os.chmod(worker, 0o666)
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child reports through its exit status
         code = 1
         try:
             os.setuid(65534)
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(str(worker))
+            except OSError:
+                os._exit(2)
+            probe.close()
             status(str(worker))
         except (OSError, FedloraError):
             code = 0  # refused: the worker closed the connection without an answer
         os._exit(code)
     _, result = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(result) != 2, "the other user could not connect: nothing was tested"
     assert os.WEXITSTATUS(result) == 0, "the worker answered another user"
     assert status(str(worker))["pid"] > 0  # and still serves its own
