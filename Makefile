@@ -29,11 +29,14 @@ test: setup
 test-fast: setup
 	$(VENV)/bin/python -m pytest -q -ra -m unit
 
-# ruff (lint and format) over the tree, mypy on protocol/, server/ and the edge runtime.
+# ruff (lint and format) over the tree, mypy (the rooms listed in pyproject.toml), and the
+# documentation site (MkDocs --strict: a broken link or anchor fails; tests/test_docs.py checks
+# the generated references and every command the pages show).
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
 
 # Long fuzzing run: FUZZ_EXAMPLES generated inputs per network entry point (default 10,000);
 # every input must end in acceptance or a typed project error. The plain and the SecAgg+ entry
