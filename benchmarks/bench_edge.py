@@ -95,14 +95,7 @@ def eager_worker(merged: Path, prompts: int, new_tokens: int, threads: int) -> d
 def onnx_worker(folder: Path, prompts: int, new_tokens: int, threads: int) -> dict[str, Any]:
     from fedlora.export.runtime import EdgeModel
 
-    model = EdgeModel(folder, num_threads=threads)
-    firsts, speeds = [], []
-    for k, msgs in enumerate(_prompts(prompts + 1)):
-        first, speed = model.decode_speed(model.encode(model.render(msgs)), new_tokens)
-        if k:
-            firsts.append(first)
-            speeds.append(speed)
-    return {"first": statistics.median(firsts), "speed": statistics.median(speeds)}
+    return onnx_worker_on(EdgeModel(folder, num_threads=threads), prompts, new_tokens)
 
 
 def _graph_form(folder: Path) -> str:
@@ -112,6 +105,33 @@ def _graph_form(folder: Path) -> str:
     model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
     fused = any(node.op_type == "GroupQueryAttention" for node in model.graph.node)
     return "fused" if fused else "traced"
+
+
+def adapter_worker(
+    base: Path, adapter: Path, prompts: int, new_tokens: int, threads: int
+) -> dict[str, Any]:
+    """An adaptable base with an adapter file (fedlora.export.slots): the switch (median over
+    switches between the file and none), time to first token and decode speed with it on."""
+    from fedlora.export.runtime import EdgeModel
+
+    model = EdgeModel(base, num_threads=threads)
+    switches = []
+    for _ in range(5):
+        switches.append(model.set_adapter(adapter))
+        model.set_adapter(None)
+    model.set_adapter(adapter)
+    result = onnx_worker_on(model, prompts, new_tokens)
+    return {**result, "switch": statistics.median(switches)}
+
+
+def onnx_worker_on(model: Any, prompts: int, new_tokens: int) -> dict[str, Any]:
+    firsts, speeds = [], []
+    for k, msgs in enumerate(_prompts(prompts + 1)):
+        first, speed = model.decode_speed(model.encode(model.render(msgs)), new_tokens)
+        if k:
+            firsts.append(first)
+            speeds.append(speed)
+    return {"first": statistics.median(firsts), "speed": statistics.median(speeds)}
 
 
 def gates_worker(reference: Path, folders: dict[str, str], samples: int) -> dict[str, Any]:
@@ -143,6 +163,8 @@ def _worker(spec: str) -> None:
         result = eager_worker(Path(args[0]), *args[1:])
     elif kind == "onnx":
         result = onnx_worker(Path(args[0]), *args[1:])
+    elif kind == "adapter":
+        result = adapter_worker(Path(args[0]), Path(args[1]), *args[2:])
     else:
         result = gates_worker(Path(args[0]), args[1], args[2])
     result["peak_mib"] = _peak_mib()
@@ -153,6 +175,38 @@ def _size_mib(path: Path) -> float:
     if path.is_file():
         return path.stat().st_size / 2**20
     return sum(p.stat().st_size for p in path.glob("*.safetensors")) / 2**20
+
+
+def _adapter_rows(
+    args: argparse.Namespace,
+    work: Path,
+    threads: int,
+    rows: list[tuple[str, dict[str, Any], float]],
+) -> dict[str, Any]:
+    """The adaptable int8 base (fedlora.export.slots) bare and with ``args.adapter`` as one file:
+    rows appended to ``rows``; returns the file's size and switch time ({} when skipped)."""
+    if not (args.adapter / "adapter_config.json").is_file():
+        print(f"  no adapter rows: {args.adapter} is not a PEFT adapter", file=sys.stderr)
+        return {}
+    from fedlora.basemodel import resolve_base_model
+    from fedlora.export.fused import export_fused
+    from fedlora.export.onnx import onnx_size_mib
+    from fedlora.export.quantize import quantize_variant
+    from fedlora.export.slots import base_id, write_adapter_file
+
+    base = resolve_base_model(args.base_model)
+    fp32 = export_fused(base, work / "adaptable-fp32", base_id=base_id(base))
+    int8 = quantize_variant(fp32, work / "adaptable-int8", "int8")
+    file = work / "adapter" / "adapter.onnx_adapter"
+    info = write_adapter_file(args.adapter, fp32 / "model.onnx", file)
+    for label, job in (
+        ("ONNX fused int8, adaptable base, no adapter", ("onnx", str(int8))),
+        ("ONNX fused int8, adaptable base + adapter file", ("adapter", str(int8), str(file))),
+    ):
+        res = _run(*job, args.prompts, args.new_tokens, threads)
+        rows.append((label, res, onnx_size_mib(int8)))
+        print(f"  {label}: {res}", file=sys.stderr, flush=True)
+    return {"file": file.name, "mib": info["size_mib"], "switch": rows[-1][1].get("switch", 0.0)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -168,6 +222,13 @@ def main(argv: list[str] | None = None) -> int:
         help="ONNX graph forms to time in fp32 (the bundle's own is always timed); the "
         "quantized rows use the fused graph where there is one",
     )
+    ap.add_argument(
+        "--adapter",
+        type=Path,
+        default=Path("runs/demo/global-adapter"),
+        help="a PEFT adapter for the on-device adapter rows (skipped when absent)",
+    )
+    ap.add_argument("--base-model", default="default", help="the adapter's base model")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
@@ -215,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         size = _size_mib(Path(path)) if kind == "eager" else onnx_size_mib(Path(path))
         rows.append((label, res, size))
         print(f"  {label}: {res}", file=sys.stderr, flush=True)
+    adapter = _adapter_rows(args, work, threads, rows)
     gates = _run("gates", str(shipped), folders, args.gate_samples)
     eager = rows[0][1]
     print("\n| model | file MiB | time to first token ms | decode tok/s | x eager | peak RSS MiB |")
@@ -252,6 +314,12 @@ def main(argv: list[str] | None = None) -> int:
                 f"{f['perplexity-ratio-vs-fp32']:.3f} | {f['greedy-agreement-vs-fp32']:.0%} | "
                 f"{f['degenerate-outputs']} | {'passed' if g['passed'] else 'FAILED'} |"
             )
+    if adapter:
+        print(
+            f"\nOn-device adapter: {adapter['file']}, {adapter['mib']:.2f} MiB; switching it on "
+            f"(file read, checked against the base, activated) "
+            f"{1000 * adapter['switch']:.1f} ms, median of 5; the base is not reloaded."
+        )
     print(
         f"\nTotal {time.perf_counter() - start:.0f} s; 1-minute load average {load:.1f} at the "
         f"start, {os.getloadavg()[0]:.1f} at the end."

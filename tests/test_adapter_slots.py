@@ -12,6 +12,8 @@ model.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -191,6 +193,38 @@ def test_what_a_slot_cannot_hold_is_refused(setup: dict[str, Path], tmp_path: Pa
     shutil.copy(fedex / "adapter_model.safetensors", fedex / RESIDUAL_FILE)
     with pytest.raises(FedloraError, match="dense residuals"):
         adapter_factors(fedex)
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "fedlora.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+def test_the_command_line_exports_a_base_and_an_adapter_file(
+    setup: dict[str, Path], tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    # Execute
+    common = ["--base-model", str(tiny_model_dir), "--quantize", "none", "--eval-samples", "2"]
+    base = _cli("export", "--base-only", "--output", "base", *common, cwd=tmp_path)
+    adapter = _cli(
+        "export", "--adapter-only", "--base", "base", "--adapter", str(setup["root"] / "lora-a"),
+        "--output", "ad", *common, cwd=tmp_path,
+    )  # fmt: skip
+    neither = _cli("export", "--adapter-only", "--base", "base", *common, cwd=tmp_path)
+
+    # Assert
+    assert base.returncode == 0, base.stderr[-2000:]
+    assert adapter.returncode == 0, adapter.stderr[-2000:]
+    assert (tmp_path / "ad" / "adapter.onnx_adapter").is_file()
+    assert "fits base" in adapter.stdout and "same greedy tokens" in adapter.stdout
+    lines = neither.stderr.strip().splitlines()
+    assert neither.returncode == 2 and len(lines) == 1 and "--adapter FOLDER" in lines[0]
 
 
 @pytest.mark.slow
