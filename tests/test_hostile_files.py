@@ -403,3 +403,47 @@ def test_a_hostile_partition_folder_is_a_data_error(tmp_path, corrupt):
         partitioned.client_examples(folder, 0)
     _one_line(e, "partition")
     partitioned._pool.cache_clear()
+
+
+def _zip_member(name: str, data: bytes, flag_bits: int = 0) -> bytes:
+    import zipfile
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as zf:
+        info = zipfile.ZipInfo(name)
+        zf.writestr(info, data)
+    raw = bytearray(buffer.getvalue())
+    if flag_bits:  # the general-purpose flags of the local and the central header
+        for signature, offset in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
+            at = raw.index(signature) + offset
+            raw[at] |= flag_bits
+    return bytes(raw)
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        # a 128-byte .npy whose header claims 2^40 float32 values: refused before allocating
+        (lambda: _zip_member("b.npy", _huge_npy()), "more than it holds"),
+        (lambda: _zip_member("b.npy", _npy(np.ones(3, np.float32)), flag_bits=1), "readable"),
+        (lambda: _zip_member("b.npy", b"\x93NUMPY\x03\x00garbage"), "readable"),
+    ],
+)
+def test_a_npz_member_is_checked_before_it_is_read(tmp_path, content, expected):
+    path = tmp_path / "state.npz"
+    path.write_bytes(content())
+    with pytest.raises(FileFormatError) as e:
+        load_npz(path, "move it aside")
+    _one_line(e, expected)
+
+
+def _npy(value: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, value)
+    return buffer.getvalue()
+
+
+def _huge_npy() -> bytes:
+    header = "{'descr': '<f4', 'fortran_order': False, 'shape': (1099511627776,), }"
+    raw = b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header.encode("latin1")
+    return raw + b"\x00" * 32

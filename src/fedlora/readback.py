@@ -21,7 +21,10 @@ No pickle: nothing fedlora reads back goes through ``pickle``, ``torch.load`` or
 from __future__ import annotations
 
 import json
+import math
+import struct
 import zipfile
+import zlib
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -162,22 +165,57 @@ def load_safetensors(
     return check_arrays(arrays, path, fix, dtypes)
 
 
+# What reading a damaged zip or .npy member can raise (a flipped flag bit asks for a password:
+# RuntimeError; an unknown compression method: NotImplementedError).
+_NPZ_ERRORS = (
+    zipfile.BadZipFile,
+    ValueError,
+    OSError,
+    EOFError,
+    KeyError,
+    RuntimeError,
+    NotImplementedError,
+    struct.error,
+    zlib.error,
+    OverflowError,
+)
+
+
 def load_npz(path: Path, fix: str, dtypes: Iterable[str] = FLOAT_DTYPES) -> dict[str, np.ndarray]:
     """The arrays of the ``.npz`` file ``path`` (never unpickled), each of a dtype in ``dtypes``
-    and finite; a bad file is a FileFormatError."""
+    and finite; a bad file is a FileFormatError.
+
+    Each member's ``.npy`` header is read first: an object dtype, or a shape whose bytes exceed
+    what the member holds, is refused before the array is allocated."""
     path = Path(path)
     try:
         with zipfile.ZipFile(path) as zf:
-            for info in zf.infolist():
-                if info.file_size > MAX_MEMBER_BYTES:
-                    raise ValueError(f"member {info.filename} of {info.file_size} bytes")
-        with np.load(path, allow_pickle=False) as f:
-            arrays = {k: np.asarray(f[k]) for k in f.files}
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as exc:
+            arrays = {
+                info.filename.removesuffix(".npy"): _npz_member(zf, info) for info in zf.infolist()
+            }
+    except _NPZ_ERRORS as exc:
         raise FileFormatError(
             f"{path} is not a readable .npz file ({_reason(exc)}): {fix}"
         ) from None
     return check_arrays(arrays, path, fix, dtypes)
+
+
+def _npz_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.ndarray:
+    """One ``.npy`` member, its header checked against the member's size before reading."""
+    if info.file_size > MAX_MEMBER_BYTES:
+        raise ValueError(f"member {info.filename} of {info.file_size} bytes")
+    with zf.open(info) as fh:
+        version = np.lib.format.read_magic(fh)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(fh)
+        else:
+            shape, _, dtype = np.lib.format.read_array_header_2_0(fh)
+    if dtype.hasobject:
+        raise ValueError(f"member {info.filename} holds objects (a pickle)")
+    if math.prod(shape) * dtype.itemsize > info.file_size:
+        raise ValueError(f"member {info.filename} claims shape {shape}, more than it holds")
+    with zf.open(info) as fh:
+        return np.lib.format.read_array(fh, allow_pickle=False)
 
 
 __all__ = [
