@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +30,16 @@ Arrays = dict[str, np.ndarray]
 
 
 def central_examples(
-    source: str, n: int, labels: tuple[str, ...], option: str = "central-eval"
+    source: str,
+    n: int,
+    labels: tuple[str, ...],
+    option: str = "central-eval",
+    spec: Mapping[str, Any] | None = None,
 ) -> tuple[list[Example], tuple[str, ...]]:
     """The first ``n`` server-held test examples, and the labels to score (may be empty).
-    ``option`` names the setting in errors (``fedlora export`` reads its data here too)."""
+    ``option`` names the setting in errors (``fedlora export`` reads its data here too);
+    ``spec`` is the data description (format, columns: :class:`~fedlora.data.formats.DataSpec`'s
+    fields), the defaults when None."""
     if source == "drugreview":
         from fedlora.data.drugreview import LABELS, load_split
         from fedlora.prompting import review_example
@@ -50,7 +56,8 @@ def central_examples(
 
     if not Path(source).exists():
         raise ConfigError(f"{option}={source!r}: not 'drugreview' and no such file or folder")
-    examples = [ex for ex in load_examples(DataSpec(path=source)).examples if ex.kind == "chat"]
+    loaded = load_examples(DataSpec(path=source, **(spec or {})))
+    examples = [ex for ex in loaded.examples if ex.kind == "chat"]
     if not examples:
         raise ConfigError(f"{option}={source!r}: no chat examples to evaluate on")
     return examples[:n], labels

@@ -7,6 +7,9 @@
     partition = "column:site"      # as fedlora simulate --partition
     num-clients = 0                # 0 with column:NAME (one client per value)
     test = ""                      # held-out test data, or test-fraction = 0.1
+    prompt-column = "prompt"       # optional: how --data and test are read (as simulate's
+    response-column = "response"   # options: format, prompt-, response-, system-, text-column,
+                                   # on-bad-record, encoding)
     methods = ["centralized", "local", "fedit", "ffa-lora", "fedex-lora", "fedsa-lora",
                "fedit+adam"]
     output = "runs/compare"
@@ -60,6 +63,7 @@ from fedlora.choices import SERVER_OPTIMIZERS, STRATEGIES
 from fedlora.config import RunConfig, read_toml
 from fedlora.data import partitioned
 from fedlora.errors import ConfigError
+from fedlora.server.tracking import log_method
 from fedlora.simulations.partition import Partition, PartitionSpec, prepare
 from fedlora.simulations.run import partitioned_config, simulate
 from fedlora.simulations.stats import mean_ci, paired_diff
@@ -86,6 +90,16 @@ COMPARE_KEYS = {
     "output",
     "seeds",
 }
+# the data description (fedlora.data.formats.DataSpec's fields), as fedlora simulate's options
+DATA_KEYS = {
+    "format",
+    "prompt-column",
+    "response-column",
+    "system-column",
+    "text-column",
+    "on-bad-record",
+    "encoding",
+}
 MAX_SEEDS = 50
 
 
@@ -99,6 +113,7 @@ class CompareConfig:
     methods: tuple[str, ...] = DEFAULT_METHODS
     output: str = "runs/compare"
     seeds: tuple[int, ...] = ()  # every method on each; () = the [run] seed only
+    data_description: dict[str, str] = field(default_factory=dict)  # format, columns (DATA_KEYS)
     run: dict[str, Any] = field(default_factory=dict)  # run-config keys shared by every method
     custom: dict[str, dict[str, Any]] = field(default_factory=dict)  # [methods.NAME] overrides
 
@@ -153,17 +168,22 @@ class CompareConfig:
                 f"{path}: unknown tables {sorted(unknown)}; use compare, run, methods"
             )
         compare = dict(raw.get("compare", {}))
-        bad = set(compare) - COMPARE_KEYS
+        bad = set(compare) - COMPARE_KEYS - DATA_KEYS
         if bad:
             raise ConfigError(
-                f"{path}: [compare] unknown keys {sorted(bad)}; known: {sorted(COMPARE_KEYS)}"
+                f"{path}: [compare] unknown keys {sorted(bad)}; known: "
+                f"{sorted(COMPARE_KEYS | DATA_KEYS)}"
             )
+        description = {
+            key.replace("-", "_"): str(compare.pop(key)) for key in DATA_KEYS if key in compare
+        }
         for key in ("methods", "seeds"):
             if isinstance(compare.get(key), list):
                 compare[key] = tuple(compare[key])
         try:
             return cls(
                 **{k.replace("-", "_"): v for k, v in compare.items()},
+                data_description=description,
                 run=dict(raw.get("run", {})),
                 custom={k: dict(v) for k, v in raw.get("methods", {}).items()},
             )
@@ -257,6 +277,7 @@ def run_seed(cc: CompareConfig, base: RunConfig, out: Path, given: set[str]) -> 
         seed=base.seed,
         test=cc.test,
         test_fraction=cc.test_fraction,
+        spec_kwargs=dict(cc.data_description) or None,
     )
     per_round = max(1, round(base.fraction_train * part.num_clients))
     rounds, steps = base.num_server_rounds, base.local_steps
@@ -266,8 +287,9 @@ def run_seed(cc: CompareConfig, base: RunConfig, out: Path, given: set[str]) -> 
     for method in cc.methods:
         start = time.perf_counter()
         kind = method_kind(method, cc.custom)
-        own = RunConfig.from_mapping(
-            base.to_mapping() | method_overrides(method, cc.custom), source=f"method {method}"
+        own = RunConfig.from_mapping(  # tracked once per method below, not per simulation
+            base.to_mapping() | method_overrides(method, cc.custom) | {"tracking": "none"},
+            source=f"method {method}",
         )
         if kind == "centralized":
             one = merged_partition(part, list(range(part.num_clients)), out / "pooled")
@@ -313,6 +335,7 @@ def run_seed(cc: CompareConfig, base: RunConfig, out: Path, given: set[str]) -> 
         res["method"] = kind
         res["lr"] = own.lr
         results[method] = res
+        log_method(base.tracking, Path(cc.output), method, own.to_mapping(), res, out / method)
         log.info("compare: %s done: %s", method, _brief(res))
         write(out, cc, part, results, total)
     return dict(json.loads((out / "compare.json").read_text()))

@@ -310,8 +310,15 @@ def prepare(
     if test_fraction:
         pool, held_out = train_eval_split(pool, test_fraction, seed)
         test_source = str(folder / partitioned.TEST)
+    elif test and test != "drugreview":
+        # read with the same data description as --data, once: the server (central evaluation)
+        # then reads the normalized copy, whatever columns or format the user's file has
+        held_out = load_pool(test, spec_kwargs)
+        if not held_out:
+            raise DataError(f"--test {test}: no examples")
+        test_source = str(folder / partitioned.TEST)
     elif test or data == "drugreview":
-        test_source = test or "drugreview"  # the packaged task brings its own test split
+        test_source = "drugreview"  # the packaged task brings its own test split
     else:
         raise ConfigError(
             f"--data {data}: say where the held-out test data is: --test PATH or "

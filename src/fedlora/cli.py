@@ -159,6 +159,29 @@ BadRecordOpt = Annotated[str, typer.Option(help="stop | skip")]
 EncodingOpt = Annotated[str, typer.Option(help="the files' text encoding")]
 
 
+def _data_description(
+    fmt: str,
+    prompt_column: str,
+    response_column: str,
+    system_column: str,
+    text_column: str,
+    on_bad_record: str,
+    encoding: str,
+) -> dict[str, str]:
+    """The data options as one description (:class:`fedlora.data.formats.DataSpec`'s fields):
+    every command that reads data (simulate's --data and --test, export's --eval-data) reads it
+    the same way."""
+    return {
+        "format": fmt,
+        "prompt_column": prompt_column,
+        "response_column": response_column,
+        "system_column": system_column,
+        "text_column": text_column,
+        "on_bad_record": on_bad_record,
+        "encoding": encoding,
+    }
+
+
 @cli.command()
 def simulate(
     config: ConfigOpt = None,
@@ -249,15 +272,9 @@ def simulate(
         seed=cfg.seed,
         test=test,
         test_fraction=test_fraction,
-        spec_kwargs={
-            "format": fmt,
-            "prompt_column": prompt_column,
-            "response_column": response_column,
-            "system_column": system_column,
-            "text_column": text_column,
-            "on_bad_record": on_bad_record,
-            "encoding": encoding,
-        },
+        spec_kwargs=_data_description(
+            fmt, prompt_column, response_column, system_column, text_column, on_bad_record, encoding
+        ),
     )
     given = _given_keys(config, overrides)
     report.rounds(run_sim(partitioned_config(cfg, part, given), partition=part).history)
@@ -331,6 +348,13 @@ def export(
         typer.Option(help="comma-separated answers of a label task (scored by accuracy)"),
     ] = "",
     eval_samples: Annotated[int, typer.Option(help="held-out examples the gates use")] = 150,
+    fmt: FormatOpt = "auto",
+    prompt_column: PromptColOpt = "prompt",
+    response_column: ResponseColOpt = "response",
+    system_column: SystemColOpt = "",
+    text_column: TextColOpt = "",
+    on_bad_record: BadRecordOpt = "stop",
+    encoding: EncodingOpt = "utf-8",
     gate: Annotated[
         list[str] | None,
         typer.Option(
@@ -371,7 +395,12 @@ def export(
     quant = QuantSettings(block_size=block_size, accuracy_level=accuracy_level)
     names = tuple(x.strip() for x in eval_labels.split(",") if x.strip())
     source = str(eval_data) if eval_data is not None else "drugreview"
-    examples, labels = central_examples(source, eval_samples, names, option="--eval-data")
+    description = _data_description(
+        fmt, prompt_column, response_column, system_column, text_column, on_bad_record, encoding
+    )
+    examples, labels = central_examples(
+        source, eval_samples, names, option="--eval-data", spec=description
+    )
     first = examples[0]
     prompt = [{"role": t.role, "content": t.content} for t in first.turns[:-1]]
     if base_only or adapter_only or adapter is None:
