@@ -1,4 +1,5 @@
-"""Load user training data (chat JSONL, prompt/response JSONL, CSV, TSV, plain text) as examples.
+"""Load user training data (chat JSONL, prompt/response JSONL, CSV, TSV, plain text, Parquet, a
+``datasets`` folder from ``save_to_disk``) as examples.
 
 ``load_examples(DataSpec(path))`` reads a file or every supported file in a folder and checks
 every record. Bad records are reported as ``file:line: what is wrong: what to do``: all of them
@@ -14,7 +15,7 @@ import codecs
 import logging
 import os
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import numpy as np
 
 from fedlora.data.readers import FAMILY_OF_EXTENSION, FAMILY_OF_FORMAT, READERS, decode
 from fedlora.data.records import Example, Problem, Turn
+from fedlora.data.tables import is_dataset_folder, read_dataset, read_parquet
 from fedlora.errors import ConfigError, DataError
 
 __all__ = [
@@ -39,6 +41,7 @@ log = logging.getLogger(__name__)
 
 FORMATS: tuple[str, ...] = ("auto", *FAMILY_OF_FORMAT)
 BAD_RECORD_MODES: tuple[str, ...] = ("stop", "skip")
+TABLE_READERS = {"parquet": read_parquet, "dataset": read_dataset}  # read from the path
 MAX_LISTED = 20  # problems listed in one error message
 
 
@@ -108,17 +111,12 @@ def load_examples(spec: DataSpec) -> LoadResult:
     problems: list[Problem] = []
     for path, family in files:
         source = str(path)
-        try:
-            text = decode(path.read_bytes(), source, spec.encoding)
-        except OSError as exc:
-            raise DataError(
-                f"{source}: cannot be read ({exc.strerror}): check the permissions"
-            ) from None
-        if isinstance(text, Problem):
-            problems.append(text)
+        items = _items(path, family, spec)
+        if isinstance(items, Problem):
+            problems.append(items)
             continue
         records = 0
-        for item in READERS[family](text, source, spec):
+        for item in items:
             records += 1
             if isinstance(item, Example):
                 examples.append(item)
@@ -197,11 +195,34 @@ def _n(count: int, noun: str) -> str:
     return f"{count} {noun}{'s' * (count != 1)}"
 
 
+def _items(path: Path, family: str, spec: DataSpec) -> Iterator[Example | Problem] | Problem:
+    """The records of one file (or saved dataset) as examples and problems."""
+    source = str(path)
+    if family in TABLE_READERS:
+        return TABLE_READERS[family](path, source, spec)
+    try:
+        text = decode(path.read_bytes(), source, spec.encoding)
+    except OSError as exc:
+        raise DataError(
+            f"{source}: cannot be read ({exc.strerror}): check the permissions"
+        ) from None
+    if isinstance(text, Problem):
+        return text
+    return READERS[family](text, source, spec)
+
+
 def _data_files(spec: DataSpec) -> list[tuple[Path, str]]:
     """(file, reader family) for every file to read."""
     root = Path(spec.path)
     if not root.exists():
         raise DataError(f"{spec.path} does not exist: give a data file or a folder of them")
+    if spec.format in ("auto", "dataset") and is_dataset_folder(root):
+        return [(root, "dataset")]
+    if spec.format == "dataset":
+        raise DataError(
+            f"{spec.path}: not a folder written by datasets' save_to_disk (no dataset_info.json "
+            f"and state.json): give such a folder, or another format"
+        )
     if spec.format == "auto":
         extensions = sorted(FAMILY_OF_EXTENSION)
     else:

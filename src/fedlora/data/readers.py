@@ -124,6 +124,12 @@ def _json_array(text: str, source: str, spec: DataSpec) -> Iterator[Example | Pr
             return
 
 
+def record_example(record: object, where: str, spec: DataSpec) -> Example | Problem:
+    """One record (a JSON object, or a table's row) as an example: a chat under ``messages``,
+    else the columns ``spec`` maps."""
+    return _json_record(record, where, spec)
+
+
 def _json_record(record: object, where: str, spec: DataSpec) -> Example | Problem:
     if not isinstance(record, dict):
         return Problem(
@@ -281,6 +287,8 @@ FAMILY_OF_FORMAT: dict[str, str] = {
     "csv": "csv",
     "tsv": "tsv",
     "text": "text",
+    "parquet": "parquet",  # tables (fedlora.data.tables): read from the file, not decoded text
+    "dataset": "dataset",  # a datasets save_to_disk folder
 }
 FAMILY_OF_EXTENSION: dict[str, str] = {
     ".jsonl": "json",
@@ -289,4 +297,5 @@ FAMILY_OF_EXTENSION: dict[str, str] = {
     ".tsv": "tsv",
     ".txt": "text",
     ".md": "text",
+    ".parquet": "parquet",
 }
