@@ -47,6 +47,7 @@ from fedlora.server.state import (
 )
 from fedlora.server.strategies import ServerOptimizer, get_strategy, make_reducer
 from fedlora.server.strategy import LoraFedAvg
+from fedlora.server.tracking import track_rounds
 
 log = logging.getLogger(__name__)
 
@@ -303,7 +304,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict[str, np.ndarray]:
         )
         write_report(out, strategy.history, settings)
 
-    strategy.on_round = save
+    strategy.on_round = track_rounds(cfg.tracking, out, settings, cfg.num_server_rounds, save)
     remaining = cfg.num_server_rounds - strategy.round_offset
     log.info(
         "Strategy %s, server optimizer %s (lr %g); %d rounds to run",

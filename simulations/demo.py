@@ -22,6 +22,7 @@ from fedlora.config import RunConfig
 from fedlora.console import status
 from fedlora.data.drugreview import LABELS, load_split
 from fedlora.errors import ConfigError
+from fedlora.server.tracking import attach_files
 from fedlora.simulations.run import SimulationResult, simulate
 
 log = logging.getLogger(__name__)
@@ -173,6 +174,7 @@ def run_demo(cfg: RunConfig, options: DemoOptions) -> dict[str, Any]:
                 eval_data=DRUG_REVIEWS,
             )
         result["export"] = report.export(exp, held_out.text, held_out.label)
+    attach_files(out, [out / "report.md", out / "export" / "MODEL_CARD.md"])  # when tracked
     (out / "demo-report.json").write_text(json.dumps(result, indent=2, default=str))
     report.section(
         f"Done. Outputs in {out}/ (global-adapter/, rounds/, metrics.jsonl, "

@@ -19,6 +19,7 @@ from fedlora.console import configure as configure_console
 from fedlora.console import verbose_requested
 from fedlora.errors import ConfigError, FedloraError
 from fedlora.export.parity import ATOL, NOISE_FACTOR
+from fedlora.server.tracking import require as require_tracking
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,10 @@ RoundsOpt = Annotated[int | None, typer.Option("--rounds", help="federated round
 OutputOpt = Annotated[str | None, typer.Option("--output", "-o", help="output folder")]
 BaseOpt = Annotated[
     str | None, typer.Option("--base-model", help="'default' or a local model folder")
+]
+TrackingOpt = Annotated[
+    str | None,
+    typer.Option(help="experiment tracking: none | mlflow | tensorboard (docs/monitoring.md)"),
 ]
 _DEMO_KEYS = {"eval-samples", "export", "client-cpus"}
 
@@ -116,7 +121,9 @@ def _load(
     values: dict[str, Any] = {**(defaults or {}), **(read_toml(config) if config else {})}
     demo = {k: values.pop(k) for k in list(values) if k in _DEMO_KEYS}
     values.update({k: v for k, v in overrides.items() if v is not None})
-    return RunConfig.from_mapping(values, source=str(config) if config else "options"), demo
+    cfg = RunConfig.from_mapping(values, source=str(config) if config else "options")
+    require_tracking(cfg.tracking)  # a missing extra: one line, before anything starts
+    return cfg, demo
 
 
 @cli.command()
@@ -127,13 +134,19 @@ def demo(
     base_model: BaseOpt = None,
     eval_samples: Annotated[int | None, typer.Option(help="held-out reviews")] = None,
     export: Annotated[bool, typer.Option(help="export to ONNX at the end")] = True,
+    tracking: TrackingOpt = None,
 ) -> None:
     """Simulated sites fine-tune the default model; evaluate; export to ONNX."""
     from fedlora.simulations.demo import DemoOptions, run_demo
 
     cfg, extra = _load(
         config,
-        {"num-server-rounds": rounds, "output-dir": output, "base-model": base_model},
+        {
+            "num-server-rounds": rounds,
+            "output-dir": output,
+            "base-model": base_model,
+            "tracking": tracking,
+        },
         _demo_defaults(),
     )
     opts = {k.replace("-", "_"): v for k, v in extra.items()}
@@ -149,12 +162,7 @@ def demo(
 
 
 FormatOpt = Annotated[
-    str,
-    typer.Option(
-        "--format",
-        help="data format: auto | chat | pairs | csv | tsv | text | parquet | dataset (a datasets "
-        "save_to_disk folder)",
-    ),
+    str, typer.Option("--format", help="data format: auto | chat | pairs | csv | tsv | text")
 ]
 PromptColOpt = Annotated[str, typer.Option(help="column with the prompt")]
 ResponseColOpt = Annotated[str, typer.Option(help="column with the answer")]
@@ -235,6 +243,7 @@ def simulate(
             "default: a private Ray instance"
         ),
     ] = "",
+    tracking: TrackingOpt = None,
 ) -> None:
     """Run only the federation on the simulation engine: the packaged sites, or your data
     split across --num-clients clients."""
@@ -256,7 +265,12 @@ def simulate(
         ray_address=ray_address,
     )
 
-    overrides = {"num-server-rounds": rounds, "output-dir": output, "base-model": base_model}
+    overrides = {
+        "num-server-rounds": rounds,
+        "output-dir": output,
+        "base-model": base_model,
+        "tracking": tracking,
+    }
     cfg, _ = _load(config, overrides)
     if data is None:
         if num_clients or test or test_fraction or partition != "iid":
@@ -296,12 +310,18 @@ def compare(
             "means with 95% confidence intervals; overrides [compare] seeds",
         ),
     ] = None,
+    tracking: TrackingOpt = None,
 ) -> None:
     """Centralized, local-only and federated methods on one data set, split and test set."""
+    import dataclasses
+
     from fedlora.simulations.compare import CompareConfig, run_compare, with_seeds
 
     _check_options(seeds=seeds)
     cc = CompareConfig.from_toml(config)
+    if tracking is not None:
+        cc = dataclasses.replace(cc, run=cc.run | {"tracking": tracking})
+    require_tracking(RunConfig.from_mapping(cc.run, source="[run]").tracking)
     if seeds is not None:
         cc = with_seeds(cc, seeds)
     run_compare(cc)

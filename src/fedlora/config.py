@@ -30,6 +30,8 @@ from fedlora.errors import ConfigError
 from fedlora.lora import LoraSettings
 from fedlora.ranges import RANGES
 
+TRACKERS = ("none", "mlflow", "tensorboard")  # experiment trackers (server/tracking.py)
+
 
 @dataclass(frozen=True)
 class RunConfig:
@@ -108,6 +110,7 @@ class RunConfig:
     output_dir: str = "runs/latest"  # where global adapters and metrics are written
     resume: bool = False  # continue the run saved in output-dir from its last completed round
     sites: str = ",".join(SITES)  # simulation: node with partition-id i trains on the i-th site
+    tracking: str = "none"  # experiment tracking: none | mlflow | tensorboard (server/tracking.py)
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -149,6 +152,8 @@ class RunConfig:
         if self.down_codec not in CODECS:
             raise ConfigError(f"down-codec={self.down_codec!r}: use one of {CODECS}")
         self._check_privacy()
+        if self.tracking not in TRACKERS:
+            raise ConfigError(f"tracking={self.tracking!r}: use one of {TRACKERS}")
         unknown = [s for s in self.site_names if s not in SITES]
         if unknown or not self.site_names:
             raise ConfigError(f"sites={self.sites!r}: use comma-separated names from {SITES}")
