@@ -11,7 +11,7 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import fields
 from functools import partial
 from pathlib import Path
@@ -21,6 +21,7 @@ import numpy as np
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from fedlora import choices
 from fedlora.basemodel import resolve_base_model
 from fedlora.config import RunConfig
 from fedlora.console import configure_worker, ensure_log_output
@@ -32,10 +33,12 @@ from fedlora.protocol.messages import RoundConfig, to_array_record
 from fedlora.protocol.secagg import SecAggSettings
 from fedlora.protocol.secagg_graph import least_threshold, max_holders
 from fedlora.server.bounds import ReplyBounds
+from fedlora.server.build import compose
 from fedlora.server.central import make_central_eval
 from fedlora.server.checkpoint import save_adapter
 from fedlora.server.privacy import DpSettings, PrivacyLedger
 from fedlora.server.report import write_report
+from fedlora.server.settings import StrategySettings
 from fedlora.server.state import (
     STATE_DIR,
     ServerState,
@@ -46,8 +49,9 @@ from fedlora.server.state import (
     save_state,
 )
 from fedlora.server.strategies import ServerOptimizer, get_strategy, make_reducer
-from fedlora.server.strategy import LoraFedAvg
+from fedlora.server.strategy import Arrays, CentralEval, LoraFedAvg
 from fedlora.server.tracking import track_rounds
+from fedlora.server.wrappers import LoraWrapper
 
 log = logging.getLogger(__name__)
 
@@ -126,12 +130,12 @@ DERIVED_ROUND_FIELDS = {
     "server_round": "the round number (Flower's loop sets it)",
     "train_factors": "the strategy (fedlora.server.strategies)",
     "send_factors": "the strategy (fedlora.server.strategies)",
-    # DP noise shares: set per round by LoraFedAvg.configure_train from its privacy ledger, under
-    # secure aggregation only (without it the server clips and adds the noise itself).
-    "dp_noise_multiplier": "the privacy ledger (LoraFedAvg.configure_train)",
-    "dp_clip_norm": "the privacy ledger (LoraFedAvg.configure_train)",
-    "dp_expected_clients": "the nodes sampled for the round (LoraFedAvg.configure_train)",
-    # The downlink, per node and round (server/downlink.py, LoraFedAvg.configure_train)
+    # DP noise shares: set per round by SecureAggregation.configure_train from its privacy
+    # ledger, under secure aggregation only (without it the server clips and adds the noise).
+    "dp_noise_multiplier": "the privacy ledger (SecureAggregation.configure_train)",
+    "dp_clip_norm": "the privacy ledger (SecureAggregation.configure_train)",
+    "dp_expected_clients": "the nodes sampled for the round (SecureAggregation.configure_train)",
+    # The downlink, per node and round (server/downlink.py, SecureAggregation.configure_train)
     "down_base": "the version the node holds (server/downlink.py)",
     "down_version": "the global adapter's version (server/downlink.py)",
     "down_digest": "the global adapter's sent factors (server/downlink.py)",
@@ -142,8 +146,8 @@ DERIVED_ROUND_FIELDS = {
 
 def wire_codec(cfg: RunConfig) -> str:
     """How nodes encode deltas: the run's codec, or none under secure aggregation (which masks
-    64-bit integers and applies no codec)."""
-    return "none" if cfg.secure_aggregation else cfg.codec
+    64-bit integers and applies no codec; fedlora.choices.wire_codec)."""
+    return choices.wire_codec(cfg.codec, cfg.secure_aggregation)
 
 
 def round_config(cfg: RunConfig) -> RoundConfig:
@@ -167,8 +171,35 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict[str, np.ndarray]:
     replaces whatever an earlier run left there.
     """
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     base_dir = resolve_base_model(cfg.base_model)
+    saved, adapter = start_or_resume(cfg, out, base_dir)
+    ledger = privacy_ledger(cfg, saved)
+
+    def save(server_round: int, arrays: Arrays, residuals: Arrays, record: dict[str, Any]) -> None:
+        checkpoint(cfg, out, base_dir, ledger, strategy.lora, server_round, arrays, residuals)
+
+    # save and the central evaluation read the strategy they are handed to (late binding)
+    central = central_eval(cfg, base_dir, lambda: strategy.lora.residuals)
+    plain = LoraFedAvg(
+        spec=spec_of(adapter),
+        global_adapter=adapter,
+        aggregator=get_strategy(cfg.strategy, make_reducer(cfg.aggregation, cfg.trim_fraction)),
+        optimizer=server_optimizer(cfg),
+        settings=strategy_settings(cfg, out, seeded=saved is None),
+        central_eval=central,
+        on_round=track_rounds(cfg.tracking, out, cfg.to_mapping(), cfg.num_server_rounds, save),
+        resumed=saved,
+    )
+    secagg = partial(capped_secagg_settings, cfg) if cfg.secure_aggregation else None
+    strategy = compose(plain, cfg.clip_norm or None, ledger, secagg)
+    log_protection(cfg)
+    return run_rounds(grid, cfg, strategy, out)
+
+
+def start_or_resume(cfg: RunConfig, out: Path, base_dir: Path) -> tuple[ServerState | None, Arrays]:
+    """The saved state (``resume``, checked against these settings) or None with a new seeded
+    adapter (what an earlier run left in ``out`` removed); ``run.json`` written either way."""
+    out.mkdir(parents=True, exist_ok=True)
     shapes = adapter_shapes(base_dir, cfg.lora)
     settings = cfg.to_mapping()
     saved = load_state(out) if cfg.resume else None
@@ -183,6 +214,8 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict[str, np.ndarray]:
         log.info(
             "Resuming %s after round %d of %d", out, saved.completed_round, cfg.num_server_rounds
         )
+        (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in saved.history))
+        restore_random(saved.python_random)
     else:
         if cfg.resume:
             log.warning("resume: nothing saved in %s yet; starting a new run", out)
@@ -191,59 +224,76 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict[str, np.ndarray]:
     n_params = sum(int(v.size) for v in adapter.values())
     log.info(
         "Global adapter: %d tensors, %d parameters (%.1f MiB fp32)",
-        len(adapter),
-        n_params,
-        n_params * 4 / 2**20,
+        *(len(adapter), n_params, n_params * 4 / 2**20),
     )
-    (out / "run.json").write_text(
-        json.dumps(
-            {"config": settings, "base-model-dir": str(base_dir), "adapter-parameters": n_params},
-            indent=2,
-        )
+    run = {"config": settings, "base-model-dir": str(base_dir), "adapter-parameters": n_params}
+    (out / "run.json").write_text(json.dumps(run, indent=2))
+    return saved, adapter
+
+
+def privacy_ledger(cfg: RunConfig, saved: ServerState | None) -> PrivacyLedger | None:
+    """The DP ledger (dp-noise-multiplier > 0), charged for a resumed run's past rounds."""
+    if cfg.dp_noise_multiplier <= 0:
+        return None
+    ledger = PrivacyLedger(dp_settings(cfg), accountant=cfg.dp_accountant)
+    for past in saved.history if saved is not None else []:
+        if "dp-noise-multiplier" in past:
+            ledger.record_round(
+                past["round"], past["dp-noise-multiplier"], past["dp-sampling-rate"]
+            )
+    log.info(
+        "Differential privacy on: clip %g, noise multiplier %g, sampling rate %g, "
+        "delta %g (%s accountant)",
+        *(cfg.dp_clip_norm, cfg.dp_noise_multiplier, cfg.fraction_train, cfg.dp_delta),
+        cfg.dp_accountant,
     )
-    ledger = None
-    if cfg.dp_noise_multiplier > 0:
-        ledger = PrivacyLedger(dp_settings(cfg), accountant=cfg.dp_accountant)
-        for past in saved.history if saved is not None else []:  # a resumed run's rounds
-            if "dp-noise-multiplier" in past:
-                ledger.record_round(
-                    past["round"], past["dp-noise-multiplier"], past["dp-sampling-rate"]
-                )
-        log.info(
-            "Differential privacy on: clip %g, noise multiplier %g, sampling rate %g, "
-            "delta %g (%s accountant)",
-            cfg.dp_clip_norm,
-            cfg.dp_noise_multiplier,
-            cfg.fraction_train,
-            cfg.dp_delta,
-            cfg.dp_accountant,
-        )
-    strategy = LoraFedAvg(
-        spec=spec_of(adapter),
-        global_adapter=adapter,
-        aggregator=get_strategy(cfg.strategy, make_reducer(cfg.aggregation, cfg.trim_fraction)),
-        optimizer=server_optimizer(cfg),
-        clip_norm=cfg.clip_norm or None,
+    return ledger
+
+
+def strategy_settings(cfg: RunConfig, out: Path, seeded: bool) -> StrategySettings:
+    """The strategy's settings from the run config (``seeded``: a new run, whose adapter is
+    still the seeded initial one nodes derive)."""
+    return StrategySettings(
         scale=cfg.lora.scaling,
-        history_file=out / "metrics.jsonl",
-        fraction_train=cfg.fraction_train,
-        min_train_nodes=cfg.min_nodes,
-        min_available_nodes=max(cfg.min_available_nodes, cfg.min_nodes),
-        fraction_evaluate=cfg.fraction_evaluate if cfg.evaluate_every else 0.0,
-        min_evaluate_nodes=cfg.min_nodes,
         evaluate_every=cfg.evaluate_every,
         federated_eval=cfg.federated_eval,
         num_rounds=cfg.num_server_rounds,
         round_timeout=cfg.round_timeout,
-        secagg=partial(capped_secagg_settings, cfg) if cfg.secure_aggregation else None,
         codec=wire_codec(cfg),
         codec_block=cfg.codec_block,
         down_codec=cfg.down_codec,
-        seeded=saved is None,  # a new run starts at the seeded initial adapter nodes derive
-        dp=ledger,
+        seeded=seeded,
         bounds=ReplyBounds(cfg.max_examples_per_node, cfg.norm_bound_factor),
         site_names=SITES,  # packaged drug-review sites report their index as site-id
+        history_file=out / "metrics.jsonl",
+        fraction_train=cfg.fraction_train,
+        fraction_evaluate=cfg.fraction_evaluate if cfg.evaluate_every else 0.0,
+        min_train_nodes=cfg.min_nodes,
+        min_evaluate_nodes=cfg.min_nodes,
+        min_available_nodes=max(cfg.min_available_nodes, cfg.min_nodes),
     )
+
+
+def central_eval(
+    cfg: RunConfig, base_dir: Path, residuals: Callable[[], Arrays]
+) -> CentralEval | None:
+    """The server's own evaluation on ``central-eval`` data, or None when unset."""
+    if not cfg.central_eval:
+        return None
+    labels = tuple(x.strip() for x in cfg.eval_labels.split(",") if x.strip())
+    return make_central_eval(
+        base_dir,
+        cfg.lora,
+        cfg.central_eval,
+        cfg.central_eval_samples,
+        labels,
+        cfg.max_length,
+        residuals=residuals,
+    )
+
+
+def log_protection(cfg: RunConfig) -> None:
+    """One line saying whether the server sees each node's update."""
     if cfg.secure_aggregation:
         log.info(
             "Secure aggregation (SecAgg+) on: nodes clip to L2 norm %g; the server learns "
@@ -255,70 +305,60 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict[str, np.ndarray]:
             "Secure aggregation is OFF: the server sees every node's update. Set "
             "secure-aggregation=true (the deployment default) to hide them."
         )
-    if cfg.central_eval:
-        labels = tuple(x.strip() for x in cfg.eval_labels.split(",") if x.strip())
-        strategy.central_eval = make_central_eval(
-            base_dir,
-            cfg.lora,
-            cfg.central_eval,
-            cfg.central_eval_samples,
-            labels,
-            cfg.max_length,
-            residuals=lambda: strategy.residuals,
-        )
-    if saved is not None:
-        strategy.round_offset = saved.completed_round
-        strategy.opt_state, strategy.residuals = saved.optimizer, saved.residuals
-        strategy.history = saved.history
-        (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in saved.history))
-        restore_random(saved.python_random)
 
-    def save(
-        server_round: int,
-        arrays: dict[str, np.ndarray],
-        residuals: dict[str, np.ndarray],
-        record: dict[str, Any],
-    ) -> None:
-        meta = {
-            "round": server_round,
-            "train-loss": record.get("train-loss", float("nan")),
-            "strategy": cfg.strategy,
-            "server-optimizer": cfg.server_optimizer,
-        }
-        meta.update({k: v for k, v in record.items() if k.startswith(("eval-", "central-", "dp-"))})
-        if ledger is not None:
-            meta["privacy"] = ledger.summary()
-        for folder in (out / "rounds" / f"round-{server_round:03d}", out / "global-adapter"):
-            save_adapter(arrays, folder, cfg.lora, base_dir, meta, residuals)
-        save_state(
-            out,
-            ServerState(
-                completed_round=server_round,
-                global_adapter=arrays,
-                optimizer=strategy.opt_state,
-                residuals=residuals,
-                history=strategy.history,
-                settings=settings,
-                python_random=capture_random(),
-            ),
-        )
-        write_report(out, strategy.history, settings)
 
-    strategy.on_round = track_rounds(cfg.tracking, out, settings, cfg.num_server_rounds, save)
-    remaining = cfg.num_server_rounds - strategy.round_offset
+def checkpoint(
+    cfg: RunConfig,
+    out: Path,
+    base_dir: Path,
+    ledger: PrivacyLedger | None,
+    strategy: LoraFedAvg,
+    server_round: int,
+    arrays: Arrays,
+    residuals: Arrays,
+) -> None:
+    """After each round: the round's and the latest adapter folders, the resumable server
+    state and the report."""
+    record = strategy.history[-1]
+    meta = {
+        "round": server_round,
+        "train-loss": record.get("train-loss", float("nan")),
+        "strategy": cfg.strategy,
+        "server-optimizer": cfg.server_optimizer,
+    }
+    meta.update({k: v for k, v in record.items() if k.startswith(("eval-", "central-", "dp-"))})
+    if ledger is not None:
+        meta["privacy"] = ledger.summary()
+    for folder in (out / "rounds" / f"round-{server_round:03d}", out / "global-adapter"):
+        save_adapter(arrays, folder, cfg.lora, base_dir, meta, residuals)
+    state = ServerState(
+        completed_round=server_round,
+        global_adapter=arrays,
+        optimizer=strategy.opt_state,
+        residuals=residuals,
+        history=strategy.history,
+        settings=cfg.to_mapping(),
+        python_random=capture_random(),
+    )
+    save_state(out, state)
+    write_report(out, strategy.history, cfg.to_mapping())
+
+
+def run_rounds(
+    grid: Grid, cfg: RunConfig, strategy: LoraFedAvg | LoraWrapper, out: Path
+) -> dict[str, np.ndarray]:
+    """Flower's loop over the rounds still to run; the final global adapter."""
+    remaining = cfg.num_server_rounds - strategy.lora.round_offset
     log.info(
         "Strategy %s, server optimizer %s (lr %g); %d rounds to run",
-        cfg.strategy,
-        cfg.server_optimizer,
-        server_optimizer(cfg).server_lr,
-        max(remaining, 0),
+        *(cfg.strategy, cfg.server_optimizer, server_optimizer(cfg).server_lr, max(remaining, 0)),
     )
     if remaining <= 0:
-        return strategy.global_adapter
+        return strategy.lora.global_adapter
     start = time.perf_counter()
     strategy.start(
         grid=grid,
-        initial_arrays=to_array_record(strategy.global_adapter),
+        initial_arrays=to_array_record(strategy.lora.global_adapter),
         num_rounds=remaining,
         timeout=cfg.round_timeout,
         train_config=round_config(cfg).to_record(),
@@ -326,11 +366,9 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict[str, np.ndarray]:
     )
     log.info(
         "Federation finished: %d rounds in %.1f s; global adapter in %s",
-        remaining,
-        time.perf_counter() - start,
-        out / "global-adapter",
+        *(remaining, time.perf_counter() - start, out / "global-adapter"),
     )
-    return strategy.global_adapter
+    return strategy.lora.global_adapter
 
 
 def _clear_run(out: Path) -> None:

@@ -19,6 +19,7 @@ global, so every node that follows the chain holds bit for bit what the server h
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Mapping
 
@@ -53,6 +54,7 @@ class Downlink:
         self.held_digest = digest(self.held)
         self.last_change: dict[str, np.ndarray] | None = None  # wire form, version-1 -> version
         self.acknowledged: dict[int, int] = {}  # node id -> version it holds
+        self.carried: dict[int, int] = {}  # node id -> version its last payload carried
 
     def publish(self, new_global: Mapping[str, np.ndarray]) -> Arrays:
         """A new global adapter; returns it as nodes will hold it (decoded, with a lossy codec)."""
@@ -78,6 +80,7 @@ class Downlink:
             "down_digest": self.held_digest,
             "frozen_digest": self.frozen_digest,
         }
+        self.carried[node] = self.version
         holds = self.acknowledged.get(node, 0 if self.seeded else None)
         if self.codec != "none" and holds == self.version:
             return {}, fields | {"down_base": self.version}
@@ -88,6 +91,20 @@ class Downlink:
     def acknowledge(self, node: int, version: int) -> None:
         """``node`` replied to a message that left it holding ``version``."""
         self.acknowledged[node] = version
+
+    def settle(self, node: int, used: bool) -> None:
+        """``node``'s reply was used (it holds what it was last sent) or not (it gets exact
+        values next time)."""
+        if used and node in self.carried:
+            self.acknowledge(node, self.carried[node])
+        else:
+            self.forget(node)
+
+    def copy(self) -> Downlink:
+        """A copy whose node tables are its own (a round's snapshot)."""
+        other = copy.copy(self)
+        other.acknowledged, other.carried = dict(self.acknowledged), dict(self.carried)
+        return other
 
     def forget(self, node: int) -> None:
         """``node`` failed: send it the exact values next time."""

@@ -9,9 +9,11 @@ scored tokens (loss) and examples (accuracy), each weight capped as train weight
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -197,3 +199,23 @@ def weighted_eval(results: list[EvalReply]) -> dict[str, float]:
         n = sum(r.num_examples for r in scored)
         out["eval-accuracy"] = sum(float(r.accuracy or 0.0) * r.num_examples for r in scored) / n
     return out
+
+
+def append_line(path: Path | None, record: dict[str, Any]) -> None:
+    """One line of metrics.jsonl; a figure that is not finite is written as null."""
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as fh:
+            fh.write(json.dumps(finite(record), allow_nan=False) + "\n")
+
+
+def failed_record(
+    history: list[dict[str, Any]], server_round: int, cause: str, record: dict[str, Any] | None
+) -> dict[str, Any]:
+    """The record of a failed round, in place of any record of it already in ``history``."""
+    if history and history[-1].get("round") == server_round:
+        record = history.pop()  # appended before saving it raised
+    failed = dict(record or {"round": server_round, "sites": {}})
+    failed.update({"round": server_round, "skipped": True, "failed": True, "failure": cause})
+    history.append(failed)
+    return failed

@@ -36,6 +36,7 @@ from flwr.app import RecordDict
 from flwr.serverapp import Grid
 from numpy.typing import DTypeLike
 
+from fedlora.choices import Combination, compatibility_problem
 from fedlora.protocol.secagg import (
     CLIPPED,
     SecAggSettings,
@@ -249,18 +250,12 @@ def _enough(survivors: list[int], threshold: int, stage: str, what: str = "") ->
 
 
 def check_composable(aggregator: LoraAggregator) -> None:
-    """Raise SecAggError for strategies that need individual updates (secure sums hide them).
-
-    FedIT, FFA-LoRA and FedSA-LoRA with the example-weighted mean compose; FedEx-LoRA (needs
-    each client's factors) and the median / trimmed-mean reducers do not.
-    """
-    if aggregator.individual_updates_needed:
-        raise SecAggError(
-            f"strategy {aggregator.name!r} with the {aggregator.reducer.kind!r} "
-            f"reducer needs each client's update, "
-            f"which secure aggregation hides: use the mean with fedit, ffa-lora "
-            f"or fedsa-lora, or turn secure aggregation off"
-        )
+    """Raise SecAggError for a strategy that needs individual updates (secure sums hide them),
+    after the one compatibility table (fedlora.choices.RULES)."""
+    combination = Combination(aggregator.name, aggregator.reducer.kind, secure=True)
+    problem = compatibility_problem(combination, "secure-aggregation")
+    if problem:
+        raise SecAggError(problem)
 
 
 def as_client_update(result: SecAggResult, like: Mapping[str, np.ndarray]) -> ClientUpdate:

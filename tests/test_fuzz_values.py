@@ -30,6 +30,7 @@ from fedlora.protocol.compression import encode
 from fedlora.protocol.gate import MAX_INT, MAX_LOSS, MAX_PERPLEXITY, MAX_SECONDS
 from fedlora.protocol.messages import ARRAYS, METRICS, TrainReply
 from fedlora.server.bounds import MAX_GLOBAL_VALUE
+from fedlora.server.settings import StrategySettings
 from fedlora.server.strategies import ServerOptimizer, get_strategy, make_reducer
 from fedlora.server.strategy import LoraFedAvg
 from fuzzing import hostile_round, outcome
@@ -124,12 +125,14 @@ def _strategy(name: str, reducer: str, optimizer: str, down: str, up: str) -> Lo
         global_adapter=start,
         aggregator=get_strategy(name, make_reducer(reducer.replace("trimmed", "trimmed-mean"))),
         optimizer=ServerOptimizer(kind=optimizer),
-        codec=up,
-        codec_block=BLOCK,
-        down_codec=down,
-        evaluate_every=1,
-        num_rounds=1,
-        min_train_nodes=1,
+        settings=StrategySettings(
+            codec=up,
+            codec_block=BLOCK,
+            down_codec=down,
+            evaluate_every=1,
+            num_rounds=1,
+            min_train_nodes=1,
+        ),
     )
 
 

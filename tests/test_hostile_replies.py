@@ -31,6 +31,7 @@ from fedlora.protocol.messages import (
     RoundConfig,
     TrainReply,
 )
+from fedlora.server.settings import StrategySettings
 from fedlora.server.strategy import LoraFedAvg
 from hostile import (
     ARRAY_MUTATIONS,
@@ -311,11 +312,10 @@ def test_a_node_refuses_an_out_of_range_round_config_with_an_error_reply():
 _meta = reply_metadata
 
 
-def _strategy(tmp_path: Path, **kwargs) -> LoraFedAvg:
+def _strategy(tmp_path: Path, aggregator=None, **settings) -> LoraFedAvg:
     zeros = {k: np.zeros(v.shape, np.float32) for k, v in SPEC.items()}
-    return LoraFedAvg(
-        spec=SPEC, global_adapter=zeros, history_file=tmp_path / "metrics.jsonl", **kwargs
-    )
+    settings = StrategySettings(history_file=tmp_path / "metrics.jsonl", **settings)
+    return LoraFedAvg(spec=SPEC, global_adapter=zeros, aggregator=aggregator, settings=settings)
 
 
 @pytest.mark.parametrize("aggregation", ["mean", "median"])

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -28,7 +29,9 @@ from fedlora.server.aggregate import (
     norm_bound,
 )
 from fedlora.server.bounds import EXAMPLES_FACTOR, ReplyBounds, bound_secure_mean
+from fedlora.server.build import compose
 from fedlora.server.downlink import Downlink
+from fedlora.server.settings import StrategySettings
 from fedlora.server.strategies import ClientUpdate, get_strategy
 from fedlora.server.strategy import LoraFedAvg
 from hostile import (
@@ -96,12 +99,12 @@ def test_reply_bounds_refuse_negative_settings():
 # ----------------------------------------------------------------------------- the strategy
 
 
-def _strategy(path: Path, **kwargs) -> LoraFedAvg:
+def _strategy(path: Path, aggregator=None, secagg=None, **settings) -> Any:
     start = {k: np.full(v.shape, 0.1, np.float32) for k, v in SPEC.items()}
-    kwargs.setdefault("codec_block", BLOCK)
-    return LoraFedAvg(
-        spec=SPEC, global_adapter=start, history_file=path / "metrics.jsonl", **kwargs
-    )
+    settings.setdefault("codec_block", BLOCK)
+    settings = StrategySettings(history_file=path / "metrics.jsonl", **settings)
+    plain = LoraFedAvg(spec=SPEC, global_adapter=start, aggregator=aggregator, settings=settings)
+    return compose(plain, secagg=secagg)
 
 
 def _reply(node: int, values: dict[str, np.ndarray], examples: int = 12) -> Message:
@@ -361,7 +364,7 @@ def test_a_secure_sum_whose_mean_leaves_the_clip_ball_is_projected_in_the_round(
     # A node that skips its clip puts every coordinate at +C: each passes the decoder's
     # per-coordinate range check, their L2 norm does not.
     from fedlora.protocol.secagg import SecAggSettings
-    from fedlora.server import strategy as module
+    from fedlora.server import secure as module
     from fedlora.server.secagg import SecAggResult
 
     clip = 5.0

@@ -25,6 +25,8 @@ from fedlora.protocol.secagg import (
     vector_length,
 )
 from fedlora.server.secagg import SecAggError, secure_weighted_sum
+from fedlora.server.secure import SecureAggregation
+from fedlora.server.settings import StrategySettings
 from fedlora.server.strategy import LoraFedAvg
 from hostile import VALID_ROUND
 from secagg_transcript import (
@@ -178,14 +180,11 @@ def lora_train_fn(node: int):
 
 def run_rounds(nodes, settings, corrupt, rounds: int = 2):
     glob = {k: np.zeros(s, np.float32) for k, s in LORA.items()}
-    strategy = LoraFedAvg(
-        spec=spec_of(glob),
-        global_adapter=dict(glob),
-        secagg=lambda n: settings,
-        min_available_nodes=len(nodes),
-        min_train_nodes=2,
-        fraction_evaluate=0.0,
+    sampling = StrategySettings(
+        min_available_nodes=len(nodes), min_train_nodes=2, fraction_evaluate=0.0
     )
+    plain = LoraFedAvg(spec=spec_of(glob), global_adapter=dict(glob), settings=sampling)
+    strategy = SecureAggregation(plain, lambda n: settings)
     adapters = []
     for rnd in range(1, rounds + 1):
         grid = LocalGrid(
@@ -307,15 +306,11 @@ def _dp_strategy(nodes, settings, min_train_nodes: int, z: float = 1.0):
 
     glob = {k: np.zeros(s, np.float32) for k, s in LORA.items()}
     ledger = PrivacyLedger(DpSettings(noise_multiplier=z, clip_norm=1.0, sampling_rate=1.0))
-    return LoraFedAvg(
-        spec=spec_of(glob),
-        global_adapter=dict(glob),
-        secagg=lambda n: settings,
-        dp=ledger,
-        min_available_nodes=len(nodes),
-        min_train_nodes=min_train_nodes,
-        fraction_evaluate=0.0,
+    sampling = StrategySettings(
+        min_available_nodes=len(nodes), min_train_nodes=min_train_nodes, fraction_evaluate=0.0
     )
+    plain = LoraFedAvg(spec=spec_of(glob), global_adapter=dict(glob), settings=sampling)
+    return SecureAggregation(plain, lambda n: settings, ledger)
 
 
 def _secure_round(strategy, nodes, vanish=None):

@@ -10,7 +10,9 @@ from flwr.app import Error, Message
 from fedlora.lora import LoraSettings, adapter_shapes, initial_adapter
 from fedlora.protocol.adapter import spec_of
 from fedlora.protocol.messages import TrainReply, arrays_of
+from fedlora.server.build import compose
 from fedlora.server.checkpoint import save_adapter
+from fedlora.server.settings import StrategySettings
 from fedlora.server.strategy import LoraFedAvg
 from hostile import reply_metadata
 
@@ -47,7 +49,9 @@ def test_bad_replies_are_dropped_and_the_round_completes(global_adapter, tmp_pat
     failed = Message(error=Error(code=0, reason="node crashed"), metadata=_meta(9))
     history = tmp_path / "metrics.jsonl"
     strategy = LoraFedAvg(
-        spec=spec_of(global_adapter), global_adapter=dict(global_adapter), history_file=history
+        spec=spec_of(global_adapter),
+        global_adapter=dict(global_adapter),
+        settings=StrategySettings(history_file=history),
     )
 
     arrays, metrics = strategy.aggregate_train(
@@ -144,7 +148,7 @@ def test_fedex_residuals_are_checkpointed_and_merged_exactly(
         spec=spec_of(global_adapter),
         global_adapter=dict(global_adapter),
         aggregator=FedExLoRA(),
-        scale=scale,
+        settings=StrategySettings(scale=scale),
         on_round=keep,
     )
     strategy.aggregate_train(1, [_reply(1, d1, 1), _reply(2, d2, 3)])
@@ -178,12 +182,12 @@ def test_untrusted_settings_clip_norms_and_take_the_median(global_adapter):
 
     honest = [_deltas(global_adapter, 0.01, seed) for seed in (11, 12, 13)]
     poisoned = {k: np.full_like(v, 1e3) for k, v in global_adapter.items()}
-    strategy = LoraFedAvg(
+    plain = LoraFedAvg(
         spec=spec_of(global_adapter),
         global_adapter=dict(global_adapter),
         aggregator=get_strategy("fedit", make_reducer("median")),
-        clip_norm=0.5,
     )
+    strategy = compose(plain, clip_norm=0.5)
     replies = [_reply(i, d, 10) for i, d in enumerate(honest)] + [_reply(9, poisoned, 1000)]
     arrays, _ = strategy.aggregate_train(1, replies)
 

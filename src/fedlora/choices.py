@@ -8,6 +8,9 @@ compression.py: codecs; server/strategies: strategies, reducers, server optimize
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 # Frozen-base quantization backends (client/quantization.py), the default first.
 QUANTIZATIONS: tuple[str, ...] = (
     "nf4",
@@ -33,20 +36,117 @@ AGGREGATIONS: tuple[str, ...] = ("mean", "median", "trimmed-mean")
 # Privacy accountants (dp-accounting) for client-level DP.
 DP_ACCOUNTANTS: tuple[str, ...] = ("rdp", "pld")
 
-# Strategies whose aggregate is a function of the weighted sum of the deltas only, so that they
-# run under secure aggregation (which reveals nothing else) with the "mean" aggregation.
-# FedEx-LoRA needs each client's factors for its residual; median and trimmed mean need every
-# individual update.
-SUM_ONLY_STRATEGIES: frozenset[str] = frozenset({"fedit", "ffa-lora", "fedsa-lora", "fed-sb"})
+# ---- What goes with what: the ONE compatibility table ---------------------------------------
+# Every check (the run config, the server's strategy builder, SecAgg+'s composability check) and
+# every message about strategy x secure aggregation x DP x server clip x optimizer x codec reads
+# the rows below; tests/test_choices.py checks them against the strategies' own flags.
+
+
+@dataclass(frozen=True)
+class StrategyTraits:
+    sum_only: bool  # its aggregate needs only the weighted sum of the deltas (SecAgg+, DP)
+    robust: bool  # exact with median / trimmed-mean too (else: aggregation='mean' only)
+    any_optimizer: bool  # exact with every server optimizer (else: sgd at lr 1 only)
+
+
+STRATEGY_TRAITS: dict[str, StrategyTraits] = {
+    "fedit": StrategyTraits(sum_only=True, robust=True, any_optimizer=True),
+    "ffa-lora": StrategyTraits(sum_only=True, robust=True, any_optimizer=True),
+    "fedsa-lora": StrategyTraits(sum_only=True, robust=True, any_optimizer=True),
+    # FedEx-LoRA's residual needs each client's factors and FedAvg's plain step
+    "fedex-lora": StrategyTraits(sum_only=False, robust=False, any_optimizer=False),
+    "fed-sb": StrategyTraits(sum_only=True, robust=True, any_optimizer=True),
+}
+# Aggregations that are a function of the weighted sum (median and trimmed mean need every update).
 SUM_ONLY_AGGREGATIONS: frozenset[str] = frozenset({"mean"})
+SUM_ONLY_STRATEGIES: frozenset[str] = frozenset(n for n, t in STRATEGY_TRAITS.items() if t.sum_only)
+# Secure aggregation masks 64-bit integers: nodes send plain values, whatever the codec says.
+SECURE_WIRE_CODEC = "none"
+
+
+@dataclass(frozen=True)
+class Combination:
+    """One run's choices, as the compatibility rules see them."""
+
+    strategy: str
+    aggregation: str = "mean"
+    secure: bool = False  # secure aggregation (SecAgg+)
+    dp: bool = False  # client-level differential privacy (dp-noise-multiplier > 0)
+    server_clip: bool = False  # clip-norm > 0: the server clips each update
+    server_optimizer: str = "sgd"
+    server_lr: float = 0.0  # 0: the optimizer's default
+    codec: str = "none"
+
+    @property
+    def traits(self) -> StrategyTraits:
+        return STRATEGY_TRAITS[self.strategy]
+
+    @property
+    def sum_only(self) -> bool:
+        return self.traits.sum_only and self.aggregation in SUM_ONLY_AGGREGATIONS
+
+
+def _names(pick: Callable[[StrategyTraits], bool]) -> str:
+    return ", ".join(n for n, t in STRATEGY_TRAITS.items() if pick(t))
+
+
+# (setting the rule is about, when it is broken, what to say): checked in this order.
+RULES: tuple[tuple[str, Callable[[Combination], bool], str], ...] = (
+    (
+        "strategy",
+        lambda c: not c.traits.robust and c.aggregation != "mean",
+        "strategy={strategy!r} is exact only for aggregation='mean': use one of "
+        + _names(lambda t: t.robust)
+        + " with a robust aggregation",
+    ),
+    (
+        "strategy",
+        lambda c: (
+            not c.traits.any_optimizer
+            and (c.server_optimizer != "sgd" or c.server_lr not in (0.0, 1.0))
+        ),
+        "strategy={strategy!r} is exact only with server-optimizer='sgd' and server-lr=1: "
+        "drop the server optimizer or pick another strategy",
+    ),
+    (
+        "secure-aggregation",
+        lambda c: c.secure and not c.sum_only,
+        "secure-aggregation=true: strategy {strategy!r} with the {aggregation!r} aggregation "
+        "needs each client's update, which secure aggregation hides: use aggregation='mean' with "
+        + _names(lambda t: t.sum_only)
+        + ", or turn secure aggregation off",
+    ),
+    (
+        "secure-aggregation",
+        lambda c: c.secure and c.server_clip,
+        "secure-aggregation=true: clip-norm clips each update on the server, which secure "
+        "aggregation hides: set "
+        "clip-norm=0 and use secagg-clip-norm",
+    ),
+    (
+        "dp",
+        lambda c: c.dp and (not c.sum_only or c.server_clip),
+        "dp-noise-multiplier > 0 needs the plain mean of clipped deltas: use one of "
+        + _names(lambda t: t.sum_only)
+        + " with aggregation=mean and clip-norm=0 (DP clips to dp-clip-norm)",
+    ),
+)
+
+
+def compatibility_problem(combination: Combination, about: str | None = None) -> str | None:
+    """The first rule ``combination`` breaks (only rules about ``about`` when given), or None."""
+    for topic, broken, message in RULES:
+        if (about is None or topic == about) and broken(combination):
+            return message.format(**vars(combination))
+    return None
+
+
+def wire_codec(codec: str, secure: bool) -> str:
+    """How nodes encode their deltas: the run's codec, or none under secure aggregation."""
+    return SECURE_WIRE_CODEC if secure else codec
 
 
 def secure_aggregation_problem(strategy: str, aggregation: str) -> str | None:
     """Why ``strategy`` with ``aggregation`` cannot run under secure aggregation, or None."""
-    if strategy in SUM_ONLY_STRATEGIES and aggregation in SUM_ONLY_AGGREGATIONS:
-        return None
-    return (
-        f"strategy {strategy!r} with the {aggregation!r} aggregation needs each client's "
-        f"update, which secure aggregation hides: use aggregation='mean' with "
-        f"{', '.join(sorted(SUM_ONLY_STRATEGIES))}, or turn secure aggregation off"
-    )
+    combination = Combination(strategy, aggregation, secure=True)
+    return compatibility_problem(combination, about="secure-aggregation")

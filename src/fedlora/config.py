@@ -23,7 +23,8 @@ from fedlora.choices import (
     SCHEDULES,
     SERVER_OPTIMIZERS,
     STRATEGIES,
-    secure_aggregation_problem,
+    Combination,
+    compatibility_problem,
 )
 from fedlora.data.drugreview import SITES
 from fedlora.errors import ConfigError
@@ -159,8 +160,8 @@ class RunConfig:
             raise ConfigError(f"sites={self.sites!r}: use comma-separated names from {SITES}")
         _ = self.lora  # building LoraSettings validates the LoRA fields
 
-    # The rules that span rooms (which strategy, reducer, optimizer, secure aggregation and DP
-    # go together) live here, against the names in fedlora.choices; rooms need not re-check.
+    # Which strategy, reducer, optimizer, secure aggregation and DP go together is decided by
+    # the one table in fedlora.choices (RULES); the server's strategy builder reads it too.
 
     def _check_aggregation(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -187,28 +188,21 @@ class RunConfig:
             )
         if self.clip_norm < 0:
             raise ConfigError(f"clip-norm={self.clip_norm}: must be >= 0 (0 turns it off)")
-        if self.strategy == "fedex-lora" and self.aggregation != "mean":
-            raise ConfigError(
-                "strategy='fedex-lora' is exact only for aggregation='mean': "
-                "use fedit, ffa-lora or fedsa-lora with a robust aggregation"
-            )
-        if self.strategy == "fedex-lora" and (
-            self.server_optimizer != "sgd" or self.server_lr not in (0.0, 1.0)
-        ):
-            raise ConfigError(
-                "strategy='fedex-lora' is exact only with server-optimizer='sgd' "
-                "and server-lr=1: drop the server optimizer or pick another strategy"
-            )
+        combination = Combination(
+            self.strategy,
+            self.aggregation,
+            secure=self.secure_aggregation,
+            dp=self.dp_noise_multiplier > 0,
+            server_clip=self.clip_norm > 0,
+            server_optimizer=self.server_optimizer,
+            server_lr=self.server_lr,
+            codec=self.codec,
+        )
+        problem = compatibility_problem(combination)  # the one table, fedlora.choices.RULES
+        if problem:
+            raise ConfigError(problem)
 
     def _check_secure_aggregation(self) -> None:
-        problem = secure_aggregation_problem(self.strategy, self.aggregation)
-        if problem:
-            raise ConfigError(f"secure-aggregation=true: {problem}")
-        if self.clip_norm:
-            raise ConfigError(
-                "clip-norm clips each update on the server, which secure "
-                "aggregation hides: set clip-norm=0 and use secagg-clip-norm"
-            )
         if self.min_nodes < 2:
             raise ConfigError(
                 f"secure-aggregation=true with min-nodes={self.min_nodes}: "
@@ -247,12 +241,6 @@ class RunConfig:
             raise ConfigError(
                 f"dp-delta={self.dp_delta}: must be in (0, 1), well below "
                 f"1 / number of clients (e.g. 1e-5)"
-            )
-        if self.strategy == "fedex-lora" or self.aggregation != "mean" or self.clip_norm:
-            raise ConfigError(
-                "dp-noise-multiplier > 0 needs the plain mean of clipped "
-                "deltas: use fedit, ffa-lora or fedsa-lora with aggregation="
-                "mean and clip-norm=0 (DP clips to dp-clip-norm)"
             )
         if self.dp_accountant not in DP_ACCOUNTANTS:
             raise ConfigError(f"dp-accountant={self.dp_accountant!r}: use one of {DP_ACCOUNTANTS}")
