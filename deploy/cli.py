@@ -218,3 +218,38 @@ def node(
     )
     if code:
         raise SystemExit(code)  # the SuperNode's own status, e.g. 1 when it is refused
+
+
+@federation.command()
+def audit(
+    node_dir: Annotated[
+        Path, typer.Argument(help="the node's folder (or its audit.jsonl)", exists=True)
+    ],
+    verify: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--verify",
+            help="a captured message's serialized content: the audit line with its SHA-256 "
+            "and size (repeat)",
+        ),
+    ] = None,
+) -> None:
+    """What this node sent, per run: messages, rounds, bytes, refusals, DP epsilon; whether the
+    trail's chain is intact; with --verify, which line records a captured message."""
+    from fedlora.deploy import audit as trail_of
+
+    trail = trail_of.read_trail(node_dir)
+    for line in trail_of.summary_lines(trail):
+        typer.echo(line)
+    missing = False
+    for captured in verify or []:
+        found = trail_of.verify(trail, captured.read_bytes())
+        where = ", ".join(
+            f"line {n} (run {trail.lines[n - 1]['run']}, round {trail.lines[n - 1]['round']}, "
+            f"{trail.lines[n - 1]['stage']})"
+            for n in found
+        )
+        typer.echo(f"{captured}: {'recorded at ' + where if found else 'NOT in the trail'}")
+        missing = missing or not found
+    if missing or trail.broken is not None:
+        raise SystemExit(1)
