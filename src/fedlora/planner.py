@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fedlora.choices import wire_codec
 from fedlora.errors import ConfigError
 from fedlora.plan import (
     ALLOCATORS,
@@ -163,7 +164,7 @@ def make_plan(
     adapter = sum(math.prod(s) for s in shapes.values())
     trained = sum(math.prod(s) for n, s in shapes.items() if factor_of(n) in train)
     sent = {n: s for n, s in shapes.items() if factor_of(n) in send}
-    codec = "none" if cfg.secure_aggregation else cfg.codec  # server/app.py: wire_codec
+    codec = wire_codec(cfg.codec, cfg.secure_aggregation)  # the one table (fedlora.choices)
     budget = Budget(0, adapter, trained)
     speed, source = _throughput(device, dtype, tflops)
     return Plan(
