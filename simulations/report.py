@@ -15,16 +15,27 @@ def section(title: str) -> None:
     console.rule(f"[bold]{title}")
 
 
+def site_columns(history: list[dict[str, Any]]) -> list[str]:
+    """The sites that get a column: those whose train loss the server saw (plain rounds), at
+    most MAX_SITE_COLUMNS; none under secure aggregation, where it sees sums only."""
+    sites = sorted({s for rec in history for s, v in rec["sites"].items() if "train-loss" in v})
+    return sites if len(sites) <= MAX_SITE_COLUMNS else []
+
+
 def rounds(history: list[dict[str, Any]]) -> None:
-    sites = sorted({s for rec in history for s in rec["sites"]})
-    per_site = len(sites) <= MAX_SITE_COLUMNS
+    sites = site_columns(history)
+    per_site = bool(sites)
     central = any("central-eval-accuracy" in rec for rec in history)
-    table = Table(title="Train loss per round (mean over local steps); evaluation accuracy")
+    secure = [rec for rec in history if rec.get("secure-aggregation")]
+    table = Table(
+        title="Train loss per round (mean over local steps); evaluation accuracy"
+        + ("; under secure aggregation the server sees the sum only" if secure else "")
+    )
     table.add_column("round", justify="right")
     for s in sites if per_site else ():
         table.add_column(s, justify="right")
     if not per_site:
-        table.add_column("sites trained", justify="right")
+        table.add_column("nodes answered", justify="right")
     table.add_column("aggregate", justify="right", style="bold")
     table.add_column("eval acc.", justify="right")
     if central:
@@ -47,7 +58,6 @@ def rounds(history: list[dict[str, Any]]) -> None:
             row.append(f"{c:.1%}" if c is not None else "-")
         table.add_row(*row)
     console.print(table)
-    secure = [rec for rec in history if rec.get("secure-aggregation")]
     if secure:
         seconds = [rec["secagg-seconds"]["total"] for rec in secure if "secagg-seconds" in rec]
         console.print(

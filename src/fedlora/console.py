@@ -15,8 +15,10 @@ import logging
 import os
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any
 
 VERBOSE_ENV = "FEDLORA_VERBOSE"
 # Loggers of libraries whose INFO and WARNING lines are noise for a fedlora user.
@@ -68,6 +70,7 @@ def configure(verbose: bool = False) -> None:
         os.environ["TRANSFORMERS_VERBOSITY"] = "error"
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
         os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # Ray's node-line prefixes without colour codes
     configure_worker()
 
 
@@ -103,3 +106,55 @@ def status(text: str) -> Iterator[None]:
 
     with Console(stderr=True).status(text, spinner="dots"):
         yield
+
+
+# The node whose message this process is handling (a Ray actor serves several simulated nodes in
+# turn): fedlora's lines carry its name, e.g. "[pain] DP ledger: ...".
+NODE_NAME: ContextVar[str] = ContextVar("fedlora_node_name", default="")
+
+
+def node_name(settings: Mapping[str, Any], node_id: int) -> str:
+    """A node's name in console lines: its ``site``, the site its simulation ``partition-id``
+    trains on, or ``client-N`` / ``node-ID``."""
+    if settings.get("site"):
+        return str(settings["site"])
+    if "partition-id" in settings:
+        pid = int(settings["partition-id"])
+        sites = [s.strip() for s in str(settings.get("sites", "")).split(",") if s.strip()]
+        if settings.get("partition-dir") or pid >= len(sites):
+            return f"client-{pid}"
+        return sites[pid]
+    return f"node-{node_id}"
+
+
+def _named_records() -> None:
+    """Once per process: records of fedlora's loggers start with the current node's name."""
+    make = logging.getLogRecordFactory()
+    if getattr(make, "fedlora_named", False):
+        return
+
+    def named(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = make(*args, **kwargs)
+        name = NODE_NAME.get()
+        if name and record.name.startswith("fedlora"):
+            record.msg = f"[{name}] {record.msg}"
+        return record
+
+    named.fedlora_named = True  # type: ignore[attr-defined]
+    logging.setLogRecordFactory(named)
+
+
+def name_node_lines(defaults: Mapping[str, Any] | None = None) -> Callable[..., Any]:
+    """A Flower mod: fedlora's lines while a node handles a message carry the node's name."""
+    base = dict(defaults or {})
+
+    def mod(msg: Any, context: Any, call_next: Callable[[Any, Any], Any]) -> Any:
+        _named_records()
+        settings = {**base, **context.run_config, **context.node_config}
+        token = NODE_NAME.set(node_name(settings, int(context.node_id)))
+        try:
+            return call_next(msg, context)
+        finally:
+            NODE_NAME.reset(token)
+
+    return mod
