@@ -303,7 +303,7 @@ def log_protection(cfg: RunConfig) -> None:
     else:
         log.warning(
             "Secure aggregation is OFF: the server sees every node's update. Set "
-            "secure-aggregation=true (the deployment default) to hide them."
+            "secure-aggregation=true (with min-nodes >= 2) to hide them."
         )
 
 

@@ -26,6 +26,17 @@ def test_pyproject_run_config_is_a_valid_run_config():
     assert set(app_config) == set(RunConfig().to_mapping())
 
 
+def test_pyproject_run_config_equals_the_run_config_defaults():
+    # One source for run defaults: a deployment (`flwr run`) and a simulation start alike.
+    import tomllib
+
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    app_config = pyproject["tool"]["flwr"]["app"]["config"]
+    defaults = RunConfig().to_mapping()
+    differ = {k: (v, defaults.get(k)) for k, v in app_config.items() if defaults.get(k) != v}
+    assert not differ, f"[tool.flwr.app.config] differs from RunConfig (toml, RunConfig): {differ}"
+
+
 @pytest.mark.parametrize(
     "values, expected",
     [
