@@ -45,7 +45,10 @@ def start_adapter(tiny_model_dir: Path):
     return initial_adapter(adapter_shapes(tiny_model_dir, LORA), seed=0)
 
 
-@pytest.mark.parametrize("quantization", ["nf4", "bf16", "fp32"])
+# nf4 runs bitsandbytes' CPU kernels (5-15 s here): integration tier; fp32 and bf16 stay unit
+@pytest.mark.parametrize(
+    "quantization", [pytest.param("nf4", marks=pytest.mark.integration), "bf16", "fp32"]
+)
 def test_round_trains_and_reply_holds_only_the_adapter_delta(
     tiny_model_dir, start_adapter, quantization
 ):
@@ -67,6 +70,7 @@ def test_round_trains_and_reply_holds_only_the_adapter_delta(
     assert any(np.abs(d).max() > 0 for d in reply.delta.values())  # it trained
 
 
+@pytest.mark.integration  # three rounds of training until the loss falls (5-16 s)
 def test_second_round_reuses_the_loaded_model_and_loss_falls(tiny_model_dir, start_adapter):
     node = {"base-model": str(tiny_model_dir), "quantization": "auto", "site": "mental"}
     adapter = dict(start_adapter)

@@ -262,6 +262,7 @@ def test_planned_peak_matches_a_measured_training_step(tmp_path: Path) -> None:
     assert planned == pytest.approx(measured["peak"], rel=0.15)
 
 
+@pytest.mark.integration  # a subprocess that imports torch and transformers (8 s)
 def test_planner_loads_no_flower(tiny_model_dir: Path) -> None:
     code = (
         "import sys\nfrom pathlib import Path\nfrom fedlora.config import RunConfig\n"

@@ -659,6 +659,7 @@ def test_oracle_legacy_secaggplus_and_fedlora_agree_with_the_plain_mean(federati
     )
 
 
+@pytest.mark.integration  # the module's Ray federation (14.8 s of the unit tier's setup)
 def test_server_receives_only_masked_vectors_in_simulation(federation):
     received = federation["received"]
     assert sum(a.size == vector_length(SPEC, SETTINGS) for a in received) == NUM_RAY_NODES
