@@ -19,4 +19,7 @@ light (no torch, transformers, optimum or Flower at import time):
 - :mod:`fedlora.export.card`: ``MODEL_CARD.md`` and ``model-card.json`` at the bundle's root:
   base and adapter sha256, the federation, each variant's size, gates and decode speed, licences.
 - :mod:`fedlora.export.pipeline`: ``export_adapter(...)``, all of the above with timings.
+- :mod:`fedlora.export.slots`, :mod:`fedlora.export.adapter`, :mod:`fedlora.export.adaptable`:
+  on-device adapters: a base exported once with a LoRA slot per linear layer, each adapter one
+  ``.onnx_adapter`` file the runtime applies per request (``EdgeModel(base, adapter=...)``).
 """
