@@ -131,7 +131,9 @@ def _rotary_caches(model_dir: Path, rows: int) -> tuple[Any, Any]:
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
-    inv_freq, scaling = ROPE_INIT_FUNCTIONS[_rope_type(config.to_dict())](config, "cpu")
+    inv_freq, scaling = ROPE_INIT_FUNCTIONS[_rope_type(config.to_dict())](
+        config, torch.device("cpu")
+    )
     positions = torch.arange(rows, dtype=torch.int64).float()
     freqs = torch.outer(positions, inv_freq.float())
     cos, sin = freqs.cos() * scaling, freqs.sin() * scaling
@@ -315,7 +317,8 @@ def build_fused_model(model_dir: Path, lora_slots: bool = False) -> Any:
         )
         # Biases are whatever the checkpoint holds (Qwen2: q, k and v; Llama: attention_bias).
         parts = [bias(f"{p}.self_attn.{n}_proj.bias") for n in ("q", "k", "v")]
-        qkv_b = np.concatenate(parts) if all(b is not None for b in parts) else None
+        held = [b for b in parts if b is not None]
+        qkv_b = np.concatenate(held) if len(held) == len(parts) else None
         qkv = g.linear(x, qkv_w, qkv_b, f"layers.{i}.attn.qkv_proj")
         past_k, past_v = kv_names[i]
         attn, present_k, present_v = g.node(
@@ -375,8 +378,13 @@ def build_fused_model(model_dir: Path, lora_slots: bool = False) -> Any:
         g.node("Identity", [head], ["logits"], "lm_head/Identity")
 
     f32, i64 = TensorProto.FLOAT, TensorProto.INT64
-    kv_shape = ["batch", shape.kv_heads, "past_sequence", shape.head_dim]
-    present_shape = ["batch", shape.kv_heads, "total_sequence", shape.head_dim]
+    kv_shape: list[str | int | None] = ["batch", shape.kv_heads, "past_sequence", shape.head_dim]
+    present_shape: list[str | int | None] = [
+        "batch",
+        shape.kv_heads,
+        "total_sequence",
+        shape.head_dim,
+    ]
     inputs = [
         helper.make_tensor_value_info("input_ids", i64, ["batch", "sequence"]),
         helper.make_tensor_value_info("attention_mask", i64, ["batch", "total_sequence"]),

@@ -55,7 +55,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -256,7 +256,7 @@ def run_compare(cc: CompareConfig) -> dict[str, Any]:
             base = RunConfig.from_mapping(base.to_mapping() | {"seed": cc.seeds[0]}, source="[run]")
         run_seed(cc, base, out, set(cc.run) | ({"seed"} if cc.seeds else set()))
         return json.loads((out / "compare.json").read_text())
-    docs = []
+    docs: list[dict[str, Any]] = []
     for seed in cc.seeds:
         seeded = RunConfig.from_mapping(base.to_mapping() | {"seed": seed}, source="[run]")
         log.info("compare: seed %d (%d of %d)", seed, len(docs) + 1, len(cc.seeds))
@@ -518,7 +518,7 @@ def write_seeds(out: Path, cc: CompareConfig, docs: list[dict[str, Any]]) -> Non
         per = ", ".join(f"{a:.1%}" for a in r.get("accuracy-per-seed", []))
         diff = "-"
         if "vs-reference" in r:
-            d = paired_diff(r["accuracy-per-seed"], methods[ref]["accuracy-per-seed"])
+            d = paired_diff(r["accuracy-per-seed"], methods[cast(str, ref)]["accuracy-per-seed"])
             diff = f"{d.text()} [{d.low * 100:+.1f}, {d.high * 100:+.1f}]"
         sent = "-" if r["method"] in BASELINES else f"{r['bytes-per-client-round']:,.0f}"
         lines.append(
