@@ -27,12 +27,16 @@ def test_pyproject_run_config_is_a_valid_run_config():
 
 
 def test_pyproject_run_config_equals_the_run_config_defaults():
-    # One source for run defaults: a deployment (`flwr run`) and a simulation start alike.
+    # One source for run defaults: a deployment (`flwr run`) starts from RunConfig's, with secure
+    # aggregation on (DEPLOYMENT_DEFAULTS, next to RunConfig).
     import tomllib
 
     pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
     app_config = pyproject["tool"]["flwr"]["app"]["config"]
-    defaults = RunConfig().to_mapping()
+    from fedlora.config import DEPLOYMENT_DEFAULTS
+
+    defaults = RunConfig().to_mapping() | DEPLOYMENT_DEFAULTS
+    assert DEPLOYMENT_DEFAULTS == {"secure-aggregation": True, "min-nodes": 2}  # secure by default
     differ = {k: (v, defaults.get(k)) for k, v in app_config.items() if defaults.get(k) != v}
     assert not differ, f"[tool.flwr.app.config] differs from RunConfig (toml, RunConfig): {differ}"
 

@@ -34,6 +34,13 @@ from fedlora.ranges import RANGES
 TRACKERS = ("none", "mlflow", "tensorboard")  # experiment trackers (server/tracking.py)
 
 
+# What a deployment (`flwr run`: [tool.flwr.app.config] in pyproject.toml) changes from
+# RunConfig's defaults, and nothing else (tests/test_config.py): secure aggregation is on there
+# by default. A simulation keeps it off unless asked, because it refuses fedex-lora, the robust
+# aggregations, a server-side clip-norm and single-node runs, which simulate and compare offer.
+DEPLOYMENT_DEFAULTS: dict[str, Any] = {"secure-aggregation": True, "min-nodes": 2}
+
+
 @dataclass(frozen=True)
 class RunConfig:
     base_model: str = "default"  # "default" (packaged SmolLM2-135M-Instruct) or a model folder
