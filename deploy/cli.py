@@ -222,9 +222,7 @@ def node(
 
 @federation.command()
 def audit(
-    node_dir: Annotated[
-        Path, typer.Argument(help="the node's folder (or its audit.jsonl)", exists=True)
-    ],
+    node_dir: Annotated[Path, typer.Argument(help="the node's folder (or its audit.jsonl)")],
     verify: Annotated[
         list[Path] | None,
         typer.Option(
@@ -253,3 +251,38 @@ def audit(
         missing = missing or not found
     if missing or trail.broken is not None:
         raise SystemExit(1)
+
+
+@federation.command()
+def status(
+    fed_dir: FedArg,
+    run_dir: Annotated[
+        Path,
+        typer.Option(
+            "--run-dir",
+            help="the run's output-dir as the ServerApp sees it (relative: to where the "
+            "SuperLink was started)",
+        ),
+    ] = Path("runs/flwr"),
+    watch: Annotated[bool, typer.Option("--watch", help="refresh until Ctrl-C")] = False,
+    every: Annotated[
+        float, typer.Option("--every", min=0.5, help="seconds between refreshes")
+    ] = 5.0,
+) -> None:
+    """The roster and which nodes are connected (from the SuperLink), the run and round in
+    progress, which nodes answered this stage and each node's last error; stages, never values."""
+    import time
+
+    from fedlora.deploy.status import gather, lines
+
+    while True:
+        text = "\n".join(lines(gather(fed_dir, run_dir)))
+        if watch:
+            typer.clear()
+        typer.echo(text)
+        if not watch:
+            return
+        try:
+            time.sleep(every)
+        except KeyboardInterrupt:
+            return

@@ -36,6 +36,7 @@ from fedlora.server.bounds import ReplyBounds
 from fedlora.server.build import compose
 from fedlora.server.central import make_central_eval
 from fedlora.server.checkpoint import save_adapter
+from fedlora.server.live import watch
 from fedlora.server.privacy import DpSettings, PrivacyLedger
 from fedlora.server.report import write_report
 from fedlora.server.settings import StrategySettings
@@ -174,6 +175,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict[str, np.ndarray]:
     base_dir = resolve_base_model(cfg.base_model)
     saved, adapter = start_or_resume(cfg, out, base_dir)
     ledger = privacy_ledger(cfg, saved)
+    grid = watch(grid, out)  # the round and stage in progress in status.json (server/live.py)
 
     def save(server_round: int, arrays: Arrays, residuals: Arrays, record: dict[str, Any]) -> None:
         checkpoint(cfg, out, base_dir, ledger, strategy.lora, server_round, arrays, residuals)
