@@ -404,14 +404,14 @@ def test_a_missing_path_is_an_error(tmp_path: Path):
 
 
 def test_a_folder_without_supported_files_names_the_folder_and_the_extensions(tmp_path: Path):
-    _write(tmp_path, "data.parquet", b"PAR1")
+    _write(tmp_path, "data.xlsx", b"PK")
     _write(tmp_path, ".hidden.jsonl", CHAT)
 
     with pytest.raises(DataError) as caught:
         load_examples(DataSpec(str(tmp_path)))
 
     assert str(caught.value).startswith(
-        f"{tmp_path}: the folder holds no .csv, .json, .jsonl, .md, .tsv, .txt files"
+        f"{tmp_path}: the folder holds no .csv, .json, .jsonl, .md, .parquet, .tsv, .txt files"
     )
     with pytest.raises(DataError, match="holds no .csv files"):
         load_examples(DataSpec(str(FIXTURES / "mixed"), format="csv"))
