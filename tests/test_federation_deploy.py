@@ -115,6 +115,7 @@ def test_the_node_starts_with_tls_its_key_and_its_node_config(fed: Federation):
     assert "--insecure" not in command
 
 
+@pytest.mark.integration  # a subprocess that imports torch (2-9 s)
 def test_a_node_thread_cap_reaches_the_math_libraries_of_its_processes():
     assert launch.thread_env(None) == {}  # no cap: torch uses every core
     assert launch.thread_env(1) == {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
