@@ -195,6 +195,8 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict[str, np.ndarray]:
     secagg = partial(capped_secagg_settings, cfg) if cfg.secure_aggregation else None
     strategy = compose(plain, cfg.clip_norm or None, ledger, secagg)
     log_protection(cfg)
+    if saved is not None:  # Python's random as the interrupted run left it, just before rounds
+        restore_random(saved.python_random)
     return run_rounds(grid, cfg, strategy, out)
 
 
@@ -217,7 +219,6 @@ def start_or_resume(cfg: RunConfig, out: Path, base_dir: Path) -> tuple[ServerSt
             "Resuming %s after round %d of %d", out, saved.completed_round, cfg.num_server_rounds
         )
         (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in saved.history))
-        restore_random(saved.python_random)
     else:
         if cfg.resume:
             log.warning("resume: nothing saved in %s yet; starting a new run", out)
