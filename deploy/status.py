@@ -11,6 +11,7 @@ output folder (fedlora.server.live): stage names and node ids, never a value.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import time
@@ -65,19 +66,21 @@ def superlink_view(layout: fed.Federation) -> tuple[list[Any], list[Any]]:
             f"{layout.flwr_home}/config.toml is missing: start the SuperLink with "
             f"`fedlora federation superlink {layout.root}` first"
         )
+    client = None
     with _flwr_home(layout.flwr_home):
-        connection = read_superlink_connection(CONNECTION)
-        client = init_http_client_from_connection(connection)
         try:
+            with contextlib.redirect_stdout(io.StringIO()):  # Flower's "Using SuperLink" line
+                client = init_http_client_from_connection(read_superlink_connection(CONNECTION))
             nodes = list(client.ListNodes(ListNodesRequest()).nodes_info)
             runs = list(client.ListRuns(ListRunsRequest()).run_dict.values())
-        except Exception as exc:  # noqa: BLE001 -- Flower's transport errors: one line
+        except (Exception, SystemExit) as exc:  # noqa: BLE001 -- Flower's errors: one line
             raise ConfigError(
                 f"the SuperLink of {layout.root} did not answer ({type(exc).__name__}); is "
                 f"`fedlora federation superlink {layout.root}` running?"
             ) from None
         finally:
-            client.close()
+            if client is not None:
+                client.close()
     return nodes, runs
 
 
@@ -131,11 +134,17 @@ def lines(status: Status) -> list[str]:
         out.append("no run in progress")
     p = status.progress
     if p is not None:
-        who = ", ".join(names.get(n, f"node {n}") for n in p.get("answered", []))
+
+        def who(key: str) -> str:
+            return ", ".join(names.get(n, f"node {n}") for n in p.get(key, [])) or "-"
+
+        failed = f"; failed: {who('failed')}" if p.get("failed") else ""
+        answered, asked = len(p.get("answered", [])), len(p.get("asked", []))
+        updated = time.strftime("%H:%M:%S", time.localtime(p.get("updated", 0)))
         out.append(
-            f"round {p.get('round')}, stage {p.get('stage')}: "
-            f"{len(p.get('answered', []))} of {len(p.get('asked', []))} answered ({who or '-'}); "
-            f"updated {time.strftime('%H:%M:%S', time.localtime(p.get('updated', 0)))}"
+            ("" if running else "last recorded: ")
+            + f"round {p.get('round')}, stage {p.get('stage')}: {answered} of {asked} answered "
+            f"({who('answered')}){failed}; updated {updated}"
         )
         for node, err in sorted(p.get("errors", {}).items()):
             label = names.get(int(node), f"node {node}")

@@ -35,11 +35,13 @@ class WatchedGrid(Grid):
     def __init__(self, grid: Grid, folder: Path) -> None:
         self.grid = grid
         self.path = folder / STATUS_FILE
+        self._sent: dict[str, int] = {}  # message id -> the node it went to (this stage)
         self.state: dict[str, Any] = {
             "round": None,
             "stage": None,
             "asked": [],
-            "answered": [],
+            "answered": [],  # node ids that replied this stage
+            "failed": [],  # node ids whose reply this stage was an error
             "errors": {},  # node id -> its last error reason, over the whole run
             "started": time.time(),
         }
@@ -70,7 +72,11 @@ class WatchedGrid(Grid):
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         messages = list(messages)
         self._asked(messages)
-        return self.grid.push_messages(messages)
+        ids = list(self.grid.push_messages(messages))
+        # a reply names the message it answers; an error the SuperLink writes for a node that
+        # is gone does not come from that node
+        self._sent = {i: int(m.metadata.dst_node_id) for m, i in zip(messages, ids, strict=False)}
+        return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         replies = list(self.grid.pull_messages(message_ids))
@@ -113,6 +119,7 @@ class WatchedGrid(Grid):
             stage=stage,
             asked=sorted(int(m.metadata.dst_node_id) for m in messages),
             answered=[],
+            failed=[],
             stage_started=time.time(),
         )
         self._write()
@@ -121,8 +128,10 @@ class WatchedGrid(Grid):
         if not replies:
             return
         for reply in replies:
-            node = int(reply.metadata.src_node_id)
-            self.state["answered"] = sorted({*self.state["answered"], node})
+            node = self._sent.get(reply.metadata.reply_to_message_id)
+            node = int(reply.metadata.src_node_id) if node is None else node
+            key = "failed" if reply.has_error() else "answered"
+            self.state[key] = sorted({*self.state[key], node})
             if reply.has_error():
                 reason = " ".join(str(reply.error.reason).split())[:MAX_REASON]
                 self.state["errors"][str(node)] = {"stage": self.state["stage"], "error": reason}

@@ -4,19 +4,19 @@ after one is killed, and the round in progress."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from flwr.app import ConfigRecord, Error, Message, RecordDict
 
 from fedlora.server.live import STATUS_FILE, WatchedGrid
+from local_deployment import free_port, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -69,10 +69,28 @@ def test_the_status_file_names_round_stage_who_answered_and_errors_never_values(
     assert len(list(replies)) == 2
     status = json.loads((tmp_path / STATUS_FILE).read_text())
     assert (status["round"], status["stage"]) == (2, "train.secagg:setup")
-    assert (status["asked"], status["answered"]) == ([2, 3, 4], [2, 3])
+    assert (status["asked"], status["answered"], status["failed"]) == ([2, 3, 4], [2], [3])
     assert status["errors"] == {"3": {"stage": "train.secagg:setup", "error": "refused: DP budget"}}
     text = (tmp_path / STATUS_FILE).read_text()
     assert "s3cr3t" not in text and "0.001" not in text  # stages and ids, never values
+
+
+@pytest.mark.integration
+def test_status_of_a_federation_whose_superlink_is_down_is_one_line(tmp_path: Path) -> None:
+    from fedlora.deploy.federation import Federation, init_federation
+    from fedlora.deploy.launch import write_connection
+
+    fed = Federation(tmp_path / "fed")
+    init_federation(fed.root, nodes=["pain"])
+    command = [str(BIN / "fedlora"), "federation", "status", str(fed.root)]
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0"}
+    never_started = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    write_connection(fed.flwr_home, f"127.0.0.1:{free_port()}", fed.ca_cert)
+    down = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+
+    for done, says in ((never_started, "start the SuperLink"), (down, "did not answer")):
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 2 and len(lines) == 1 and says in lines[0], done.stderr
 
 
 def _stage(out_dir: Path) -> str | None:
@@ -82,24 +100,20 @@ def _stage(out_dir: Path) -> str | None:
         return None
 
 
-def _showing(text: str, part: str) -> str | None:
-    return text if part in text else None
+def _crash(launcher: subprocess.Popen) -> None:
+    """SIGKILL a ``fedlora federation node`` and the SuperNode it started (in its own process
+    group), as a crash of the machine would."""
+    import psutil
+
+    for child in psutil.Process(launcher.pid).children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()  # by pid
+    os.killpg(launcher.pid, signal.SIGKILL)
+    launcher.wait()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait(check, seconds: float, what: str, every: float = 2.0):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        got = check()
-        if got:
-            return got
-        time.sleep(every)
-    raise AssertionError(f"not within {seconds:.0f} s: {what}")
+def _showing(text: str, *parts: str) -> str | None:
+    return text if all(part in text for part in parts) else None
 
 
 @pytest.mark.slow
@@ -119,7 +133,7 @@ def test_status_shows_connected_nodes_a_killed_node_and_the_round_in_progress(
     fed = Federation(tmp_path / "fed")
     sites = ["pain", "dermatology", "mental"]
     init_federation(fed.root, nodes=sites)
-    port, logs = _free_port(), tmp_path / "logs"
+    port, logs = free_port(), tmp_path / "logs"
     logs.mkdir()
     procs: dict[str, subprocess.Popen] = {}
 
@@ -156,13 +170,14 @@ def test_status_shows_connected_nodes_a_killed_node_and_the_round_in_progress(
             check=False,
         )
         assert done.returncode == 0, done.stdout + done.stderr
+        (logs / "status.txt").write_text(done.stdout)  # the last one, for a failure's report
         return done.stdout
 
     try:
         link = fedlora(
             "superlink", "superlink", str(fed.root), "--host", "127.0.0.1", "--port", str(port)
         )
-        _wait(
+        wait_until(
             lambda: "3 nodes registered" in (logs / "superlink.log").read_text(), 180, "registered"
         )
         assert link.poll() is None
@@ -170,10 +185,10 @@ def test_status_shows_connected_nodes_a_killed_node_and_the_round_in_progress(
         for site in sites:
             fedlora(
                 site, "node", str(fed.node(site).root), "--superlink", f"127.0.0.1:{port}",
-                "--port", str(_free_port()), "--node-config", f'site="{site}" {config}',
+                "--port", str(free_port()), "--node-config", f'site="{site}" {config}',
                 "--threads", "1", "--no-worker",
             )  # fmt: skip
-        first = _wait(lambda: _showing(status(), "3 of 3 connected"), 180, "3 up")
+        first = wait_until(lambda: _showing(status(), "3 of 3 connected"), 180, "3 up", every=3.0)
         assert all(f"{site}" in first for site in sites) and "no run in progress" in first
 
         # a run whose first round cannot finish: it waits for a node that will be killed
@@ -185,11 +200,14 @@ def test_status_shows_connected_nodes_a_killed_node_and_the_round_in_progress(
             "flwr-run", str(BIN / "flwr"), "run", str(REPO), launch.CONNECTION,
             "--run-config", run_config, env={**env, "FLWR_HOME": str(fed.flwr_home)},
         )  # fmt: skip
-        _wait(lambda: _stage(out_dir), 300, "the first stage sent to the nodes")
-        os.killpg(procs["mental"].pid, signal.SIGKILL)  # as a crash
-        procs["mental"].wait()
+        wait_until(lambda: _stage(out_dir), 300, "the first stage sent to the nodes", every=2.0)
+        _crash(procs["mental"])
 
-        later = _wait(lambda: _showing(status(), "2 of 3 connected"), 300, "2 up")
+        gone = ("2 of 3 connected", "last error of mental")  # Flower's node-unavailable reply
+        try:
+            later = wait_until(lambda: _showing(status(), *gone), 300, "2 up", every=3.0)
+        except TimeoutError as exc:
+            raise AssertionError((logs / "status.txt").read_text()) from exc
         assert "mental" in later and "offline" in later
         assert "round 1, stage train" in later, later
         assert "running" in later, later
