@@ -165,3 +165,26 @@ def test_compare_logs_each_method_as_a_run_of_one_experiment(tmp_path, monkeypat
     assert runs["local"].data.metrics["accuracy"] == 0.5
     assert runs["fedit"].data.params["method"] == "fedit"
     assert {a.path for a in client.list_artifacts(runs["fedit"].info.run_id)} == {"report.md"}
+
+
+@pytest.mark.integration
+def test_files_made_after_the_run_join_its_mlflow_run(tmp_path, monkeypatch) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from fedlora.server.tracking import attach_files, open_tracker
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    out = tmp_path / "demo"
+    tracker = open_tracker("mlflow", out)
+    tracker.close()
+    card = out / "export" / "MODEL_CARD.md"
+    card.parent.mkdir(parents=True)
+    card.write_text("# model card")
+    attach_files(out, [card, out / "export" / "missing.md"])
+    attach_files(tmp_path / "untracked", [card])  # a run without tracking: nothing happens
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("fedlora").experiment_id])
+    assert run.info.run_id == tracker.where()["run-id"] and run.info.status == "FINISHED"
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"MODEL_CARD.md"}
