@@ -25,7 +25,11 @@ with ``transformers``' ``generate`` (KV cache, greedy). ONNX models run on
 :class:`fedlora.export.runtime.EdgeModel` (onnxruntime, numpy; no torch). The task gates
 (:mod:`fedlora.export.gates`: label accuracy on the held-out reviews, answer perplexity, greedy
 agreement, degeneration) are measured in the same run for each quantized variant against ONNX
-fp32. The last line prints ``int8 / eager decode tokens/s = X.XX``.
+fp32. The int4 variant is the shipped one (the head and tied embedding at 8 bits, the rest at 4:
+``QuantSettings.int4_head_bits``). With ``--adapter`` (default: the demo's global adapter), two
+more rows time the adaptable int8 base (:mod:`fedlora.export.slots`) bare and with the adapter as
+one file, and a line gives the file's size and switch time. The last two lines print
+``int4 accuracy drop = X.X points`` and ``int8 / eager decode tokens/s = X.XX``.
 """
 
 from __future__ import annotations
@@ -324,6 +328,9 @@ def main(argv: list[str] | None = None) -> int:
         f"\nTotal {time.perf_counter() - start:.0f} s; 1-minute load average {load:.1f} at the "
         f"start, {os.getloadavg()[0]:.1f} at the end."
     )
+    int4 = gates.get("int4", {}).get("figures", {}).get("accuracy-drop-points-vs-fp32")
+    drop = f"{int4:.1f} points" if isinstance(int4, int | float) else "not measured"
+    print(f"int4 accuracy drop = {drop}")
     int8 = next(res for label, res, _ in rows if label.endswith(" int8"))
     value = (
         f"{int8['speed'] / eager['speed']:.2f}"

@@ -9,6 +9,10 @@ fastest CPU path) or in fp32 at level 1. Everything else (embeddings, norms, att
 fp32; the tied embedding, which the export reads through a ``Gather`` and a transposed
 ``MatMul``, stays one shared fp32 tensor.
 
+The int4 variant is mixed by default (``QuantSettings.int4_head_bits``): the language-model head,
+and the tied embedding it shares, stay at 8 bits, the rest at 4. The head's rounding reaches the
+logits directly (figures: docs/edge.md, "int4 that keeps accuracy").
+
 A variant lands in its own folder beside the fp32 one, with the tokenizer and config files the
 edge runtime reads, so every folder of a bundle is a complete model for
 :class:`fedlora.export.runtime.EdgeModel`.
@@ -36,12 +40,17 @@ class QuantSettings:
     block_size: int = 32  # values per scale along the input dimension (16, 32, 64, 128, 256)
     accuracy_level: int = 4  # MatMulNBits compute: 4 = int8 activations (fast), 1 = fp32
     symmetric: bool = True  # zero point fixed at 0
+    # Bits of the language-model head (and the tied embedding it shares) in the int4 variant:
+    # 8 keeps the most sensitive matrix at 8 bits (a mixed scheme), 4 quantizes it like the rest.
+    int4_head_bits: int = 8
 
     def __post_init__(self) -> None:
         if self.block_size not in (16, 32, 64, 128, 256):
             raise ConfigError(
                 f"block-size={self.block_size}: use 16, 32, 64, 128 or 256 (values per scale)"
             )
+        if self.int4_head_bits not in (4, 8):
+            raise ConfigError(f"int4-head-bits={self.int4_head_bits}: use 4 or 8")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise ConfigError(
                 f"accuracy-level={self.accuracy_level}: use 0-4 (4 = int8 compute, 1 = fp32)"
@@ -68,11 +77,8 @@ def quantize_variant(
     Returns ``out_dir``. FedloraError if the quantizer changed no MatMul (nothing to quantize).
     """
     import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import (
-        DefaultWeightOnlyQuantConfig,
-        MatMulNBitsQuantizer,
-    )
 
+    from fedlora.export.fused import LM_HEAD
     from fedlora.export.onnx import MODEL_FILE, copy_runtime_files
 
     if variant not in BITS:
@@ -84,25 +90,17 @@ def quantize_variant(
     bits = BITS[variant]
     settings = settings or QuantSettings()
     model = onnx.load(str(source))
-    config = DefaultWeightOnlyQuantConfig(
-        block_size=settings.block_size,
-        is_symmetric=settings.symmetric,
-        accuracy_level=settings.accuracy_level,
-        bits=bits,
-    )
-    quantizer = MatMulNBitsQuantizer(
-        model,
-        # an adaptable base's LoRA slots stay fp32 (fedlora.export.slots)
-        nodes_to_exclude=[n.name for n in model.graph.node if "/lora_" in n.name],
-        bits=bits,
-        block_size=settings.block_size,
-        is_symmetric=settings.symmetric,
-        accuracy_level=settings.accuracy_level,
-        algo_config=config,
-    )
-    quantizer.process()
+    head_bits = settings.int4_head_bits if bits == 4 else bits
+    # an adaptable base's LoRA slots stay fp32 (fedlora.export.slots); an untied head may
+    # take other bits than the rest (tied heads: _quantize_tied_head)
+    head = [f"{LM_HEAD}/MatMul"] if head_bits != bits else []
+    excluded = [n.name for n in model.graph.node if "/lora_" in n.name] + head
+    quantizer = _run_quantizer(model, bits, settings, exclude=excluded)
     quantized = quantizer.model.model
-    tied = _quantize_tied_head(quantized, bits, settings)
+    if head and any(n.name == head[0] for n in quantized.graph.node):
+        quantizer = _run_quantizer(quantized, head_bits, settings, include=head)
+        quantized = quantizer.model.model
+    tied = _quantize_tied_head(quantized, head_bits, settings)
     count = sum(node.op_type == "MatMulNBits" for node in quantized.graph.node)
     if count == 0:
         raise FedloraError(
@@ -116,16 +114,51 @@ def quantize_variant(
     quantizer.model.save_model_to_file(str(target), use_external_data_format=large)
     copy_runtime_files(fp32_dir, out_dir)
     log.info(
-        "Quantized %s to %s: %d MatMulNBits (%d bits, block %d, accuracy level %d)%s",
+        "Quantized %s to %s: %d MatMulNBits (%d bits, head %d, block %d, accuracy level %d)%s",
         source,
         target,
         count,
         bits,
+        head_bits,
         settings.block_size,
         settings.accuracy_level,
         "; the tied embedding is one quantized table for the lookup and the head" if tied else "",
     )
     return out_dir
+
+
+def _run_quantizer(
+    model: Any,
+    bits: int,
+    settings: QuantSettings,
+    exclude: list[str] | None = None,
+    include: list[str] | None = None,
+) -> Any:
+    """onnxruntime's ``MatMulNBitsQuantizer`` over ``model`` (all constant-weight MatMuls but
+    ``exclude``, or only ``include``); returns the quantizer (its ``model.model``: the result)."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
+
+    config = DefaultWeightOnlyQuantConfig(
+        block_size=settings.block_size,
+        is_symmetric=settings.symmetric,
+        accuracy_level=settings.accuracy_level,
+        bits=bits,
+    )
+    quantizer = MatMulNBitsQuantizer(
+        model,
+        nodes_to_exclude=exclude,
+        nodes_to_include=include,
+        bits=bits,
+        block_size=settings.block_size,
+        is_symmetric=settings.symmetric,
+        accuracy_level=settings.accuracy_level,
+        algo_config=config,
+    )
+    quantizer.process()
+    return quantizer
 
 
 def _quantize_tied_head(model: Any, bits: int, settings: QuantSettings) -> bool:
