@@ -188,3 +188,40 @@ def test_files_made_after_the_run_join_its_mlflow_run(tmp_path, monkeypatch) -> 
     (run,) = client.search_runs([client.get_experiment_by_name("fedlora").experiment_id])
     assert run.info.run_id == tracker.where()["run-id"] and run.info.status == "FINISHED"
     assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"MODEL_CARD.md"}
+
+
+@pytest.mark.integration
+def test_fedlora_compare_tracks_each_method_once(tiny_model_dir, tmp_path, monkeypatch) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from fedlora.simulations.compare import CompareConfig, run_compare
+    from test_partition import write_chat
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    data = write_chat(tmp_path / "chat.jsonl", n=40)
+    run = {
+        "base-model": str(tiny_model_dir),
+        "quantization": "fp32",
+        "num-server-rounds": 1,
+        "local-steps": 1,
+        "tracking": "mlflow",
+    }
+    compare = CompareConfig(
+        data=str(data),
+        partition="iid",
+        num_clients=2,
+        test_fraction=0.2,
+        methods=("local", "fedit"),
+        output=str(tmp_path / "cmp"),
+        run=run,
+    )
+    run_compare(compare)
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("compare cmp")
+    runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+    assert set(runs) == {"local", "fedit"}  # one run a method, not one a simulation
+    assert "accuracy" in runs["fedit"].data.metrics and "loss" in runs["local"].data.metrics
+    assert client.get_experiment_by_name("fedlora") is None
