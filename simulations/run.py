@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -190,10 +191,10 @@ def simulate(
 def _fresh_ray() -> None:
     """Shut down a Ray that other code left initialised in this process: Flower passes
     ``init_args`` (the private instance or the cluster asked for) to ``ray.init`` only when Ray
-    is not initialised, and shuts Ray down itself when a run ends."""
-    import ray
-
-    if ray.is_initialized():
+    is not initialised, and shuts Ray down itself when a run ends. Ray not imported yet: none
+    is running (importing it costs seconds)."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
         ray.shutdown()
 
 

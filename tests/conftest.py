@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Generator
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,27 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             and item.get_closest_marker("integration") is None
         ):
             item.add_marker(pytest.mark.unit)
+
+
+_RAY_LOADED = pytest.StashKey[bool]()
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    item.stash[_RAY_LOADED] = "ray" in sys.modules
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item) -> Generator[None, None, None]:
+    """Keep the unit tier fast: a unit test (or a fixture it sets up) that imports Ray is an
+    error here, not a slower make test-fast (Flower imports Ray only to start it)."""
+    yield  # the test's own teardown first
+    loaded_here = not item.stash.get(_RAY_LOADED, True) and "ray" in sys.modules
+    if loaded_here and item.get_closest_marker("unit"):
+        pytest.fail(
+            f"{item.nodeid} is a unit test but imported Ray (seconds; Flower imports it to "
+            f"start it): mark it @pytest.mark.integration or keep Ray out (tests/conftest.py)",
+            pytrace=False,
+        )
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
