@@ -35,6 +35,7 @@ RESUMABLE_KEYS = frozenset(
         "resume",
         "min-nodes",
         "min-available-nodes",
+        "tracking",  # where the figures are logged, not what the run computes
     }
 )
 

@@ -54,6 +54,13 @@ def test_an_unknown_tracker_and_a_missing_extra_are_one_line(monkeypatch) -> Non
         require("mlflow")
 
 
+def test_a_run_resumes_with_tracking_turned_on(tmp_path) -> None:
+    from fedlora.server.state import check_resumable
+
+    saved = RunConfig().to_mapping()
+    check_resumable(saved, saved | {"tracking": "mlflow", "resume": True}, tmp_path)
+
+
 @pytest.mark.integration
 def test_the_cli_names_the_missing_extra_in_one_line(tmp_path) -> None:
     code = (
