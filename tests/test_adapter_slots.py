@@ -12,8 +12,6 @@ model.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -195,21 +193,12 @@ def test_what_a_slot_cannot_hold_is_refused(setup: dict[str, Path], tmp_path: Pa
         adapter_factors(fedex)
 
 
-def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "fedlora.cli", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-
-
 def test_the_command_line_exports_a_base_and_an_adapter_file(
     setup: dict[str, Path], tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     # Execute
+    from test_config import _cli
+
     common = ["--base-model", str(tiny_model_dir), "--quantize", "none", "--eval-samples", "2"]
     base = _cli("export", "--base-only", "--output", "base", *common, cwd=tmp_path)
     adapter = _cli(
