@@ -12,6 +12,8 @@ model.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -237,3 +239,23 @@ def test_default_model_adapter_only_equals_the_merged_export(tmp_path: Path) -> 
     assert report.ok and report.same_tokens
     assert report.logits_diff <= report.parity.tolerance
     assert report.cache_diff <= report.parity.tolerance
+
+
+def test_the_runtime_applies_an_adapter_without_torch(setup: dict[str, Path]) -> None:
+    # Execute: a fresh interpreter loads the int8 base, applies the file and answers
+    base, adapter = str(setup["bundle"] / "onnx-int8"), str(setup["adapter-a"])
+    heavy = ("torch", "transformers", "flwr", "peft", "onnx")
+    code = (
+        "import sys\n"
+        "from fedlora.export.runtime import EdgeModel\n"
+        f"m = EdgeModel({base!r}, adapter={adapter!r})\n"
+        "m.generate([{'role': 'user', 'content': 'hi'}], 4)\n"
+        f"print(sorted(n for n in {heavy!r} if n in sys.modules))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+
+    # Assert
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "[]"
