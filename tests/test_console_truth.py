@@ -73,6 +73,21 @@ def test_a_node_is_named_after_its_site(settings: dict, name: str) -> None:
 
 
 @pytest.mark.usefixtures("task_identity")
+def test_an_odd_partition_id_still_gets_the_message_answered() -> None:
+    app = ClientApp(mods=[name_node_lines({})])
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        return Message(content=RecordDict(), reply_to=msg)
+
+    msg = Message(content=RecordDict(), dst_node_id=5, message_type="train")
+    context = Context(
+        run_id=1, node_id=5, node_config={"partition-id": "x"}, state=RecordDict(), run_config={}
+    )
+    assert app(msg, context).has_content()
+
+
+@pytest.mark.usefixtures("task_identity")
 def test_node_lines_carry_the_sites_name(caplog) -> None:
     app = ClientApp(mods=[name_node_lines({"sites": ",".join(SITES)})])
 

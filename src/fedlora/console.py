@@ -151,7 +151,11 @@ def name_node_lines(defaults: Mapping[str, Any] | None = None) -> Callable[..., 
     def mod(msg: Any, context: Any, call_next: Callable[[Any, Any], Any]) -> Any:
         _named_records()
         settings = {**base, **context.run_config, **context.node_config}
-        token = NODE_NAME.set(node_name(settings, int(context.node_id)))
+        try:
+            name = node_name(settings, int(context.node_id))
+        except (TypeError, ValueError):  # an odd partition-id: the node's id will do
+            name = f"node-{context.node_id}"
+        token = NODE_NAME.set(name)
         try:
             return call_next(msg, context)
         finally:
