@@ -107,3 +107,13 @@ def test_node_lines_carry_the_sites_name(caplog) -> None:
         logging.getLogger("fedlora.server").warning("after the message")
     lines = [r.getMessage() for r in caplog.records]
     assert lines == ["[pain] refused round 3", "after the message"]
+
+
+@pytest.mark.integration  # imports Ray
+def test_the_client_app_with_its_mods_pickles_for_ray() -> None:
+    from ray import cloudpickle  # what Ray pickles a simulation's ClientApp with
+
+    from fedlora.client.app import make_client_app
+
+    app = cloudpickle.loads(cloudpickle.dumps(make_client_app({"sites": "pain"})))
+    assert isinstance(app, ClientApp)

@@ -144,13 +144,18 @@ def _named_records() -> None:
     logging.setLogRecordFactory(named)
 
 
-def name_node_lines(defaults: Mapping[str, Any] | None = None) -> Callable[..., Any]:
-    """A Flower mod: fedlora's lines while a node handles a message carry the node's name."""
-    base = dict(defaults or {})
+class NameNodeLines:
+    """A Flower mod: fedlora's lines while a node handles a message carry the node's name.
 
-    def mod(msg: Any, context: Any, call_next: Callable[[Any, Any], Any]) -> Any:
+    A class, not a closure: Ray pickles the ClientApp with its mods, and a closure would carry
+    the module's ContextVar with it (which cannot be pickled)."""
+
+    def __init__(self, defaults: Mapping[str, Any] | None = None) -> None:
+        self.base = dict(defaults or {})
+
+    def __call__(self, msg: Any, context: Any, call_next: Callable[[Any, Any], Any]) -> Any:
         _named_records()
-        settings = {**base, **context.run_config, **context.node_config}
+        settings = {**self.base, **context.run_config, **context.node_config}
         try:
             name = node_name(settings, int(context.node_id))
         except (TypeError, ValueError):  # an odd partition-id: the node's id will do
@@ -161,4 +166,7 @@ def name_node_lines(defaults: Mapping[str, Any] | None = None) -> Callable[..., 
         finally:
             NODE_NAME.reset(token)
 
-    return mod
+
+def name_node_lines(defaults: Mapping[str, Any] | None = None) -> NameNodeLines:
+    """The mod that names node lines (:class:`NameNodeLines`)."""
+    return NameNodeLines(defaults)
