@@ -182,6 +182,6 @@ def _ledger(settings: Mapping[str, Any], context: Context) -> tuple[list[Any], f
     if not isinstance(data, dict):
         return [], None
     charges = data.get("charges")
-    epsilon = data.get("epsilon")
+    epsilon: Any = data.get("epsilon")  # a number when ``finite``
     finite = isinstance(epsilon, int | float) and math.isfinite(epsilon)
     return charges if isinstance(charges, list) else [], float(epsilon) if finite else None

@@ -11,7 +11,7 @@ tensors are named ``<module>.lora_R.weight`` (fedlora.lora), beside PEFT's ``lor
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -39,7 +39,7 @@ class SBUp(nn.Linear):
 
 def sb_layers(model: Any) -> dict[str, SBUp]:
     """``{module name: SBUp}`` for every LoRA layer carrying one."""
-    out = {}
+    out: dict[str, SBUp] = {}
     for name, module in model.named_modules():
         lora_b = getattr(module, "lora_B", None)
         if (
@@ -47,7 +47,7 @@ def sb_layers(model: Any) -> dict[str, SBUp]:
             and ADAPTER in lora_b
             and isinstance(lora_b[ADAPTER], SBUp)
         ):
-            out[name] = lora_b[ADAPTER]
+            out[name] = cast(SBUp, lora_b[ADAPTER])
     return out
 
 
@@ -58,7 +58,7 @@ def attach_sb(model: Any) -> int:
         lora_b = getattr(module, "lora_B", None)
         if isinstance(lora_b, nn.ModuleDict) and ADAPTER in lora_b:
             if not isinstance(lora_b[ADAPTER], SBUp):
-                lora_b[ADAPTER] = SBUp(lora_b[ADAPTER])
+                lora_b[ADAPTER] = SBUp(cast(nn.Linear, lora_b[ADAPTER]))
             count += 1
     return count
 

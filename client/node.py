@@ -296,7 +296,7 @@ def load_personal(settings: NodeSettings, kind: str = "") -> dict[str, np.ndarra
 
 def save_personal(settings: NodeSettings, arrays: Mapping[str, np.ndarray], kind: str = "") -> None:
     with atomic_file(_personal_path(settings, kind)) as f:  # a crash leaves the previous ones
-        np.savez(f, **arrays)
+        np.savez(f, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as allow_pickle
 
 
 def _personal_path(settings: NodeSettings, kind: str = "") -> Path:
@@ -373,7 +373,7 @@ def set_lora_state(model: Any, arrays: Mapping[str, np.ndarray]) -> None:
     from fedlora.client.lora_sb import set_sb_state
 
     set_sb_state(model, {k: v for k, v in arrays.items() if k.endswith(R_WEIGHT)})
-    result = set_peft_model_state_dict(
+    result: Any = set_peft_model_state_dict(  # peft annotates a bare namedtuple
         model,
         {k: torch.from_numpy(np.array(v)) for k, v in arrays.items() if not k.endswith(R_WEIGHT)},
     )

@@ -109,7 +109,7 @@ class SecAggPolicy:
 
     @classmethod
     def from_config(cls, merged: Mapping[str, Any]) -> SecAggPolicy:
-        values = {}
+        values: dict[str, Any] = {}
         for key, attr, least in (
             ("secagg-min-nodes", "min_nodes", 2),
             ("secagg-min-threshold", "min_threshold", 2),
