@@ -27,6 +27,7 @@ from flwr.clientapp import ClientApp
 from flwr.common import Error
 
 from fedlora.basemodel import resolve_base_model
+from fedlora.client.audit import make_audit_mod
 from fedlora.client.dp_ledger import BudgetExceeded, Charge, LedgerSettings, check_budget
 from fedlora.client.dp_ledger import charge as charge_ledger
 from fedlora.client.limits import (
@@ -57,7 +58,7 @@ from fedlora.client.secagg import NOISE_SHARES, SecAggPolicy, handle_secagg
 from fedlora.client.train import TrainOptions, sample_batches, steps_for_epochs, train_lora
 from fedlora.client.worker import SOCKET_KEY, WorkerDown, WorkerFailed, forward
 from fedlora.clipping import add_noise, clip_l2
-from fedlora.console import configure_worker
+from fedlora.console import configure_worker, name_node_lines
 from fedlora.errors import ConfigError, DataError, FedloraError, WireError
 from fedlora.evaluate import eval_loss, label_accuracy
 from fedlora.lora import LoraSettings, initial_adapter
@@ -593,7 +594,7 @@ def node_view(base: Mapping[str, Any], context: Context) -> dict[str, Any]:
 
 def make_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
     base = dict(defaults or {})
-    app = ClientApp(mods=[_to_worker, _quiet_console])
+    app = ClientApp(mods=[make_audit_mod(base), name_node_lines(base), _to_worker, _quiet_console])
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
