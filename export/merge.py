@@ -10,6 +10,7 @@ folder (safetensors, config, generation config, tokenizer) that any exporter can
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +84,11 @@ def _config_problem(config: Any) -> str:
         or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))
     ):
         return "target_modules is not a name or a list of names"
+    if isinstance(targets, str) and targets != "all-linear":
+        try:  # peft matches a string as a regular expression
+            re.compile(targets)
+        except (re.error, RecursionError, OverflowError):
+            return f"target_modules={targets[:40]!r} is not a valid regular expression"
     dropout = config.get("lora_dropout", 0.0)
     if not isinstance(dropout, int | float) or not 0 <= dropout < 1:
         return f"lora_dropout={str(dropout)[:20]} is not a number in [0, 1)"

@@ -308,6 +308,9 @@ def _edit_config(folder: Path, **values) -> None:
         (lambda d: _edit_config(d, r=2**20), "is not a LoRA rank"),
         (lambda d: _edit_config(d, lora_alpha=[1]), "lora_alpha"),
         (lambda d: _edit_config(d, target_modules=[[["q"]]]), "target_modules"),
+        # peft compiles a string as a regular expression (make fuzz found these two)
+        (lambda d: _edit_config(d, target_modules=")"), "not a valid regular expression"),
+        (lambda d: _edit_config(d, target_modules="*"), "not a valid regular expression"),
         (lambda d: (d / "adapter_config.json").write_text("[" * 5000), "nested more than"),
         (lambda d: (d / "adapter_config.json").write_text("null"), "not a LoRA adapter"),
     ],
