@@ -211,6 +211,16 @@ def test_status_shows_connected_nodes_a_killed_node_and_the_round_in_progress(
         assert "mental" in later and "offline" in later
         assert "round 1, stage train" in later, later
         assert "running" in later, later
+        # what a node that answered sent is in its own audit trail (client/audit.py)
+        audit = subprocess.run(
+            [str(BIN / "fedlora"), "federation", "audit", str(fed.node("pain").root)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert audit.returncode == 0, audit.stdout + audit.stderr
+        assert "rounds 1," in audit.stdout and "chain intact" in audit.stdout, audit.stdout
     finally:
         for proc in procs.values():  # stopped by pid (and process group)
             if proc.poll() is None:
