@@ -94,7 +94,7 @@ def default_model() -> tuple[dict[str, tuple[int, ...]], int]:
     params = 0
     for path in sorted(base.glob("*.safetensors")):
         with safe_open(str(path), "np") as fh:
-            params += sum(math.prod(fh.get_slice(k).get_shape()) for k in fh)
+            params += sum(math.prod(fh.get_slice(k).get_shape()) for k in fh.keys())  # noqa: SIM118 - safe_open is not iterable
     return adapter_shapes(base, LoraSettings()), params
 
 

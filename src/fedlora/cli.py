@@ -162,7 +162,12 @@ def demo(
 
 
 FormatOpt = Annotated[
-    str, typer.Option("--format", help="data format: auto | chat | pairs | csv | tsv | text")
+    str,
+    typer.Option(
+        "--format",
+        help="data format: auto | chat | pairs | csv | tsv | text | parquet | dataset (a datasets "
+        "save_to_disk folder)",
+    ),
 ]
 PromptColOpt = Annotated[str, typer.Option(help="column with the prompt")]
 ResponseColOpt = Annotated[str, typer.Option(help="column with the answer")]
