@@ -86,8 +86,16 @@ class WatchedGrid(Grid):
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
-        """Push, then pull until every reply is in or ``timeout`` passed (Flower's loop)."""
-        pending = set(self.push_messages(messages))
+        """Push, then pull until every reply is in or ``timeout`` passed (Flower's loop). A grid
+        that only sends and receives (an in-process one) is asked to, and its replies noted."""
+        messages = list(messages)
+        try:
+            pushed = self.push_messages(messages)
+        except NotImplementedError:
+            replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+            self._answered(replies)
+            return replies
+        pending = set(pushed)
         pending.discard("")
         end = time.time() + (timeout if timeout is not None else 0.0)
         interval = float(getattr(self.grid, "pull_interval", PULL_INTERVAL))
