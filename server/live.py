@@ -92,9 +92,9 @@ class WatchedGrid(Grid):
         try:
             pushed = self.push_messages(messages)
         except NotImplementedError:
-            replies = list(self.grid.send_and_receive(messages, timeout=timeout))
-            self._answered(replies)
-            return replies
+            answers = list(self.grid.send_and_receive(messages, timeout=timeout))
+            self._answered(answers)
+            return answers
         pending = set(pushed)
         pending.discard("")
         end = time.time() + (timeout if timeout is not None else 0.0)
