@@ -348,32 +348,11 @@ def run_round(
     personal: it is restored from, and saved back to, the node's ``state`` (FedSA-LoRA's B).
     """
     setup = set_up_round(message_content, merged, state)
-    settings, rc, lora, node, data = setup.settings, setup.rc, setup.lora, setup.node, setup.data
+    settings, rc, node, data = setup.settings, setup.rc, setup.node, setup.data
     first = node.rounds_served == 0
     rows = encoded_rows(data, "train", node.tokenizer, rc.max_length, rc.loss, rc.packing)
-    steps = (
-        rc.local_steps
-        if rc.local_epochs == 0
-        else steps_for_epochs(len(rows), rc.local_epochs, rc.batch_size, rc.grad_accum)
-    )
-    most = settings.max_local_steps or DEFAULT_MAX_LOCAL_STEPS
-    if steps * rc.grad_accum > most:
-        raise RoundRefused(
-            f"{rc.local_epochs} local epochs = {steps} steps exceed this node's "
-            f"max-local-steps={most}"
-        )
-    options = TrainOptions(
-        lr=rc.lr,
-        steps=steps,
-        grad_accum=rc.grad_accum,
-        warmup_steps=min(rc.warmup_steps, steps),
-        schedule=rc.lr_schedule,
-        max_grad_norm=rc.max_grad_norm,
-        weight_decay=rc.weight_decay,
-        gradient_checkpointing=round_checkpointing(
-            node.model, node.spec, rc, lora, settings.memory_gib, settings.quantization
-        ),
-    )
+    options = _train_options(setup, len(rows))
+    steps = options.steps
     global_adapter, received = load_adapter(node, message_content, rc, state, settings)
     set_trainable(node.model, rc.train_factors)
     seed_torch(rc.seed, settings.seed_id, rc.server_round)  # LoRA dropout draws from it
@@ -405,17 +384,7 @@ def run_round(
     delta = {k: local[k] - global_adapter[k] for k in sent}
     norm_before, shares = -1.0, 0
     if rc.dp_noise_multiplier > 0:  # distributed DP: this node's share of the Gaussian noise
-        delta, norm_before, _ = clip_l2(delta, rc.dp_clip_norm, "dp-clip-norm")
-        shares = setup.dp_charge.expected_clients  # the server's count, bounded by the node's
-        std = noise_share_std(rc.dp_noise_multiplier, rc.dp_clip_norm, shares)
-        delta = add_noise(delta, std, np.random.default_rng())  # OS entropy: never predictable
-        charge_ledger(setup.ledger, state, setup.dp_charge)  # before the update leaves the node
-        log.info(
-            "DP: clipped the delta from L2 norm %.4f to %g and added N(0, %.3g^2) noise",
-            norm_before,
-            rc.dp_clip_norm,
-            std,
-        )
+        delta, norm_before, shares = _noised(setup, delta, state)
     return TrainReply(
         delta=delta,
         num_examples=len(data.train),
@@ -431,6 +400,55 @@ def run_round(
         dp_norm_before_clip=norm_before,
         dp_noise_shares=shares,
     )
+
+
+def _train_options(setup: RoundSetup, rows: int) -> TrainOptions:
+    """The round's optimizer settings for ``rows`` training rows, within the node's step limit."""
+    settings, rc, node = setup.settings, setup.rc, setup.node
+    steps = (
+        rc.local_steps
+        if rc.local_epochs == 0
+        else steps_for_epochs(rows, rc.local_epochs, rc.batch_size, rc.grad_accum)
+    )
+    most = settings.max_local_steps or DEFAULT_MAX_LOCAL_STEPS
+    if steps * rc.grad_accum > most:
+        raise RoundRefused(
+            f"{rc.local_epochs} local epochs = {steps} steps exceed this node's "
+            f"max-local-steps={most}"
+        )
+    return TrainOptions(
+        lr=rc.lr,
+        steps=steps,
+        grad_accum=rc.grad_accum,
+        warmup_steps=min(rc.warmup_steps, steps),
+        schedule=rc.lr_schedule,
+        max_grad_norm=rc.max_grad_norm,
+        weight_decay=rc.weight_decay,
+        gradient_checkpointing=round_checkpointing(
+            node.model, node.spec, rc, setup.lora, settings.memory_gib, settings.quantization
+        ),
+    )
+
+
+def _noised(
+    setup: RoundSetup, delta: dict[str, np.ndarray], state: RecordDict | None
+) -> tuple[dict[str, np.ndarray], float, int]:
+    """Distributed DP: the delta clipped, with this node's share of the Gaussian noise (sized
+    for the server's count of nodes, bounded by the node's own), the ledger charged before it
+    leaves. Returns the noised delta, its norm before clipping and the count it was sized for."""
+    rc = setup.rc
+    delta, norm_before, _ = clip_l2(delta, rc.dp_clip_norm, "dp-clip-norm")
+    shares = setup.dp_charge.expected_clients
+    std = noise_share_std(rc.dp_noise_multiplier, rc.dp_clip_norm, shares)
+    delta = add_noise(delta, std, np.random.default_rng())  # OS entropy: never predictable
+    charge_ledger(setup.ledger, state, setup.dp_charge)
+    log.info(
+        "DP: clipped the delta from L2 norm %.4f to %g and added N(0, %.3g^2) noise",
+        norm_before,
+        rc.dp_clip_norm,
+        std,
+    )
+    return delta, norm_before, shares
 
 
 def run_evaluation(
