@@ -55,18 +55,19 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 
 from fedlora.choices import SERVER_OPTIMIZERS, STRATEGIES
 from fedlora.config import RunConfig, read_toml
 from fedlora.data import partitioned
+from fedlora.data.formats import DataSpec
 from fedlora.errors import ConfigError
 from fedlora.server.tracking import log_method
 from fedlora.simulations.partition import Partition, PartitionSpec, prepare
 from fedlora.simulations.run import partitioned_config, simulate
-from fedlora.simulations.stats import mean_ci, paired_diff
+from fedlora.simulations.stats import Interval, mean_ci, paired_diff
 
 log = logging.getLogger(__name__)
 
@@ -90,16 +91,8 @@ COMPARE_KEYS = {
     "output",
     "seeds",
 }
-# the data description (fedlora.data.formats.DataSpec's fields), as fedlora simulate's options
-DATA_KEYS = {
-    "format",
-    "prompt-column",
-    "response-column",
-    "system-column",
-    "text-column",
-    "on-bad-record",
-    "encoding",
-}
+# the data description: fedlora.data.formats.DataSpec's fields but the path, dashed as options
+DATA_KEYS = {f.name.replace("_", "-") for f in dataclasses.fields(DataSpec) if f.name != "path"}
 MAX_SEEDS = 50
 
 
@@ -453,6 +446,7 @@ def write_seeds(out: Path, cc: CompareConfig, docs: list[dict[str, Any]]) -> Non
         return None if any(v is None for v in values) else [float(v) for v in values]
 
     methods: dict[str, Any] = {}
+    intervals: dict[str, tuple[Interval, Interval | None]] = {}  # name -> (accuracy, vs ref)
     for name in names:
         rows = [d["methods"][name] for d in docs]
         entry: dict[str, Any] = {
@@ -466,12 +460,14 @@ def write_seeds(out: Path, cc: CompareConfig, docs: list[dict[str, Any]]) -> Non
         }
         mine = accs(name)
         if mine is not None:
+            theirs = accs(ref) if ref and name != ref else None
+            acc, vs = mean_ci(mine), (paired_diff(mine, theirs) if theirs is not None else None)
+            intervals[name] = (acc, vs)
             entry["accuracy"] = float(np.mean(mine))  # the mean, as a one-seed row has it
-            entry["accuracy-ci"] = mean_ci(mine).to_json()
+            entry["accuracy-ci"] = acc.to_json()
             entry["accuracy-per-seed"] = mine
-            theirs = accs(ref) if ref else None
-            if ref and name != ref and theirs is not None:
-                entry["vs-reference"] = paired_diff(mine, theirs).to_json()
+            if vs is not None:
+                entry["vs-reference"] = vs.to_json()
         for key in ("bytes-up-per-client-round", "bytes-down-per-client-round"):
             entry[key] = float(np.mean([r.get(key, 0.0) for r in rows]))
         methods[name] = entry
@@ -514,15 +510,12 @@ def write_seeds(out: Path, cc: CompareConfig, docs: list[dict[str, Any]]) -> Non
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, r in methods.items():
-        acc = mean_ci(r["accuracy-per-seed"]) if "accuracy-per-seed" in r else None
+        ci, d = intervals.get(name) or (None, None)
         per = ", ".join(f"{a:.1%}" for a in r.get("accuracy-per-seed", []))
-        diff = "-"
-        if "vs-reference" in r:
-            d = paired_diff(r["accuracy-per-seed"], methods[cast(str, ref)]["accuracy-per-seed"])
-            diff = f"{d.text()} [{d.low * 100:+.1f}, {d.high * 100:+.1f}]"
+        diff = "-" if d is None else f"{d.text()} [{d.low * 100:+.1f}, {d.high * 100:+.1f}]"
         sent = "-" if r["method"] in BASELINES else f"{r['bytes-per-client-round']:,.0f}"
         lines.append(
-            f"| {name} | {acc.text() if acc else '-'} | {per or '-'} | {diff} | {r['loss']:.4f} "
+            f"| {name} | {ci.text() if ci else '-'} | {per or '-'} | {diff} | {r['loss']:.4f} "
             f"| {sent} | {'on' if r['secure-aggregation'] else 'off'} | {r['seconds']:.0f} |"
         )
     (out / "compare.md").write_text("\n".join(lines) + "\n")
