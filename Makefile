@@ -29,7 +29,7 @@ test: setup
 test-fast: setup
 	$(VENV)/bin/python -m pytest -q -ra -m unit
 
-# ruff (lint and format) over the tree, mypy (the rooms listed in pyproject.toml), and the
+# ruff (lint and format) over the tree, mypy (all of src/fedlora, strict on untyped defs), and the
 # documentation site (MkDocs --strict: a broken link or anchor fails; tests/test_docs.py checks
 # the generated references and every command the pages show).
 lint: setup

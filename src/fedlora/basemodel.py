@@ -129,7 +129,8 @@ def _dequantize(gguf: Path, out: Path) -> None:
     eos_id = tokenizer.convert_tokens_to_ids(CHAT_EOS)
     model.config.eos_token_id = eos_id
     model.config.pad_token_id = eos_id
-    model.generation_config.eos_token_id = eos_id
-    model.generation_config.pad_token_id = eos_id
+    if model.generation_config is not None:
+        model.generation_config.eos_token_id = eos_id
+        model.generation_config.pad_token_id = eos_id
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)

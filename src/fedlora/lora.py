@@ -70,7 +70,7 @@ class LoraSettings:
             targets, top = self._top_layers(targets, base_dir, model_config)
         return LoraConfig(
             r=self.r,
-            lora_alpha=self.alpha,
+            lora_alpha=self.alpha,  # type: ignore[arg-type]  # peft annotates int; a float works
             lora_dropout=self.dropout,
             target_modules=targets,
             bias="none",
@@ -88,7 +88,12 @@ class LoraSettings:
         from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        config = model_config or AutoConfig.from_pretrained(base_dir)
+        if model_config is not None:
+            config = model_config
+        elif base_dir is not None:
+            config = AutoConfig.from_pretrained(base_dir)
+        else:
+            raise ConfigError("lora-layers needs the base model's config: give its folder")
         n = int(config.num_hidden_layers)
         if self.layers > n:
             raise ConfigError(f"lora-layers={self.layers}: the model has only {n} layers")

@@ -76,6 +76,15 @@ def _escape(text: str) -> str:
     return text.replace("|", "\\|")
 
 
+def _default(f: dataclasses.Field[Any], missing: Any = None) -> Any:
+    """A dataclass field's default value (its factory's product), or ``missing``."""
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return missing
+
+
 def run_config_page() -> str:
     from fedlora.config import RunConfig
     from fedlora.ranges import RANGES
@@ -83,7 +92,7 @@ def run_config_page() -> str:
     comments = field_comments(RunConfig)
     rows = []
     for f in dataclasses.fields(RunConfig):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        default = _default(f)
         low_high = RANGES.get(f.name)
         span = f"{low_high[0]:g} .. {low_high[1]:g}" if low_high else ""
         key = f.name.replace("_", "-")
@@ -116,9 +125,7 @@ def node_settings_page() -> str:
     rows = []
     for f in dataclasses.fields(NodeSettings):
         key = rename.get(f.name, f.name.replace("_", "-"))
-        default = f.default if f.default is not dataclasses.MISSING else ""
-        if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-            default = f.default_factory()  # type: ignore[misc]
+        default = _default(f, "")
         node_only = "yes" if key in NODE_ONLY_KEYS else ""
         rows.append(
             f"| `{key}` | {_cell(default) if default != '' else ''} | {node_only} "

@@ -36,6 +36,12 @@ Reader = Callable[[str, str, "DataSpec"], Iterator[Example | Problem]]
 _WS = re.compile(r"[ \t\n\r]*")
 
 
+def _skip_ws(text: str, pos: int) -> int:
+    """The first position at or after ``pos`` that is not JSON whitespace."""
+    found = _WS.match(text, pos)
+    return found.end() if found else pos
+
+
 def decode(data: bytes, source: str, encoding: str) -> str | Problem:
     """The file's text without a byte-order mark, or the line where decoding fails."""
     try:
@@ -84,7 +90,7 @@ def read_json(text: str, source: str, spec: DataSpec) -> Iterator[Example | Prob
 def _json_array(text: str, source: str, spec: DataSpec) -> Iterator[Example | Problem]:
     """The items of a top-level JSON array, each with the line it starts on."""
     decoder = json_decoder()
-    pos = _WS.match(text, text.index("[") + 1).end()
+    pos = _skip_ws(text, text.index("[") + 1)
     line, counted = 1, 0
     while not text.startswith("]", pos):
         line, counted = line + text.count("\n", counted, pos), pos
@@ -110,9 +116,9 @@ def _json_array(text: str, source: str, spec: DataSpec) -> Iterator[Example | Pr
             )
             return
         yield _json_record(record, f"{source}:{line}", spec)
-        pos = _WS.match(text, pos).end()
+        pos = _skip_ws(text, pos)
         if text.startswith(",", pos):
-            pos = _WS.match(text, pos + 1).end()
+            pos = _skip_ws(text, pos + 1)
         elif not text.startswith("]", pos):
             at = text.count("\n", 0, pos) + 1
             yield Problem(
