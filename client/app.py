@@ -30,6 +30,7 @@ from fedlora.basemodel import resolve_base_model
 from fedlora.client.audit import make_audit_mod
 from fedlora.client.dp_ledger import BudgetExceeded, Charge, LedgerSettings, check_budget
 from fedlora.client.dp_ledger import charge as charge_ledger
+from fedlora.client.dpo import encoded_pairs, evaluate_pairs, pair_batches, train_dpo
 from fedlora.client.limits import (
     DEFAULT_MAX_LOCAL_STEPS,
     NodeBudget,
@@ -55,7 +56,13 @@ from fedlora.client.node import (
 )
 from fedlora.client.privacy import noise_share_std, noise_shares
 from fedlora.client.secagg import NOISE_SHARES, SecAggPolicy, handle_secagg
-from fedlora.client.train import TrainOptions, sample_batches, steps_for_epochs, train_lora
+from fedlora.client.train import (
+    TrainOptions,
+    TrainStats,
+    sample_batches,
+    steps_for_epochs,
+    train_lora,
+)
 from fedlora.client.worker import SOCKET_KEY, WorkerDown, WorkerFailed, forward
 from fedlora.clipping import add_noise, clip_l2
 from fedlora.console import configure_worker, name_node_lines
@@ -350,21 +357,10 @@ def run_round(
     setup = set_up_round(message_content, merged, state)
     settings, rc, node, data = setup.settings, setup.rc, setup.node, setup.data
     first = node.rounds_served == 0
-    rows = encoded_rows(data, "train", node.tokenizer, rc.max_length, rc.loss, rc.packing)
-    options = _train_options(setup, len(rows))
-    steps = options.steps
-    global_adapter, received = load_adapter(node, message_content, rc, state, settings)
-    set_trainable(node.model, rc.train_factors)
-    seed_torch(rc.seed, settings.seed_id, rc.server_round)  # LoRA dropout draws from it
-    batches = sample_batches(
-        rows,
-        rc.batch_size,
-        steps * rc.grad_accum,
-        seed=(rc.seed, settings.seed_id, rc.server_round),
-        pad_id=node.tokenizer.pad_token_id,
-        length_grouping=rc.length_grouping,
-    )
-    stats = train_lora(node.model, batches, options)
+    if rc.objective == "dpo":  # preference pairs (client/dpo.py)
+        stats, global_adapter, received = _train_dpo(setup, message_content, state)
+    else:
+        stats, global_adapter, received = _train_sft(setup, message_content, state)
     local = get_lora_state(node.model)
     node.rounds_served += 1
     personal_spec = restrict(node.spec, rc.personal_factors) if rc.personal_factors else {}
@@ -400,6 +396,52 @@ def run_round(
         dp_norm_before_clip=norm_before,
         dp_noise_shares=shares,
     )
+
+
+def _train_sft(
+    setup: RoundSetup, message_content: Any, state: RecordDict | None
+) -> tuple[TrainStats, dict[str, np.ndarray], int]:
+    """The round's local training on the next-token loss; its stats, the global adapter it
+    started from and the bytes received."""
+    settings, rc, node, data = setup.settings, setup.rc, setup.node, setup.data
+    rows = encoded_rows(data, "train", node.tokenizer, rc.max_length, rc.loss, rc.packing)
+    options = _train_options(setup, len(rows))
+    steps = options.steps
+    global_adapter, received = load_adapter(node, message_content, rc, state, settings)
+    set_trainable(node.model, rc.train_factors)
+    seed_torch(rc.seed, settings.seed_id, rc.server_round)  # LoRA dropout draws from it
+    batches = sample_batches(
+        rows,
+        rc.batch_size,
+        steps * rc.grad_accum,
+        seed=(rc.seed, settings.seed_id, rc.server_round),
+        pad_id=node.tokenizer.pad_token_id,
+        length_grouping=rc.length_grouping,
+    )
+    stats = train_lora(node.model, batches, options)
+    return stats, global_adapter, received
+
+
+def _train_dpo(
+    setup: RoundSetup, message_content: Any, state: RecordDict | None
+) -> tuple[TrainStats, dict[str, np.ndarray], int]:
+    """The round's local training on the DPO loss of the node's preference pairs, the frozen
+    base (the adapter off) as the reference (client/dpo.py); as :func:`_train_sft` returns."""
+    settings, rc, node, data = setup.settings, setup.rc, setup.node, setup.data
+    pairs = encoded_pairs(data, "train", node.tokenizer, rc.max_length)
+    options = _train_options(setup, len(pairs))
+    global_adapter, received = load_adapter(node, message_content, rc, state, settings)
+    set_trainable(node.model, rc.train_factors)
+    seed_torch(rc.seed, settings.seed_id, rc.server_round)  # LoRA dropout draws from it
+    batches = pair_batches(
+        pairs,
+        rc.batch_size,
+        options.steps * rc.grad_accum,
+        seed=(rc.seed, settings.seed_id, rc.server_round),
+        pad_id=node.tokenizer.pad_token_id,
+    )
+    stats = train_dpo(node.model, batches, options, rc.dpo_beta)
+    return stats, global_adapter, received
 
 
 def _train_options(setup: RoundSetup, rows: int) -> TrainOptions:
@@ -461,6 +503,8 @@ def run_evaluation(
     if not data.eval:
         raise DataError("no eval split: eval-fraction is 0 or the node has one example")
     load_adapter(node, message_content, rc, state, settings)
+    if rc.objective == "dpo":  # held-out preference pairs (client/dpo.py)
+        return _evaluate_dpo(setup, start)
     rows = encoded_rows(data, "eval", node.tokenizer, rc.max_length, rc.loss, False)
     pad_id = node.tokenizer.pad_token_id
     loss = eval_loss(node.model, rows, pad_id, per_batch=rc.batch_size * 2)
@@ -498,6 +542,33 @@ def run_evaluation(
         reply.num_examples,
     )
     return reply
+
+
+def _evaluate_dpo(setup: RoundSetup, start: float) -> EvalReply:
+    """The DPO loss, preference accuracy and reward margin of the node's held-out pairs."""
+    rc, node = setup.rc, setup.node
+    pairs = encoded_pairs(setup.data, "eval", node.tokenizer, rc.max_length)
+    pad_id = node.tokenizer.pad_token_id
+    scores = evaluate_pairs(node.model, pairs, pad_id, rc.dpo_beta, per_batch=rc.batch_size)
+    log.info(
+        "Round %d site %s: DPO eval loss %.4f, preference accuracy %.3f, margin %.4f (%d pairs)",
+        rc.server_round,
+        setup.settings.site,
+        scores.loss,
+        scores.accuracy,
+        scores.margin,
+        scores.pairs,
+    )
+    return EvalReply(
+        num_examples=scores.pairs,
+        loss=scores.loss,
+        perplexity=float(np.exp(min(scores.loss, 50.0))),
+        tokens=scores.tokens,
+        site_id=setup.settings.site_id,
+        seconds=time.perf_counter() - start,
+        pref_accuracy=scores.accuracy,
+        reward_margin=scores.margin,
+    )
 
 
 def error_reply(exc: Exception) -> Error:

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from fedlora.basemodel import resolve_base_model
+from fedlora.config import parse_ranks
 from fedlora.data.drugreview import LABELS, SITES, load_split, split_by_site
 from fedlora.data.formats import DataSpec, describe, load_examples, train_eval_split
 from fedlora.data.partitioned import client_examples
@@ -83,6 +84,9 @@ class NodeSettings:
     # memory this node may train in, GiB (RAM on CPU, GPU memory on CUDA): a round whose step
     # fits it only with gradient checkpointing turns it on (client/memory_plan.py); 0 = off
     memory_gib: float = 0.0
+    # this node's LoRA rank, at most the run's lora-r-max (client/ranks.py); 0 = the run's
+    # lora-r. In simulation, the run's client-ranks give it by partition-id
+    lora_r: int = 0
 
     @property
     def site_id(self) -> int:
@@ -143,11 +147,14 @@ class NodeSettings:
                 personal_dir=str(merged.get("personal-state-dir", "") or ""),
                 device=str(merged.get("device", "") or ""),
                 memory_gib=float(merged.get("memory-gib", 0.0)),
+                lora_r=_own_rank(merged),
             )
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"node settings: {exc}") from None
 
     def __post_init__(self) -> None:
+        if not isinstance(self.lora_r, int) or self.lora_r < 0:
+            raise ConfigError(f"lora-r={self.lora_r!r}: this node's LoRA rank, a whole number >= 1")
         if self.dp_max_contributors < 0:
             raise ConfigError(
                 f"dp-max-contributors={self.dp_max_contributors}: must be >= 0 (0: the roster's "
@@ -197,6 +204,18 @@ _MODELS: dict[tuple[Any, ...], WarmModel] = {}
 _DATA: dict[tuple[Any, ...], NodeData] = {}
 DATA_CACHE = 8  # nodes' data kept per process: a simulation serves many clients in turn
 _LOADS = [0]
+
+
+def _own_rank(merged: Mapping[str, Any]) -> int:
+    """The node's lora-r: from the run's client-ranks by partition-id (simulation), else its
+    lora-r setting, else 0 (the run's)."""
+    ranks = parse_ranks(str(merged.get("client-ranks", "") or ""))
+    if ranks and "partition-id" in merged:
+        return ranks[int(merged["partition-id"]) % len(ranks)]
+    value = merged.get("lora-r", 0)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"lora-r={value!r}: this node's LoRA rank, a whole number >= 1")
+    return value
 
 
 def warm_model(settings: NodeSettings, lora: LoraSettings) -> WarmModel:

@@ -128,6 +128,7 @@ _COUNT = Bound(int, 0, MAX_INT)
 MAX_LOSS = 1e4  # nats per token; an untrained model scores about ln(vocabulary), ~11
 MAX_PERPLEXITY = 1e22  # nodes report exp(min(loss, 50)) ~ 5.2e21
 MAX_SECONDS = 1e7  # about 116 days
+MAX_MARGIN = 1e9  # DPO reward margin: beta (<= 1e3) x a log-probability difference
 _SECONDS = Bound(float, 0.0, MAX_SECONDS)
 _LOSS = Bound(float, 0.0, MAX_LOSS)
 
@@ -152,6 +153,12 @@ METRIC_SPECS: dict[str, MetricSpec] = {
     ),
     "eval-accuracy": MetricSpec(Bound(float, 0.0, 1.0), _EVAL, False, None, "", "label tasks"),
     "eval-tokens": MetricSpec(_COUNT, _EVAL, False, 0, "", "scored eval tokens"),
+    "eval-pref-accuracy": MetricSpec(
+        Bound(float, 0.0, 1.0), _EVAL, False, None, "", "DPO: pairs the reward ranks right"
+    ),
+    "eval-reward-margin": MetricSpec(
+        Bound(float, -MAX_MARGIN, MAX_MARGIN), _EVAL, False, None, "", "DPO: mean reward margin"
+    ),
     "eval-seconds": MetricSpec(_SECONDS, _EVAL, False, 0.0, "", "evaluation time"),
 }
 TRAIN_METRICS = frozenset(k for k, s in METRIC_SPECS.items() if "train" in s.replies)

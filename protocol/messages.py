@@ -74,8 +74,10 @@ ROUND_BOUNDS: dict[str, Bound] = {
     "dp_noise_multiplier": _ranged(float, "dp_noise_multiplier", 0.0),
     "dp_clip_norm": _ranged(float, "dp_clip_norm", 0.0),
     "dp_expected_clients": _NON_NEGATIVE_INT,
+    "dpo_beta": _ranged(float, "dpo_beta", 0.0, low_open=True),
     "wire_version": _NON_NEGATIVE_INT,
 }
+OBJECTIVES = ("sft", "dpo")
 
 
 @dataclass(frozen=True)
@@ -120,6 +122,8 @@ class RoundConfig:
     dp_noise_multiplier: float = 0.0  # client-level DP under secure aggregation; 0 = off
     dp_clip_norm: float = 0.0  # DP: each node clips its delta to this L2 norm
     dp_expected_clients: int = 0  # DP: nodes sharing the noise (each adds 1/n of its variance)
+    objective: str = "sft"  # sft (next-token loss) | dpo (preference pairs, fedlora.client.dpo)
+    dpo_beta: float = 0.1  # DPO: the implicit reward's scale
     wire_version: int = WIRE_VERSION
 
     def __post_init__(self) -> None:
@@ -147,6 +151,10 @@ class RoundConfig:
             )
         if self.loss not in LOSSES:
             raise ProtocolError(f"round config loss={self.loss!r}: use one of {LOSSES}")
+        if self.objective not in OBJECTIVES:
+            raise ProtocolError(
+                f"round config objective={self.objective!r}: use one of {OBJECTIVES}"
+            )
         if self.codec not in CODECS:
             raise ProtocolError(f"round config codec={self.codec!r}: use one of {sorted(CODECS)}")
         if self.down_codec not in CODECS:
@@ -317,6 +325,8 @@ class EvalReply:
     accuracy: float | None = None  # label tasks only
     site_id: int = -1
     seconds: float = 0.0
+    pref_accuracy: float | None = None  # DPO: share of held-out pairs the reward prefers right
+    reward_margin: float | None = None  # DPO: mean reward margin (chosen - rejected)
 
     def to_content(self) -> RecordDict:
         metrics: dict[str, float | int] = {
@@ -330,6 +340,9 @@ class EvalReply:
         }
         if self.accuracy is not None:
             metrics["eval-accuracy"] = float(self.accuracy)
+        if self.pref_accuracy is not None and self.reward_margin is not None:
+            metrics["eval-pref-accuracy"] = float(self.pref_accuracy)
+            metrics["eval-reward-margin"] = float(self.reward_margin)
         if not set(metrics) <= EVAL_METRICS:
             raise ProtocolError(
                 f"refusing to send non-whitelisted metrics {sorted(set(metrics) - EVAL_METRICS)}"
@@ -342,6 +355,7 @@ class EvalReply:
         content = record_keys(content, {METRICS})
         metrics = check_metrics(content.get(METRICS), "eval", WIRE_VERSION)
         acc = metrics["eval-accuracy"]
+        pref, margin = metrics["eval-pref-accuracy"], metrics["eval-reward-margin"]
         return cls(
             num_examples=_int(metrics, NUM_EXAMPLES),
             loss=_float(metrics, "eval-loss"),
@@ -350,6 +364,8 @@ class EvalReply:
             accuracy=None if acc is None else float(acc),
             site_id=_int(metrics, "site-id"),
             seconds=_float(metrics, "eval-seconds"),
+            pref_accuracy=None if pref is None else float(pref),
+            reward_margin=None if margin is None else float(margin),
         )
 
 

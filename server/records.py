@@ -178,7 +178,8 @@ def rejected_list(rejected: dict[int, str]) -> list[dict[str, Any]]:
 
 
 def weighted_eval(results: list[EvalReply]) -> dict[str, float]:
-    """Eval loss (per scored token), perplexity and accuracy over nodes, weighted.
+    """Eval loss (per scored token), perplexity, accuracy and (DPO) preference accuracy and
+    reward margin over nodes, weighted.
 
     Loss is weighted by scored tokens (so it is the loss over all nodes' eval tokens) and
     perplexity is its exponential; accuracy is weighted by eval examples over the nodes that
@@ -198,6 +199,14 @@ def weighted_eval(results: list[EvalReply]) -> dict[str, float]:
     if scored:
         n = sum(r.num_examples for r in scored)
         out["eval-accuracy"] = sum(float(r.accuracy or 0.0) * r.num_examples for r in scored) / n
+    pairs = [r for r in results if r.pref_accuracy is not None and r.reward_margin is not None]
+    if pairs:  # DPO (client/dpo.py): weighted by held-out pairs
+        n = sum(r.num_examples for r in pairs)
+        for key, field in (
+            ("eval-pref-accuracy", "pref_accuracy"),
+            ("eval-reward-margin", "reward_margin"),
+        ):
+            out[key] = sum(float(getattr(r, field)) * r.num_examples for r in pairs) / n
     return out
 
 

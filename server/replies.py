@@ -114,6 +114,10 @@ def record_evaluation(
         site.update({"eval-loss": r.loss, "eval-examples": r.num_examples})
         if r.accuracy is not None:
             site["eval-accuracy"] = r.accuracy
+        if r.pref_accuracy is not None:  # DPO (client/dpo.py)
+            site.update(
+                {"eval-pref-accuracy": r.pref_accuracy, "eval-reward-margin": r.reward_margin}
+            )
     log.info(
         "Round %d | federated eval | loss %.4f | perplexity %.2f | accuracy %s | %d nodes",
         server_round,

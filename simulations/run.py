@@ -136,6 +136,7 @@ def simulate(
         "eval-fraction": cfg.eval_fraction,
         "eval-labels": cfg.eval_labels,
         "seed": cfg.seed,
+        "client-ranks": cfg.client_ranks,  # heterogeneous ranks: each node's, by partition-id
         # one machine, one owner: simulated nodes join secure rounds of two (a deployed node
         # refuses fewer than three holders unless its operator sets this)
         "secagg-min-nodes": 2,

@@ -28,7 +28,16 @@ SCHEDULES: tuple[str, ...] = ("constant", "cosine", "linear")
 # Wire encodings of a node's delta (protocol/compression.py).
 CODECS: tuple[str, ...] = ("none", "fp16", "int8", "int8-block")
 # LoRA aggregation strategies (server/strategies/).
-STRATEGIES: tuple[str, ...] = ("fedit", "ffa-lora", "fedsa-lora", "fedex-lora", "fed-sb")
+STRATEGIES: tuple[str, ...] = (
+    "fedit",
+    "ffa-lora",
+    "fedsa-lora",
+    "fedex-lora",
+    "fed-sb",
+    "zero-pad",
+    "hetlora",
+    "flexlora",
+)
 # Server optimizers on the aggregated delta (server/strategies/optimizers.py).
 SERVER_OPTIMIZERS: tuple[str, ...] = ("sgd", "avgm", "adam", "yogi")
 # How deltas are combined (server/strategies/robust.py).
@@ -47,6 +56,7 @@ class StrategyTraits:
     sum_only: bool  # its aggregate needs only the weighted sum of the deltas (SecAgg+, DP)
     robust: bool  # exact with median / trimmed-mean too (else: aggregation='mean' only)
     any_optimizer: bool  # exact with every server optimizer (else: sgd at lr 1 only)
+    mixed_ranks: bool = False  # aggregates clients of different ranks (zero-padded to r_max)
 
 
 STRATEGY_TRAITS: dict[str, StrategyTraits] = {
@@ -56,6 +66,11 @@ STRATEGY_TRAITS: dict[str, StrategyTraits] = {
     # FedEx-LoRA's residual needs each client's factors and FedAvg's plain step
     "fedex-lora": StrategyTraits(sum_only=False, robust=False, any_optimizer=False),
     "fed-sb": StrategyTraits(sum_only=True, robust=True, any_optimizer=True),
+    # Heterogeneous ranks (lora-r-max): zero-padded sums compose with SecAgg+; HetLoRA's norm
+    # weights and FlexLoRA's SVD of the products need each client's factors
+    "zero-pad": StrategyTraits(sum_only=True, robust=True, any_optimizer=True, mixed_ranks=True),
+    "hetlora": StrategyTraits(sum_only=False, robust=False, any_optimizer=True, mixed_ranks=True),
+    "flexlora": StrategyTraits(sum_only=False, robust=False, any_optimizer=False, mixed_ranks=True),
 }
 # Aggregations that are a function of the weighted sum (median and trimmed mean need every update).
 SUM_ONLY_AGGREGATIONS: frozenset[str] = frozenset({"mean"})
@@ -76,6 +91,7 @@ class Combination:
     server_optimizer: str = "sgd"
     server_lr: float = 0.0  # 0: the optimizer's default
     codec: str = "none"
+    mixed_ranks: bool = False  # nodes may train different ranks (lora-r-max, client-ranks)
 
     @property
     def traits(self) -> StrategyTraits:
@@ -92,6 +108,14 @@ def _names(pick: Callable[[StrategyTraits], bool]) -> str:
 
 # (setting the rule is about, when it is broken, what to say): checked in this order.
 RULES: tuple[tuple[str, Callable[[Combination], bool], str], ...] = (
+    (
+        "strategy",
+        lambda c: c.mixed_ranks and not c.traits.mixed_ranks,
+        "strategy={strategy!r} needs one rank for all nodes, but lora-r-max or client-ranks "
+        "lets ranks differ: use one of "
+        + _names(lambda t: t.mixed_ranks)
+        + ", or drop lora-r-max and client-ranks",
+    ),
     (
         "strategy",
         lambda c: not c.traits.robust and c.aggregation != "mean",

@@ -29,6 +29,7 @@ from fedlora.choices import (
 from fedlora.data.drugreview import SITES
 from fedlora.errors import ConfigError
 from fedlora.lora import LoraSettings
+from fedlora.protocol.messages import OBJECTIVES
 from fedlora.ranges import RANGES
 
 TRACKERS = ("none", "mlflow", "tensorboard")  # experiment trackers (server/tracking.py)
@@ -67,6 +68,9 @@ class RunConfig:
     max_grad_norm: float = 1.0  # gradient clip on nodes (global L2); 0 = off
     weight_decay: float = 0.0  # AdamW weight decay on the LoRA tensors
     loss: str = "completion"  # completion (answer tokens only) | full (every token)
+    # sft (next-token loss) | dpo (preference pairs: DPO against the frozen base, docs/simulate.md)
+    objective: str = "sft"
+    dpo_beta: float = 0.1  # DPO: scale of the implicit reward beta * (log pi - log ref); > 0
     packing: bool = False  # pack several examples into each row of max-length tokens
     length_grouping: int = 8  # sort each N batches' examples by length (less padding); 1 = off
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory
@@ -136,6 +140,10 @@ class RunConfig:
             raise ConfigError(f"lr={self.lr}: must be in (0, 1), e.g. 3e-4")
         if self.loss not in LOSSES:
             raise ConfigError(f"loss={self.loss!r}: use one of {LOSSES}")
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"objective={self.objective!r}: use one of {OBJECTIVES}")
+        if self.dpo_beta <= 0:
+            raise ConfigError(f"dpo-beta={self.dpo_beta}: must be > 0, e.g. 0.1")
         if self.lr_schedule not in SCHEDULES:
             raise ConfigError(f"lr-schedule={self.lr_schedule!r}: use one of {SCHEDULES}")
         if self.local_epochs == 0 and self.warmup_steps > self.local_steps:

@@ -15,6 +15,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "batch_size": (1, 65_536),
     "max_length": (32, 1 << 20),
     "lora_r": (1, 65_536),
+    "lora_r_max": (0, 65_536),
     "lora_alpha": (0, 1e6),
     "lora_layers": (0, 100_000),
     "local_epochs": (0, 10_000),
@@ -42,4 +43,5 @@ RANGES: dict[str, tuple[float, float]] = {
     "min_nodes": (1, 100_000),
     "min_available_nodes": (0, 100_000),
     "round_timeout": (0, 7 * DAY),
+    "dpo_beta": (0, 1e3),
 }

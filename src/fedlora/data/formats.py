@@ -48,7 +48,7 @@ MAX_LISTED = 20  # problems listed in one error message
 @dataclass(frozen=True)
 class DataSpec:
     path: str  # a data file, or a folder read recursively (hidden files ignored), in sorted order
-    format: str = "auto"  # auto (by extension) | chat | pairs | csv | tsv | text
+    format: str = "auto"  # auto (by extension) | chat | pairs | preference | csv | tsv | text
     prompt_column: str = "prompt"  # pairs/csv/tsv: the column with the user's prompt
     response_column: str = "response"  # pairs/csv/tsv: the column with the answer to learn
     system_column: str = ""  # optional column with a system prompt (blank cell: none)
@@ -188,7 +188,7 @@ def describe(result: LoadResult, max_problems: int = 10) -> str:
 
 
 def _counts(kinds: Counter[str]) -> str:
-    return ", ".join(f"{kinds[k]} {k}" for k in ("chat", "text") if kinds[k])
+    return ", ".join(f"{kinds[k]} {k}" for k in ("chat", "text", "preference") if kinds[k])
 
 
 def _n(count: int, noun: str) -> str:

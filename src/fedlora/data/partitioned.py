@@ -40,6 +40,8 @@ def write_examples(path: Path, examples: Iterable[Example]) -> int:
             record: dict[str, object] = {"source": ex.source}
             if ex.turns:
                 record["messages"] = [{"role": t.role, "content": t.content} for t in ex.turns]
+                if ex.rejected:
+                    record["rejected"] = ex.rejected
             else:
                 record["text"] = ex.text
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
@@ -54,7 +56,14 @@ def read_examples(path: Path) -> list[Example]:
         try:
             record = parse_json(line)
             turns = tuple(Turn(m["role"], m["content"]) for m in record.get("messages", ()))
-            out.append(Example(source=record["source"], turns=turns, text=record.get("text", "")))
+            out.append(
+                Example(
+                    source=record["source"],
+                    turns=turns,
+                    text=record.get("text", ""),
+                    rejected=record.get("rejected", ""),
+                )
+            )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise DataError(
                 f"{path}:{line_no}: not a partition record ({exc}): write the partition again "

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
+from fedlora.data.preference import is_preference, preference_example
 from fedlora.data.records import (
     Example,
     Problem,
@@ -143,6 +144,12 @@ def _json_record(record: object, where: str, spec: DataSpec) -> Example | Proble
             f"the record is {json_type(record)}, not a JSON object: write one "
             'object per record, e.g. {"messages": [...]}',
         )
+    if spec.format == "preference" or (spec.format == "auto" and is_preference(record)):
+        return _with_fields(
+            preference_example(record, where, spec.prompt_column, spec.system_column),
+            record,
+            spec,
+        )
     chat = spec.format == "chat" or (
         spec.format == "auto" and not spec.text_column and "messages" in record
     )
@@ -159,6 +166,12 @@ def _json_record(record: object, where: str, spec: DataSpec) -> Example | Proble
 
 def _columns_example(record: Mapping[str, object], where: str, spec: DataSpec) -> Example | Problem:
     """An example from a record's named columns (as ``spec`` maps them), with its other fields."""
+    if is_preference(record) and not spec.text_column:  # a table of preference pairs
+        return _with_fields(
+            preference_example(record, where, spec.prompt_column, spec.system_column),
+            record,
+            spec,
+        )
     return _with_fields(
         column_example(
             record,
@@ -179,7 +192,7 @@ def _with_fields(
     """The example with the record's other scalar fields attached (for partitioning)."""
     if isinstance(result, Problem):
         return result
-    used = {"messages", spec.prompt_column, spec.response_column}
+    used = {"messages", spec.prompt_column, spec.response_column, "chosen", "rejected"}
     used |= {c for c in (spec.system_column, spec.text_column) if c}
     return replace(result, fields=scalar_fields(record, used))
 
@@ -251,6 +264,8 @@ def _header_problem(header: list[str], where: str, spec: DataSpec) -> Problem | 
         if spec.text_column
         else [("prompt-column", spec.prompt_column), ("response-column", spec.response_column)]
     )
+    if not spec.text_column and is_preference(dict.fromkeys(header)):  # preference pairs
+        wanted = [("prompt-column", spec.prompt_column)]
     if spec.system_column:
         wanted.append(("system-column", spec.system_column))
     missing = [(setting, col) for setting, col in wanted if col not in header]
@@ -290,6 +305,7 @@ READERS: dict[str, Reader] = {
 FAMILY_OF_FORMAT: dict[str, str] = {
     "chat": "json",
     "pairs": "json",
+    "preference": "json",
     "csv": "csv",
     "tsv": "tsv",
     "text": "text",

@@ -33,14 +33,21 @@ class Example:
     # the record's other scalar fields as text (JSON keys, CSV columns), for partitioning by a
     # column in simulation; never sent anywhere
     fields: tuple[tuple[str, str], ...] = ()
+    # a preference pair (fedlora.data.preference): the rejected answer; the last turn is chosen
+    rejected: str = ""
 
     def __post_init__(self) -> None:
         if bool(self.turns) == bool(self.text):
             raise ValueError(f"Example {self.source}: give either turns or text, not both/neither")
+        if self.rejected and not self.turns:
+            raise ValueError(f"Example {self.source}: a rejected answer needs a chat")
 
     @property
     def kind(self) -> str:
-        """'chat' (loss on the assistant turns) or 'text' (loss on all tokens)."""
+        """'chat' (loss on the assistant turns), 'text' (loss on all tokens) or 'preference'
+        (a chat whose last answer is preferred to ``rejected``: DPO)."""
+        if self.rejected:
+            return "preference"
         return "chat" if self.turns else "text"
 
 
