@@ -55,6 +55,7 @@ from fedlora.client.node import (
     warm_model,
 )
 from fedlora.client.privacy import noise_share_std, noise_shares
+from fedlora.client.ranks import rank_problem, truncated
 from fedlora.client.secagg import NOISE_SHARES, SecAggPolicy, handle_secagg
 from fedlora.client.train import (
     TrainOptions,
@@ -106,7 +107,7 @@ def round_settings(content: Any, settings: NodeSettings) -> tuple[RoundConfig, L
     try:
         rc = RoundConfig.from_record(content[CONFIG])
         lora = LoraSettings(
-            r=rc.lora_r,
+            r=rc.lora_r_max or rc.lora_r,  # the adapter's rank; this node's is node_rank
             alpha=float(rc.lora_alpha),
             dropout=float(rc.lora_dropout),
             target_modules=rc.target_modules,
@@ -116,7 +117,7 @@ def round_settings(content: Any, settings: NodeSettings) -> tuple[RoundConfig, L
         )
     except (ProtocolError, ConfigError, KeyError, TypeError) as exc:
         raise RoundRefused(f"round config not accepted: {exc}") from None
-    problem = limit_problem(
+    problem = rank_problem(settings.lora_r, rc.lora_r, rc.lora_r_max) or limit_problem(
         rc, model_limits(resolve_base_model(settings.base_model)), _budget(settings)
     )
     if problem:
@@ -128,6 +129,11 @@ def round_settings(content: Any, settings: NodeSettings) -> tuple[RoundConfig, L
             f"noise under secure aggregation; without it, this node cannot check it)"
         )
     return rc, lora
+
+
+def node_rank(settings: NodeSettings, rc: RoundConfig) -> int:
+    """The rank this node trains: its own lora-r, else the run's (client/ranks.py)."""
+    return settings.lora_r or rc.lora_r
 
 
 def _budget(settings: NodeSettings) -> NodeBudget:
@@ -208,6 +214,8 @@ def load_adapter(
     if personal is not None:
         validate(personal, personal_spec)
         start.update(personal)
+    if node_rank(settings, rc) < (rc.lora_r_max or rc.lora_r):  # client/ranks.py
+        start = truncated(start, node_rank(settings, rc))
     set_lora_state(node.model, start)
     return global_adapter, received
 

@@ -59,6 +59,7 @@ ROUND_BOUNDS: dict[str, Bound] = {
     "max_length": _ranged(int, "max_length", 1),
     "seed": _NON_NEGATIVE_INT,
     "lora_r": _ranged(int, "lora_r", 1),
+    "lora_r_max": _ranged(int, "lora_r_max", 0),
     "lora_alpha": _ranged(float, "lora_alpha", 0.0, low_open=True),
     "lora_dropout": Bound(float, 0.0, 1.0, high_open=True),
     "lora_layers": _ranged(int, "lora_layers", 0),  # 0: every layer; a node checks its model's
@@ -99,6 +100,9 @@ class RoundConfig:
     send_factors: str = "AB"  # factors nodes send; trained but unsent ones stay on the node
     lora_rslora: bool = False  # rank-stabilised scaling alpha / sqrt(r) (Kalajdzievski, 2023)
     lora_layers: int = 0  # LoRA on the last N transformer layers only; 0 = every layer
+    # heterogeneous ranks: the adapter's rank (its shapes); a node trains the first lora_r
+    # components, or its own lora-r (<= this), and sends them zero-padded; 0 = lora_r for all
+    lora_r_max: int = 0
     local_epochs: float = 0.0  # > 0: passes over the node's data instead of local_steps
     grad_accum: int = 1  # micro-batches per optimizer step
     warmup_steps: int = 0  # linear learning-rate warmup at the start of the round

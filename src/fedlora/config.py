@@ -55,7 +55,13 @@ class RunConfig:
     batch_size: int = 4  # examples per step
     lr: float = 1e-3  # AdamW learning rate for the LoRA tensors
     max_length: int = 256  # tokens per example; longer reviews are cut
-    lora_r: int = 8  # LoRA rank
+    lora_r: int = 8  # LoRA rank (with lora-r-max: the rank of nodes that set none of their own)
+    # Heterogeneous ranks: the adapter's rank on the wire; each node trains the first lora-r
+    # components (its node setting, <= this) and sends them zero-padded; 0 = lora-r for all
+    lora_r_max: int = 0
+    # simulation: ranks given to the simulated nodes in turn (partition-id i trains at the
+    # (i mod n)-th), e.g. "4,16" (a TOML list works too); needs lora-r-max; "" = lora-r for all
+    client_ranks: str = ""
     lora_alpha: float = 16.0  # LoRA scaling numerator (update scaled by alpha / r)
     lora_dropout: float = 0.0  # dropout on the LoRA path (0: none, and ~1.8x faster on CPU)
     target_modules: str = "all-linear"  # "all-linear" or comma-separated module names
@@ -174,6 +180,7 @@ class RunConfig:
         if unknown or not self.site_names:
             raise ConfigError(f"sites={self.sites!r}: use comma-separated names from {SITES}")
         _ = self.lora  # building LoraSettings validates the LoRA fields
+        self._check_ranks()
 
     # Which strategy, reducer, optimizer, secure aggregation and DP go together is decided by
     # the one table in fedlora.choices (RULES); the server's strategy builder reads it too.
@@ -212,10 +219,41 @@ class RunConfig:
             server_optimizer=self.server_optimizer,
             server_lr=self.server_lr,
             codec=self.codec,
+            mixed_ranks=self.heterogeneous,
         )
         problem = compatibility_problem(combination)  # the one table, fedlora.choices.RULES
         if problem:
             raise ConfigError(problem)
+
+    def _check_ranks(self) -> None:
+        if self.lora_r_max and self.lora_r > self.lora_r_max:
+            raise ConfigError(
+                f"lora-r={self.lora_r} exceeds lora-r-max={self.lora_r_max}: nodes train at "
+                f"most the adapter's rank; raise lora-r-max or lower lora-r"
+            )
+        ranks = self.node_ranks
+        if ranks and not self.lora_r_max:
+            raise ConfigError(
+                f"client-ranks={self.client_ranks!r} needs lora-r-max (the adapter's rank on "
+                f"the wire, >= every client rank), e.g. lora-r-max={max(ranks)}"
+            )
+        if any(r > self.lora_r_max for r in ranks):
+            raise ConfigError(
+                f"client-ranks={self.client_ranks!r}: a rank exceeds lora-r-max="
+                f"{self.lora_r_max}; use ranks in 1..{self.lora_r_max}"
+            )
+        if self.heterogeneous and self.strategy == "fed-sb":
+            raise ConfigError("fed-sb trains an r x r matrix for one rank: drop lora-r-max")
+
+    @property
+    def node_ranks(self) -> list[int]:
+        """The simulated nodes' ranks from client-ranks (empty: lora-r for all)."""
+        return parse_ranks(self.client_ranks)
+
+    @property
+    def heterogeneous(self) -> bool:
+        """Whether nodes may train different ranks (lora-r-max above lora-r, or client-ranks)."""
+        return bool(self.client_ranks.strip()) or self.lora_r_max not in (0, self.lora_r)
 
     def _check_secure_aggregation(self) -> None:
         if self.min_nodes < 2:
@@ -267,7 +305,7 @@ class RunConfig:
     @property
     def lora(self) -> LoraSettings:
         return LoraSettings(
-            r=self.lora_r,
+            r=self.lora_r_max or self.lora_r,  # the adapter's rank (every node's on the wire)
             alpha=float(self.lora_alpha),
             dropout=float(self.lora_dropout),
             target_modules=self.target_modules,
@@ -289,6 +327,8 @@ class RunConfig:
                     f"{', '.join(sorted(_key(k) for k in known))}"
                 )
             kwargs[name] = value
+        if isinstance(kwargs.get("client_ranks"), list):  # a TOML list: 4, 16 -> "4,16"
+            kwargs["client_ranks"] = ",".join(str(r) for r in kwargs["client_ranks"])
         try:
             return cls(**kwargs)
         except ConfigError as exc:
@@ -296,6 +336,16 @@ class RunConfig:
 
     def to_mapping(self) -> dict[str, Any]:
         return {_key(f.name): getattr(self, f.name) for f in fields(self)}
+
+
+def parse_ranks(text: str) -> list[int]:
+    """``"4,16"`` -> ``[4, 16]``; ConfigError naming client-ranks for anything else."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not all(p.isdigit() and int(p) >= 1 for p in parts):
+        raise ConfigError(
+            f"client-ranks={text!r}: use positive whole ranks separated by commas, e.g. '4,16'"
+        )
+    return [int(p) for p in parts]
 
 
 def _check_ranges(cfg: RunConfig) -> None:
