@@ -105,9 +105,9 @@ class RunConfig:
     dp_clip_norm: float = 1.0  # DP: L2 bound on each node's delta
     dp_delta: float = 1e-5  # DP: the delta of (epsilon, delta); below 1 / number of nodes
     dp_accountant: str = "rdp"  # DP accounting (dp-accounting): rdp | pld
-    strategy: str = (
-        "fedit"  # fedit | ffa-lora | fedsa-lora | fedex-lora | fed-sb (fedlora.server.strategies)
-    )
+    # fedit | ffa-lora | fedsa-lora | fedex-lora | fed-sb (fedlora.server.strategies); for mixed
+    # ranks (lora-r-max): zero-pad | hetlora | flexlora
+    strategy: str = "fedit"
     server_optimizer: str = "sgd"  # sgd (FedAvg) | avgm | adam | yogi, on the aggregated delta
     server_lr: float = 0.0  # server learning rate; 0 = the optimizer's default (1 sgd/avgm, 0.01)
     aggregation: str = (
