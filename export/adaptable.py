@@ -27,6 +27,7 @@ import numpy as np
 from fedlora.errors import FedloraError
 from fedlora.export.card import Variant, adapter_card, build_card, write_card
 from fedlora.export.gates import GateThresholds
+from fedlora.export.genai import genai_status
 from fedlora.export.onnx import MODEL_FILE, choose_graph, onnx_size_mib
 from fedlora.export.parity import ATOL, NOISE_FACTOR, ParityError, ParityReport, check_parity
 from fedlora.export.pipeline import ExportReport, _quantized
@@ -133,6 +134,7 @@ def export_base(
             gates={"parity": {"passed": parity.ok, "figures": figures}},
             decode_tokens_per_s=parity.decode_tokens_per_s,
             graph="fused",
+            genai=genai_status(onnx_dir),
         )
     )
     if quantize:

@@ -52,6 +52,9 @@ class Variant:
     # greedy tokens / seconds of ONNX Runtime's first decode (the parity prompt: prefill included)
     decode_tokens_per_s: float = float("nan")
     graph: str = ""  # the ONNX graph's form: fused (fedlora.export.fused) or traced (optimum)
+    # onnxruntime-genai: "genai_config.json" when the folder has one, else why the runtime
+    # cannot run the graph (fedlora.export.genai); "" when not checked
+    genai: str = ""
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -262,8 +265,8 @@ def card_markdown(card: Mapping[str, Any]) -> str:
     lines += ["", f"Training data: {card['training-data']}.", "", "## Variants", ""]
     lines += [
         "| variant | graph | folder | size MiB | greedy tokens/s (first call, prompt included) "
-        "| gates |",
-        "|---|---|---|---:|---:|---|",
+        "| onnxruntime-genai | gates |",
+        "|---|---|---|---:|---:|---|---|",
     ]
     for v in card["variants"]:
         gates = "; ".join(
@@ -272,7 +275,7 @@ def card_markdown(card: Mapping[str, Any]) -> str:
         )
         lines.append(
             f"| {v['name']} | {v.get('graph') or '-'} | `{v['folder']}` | {v['size_mib']:.1f} | "
-            f"{v['decode_tokens_per_s']:.1f} | {gates or '-'} |"
+            f"{v['decode_tokens_per_s']:.1f} | {v.get('genai') or '-'} | {gates or '-'} |"
         )
     if card["evaluation-data"]:
         data = card["evaluation-data"]

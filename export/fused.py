@@ -14,10 +14,12 @@ uses; learned from its design, not copied):
 - a tied language-model head that reads the embedding table (``Gemm`` with ``transB``), so the
   fp32 model holds it once.
 
-Inputs and outputs are the ones :class:`fedlora.export.runtime.EdgeModel` already speaks:
-``input_ids``, ``attention_mask``, ``past_key_values.{i}.key|value`` ``[batch, kv_heads, past,
-head_dim]`` in, ``logits`` and ``present.{i}.key|value`` out (positions come from the mask, so
-there is no ``position_ids`` input). Every ``MatMul`` has a constant ``[in, out]`` weight, so
+Inputs and outputs are the names optimum's ``ORTModelForCausalLM``, onnxruntime-genai and
+:class:`fedlora.export.runtime.EdgeModel` speak: ``input_ids``, ``attention_mask`` (int64
+``[batch, total]``: the sequence lengths ``GroupQueryAttention`` takes), ``position_ids`` (int64
+``[batch, sequence]``: the rotary embedding's positions) and ``past_key_values.{i}.key|value``
+``[batch, kv_heads, past, head_dim]`` in, ``logits`` and ``present.{i}.key|value`` out.
+Every ``MatMul`` has a constant ``[in, out]`` weight, so
 onnxruntime's ``MatMulNBitsQuantizer`` quantizes the graph unchanged
 (:mod:`fedlora.export.quantize`).
 
@@ -46,6 +48,7 @@ ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # frequencies fixed at exp
 LM_HEAD = "lm_head"  # node name of the tied head (Gemm) or untied head (MatMul)
 EMBEDDING = "embed_tokens"  # node name of the embedding Gather
 EMBEDDING_WEIGHT = "model.embed_tokens.weight"
+POSITIONS = "position_ids"  # the rotary embedding's positions, an input as optimum names it
 OPSET = 17
 MS_DOMAIN = "com.microsoft"
 
@@ -323,7 +326,7 @@ def build_fused_model(model_dir: Path, lora_slots: bool = False) -> Any:
         past_k, past_v = kv_names[i]
         attn, present_k, present_v = g.node(
             "GroupQueryAttention",
-            [qkv, "", "", past_k, past_v, seqlens_k, total, cos_cache, sin_cache],
+            [qkv, "", "", past_k, past_v, seqlens_k, total, cos_cache, sin_cache, POSITIONS],
             [f"layers.{i}.attn/output", f"present.{i}.key", f"present.{i}.value"],
             f"layers.{i}.attn/GroupQueryAttention",
             domain=MS_DOMAIN,
@@ -388,6 +391,7 @@ def build_fused_model(model_dir: Path, lora_slots: bool = False) -> Any:
     inputs = [
         helper.make_tensor_value_info("input_ids", i64, ["batch", "sequence"]),
         helper.make_tensor_value_info("attention_mask", i64, ["batch", "total_sequence"]),
+        helper.make_tensor_value_info(POSITIONS, i64, ["batch", "sequence"]),
     ]
     for past_k, past_v in kv_names:
         inputs.append(helper.make_tensor_value_info(past_k, f32, kv_shape))

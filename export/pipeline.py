@@ -25,6 +25,7 @@ from fedlora.export.gates import (
     describe,
     gate,
 )
+from fedlora.export.genai import genai_status
 from fedlora.export.merge import merge_adapter
 from fedlora.export.onnx import choose_graph, export_onnx, onnx_size_mib
 from fedlora.export.parity import ATOL, NOISE_FACTOR, ParityReport, check_parity
@@ -130,6 +131,7 @@ def export_adapter(
             },
             decode_tokens_per_s=parity.decode_tokens_per_s,
             graph=form,
+            genai=genai_status(onnx_dir),
         )
     )
     if quantize:
@@ -203,6 +205,7 @@ def _quantized(
                 gates={"task": result.as_card(), "quantization": asdict(quant)},
                 decode_tokens_per_s=speed,
                 graph=report.graph,
+                genai=genai_status(folders[result.variant]),
             )
         )
     text = describe(ref, report.gates)

@@ -123,6 +123,10 @@ def test_int8_and_int4_variants_are_built_gated_and_carded(
     figures = carded["int8"]["gates"]["task"]["figures"]
     assert figures["examples"] == len(task) and figures["perplexity-ratio-vs-fp32"] > 0
     assert carded["int4"]["gates"]["quantization"]["block_size"] == 32
+    # every variant folder runs in onnxruntime-genai too (tests/test_genai_bundle.py)
+    for name, folder in (("fp32", "onnx"), ("int8", "onnx-int8"), ("int4", "onnx-int4")):
+        assert (tmp_path / "bundle" / folder / "genai_config.json").is_file()
+        assert carded[name]["genai"] == "genai_config.json"
     assert "int8" in (tmp_path / "bundle" / "MODEL_CARD.md").read_text()
 
 
