@@ -259,3 +259,42 @@ def test_the_runtime_applies_an_adapter_without_torch(setup: dict[str, Path]) ->
     # Assert
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_onnxruntime_genai_applies_the_same_adapter_file(setup: dict[str, Path]) -> None:
+    # Prepare: onnxruntime-genai's own LoRA adapters (og.Adapters) on the adaptable int8 base
+    import onnxruntime_genai as og
+
+    from fedlora.export.genai import GENAI_CONFIG, genai_status
+    from fedlora.export.parity import ATOL
+    from fedlora.export.runtime import EdgeModel
+
+    folder = setup["bundle"] / "onnx-int8"
+    assert genai_status(folder) == GENAI_CONFIG
+    edge = EdgeModel(folder, adapter=setup["adapter-a"])
+    ids = _prompt(edge)
+    model = og.Model(str(folder))
+    adapters = og.Adapters(model)
+    adapters.load(str(setup["adapter-a"] / "adapter.onnx_adapter"), "a")
+
+    # Execute
+    runs = {}
+    for name in (None, "a"):
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(ids) + STEPS)
+        generator = og.Generator(model, params)
+        if name:
+            generator.set_active_adapter(adapters, name)
+        generator.append_tokens(ids)
+        first = np.asarray(generator.get_logits()).reshape(-1)
+        tokens = []
+        while not generator.is_done():
+            generator.generate_next_token()
+            tokens.append(int(generator.get_next_tokens()[0]))
+        runs[name] = first, tokens
+
+    # Assert
+    applied = edge.logits(np.asarray([ids]))[0, -1]
+    assert np.abs(runs["a"][0] - applied).max() <= ATOL
+    assert np.abs(runs[None][0] - applied).max() > 100 * ATOL  # the file changed the answer
+    assert runs["a"][1] == edge.generate_ids(ids, STEPS)
