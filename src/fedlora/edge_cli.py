@@ -2,13 +2,15 @@
 
 Installed by both distributions: the full ``fedlora`` and the edge-only ``fedlora-edge``
 (``edge/``: numpy, onnxruntime, tokenizers and jinja2, nothing else). Imports nothing but
-:mod:`fedlora.export.runtime` and :mod:`fedlora.errors`.
+:mod:`fedlora.export.runtime`, :mod:`fedlora.export.serve` (stdlib only) and
+:mod:`fedlora.errors`.
 
 Usage::
 
     fedlora-edge generate --model runs/edge/onnx-int8 "Is this review positive? ..."
     fedlora-edge chat --model runs/edge/onnx-int8          # one user turn per line; empty line ends
     fedlora-edge generate --model runs/base/onnx-int8 --adapter runs/site-a "..."  # on-device LoRA
+    fedlora-edge serve runs/edge --variant int4    # the browser page on http://127.0.0.1:8000/
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from fedlora.errors import FedloraError
 
 
 def _parser() -> argparse.ArgumentParser:
+    from fedlora.export.serve import VARIANTS  # stdlib only
+
     ap = argparse.ArgumentParser(prog="fedlora-edge", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
     for name, help_text in (
@@ -42,7 +46,37 @@ def _parser() -> argparse.ArgumentParser:
         )
         if name == "generate":
             p.add_argument("prompt", help="the user's message")
+    serve = sub.add_parser(
+        "serve",
+        help="the browser page (onnxruntime-web, transformers.js) and a bundle on 127.0.0.1",
+    )
+    serve.add_argument("bundle", type=Path, help="a bundle (fedlora export --output) or a variant")
+    serve.add_argument("--variant", choices=list(VARIANTS), default="int8")
+    serve.add_argument("--port", type=int, default=8000, help="0: any free port")
+    serve.add_argument(
+        "--page", type=Path, default=None, help="a built page folder (default: make edge-web's)"
+    )
     return ap
+
+
+def serve(args: argparse.Namespace, out: TextIO) -> None:
+    """Serve the page and the bundle's variant until interrupted; prints the address."""
+    from fedlora.export.serve import make_server
+
+    try:
+        server = make_server(args.bundle, args.variant, args.port, args.page)
+    except OSError as exc:  # the port is taken, or not ours to bind
+        raise FedloraError(
+            f"cannot listen on 127.0.0.1:{args.port} ({exc.strerror}): give another --port"
+        ) from None
+    print(f"serving {server.model_dir} on {server.url} (Ctrl-C stops)", file=out)
+    out.flush()
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
 
 
 def chat(model: Any, lines: TextIO, out: TextIO, system: str, max_new_tokens: int) -> int:
@@ -63,13 +97,16 @@ def chat(model: Any, lines: TextIO, out: TextIO, system: str, max_new_tokens: in
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.max_new_tokens < 1:
+    if args.command != "serve" and args.max_new_tokens < 1:
         print(
             f"fedlora-edge: error: --max-new-tokens {args.max_new_tokens}: must be >= 1",
             file=sys.stderr,
         )
         return 2
     try:
+        if args.command == "serve":
+            serve(args, sys.stdout)
+            return 0
         from fedlora.export.runtime import EdgeModel
 
         model = EdgeModel(args.model, num_threads=args.threads, adapter=args.adapter)
