@@ -99,6 +99,7 @@ def test_hetlora_and_flexlora_refuse_secure_aggregation_and_zero_pad_composes():
     ("values", "match"),
     [
         ({"strategy": "fedit", "lora_r": 4, "lora_r_max": 16}, "needs one rank for all"),
+        ({"strategy": "fed-sb", "lora_r": 4, "lora_r_max": 16}, "needs one rank for all"),
         ({"strategy": "zero-pad", "lora_r": 16, "lora_r_max": 8}, "exceeds lora-r-max=8"),
         ({"strategy": "zero-pad", "client_ranks": "4,16"}, "client-ranks='4,16' needs lora-r-max"),
         ({"strategy": "hetlora", "lora_r_max": 8, "client_ranks": "4,16"}, "a rank exceeds"),
