@@ -27,7 +27,10 @@ PROMPT = "Is this drug review positive? It helped a lot."
 def edge_env(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("edge-env")
     source = root / "edge-src"
-    shutil.copytree(REPO / "edge", source, symlinks=False)  # links resolved: a standalone source
+    # links resolved: a standalone source (without the browser page's npm packages, edge/web)
+    shutil.copytree(
+        REPO / "edge", source, symlinks=False, ignore=shutil.ignore_patterns("node_modules")
+    )
     env_dir = root / "env"
     subprocess.run([sys.executable, "-m", "venv", str(env_dir)], check=True, timeout=120)
     python = env_dir / "bin" / "python"
@@ -119,3 +122,29 @@ def test_fedlora_edge_generates_what_the_full_runtime_generates(
     missing = _run(edge_env, cmd, "generate", "--model", str(tiny_onnx.parent / "nope"), "hi")
     assert missing.returncode == 2
     assert missing.stderr.startswith("fedlora-edge: error: ") and "model.onnx" in missing.stderr
+
+
+def test_fedlora_edge_serves_the_browser_page_it_ships(edge_env: Path, tiny_onnx: Path) -> None:
+    """The page built in the checkout (make edge-web) installs with fedlora-edge (package data)
+    and ``fedlora-edge serve`` serves it with the vendored WebAssembly runtime."""
+    import urllib.request
+
+    from fedlora.export.serve import PAGE_DIR
+
+    if not (PAGE_DIR / "index.html").is_file():
+        pytest.skip(f"the browser page is not built ({PAGE_DIR}): run `make edge-web`")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
+    command = [str(edge_env / "bin" / "fedlora-edge"), "serve", str(tiny_onnx), "--port", "0"]
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert server.stdout is not None
+        url = server.stdout.readline().split(" on ", 1)[1].split()[0]
+        with urllib.request.urlopen(url, timeout=10) as page:
+            assert b'src="./app.js"' in page.read()
+        with urllib.request.urlopen(f"{url}vendor/ort-wasm-simd-threaded.wasm", timeout=10) as r:
+            assert r.headers["Content-Type"] == "application/wasm" and r.read(4) == b"\0asm"
+        with urllib.request.urlopen(f"{url}model/config.json", timeout=10) as config:
+            assert config.read() == (tiny_onnx / "config.json").read_bytes()
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
