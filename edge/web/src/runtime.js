@@ -142,8 +142,9 @@ export class BrowserModel {
   }
 
   // Greedy decoding with the KV cache up to eos or maxNewTokens (EdgeModel.generate_ids);
-  // returns the new ids (eos kept) and the timings.
-  async generateIds(promptIds, maxNewTokens, onToken) {
+  // returns the new ids (eos kept) and the timings. ignoreEos: always maxNewTokens tokens (for
+  // timing, as EdgeModel.decode_speed).
+  async generateIds(promptIds, maxNewTokens, onToken, ignoreEos = false) {
     const eos = new Set(this.eosIds);
     const tokens = [];
     let past = this.emptyPast();
@@ -158,7 +159,7 @@ export class BrowserModel {
       past = result.past;
       tokens.push(result.token);
       if (onToken) onToken(tokens);
-      if (eos.has(result.token)) break;
+      if (eos.has(result.token) && !ignoreEos) break;
       ids = [result.token];
     }
     const end = performance.now();
