@@ -1,9 +1,10 @@
 """The bundle answering in a real browser: ``fedlora-edge serve`` and the page in headless Chromium.
 
-A tiny model with a random LoRA merged in is exported as a bundle (fused fp32, int8, int4);
-``fedlora-edge serve`` serves each quantized variant and the built page (``make edge-web``) on
-127.0.0.1; Debian's Chromium, driven by Playwright, types a held-out drug review into the page
-and presses Answer. The page (onnxruntime-web on WebAssembly, transformers.js's tokenizer and
+A tiny model with a random LoRA merged in is exported as a bundle (fused fp32, int8, int4, and
+the int8 graph without ``position_ids`` as bundles exported before 5 December 2026 are);
+``fedlora-edge serve`` serves each and the built page (``make edge-web``) on 127.0.0.1;
+Debian's Chromium, driven by Playwright, types a held-out drug review into the page and presses
+Answer. The page (onnxruntime-web on WebAssembly, transformers.js's tokenizer and
 chat template) must give the prompt token ids and the greedy tokens ``EdgeModel`` gives for the
 same prompt and max_new_tokens, and fetch nothing from another origin. The page's tokens/s is
 reported (``-rA`` or ``-s`` shows it; also a junit property).
@@ -73,6 +74,7 @@ def bundle(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     from fedlora.export.onnx import export_onnx
     from fedlora.export.quantize import QuantSettings, quantize_variant
     from test_export import _make_adapter
+    from test_genai_bundle import _strip_position_ids
 
     root = tmp_path_factory.mktemp("browser-bundle")
     torch.manual_seed(0)
@@ -81,6 +83,7 @@ def bundle(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     fp32 = export_onnx(merged, root / "onnx", graph="fused")
     for variant in ("int8", "int4"):
         quantize_variant(fp32, root / f"onnx-{variant}", variant, QuantSettings(accuracy_level=1))
+    _strip_position_ids(root / "onnx-int8", root / "legacy-int8")  # a bundle of before 5 Dec
     return root
 
 
@@ -96,11 +99,13 @@ def browser() -> Iterator[Any]:
 
 @pytest.fixture
 def served(bundle: Path, request: pytest.FixtureRequest) -> Iterator[str]:
-    """``fedlora-edge serve BUNDLE --variant V --port 0`` in its own process; yields its URL."""
-    command = [sys.executable, "-m", "fedlora.edge_cli", "serve", str(bundle), "--port", "0"]
-    server = subprocess.Popen(
-        [*command, "--variant", request.param], stdout=subprocess.PIPE, text=True
-    )
+    """``fedlora-edge serve BUNDLE --variant V --port 0`` (or ``serve FOLDER`` for a variant's
+    folder: the legacy one) in its own process; yields its URL."""
+    legacy = request.param.startswith("legacy")
+    target = bundle / request.param if legacy else bundle
+    command = [sys.executable, "-m", "fedlora.edge_cli", "serve", str(target), "--port", "0"]
+    variant = [] if legacy else ["--variant", request.param]
+    server = subprocess.Popen([*command, *variant], stdout=subprocess.PIPE, text=True)
     try:
         assert server.stdout is not None
         line = server.stdout.readline()  # "serving FOLDER on http://127.0.0.1:PORT/ ..."
@@ -131,7 +136,8 @@ def _ask(browser: Any, url: str, prompt: str) -> tuple[dict[str, Any], str, list
     return result, answer, fetched
 
 
-@pytest.mark.parametrize("served", ["int8", "int4"], indirect=True)
+# legacy-int8: the int8 graph without position_ids, as exported before 5 December 2026
+@pytest.mark.parametrize("served", ["int8", "int4", "legacy-int8"], indirect=True)
 def test_the_page_answers_a_held_out_prompt_as_edge_model_does(
     browser: Any, served: str, bundle: Path, record_property: Any
 ) -> None:
@@ -146,6 +152,8 @@ def test_the_page_answers_a_held_out_prompt_as_edge_model_does(
     prompt_ids = edge.encode(edge.render(turns))
     expected = edge.generate_ids(prompt_ids, MAX_NEW_TOKENS)
     assert len(set(expected)) >= 4, expected  # an answer that can tell a broken decode apart
+    inputs = {i.name for i in edge.session.get_inputs()}
+    assert ("position_ids" in inputs) != info["variant"].startswith("legacy"), inputs
 
     # Execute
     result, answer, fetched = _ask(browser, served, turns[0]["content"])
