@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
+from fedlora.choices import OBJECTIVES
 from fedlora.errors import WireError
 from fedlora.protocol.adapter import WIRE_DTYPE, AdapterSpec, validate
 from fedlora.protocol.compression import CODECS, decode, encode, nbytes, wire_spec
@@ -78,7 +79,6 @@ ROUND_BOUNDS: dict[str, Bound] = {
     "dpo_beta": _ranged(float, "dpo_beta", 0.0, low_open=True),
     "wire_version": _NON_NEGATIVE_INT,
 }
-OBJECTIVES = ("sft", "dpo")
 
 
 @dataclass(frozen=True)

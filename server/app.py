@@ -292,6 +292,7 @@ def central_eval(
         labels,
         cfg.max_length,
         residuals=residuals,
+        dpo_beta=cfg.dpo_beta if cfg.objective == "dpo" else 0.0,
     )
 
 

@@ -57,9 +57,11 @@ def central_examples(
     if not Path(source).exists():
         raise ConfigError(f"{option}={source!r}: not 'drugreview' and no such file or folder")
     loaded = load_examples(DataSpec(path=source, **(spec or {})))
-    examples = [ex for ex in loaded.examples if ex.kind == "chat"]
+    examples = [ex for ex in loaded.examples if ex.kind in ("chat", "preference")]
     if not examples:
-        raise ConfigError(f"{option}={source!r}: no chat examples to evaluate on")
+        raise ConfigError(
+            f"{option}={source!r}: no chat examples or preference pairs to evaluate on"
+        )
     return examples[:n], labels
 
 
@@ -71,8 +73,11 @@ def make_central_eval(
     labels: tuple[str, ...],
     max_length: int,
     residuals: Callable[[], Arrays],
+    dpo_beta: float = 0.0,
 ) -> Callable[[int, Arrays], dict[str, float]]:
-    """A function (round, global adapter) -> metrics; the model loads on first use."""
+    """A function (round, global adapter) -> metrics; the model loads on first use. With
+    ``dpo_beta`` > 0 (objective dpo) the preference pairs among the examples are scored
+    (fedlora.dpo): DPO loss, preference accuracy and reward margin."""
     examples, labels = central_examples(source, n, labels)
     state: dict[str, object] = {}
 
@@ -105,6 +110,11 @@ def make_central_eval(
             {k: torch.from_numpy(np.array(v)) for k, v in fold_sb(adapter).items()},
         )
         _apply_residuals(model, residuals(), state["originals"])  # type: ignore[arg-type]
+        pairs = [ex for ex in examples if ex.rejected] if dpo_beta > 0 else []
+        if pairs:
+            scores = _pair_scores(model, tokenizer, pairs, max_length, dpo_beta, state)
+            log.info("Central eval after round %d on %d pairs", server_round, len(pairs))
+            return scores
         result: dict[str, float] = {}
         loss = None
         if labels:
@@ -127,6 +137,28 @@ def make_central_eval(
         return result
 
     return evaluate
+
+
+def _pair_scores(
+    model: Any,
+    tokenizer: Any,
+    pairs: list[Example],
+    max_length: int,
+    beta: float,
+    state: dict[str, object],
+) -> dict[str, float]:
+    """The DPO loss (as eval-loss), preference accuracy and reward margin of held-out pairs."""
+    from fedlora.dpo import encode_pairs, evaluate_pairs
+
+    if "pairs" not in state:
+        state["pairs"] = encode_pairs(tokenizer, pairs, max_length)
+    scores = evaluate_pairs(model, state["pairs"], tokenizer.pad_token_id, beta)  # type: ignore
+    return {
+        "eval-loss": scores.loss,
+        "eval-perplexity": float(np.exp(min(scores.loss, 50.0))),
+        "eval-pref-accuracy": scores.accuracy,
+        "eval-reward-margin": scores.margin,
+    }
 
 
 def _apply_residuals(model: object, residuals: Arrays, originals: dict[str, Any]) -> None:

@@ -225,6 +225,8 @@ def test_dpo_steps_raise_preference_accuracy_and_margin(tiny_model_dir):
 
 @pytest.mark.integration  # a 3-node Ray federation of the tiny model: tens of seconds
 def test_a_secure_federated_dpo_round_reports_preference_metrics(tiny_model_dir, tmp_path):
+    """Three nodes train with the DPO loss under SecAgg+; the nodes' held-out pairs and the
+    server's central evaluation both report preference accuracy and margin."""
     from fedlora.simulations.partition import PartitionSpec, prepare
     from fedlora.simulations.run import simulate
 
@@ -251,6 +253,7 @@ def test_a_secure_federated_dpo_round_reports_preference_metrics(tiny_model_dir,
             "secagg-num-shares": 3,
             "secagg-threshold": 2,
             "secagg-clip-norm": 50.0,
+            "central-eval": part.test,  # the server's held-out pairs
         }
     )
     result = simulate(cfg, partition=part)
@@ -258,3 +261,4 @@ def test_a_secure_federated_dpo_round_reports_preference_metrics(tiny_model_dir,
     assert record["secure-aggregation"] and record["replies"] == 3
     assert record["eval-pref-accuracy"] > 0.5 and record["eval-reward-margin"] > 0
     assert all("eval-pref-accuracy" in site for site in record["sites"].values())
+    assert record["central-eval-pref-accuracy"] > 0.5 and record["central-eval-reward-margin"] > 0

@@ -23,6 +23,7 @@ QUANTIZATIONS: tuple[str, ...] = (
 )
 # Training loss: answer tokens only, or every token (fedlora.encoding).
 LOSSES: tuple[str, ...] = ("completion", "full")
+OBJECTIVES: tuple[str, ...] = ("sft", "dpo")  # next-token loss | DPO on preference pairs
 # Learning-rate schedule after warmup (client/train.py).
 SCHEDULES: tuple[str, ...] = ("constant", "cosine", "linear")
 # Wire encodings of a node's delta (protocol/compression.py).

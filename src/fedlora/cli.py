@@ -165,8 +165,8 @@ FormatOpt = Annotated[
     str,
     typer.Option(
         "--format",
-        help="data format: auto | chat | pairs | csv | tsv | text | parquet | dataset (a datasets "
-        "save_to_disk folder)",
+        help="data format: auto | chat | pairs | preference (prompt, chosen, rejected: DPO) | csv "
+        "| tsv | text | parquet | dataset (a datasets save_to_disk folder)",
     ),
 ]
 PromptColOpt = Annotated[str, typer.Option(help="column with the prompt")]

@@ -19,6 +19,7 @@ from fedlora.choices import (
     CODECS,
     DP_ACCOUNTANTS,
     LOSSES,
+    OBJECTIVES,
     QUANTIZATIONS,
     SCHEDULES,
     SERVER_OPTIMIZERS,
@@ -29,7 +30,6 @@ from fedlora.choices import (
 from fedlora.data.drugreview import SITES
 from fedlora.errors import ConfigError
 from fedlora.lora import LoraSettings
-from fedlora.protocol.messages import OBJECTIVES
 from fedlora.ranges import RANGES
 
 TRACKERS = ("none", "mlflow", "tensorboard")  # experiment trackers (server/tracking.py)

@@ -26,7 +26,11 @@ def is_preference(record: Mapping[str, object]) -> bool:
 def preference_example(
     record: Mapping[str, object], where: str, prompt: str = "prompt", system: str = ""
 ) -> Example | Problem:
-    """A preference pair from a record, or what is wrong with it."""
+    """A preference pair from a record, or what is wrong with it. A chat under ``messages``
+    ending with the chosen answer, plus ``rejected``, reads too (simulations' partitions)."""
+    messages = record.get("messages")
+    if prompt not in record and CHOSEN not in record and isinstance(messages, list) and messages:
+        record = {**record, prompt: messages[:-1], CHOSEN: messages[-1]}
     for key in (prompt, CHOSEN, REJECTED):
         if key not in record:
             have = ", ".join(list(record)[:8]) + (", ..." if len(record) > 8 else "")
