@@ -6,7 +6,8 @@ variant, :mod:`fedlora.export.genai`), both runtimes decode the same held-out dr
 
 - prompts whose greedy tokens are identical in both runtimes;
 - time to first token (the prompt's forward pass) and decode tokens/s (the tokens after the
-  first over their wall time), median over prompts, for each runtime in the same process.
+  first over their wall time, as many for EdgeModel as onnxruntime-genai decoded), median over
+  prompts, for each runtime in the same process, one after the other.
 
 Usage::
 
@@ -52,15 +53,11 @@ def _genai(model: Any, ids: list[int], new: int) -> tuple[list[int], float, floa
     return tokens, first, (len(tokens) - 1) / rest if rest > 0 else float("nan")
 
 
-def _edge(model: Any, ids: list[int], new: int) -> tuple[list[int], float, float]:
-    start = time.perf_counter()
-    model.generate_ids(ids, 1)
-    first = time.perf_counter() - start
-    start = time.perf_counter()
-    tokens = model.generate_ids(ids, new)
-    total = time.perf_counter() - start
-    rest = total - first
-    return tokens, first, (len(tokens) - 1) / rest if rest > 0 else float("nan")
+def _edge(model: Any, ids: list[int], new: int, timed: int) -> tuple[list[int], float, float]:
+    """Greedy tokens (up to eos), and the timing of ``timed`` tokens (eos ignored), the number
+    onnxruntime-genai decoded, so both runtimes are timed on the same count."""
+    first, speed = model.decode_speed(ids, new_tokens=max(timed - 1, 1))
+    return model.generate_ids(ids, new), first, speed
 
 
 def bench_folder(folder: Path, prompts: list[Any], new: int) -> dict[str, Any]:
@@ -74,7 +71,7 @@ def bench_folder(folder: Path, prompts: list[Any], new: int) -> dict[str, Any]:
     for messages in prompts:
         ids = edge.encode(edge.render(messages))
         g = _genai(genai, ids, new)
-        e = _edge(edge, ids, new)
+        e = _edge(edge, ids, new, len(g[0]))
         same += g[0] == e[0]
         rows["genai"].append(g[1:])
         rows["edge"].append(e[1:])
