@@ -161,7 +161,10 @@ def test_fused_graph_feeds_position_ids_to_its_rotary_embedding(bundle: Path) ->
 
 
 def test_optimum_loads_the_fused_graph_without_its_legacy_warning(
-    bundle: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    bundle: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # Prepare
     import torch
@@ -170,15 +173,20 @@ def test_optimum_loads_the_fused_graph_without_its_legacy_warning(
     edge, ids = _prompt(bundle / "onnx")
     old = _strip_position_ids(bundle / "onnx", tmp_path / "old")
 
-    optimum_log = logging.getLogger("optimum.onnxruntime.modeling_decoder")  # not propagated
+    name = "optimum.onnxruntime.modeling_decoder"
+    optimum_log = logging.getLogger(name)  # not propagated
     optimum_log.addHandler(caplog.handler)
+    # heard whatever an earlier test in this process did to it (quieted, or disabled by a
+    # logging configuration)
+    monkeypatch.setattr(optimum_log, "disabled", False)
 
     # Execute
     try:
-        model = ORTModelForCausalLM.from_pretrained(bundle / "onnx", use_cache=True)
-        fused_log, _ = caplog.text, caplog.clear()
-        ORTModelForCausalLM.from_pretrained(old, use_cache=True)
-        old_log = caplog.text
+        with caplog.at_level(logging.WARNING, logger=name):
+            model = ORTModelForCausalLM.from_pretrained(bundle / "onnx", use_cache=True)
+            fused_log, _ = caplog.text, caplog.clear()
+            ORTModelForCausalLM.from_pretrained(old, use_cache=True)
+            old_log = caplog.text
     finally:
         optimum_log.removeHandler(caplog.handler)
     out = model.generate(
