@@ -22,12 +22,17 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 demo: setup
 	$(VENV)/bin/fedlora demo
 
+# The suite on TEST_WORKERS pytest-xdist processes: two keep both cores of a 2-core machine busy
+# while one test waits on a server, Ray or a round timeout (three gained nothing there);
+# worksteal hands a worker that ran out of tests the rest of the other's, so the minutes-long
+# tests do not queue at the end. TEST_WORKERS=0 runs everything in this process.
+TEST_WORKERS ?= 2
 test: setup
-	$(VENV)/bin/python -m pytest -q -ra
+	$(VENV)/bin/python -m pytest -q -ra -n $(TEST_WORKERS) --dist worksteal
 
 # The unit tier: no Ray, no real model, no subprocess federation (tests/conftest.py).
 test-fast: setup
-	$(VENV)/bin/python -m pytest -q -ra -m unit
+	$(VENV)/bin/python -m pytest -q -ra -m unit -n $(TEST_WORKERS) --dist worksteal
 
 # ruff (lint and format) over the tree, mypy (all of src/fedlora, strict on untyped defs), and the
 # documentation site (MkDocs --strict: a broken link or anchor fails; tests/test_docs.py checks
