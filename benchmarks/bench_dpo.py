@@ -135,18 +135,19 @@ def evaluate(
     adapters: dict[str, Path], task: Path, beta: float, base_model: str
 ) -> dict[str, dict[str, Any]]:
     """The base and each adapter on the held-out pairs."""
-    import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from fedlora.basemodel import resolve_base_model
     from fedlora.data.formats import DataSpec, load_examples
+    from fedlora.precision import compute_dtype
 
     base_dir = resolve_base_model(base_model)
     tok = AutoTokenizer.from_pretrained(base_dir)
     examples = load_examples(DataSpec(str(task / "test.jsonl"))).examples
     results: dict[str, dict[str, Any]] = {}
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.bfloat16)
+    # bf16 where the CPU has it natively, fp32 elsewhere (bf16 is emulated, and slow, on AVX2)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=compute_dtype("cpu"))
     for name, folder in adapters.items():
         start = time.perf_counter()
         model = PeftModel.from_pretrained(base, str(folder))
