@@ -28,12 +28,13 @@ demo: setup
 # worksteal hands a worker that ran out of tests the rest of the other's, so the minutes-long
 # tests do not queue at the end. TEST_WORKERS=0 runs everything in this process.
 TEST_WORKERS ?= 2
+XDIST := -n $(TEST_WORKERS) --dist worksteal
 test: setup
-	$(VENV)/bin/python -m pytest -q -ra -n $(TEST_WORKERS) --dist worksteal
+	$(VENV)/bin/python -m pytest -q -ra $(XDIST)
 
 # The unit tier: no Ray, no real model, no subprocess federation (tests/conftest.py).
 test-fast: setup
-	$(VENV)/bin/python -m pytest -q -ra -m unit -n $(TEST_WORKERS) --dist worksteal
+	$(VENV)/bin/python -m pytest -q -ra -m unit $(XDIST)
 
 # ruff (lint and format) over the tree, mypy (all of src/fedlora, strict on untyped defs), and the
 # documentation site (MkDocs --strict: a broken link or anchor fails; tests/test_docs.py checks
