@@ -448,7 +448,7 @@ def _train_dpo(
         seed=(rc.seed, settings.seed_id, rc.server_round),
         pad_id=node.tokenizer.pad_token_id,
     )
-    stats = train_dpo(node.model, batches, options, rc.dpo_beta)
+    stats = train_dpo(node.model, batches, options, rc.dpo_beta, rc.dpo_sft_weight)
     return stats, global_adapter, received
 
 

@@ -25,6 +25,7 @@ from fedlora.dpo import (
     pair_batch,
     pair_logps,
     sequence_logps,
+    sft_loss,
 )
 from fedlora.prompting import IGNORE
 
@@ -40,6 +41,7 @@ __all__ = [
     "pair_batches",
     "pair_logps",
     "sequence_logps",
+    "sft_loss",
     "train_dpo",
 ]
 
@@ -59,10 +61,17 @@ def pair_batches(
         yield pair_batch([pairs[i] for i in take], pad_id)
 
 
-def train_dpo(model: Any, batches: Iterator[dict[str, Any]], options: Any, beta: float) -> Any:
-    """``options.steps`` AdamW steps of the DPO loss (``options`` a
-    :class:`~fedlora.client.train.TrainOptions`); returns its TrainStats, the loss being the
-    DPO loss and the scored tokens the response tokens of both answers."""
+def train_dpo(
+    model: Any,
+    batches: Iterator[dict[str, Any]],
+    options: Any,
+    beta: float,
+    sft_weight: float = 0.0,
+) -> Any:
+    """``options.steps`` AdamW steps of the DPO loss, plus ``sft_weight`` times the chosen
+    answers' next-token loss (``options`` a :class:`~fedlora.client.train.TrainOptions`);
+    returns its TrainStats, the loss being that sum and the scored tokens the response tokens
+    of both answers."""
     import torch
     from transformers import get_scheduler
 
@@ -88,7 +97,12 @@ def train_dpo(model: Any, batches: Iterator[dict[str, Any]], options: Any, beta:
             for _ in range(options.grad_accum):
                 batch = next(batches)
                 with low_precision():
-                    loss, _, _ = dpo_loss(*pair_logps(model, batch), beta)
+                    chosen, rejected, ref_c, ref_r = pair_logps(model, batch)
+                    loss, _, _ = dpo_loss(chosen, rejected, ref_c, ref_r, beta)
+                    if sft_weight > 0:
+                        half = batch["labels"].shape[0] // 2  # the chosen rows come first
+                        own = int((batch["labels"][:half, 1:] != IGNORE).sum())
+                        loss = loss + sft_weight * sft_loss(chosen, own)
                 if not math.isfinite(loss.item()):
                     raise FloatingPointError(f"DPO loss became {loss.item()} at step {step}")
                 (loss / options.grad_accum).backward()

@@ -77,6 +77,7 @@ ROUND_BOUNDS: dict[str, Bound] = {
     "dp_clip_norm": _ranged(float, "dp_clip_norm", 0.0),
     "dp_expected_clients": _NON_NEGATIVE_INT,
     "dpo_beta": _ranged(float, "dpo_beta", 0.0, low_open=True),
+    "dpo_sft_weight": _ranged(float, "dpo_sft_weight", 0.0),
     "wire_version": _NON_NEGATIVE_INT,
 }
 
@@ -128,6 +129,7 @@ class RoundConfig:
     dp_expected_clients: int = 0  # DP: nodes sharing the noise (each adds 1/n of its variance)
     objective: str = "sft"  # sft (next-token loss) | dpo (preference pairs, fedlora.client.dpo)
     dpo_beta: float = 0.1  # DPO: the implicit reward's scale
+    dpo_sft_weight: float = 0.0  # DPO: weight of the chosen answers' next-token loss
     wire_version: int = WIRE_VERSION
 
     def __post_init__(self) -> None:

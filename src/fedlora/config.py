@@ -77,6 +77,8 @@ class RunConfig:
     # sft (next-token loss) | dpo (preference pairs: DPO against the frozen base, docs/simulate.md)
     objective: str = "sft"
     dpo_beta: float = 0.1  # DPO: scale of the implicit reward beta * (log pi - log ref); > 0
+    # DPO: weight of the chosen answers' next-token loss added to it (RPO; TRL's "sft" loss)
+    dpo_sft_weight: float = 0.0
     packing: bool = False  # pack several examples into each row of max-length tokens
     length_grouping: int = 8  # sort each N batches' examples by length (less padding); 1 = off
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory

@@ -6,7 +6,10 @@ model is loaded. A sequence's log-probability is summed over its response tokens
 answer and its end-of-turn tokens, after the chat template's assistant header). For a pair the
 implicit rewards are ``beta * (log pi(y) - log ref(y))`` for the chosen and the rejected answer
 and the loss is ``-log sigmoid(reward_chosen - reward_rejected)``, TRL's ``sigmoid`` DPO loss
-(tests/test_dpo.py checks it against TRL's ``DPOTrainer`` on fixed log-probabilities).
+(tests/test_dpo.py checks it against TRL's ``DPOTrainer`` on fixed log-probabilities). With
+``dpo-sft-weight`` alpha > 0 the chosen answers' next-token loss is added, alpha times
+(:func:`sft_loss`: TRL's ``loss_type=["sigmoid", "sft"]``, RPO): DPO alone can lower both
+answers' likelihood while it separates them, and the generations drift from both.
 
 A batch of ``b`` pairs is one padded batch of ``2b`` rows: the chosen answers, then the
 rejected ones, each after the same prompt. A node trains with :mod:`fedlora.client.dpo`; the
@@ -96,6 +99,14 @@ def dpo_loss(
     rejected_rewards = beta * (rejected - ref_rejected)
     loss = -torch.nn.functional.logsigmoid(chosen_rewards - rejected_rewards).mean()
     return loss, chosen_rewards.detach(), rejected_rewards.detach()
+
+
+def sft_loss(chosen: Any, chosen_tokens: int) -> Any:
+    """The chosen answers' next-token loss: minus their summed log-probs over their response
+    tokens, a mean per token of the batch (TRL's ``sft`` DPO loss term; with weight alpha this
+    is RPO, Pang et al., 2024, which keeps the chosen answers likely while DPO separates the
+    pair)."""
+    return -chosen.sum() / max(1, chosen_tokens)
 
 
 def pair_logps(model: Any, batch: dict[str, Any]) -> tuple[Any, Any, Any, Any]:

@@ -44,4 +44,5 @@ RANGES: dict[str, tuple[float, float]] = {
     "min_available_nodes": (0, 100_000),
     "round_timeout": (0, 7 * DAY),
     "dpo_beta": (0, 1e3),
+    "dpo_sft_weight": (0, 1e3),
 }
