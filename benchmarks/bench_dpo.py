@@ -46,6 +46,7 @@ def run_methods(args: argparse.Namespace, task: Path, out: Path) -> dict[str, Pa
         "quantization": "auto",
         "objective": "dpo",
         "dpo-beta": args.beta,
+        "dpo-sft-weight": args.sft_weight,
         "num-server-rounds": args.rounds,
         "local-steps": args.steps,
         "batch-size": args.batch_size,
@@ -182,6 +183,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--beta", type=float, default=0.1)
+    # the chosen answers' next-token loss added to DPO's (RPO); 0 = DPO alone
+    parser.add_argument("--sft-weight", type=float, default=1.0)
     parser.add_argument("--lora-layers", type=int, default=8)
     parser.add_argument("--max-chars", type=int, default=250)
     parser.add_argument("--test-pairs", type=int, default=24)

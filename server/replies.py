@@ -118,12 +118,20 @@ def record_evaluation(
             site.update(
                 {"eval-pref-accuracy": r.pref_accuracy, "eval-reward-margin": r.reward_margin}
             )
+    if "eval-pref-accuracy" in metrics:  # DPO: the held-out pairs' figures, not an accuracy
+        scores = (
+            f"preference accuracy {metrics['eval-pref-accuracy']:.4f} | "
+            f"reward margin {metrics['eval-reward-margin']:+.4f}"
+        )
+    else:
+        value = metrics.get("eval-accuracy")
+        scores = f"accuracy {'n/a' if value is None else f'{value:.4f}'}"
     log.info(
-        "Round %d | federated eval | loss %.4f | perplexity %.2f | accuracy %s | %d nodes",
+        "Round %d | federated eval | loss %.4f | perplexity %.2f | %s | %d nodes",
         server_round,
         metrics["eval-loss"],
         metrics["eval-perplexity"],
-        f"{metrics['eval-accuracy']:.4f}" if "eval-accuracy" in metrics else "n/a",
+        scores,
         len(results),
     )
     record.update(metrics)

@@ -1,11 +1,14 @@
 """A preference task whose preference a program checks, built offline from the packaged reviews.
 
-The prompt asks for the review's sentiment in one fixed form, ``Sentiment: <word>``; the chosen
-answer is that form with the review's rating, the rejected one breaks the form (its rating is
-the same, so only the form is preferred). Each site breaks it its own way, so the clients'
-rejected answers are non-IID: ``reproductive`` answers with the bare word, ``mental`` with a
-sentence, ``pain`` with the right form followed by a comment. The held-out pairs come from the
-test split and mix the three. :func:`complies` is the rule a generation is checked against.
+The prompt asks for the review's sentiment in one fixed form, ``Sentiment: <word>`` with the
+word in lower case; the chosen answer is that form with the review's rating, the rejected one
+breaks the form (its rating is the same, so only the form is preferred). Each site breaks it its
+own way, so the clients' rejected answers are non-IID, and two of the ways are what the default
+model itself answers before tuning: ``reproductive`` capitalises the word (``Sentiment:
+Positive``, the base's usual answer), ``mental`` answers with a sentence (``The sentiment of this
+review is positive.``, its other one), ``pain`` adds a comment after the right form. The held-out
+pairs come from the test split and mix the three. :func:`complies` is the rule a generation is
+checked against.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from fedlora.data.drugreview import load_split, site_of
 
 INSTRUCTION = (
     "What is the sentiment of this drug review? Reply exactly in the form "
-    "'Sentiment: <positive, neutral or negative>' and nothing else."
+    "'Sentiment: <positive, neutral or negative>', in lower case, and nothing else."
 )
 RULE = re.compile(r"Sentiment: (positive|neutral|negative)")
 SITES = ("reproductive", "mental", "pain")  # one way of breaking the form each
@@ -34,7 +37,10 @@ def complies(answer: str) -> bool:
 def rejected_answer(site: str, label: str, rng: np.random.Generator) -> str:
     """An answer that breaks the form, the way ``site``'s annotators did."""
     if site == "reproductive":
-        return str(rng.choice([label, label.capitalize(), f"{label.upper()}"]))
+        word = label.capitalize()
+        return str(
+            rng.choice([f"Sentiment: {word}", f"Sentiment: {word}.", f"Sentiment: {word.upper()}"])
+        )
     if site == "mental":
         return str(
             rng.choice(

@@ -56,14 +56,16 @@ def test_dpo_loss_is_the_papers_formula():
 
 
 @pytest.mark.integration  # imports TRL (and transformers' Trainer): a few seconds
-def test_dpo_loss_and_metrics_match_trls_dpo_trainer():
+@pytest.mark.parametrize("sft_weight", [0.0, 0.7])
+def test_dpo_loss_and_metrics_match_trls_dpo_trainer(sft_weight):
     """TRL 1.16's DPOTrainer._compute_loss on the same fixed per-token log-probs (its model
     forward stubbed to return them, reference log-probs precomputed): same loss, reward
-    accuracy and mean margin as fedlora's."""
+    accuracy and mean margin as fedlora's; with an SFT weight, TRL's loss_type ["sigmoid",
+    "sft"] weighted [1, w] against fedlora's dpo_loss + w * sft_loss."""
     import torch
     from trl.trainer.dpo_trainer import DPOTrainer
 
-    from fedlora.client.dpo import dpo_loss
+    from fedlora.client.dpo import dpo_loss, sft_loss
 
     per_token, mask, ref = _logps()
     shape = per_token.shape
@@ -86,8 +88,8 @@ def test_dpo_loss_and_metrics_match_trls_dpo_trainer():
         ld_alpha=None,
         precompute_ref_logps=True,
         f_divergence_type="reverse_kl",
-        loss_types=["sigmoid"],
-        loss_weights=[1.0],
+        loss_types=["sigmoid", "sft"] if sft_weight else ["sigmoid"],
+        loss_weights=[1.0, sft_weight] if sft_weight else [1.0],
         beta=BETA,
         use_weighting=False,
         aux_loss_enabled=False,
@@ -105,6 +107,8 @@ def test_dpo_loss_and_metrics_match_trls_dpo_trainer():
     theirs = DPOTrainer._compute_loss(trainer, trainer.model, inputs, False)
     logps = (per_token * mask[:, 1:]).sum(1)
     ours, reward_c, reward_r = dpo_loss(logps[:4], logps[4:], ref[:4], ref[4:], BETA)
+    if sft_weight:
+        ours = ours + sft_weight * sft_loss(logps[:4], int(mask[:4, 1:].sum()))
     seen = trainer._metrics["train"]
     assert float(ours) == pytest.approx(float(theirs), rel=1e-6)
     accuracy = float((reward_c > reward_r).float().mean())
@@ -223,6 +227,61 @@ def test_dpo_steps_raise_preference_accuracy_and_margin(tiny_model_dir):
     assert again.margin == 0
 
 
+@pytest.mark.integration  # trains the tiny model a few steps, twice: seconds
+def test_the_sft_weight_adds_the_chosen_answers_loss_and_keeps_them_likely(tiny_model_dir):
+    """dpo-sft-weight w: the first step's loss is log 2 + w x the chosen answers' mean
+    next-token loss under the base, and after the same steps on the same batches the chosen
+    answers are more likely than after DPO alone."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fedlora.client.dpo import pair_batch, pair_batches, pair_logps, sft_loss, train_dpo
+    from fedlora.client.train import TrainOptions
+    from fedlora.dpo import encode_pairs
+    from fedlora.prompting import IGNORE
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    pairs = encode_pairs(tok, _toy_pairs(12), max_length=64)
+    whole = pair_batch(pairs, tok.pad_token_id)
+
+    def chosen_logp(model):
+        with torch.no_grad():
+            return float(pair_logps(model, whole)[0].mean())
+
+    results = {}
+    for weight in (0.0, 1.0):
+        torch.manual_seed(0)
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, torch_dtype=torch.float32)
+        model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+        first = next(pair_batches(pairs, 4, 1, seed=(0,), pad_id=tok.pad_token_id))
+        with torch.no_grad():
+            own = int((first["labels"][:4, 1:] != IGNORE).sum())
+            nll = float(sft_loss(pair_logps(model, first)[0], own))
+        batches = pair_batches(pairs, 4, 6, seed=(0,), pad_id=tok.pad_token_id)
+        stats = train_dpo(model, batches, TrainOptions(lr=5e-3, steps=6), BETA, weight)
+        assert stats.first_loss == pytest.approx(math.log(2) + weight * nll, rel=1e-4)
+        results[weight] = chosen_logp(model)
+    assert nll > 0.1  # the base does not already give the chosen answers probability 1
+    assert results[1.0] > results[0.0] + 0.1
+
+
+def test_dpo_sft_weight_is_validated_in_the_run_and_the_round_config():
+    from fedlora.protocol.messages import ProtocolError, RoundConfig
+
+    assert RunConfig.from_mapping({"dpo-sft-weight": 1.0}).dpo_sft_weight == 1.0
+    with pytest.raises(ConfigError, match="dpo-sft-weight"):
+        RunConfig.from_mapping({"dpo-sft-weight": -1.0})
+    from fedlora.server.app import round_config
+
+    rc = round_config(RunConfig.from_mapping({"objective": "dpo", "dpo-sft-weight": 0.5}))
+    assert rc.dpo_sft_weight == 0.5
+    record = rc.to_record()
+    record["dpo-sft-weight"] = -1.0
+    with pytest.raises(ProtocolError, match="dpo-sft-weight=-1.0"):
+        RoundConfig.from_record(record)
+
+
 @pytest.mark.integration  # a 3-node Ray federation of the tiny model: tens of seconds
 def test_a_secure_federated_dpo_round_reports_preference_metrics(tiny_model_dir, tmp_path):
     """Three nodes train with the DPO loss under SecAgg+; the nodes' held-out pairs and the
@@ -262,3 +321,43 @@ def test_a_secure_federated_dpo_round_reports_preference_metrics(tiny_model_dir,
     assert record["eval-pref-accuracy"] > 0.5 and record["eval-reward-margin"] > 0
     assert all("eval-pref-accuracy" in site for site in record["sites"].values())
     assert record["central-eval-pref-accuracy"] > 0.5 and record["central-eval-reward-margin"] > 0
+
+
+def test_the_checkable_task_prefers_only_the_rules_form_and_is_non_iid(tmp_path):
+    """benchmarks/bench_dpo.py's task: every chosen answer follows the rule, no rejected one
+    does, each site breaks it its own way (one of them the base's capitalised answer), and the
+    held-out pairs mix the three."""
+    from fedlora.simulations.dpo_task import SITES, complies, write_task
+
+    folder = write_task(tmp_path / "task", max_chars=250, test_pairs=12, seed=0)
+    train = [json.loads(line) for line in (folder / "train.jsonl").read_text().splitlines()]
+    test = [json.loads(line) for line in (folder / "test.jsonl").read_text().splitlines()]
+    assert len(test) == 12 and {r["site"] for r in test} == set(SITES)
+    assert all(complies(r["chosen"]) and not complies(r["rejected"]) for r in train + test)
+    by_site = {s: [r["rejected"] for r in train if r["site"] == s] for s in SITES}
+    assert all(len(v) >= 10 for v in by_site.values())
+    assert all(a.startswith("Sentiment: ") and a[11].isupper() for a in by_site["reproductive"])
+    assert all(a.startswith(("The", "This", "I ")) for a in by_site["mental"])
+    assert all(
+        a.lower().startswith(("sentiment: positive", "sentiment: neutral", "sentiment: negative"))
+        for a in by_site["pain"]
+    )
+    assert not complies("Sentiment: Positive") and complies(" Sentiment: neutral ")
+
+
+def test_the_round_line_shows_the_preference_figures_of_a_dpo_evaluation(caplog):
+    """A DPO round's console line gives the held-out pairs' preference accuracy and reward
+    margin (weighted by pairs), not an accuracy it does not have."""
+    import logging
+
+    from fedlora.protocol.messages import EvalReply
+    from fedlora.server.replies import record_evaluation
+
+    replies = [
+        ("a", EvalReply(3, 0.5, 1.6, 30, pref_accuracy=1.0, reward_margin=0.4)),
+        ("b", EvalReply(1, 0.7, 2.0, 10, pref_accuracy=0.0, reward_margin=-0.4)),
+    ]
+    with caplog.at_level(logging.INFO, logger="fedlora"):
+        record_evaluation(2, replies, {"sites": {}})
+    (line,) = [r.getMessage() for r in caplog.records if "federated eval" in r.getMessage()]
+    assert "preference accuracy 0.7500 | reward margin +0.2000" in line and "n/a" not in line
