@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROW = "| {model} | {pref} | {margin} | {lp} | {comply} | {seconds} |"
+ROW = "| {model} | {pref} | {margin} | {lp} | {comply} | {label} | {seconds} |"
 
 
 def run_methods(args: argparse.Namespace, task: Path, out: Path) -> dict[str, Path]:
@@ -88,7 +88,6 @@ def score(model: Any, tok: Any, examples: list[Any], beta: float) -> dict[str, f
     import torch
 
     from fedlora.client.dpo import encode_pairs, pair_batch, pair_logps
-    from fedlora.simulations.dpo_task import complies
 
     pairs = encode_pairs(tok, examples, 256)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -100,12 +99,23 @@ def score(model: Any, tok: Any, examples: list[Any], beta: float) -> dict[str, f
             own += (chosen > rejected).tolist()
             ref_own += (ref_c > ref_r).tolist()
     answers = generate(model, tok, examples)
-    return {
+    return answer_scores(answers, examples) | {
         "pref": sum(r > 0 for r in rewards) / len(rewards),
         "margin": sum(rewards) / len(rewards),
         "lp": sum(own) / len(own),
         "base-lp": sum(ref_own) / len(ref_own),
+    }
+
+
+def answer_scores(answers: list[str], examples: list[Any]) -> dict[str, Any]:
+    """Compliance with the rule, and the share of answers naming the review's rating (in any
+    form: what they say, not how)."""
+    from fedlora.simulations.dpo_task import complies, label_in
+
+    gold = [label_in(e.turns[-1].content) for e in examples]
+    return {
         "comply": sum(complies(a) for a in answers) / len(answers),
+        "label": sum(label_in(a) == g for a, g in zip(answers, gold, strict=True)) / len(answers),
         "answers": answers[:6],
     }
 
@@ -158,16 +168,13 @@ def evaluate(
         base = model.unload()  # the base without this adapter, for the next one
     start = time.perf_counter()
     answers = generate(base, tok, examples)
-    from fedlora.simulations.dpo_task import complies
-
     first = next(iter(results.values()))
     results = {
-        "base": {
+        "base": answer_scores(answers, examples)
+        | {
             "pref": 0.0,
             "margin": 0.0,
             "lp": first["base-lp"],
-            "comply": sum(complies(a) for a in answers) / len(answers),
-            "answers": answers[:6],
             "eval-seconds": time.perf_counter() - start,
         }
     } | results
@@ -189,12 +196,19 @@ def main() -> None:
     parser.add_argument("--max-chars", type=int, default=250)
     parser.add_argument("--test-pairs", type=int, default=24)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--evaluate-only", action="store_true", help="score an earlier run's")
     args = parser.parse_args()
     from fedlora.simulations.dpo_task import write_task
 
     start = time.perf_counter()
     task = write_task(args.out / "task", args.max_chars, args.test_pairs, args.seed)
-    adapters = run_methods(args, task, args.out)
+    if args.evaluate_only:  # score the adapters an earlier run of the same --out trained
+        adapters = {n: args.out / n / "global-adapter" for n in ("federated", "centralized")}
+        missing = [str(a) for a in adapters.values() if not (a / "adapter_config.json").is_file()]
+        if missing:
+            parser.error(f"--evaluate-only: no adapter in {', '.join(missing)}; train first")
+    else:
+        adapters = run_methods(args, task, args.out)
     results = evaluate(adapters, task, args.beta, args.base_model)
     timings = json.loads((args.out / "timings.json").read_text())
     for name, res in results.items():
@@ -203,9 +217,9 @@ def main() -> None:
     print(f"bench_dpo {vars(args)} ({time.perf_counter() - start:.0f} s in all)")
     print(
         "| model | preference accuracy | reward margin | log-prob preference | "
-        "compliance | train s |"
+        "compliance | rating named | train s |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for name, res in results.items():
         print(
             ROW.format(
@@ -214,6 +228,7 @@ def main() -> None:
                 margin=f"{res['margin']:+.3f}",
                 lp=f"{res['lp']:.1%}",
                 comply=f"{res['comply']:.1%}",
+                label=f"{res['label']:.1%}",
                 seconds=f"{res['seconds']:.0f}",
             )
         )

@@ -26,12 +26,20 @@ INSTRUCTION = (
     "'Sentiment: <positive, neutral or negative>', in lower case, and nothing else."
 )
 RULE = re.compile(r"Sentiment: (positive|neutral|negative)")
+LABEL = re.compile(r"\b(positive|neutral|negative)\b", re.IGNORECASE)
 SITES = ("reproductive", "mental", "pain")  # one way of breaking the form each
 
 
 def complies(answer: str) -> bool:
     """Whether an answer is exactly ``Sentiment: <label>`` (surrounding spaces aside)."""
     return RULE.fullmatch(answer.strip()) is not None
+
+
+def label_in(answer: str) -> str | None:
+    """The first rating word an answer names, in any case (None when it names none): what
+    the answer says, whatever its form."""
+    found = LABEL.search(answer)
+    return found.group(1).lower() if found else None
 
 
 def rejected_answer(site: str, label: str, rng: np.random.Generator) -> str:
@@ -91,4 +99,4 @@ def write_task(folder: Path, max_chars: int = 400, test_pairs: int = 40, seed: i
     return folder
 
 
-__all__ = ["INSTRUCTION", "SITES", "complies", "write_task"]
+__all__ = ["INSTRUCTION", "SITES", "complies", "label_in", "write_task"]

@@ -327,7 +327,7 @@ def test_the_checkable_task_prefers_only_the_rules_form_and_is_non_iid(tmp_path)
     """benchmarks/bench_dpo.py's task: every chosen answer follows the rule, no rejected one
     does, each site breaks it its own way (one of them the base's capitalised answer), and the
     held-out pairs mix the three."""
-    from fedlora.simulations.dpo_task import SITES, complies, write_task
+    from fedlora.simulations.dpo_task import SITES, complies, label_in, write_task
 
     folder = write_task(tmp_path / "task", max_chars=250, test_pairs=12, seed=0)
     train = [json.loads(line) for line in (folder / "train.jsonl").read_text().splitlines()]
@@ -343,6 +343,7 @@ def test_the_checkable_task_prefers_only_the_rules_form_and_is_non_iid(tmp_path)
         for a in by_site["pain"]
     )
     assert not complies("Sentiment: Positive") and complies(" Sentiment: neutral ")
+    assert label_in("The review is Negative, mostly") == "negative" and label_in("Sent") is None
 
 
 def test_the_round_line_shows_the_preference_figures_of_a_dpo_evaluation(caplog):
