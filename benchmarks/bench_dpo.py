@@ -1,17 +1,20 @@
 """Federated DPO on a task whose preference a program checks (issue 36, part 3).
 
 The pairs come from the packaged drug reviews (simulations/dpo_task.py): the prompt asks for
-``Sentiment: <label>``, the chosen answer has that form, the rejected one breaks it, a different
-way on each of the three sites (non-IID, partitioned by site). It trains the default model's
-adapter with ``objective = "dpo"`` federated over the three sites with secure aggregation, and
-centralized on the pooled pairs at the same total client steps, then scores the base and both
-adapters on held-out pairs from the test split:
+``Sentiment: <label>`` in lower case, the chosen answer has that form, the rejected one breaks
+it, a different way on each of the three sites (non-IID, partitioned by site; two of the ways are
+the base model's own answers). It trains the default model's adapter with ``objective = "dpo"``
+and ``dpo-sft-weight`` 1 (``--sft-weight 0``: DPO alone) federated over the three sites with
+secure aggregation (3 rounds x 4 steps of 2 pairs per site), and centralized on the pooled pairs
+at the same total client steps, then scores the base and both adapters on held-out pairs from
+the test split:
 
 - preference accuracy: the share of pairs whose implicit reward beta * (log pi - log ref)
   prefers the chosen answer (0 for the base, whose reward is 0), and the mean reward margin;
 - log-prob preference: the share of pairs whose chosen answer the model itself finds more
   likely (meaningful for the base too);
-- compliance: the share of greedy generations that follow the rule exactly.
+- compliance: the share of greedy generations that follow the rule exactly;
+- rating named: the share of greedy generations naming the review's rating, in any form.
 
     .venv/bin/python benchmarks/bench_dpo.py --out runs/dpo-bench   # prints a table
 """
@@ -185,10 +188,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/dpo-bench"))
     parser.add_argument("--base-model", default="default")  # a tiny folder for a smoke run
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--beta", type=float, default=0.1)
     # the chosen answers' next-token loss added to DPO's (RPO); 0 = DPO alone
     parser.add_argument("--sft-weight", type=float, default=1.0)
