@@ -269,9 +269,12 @@ def test_the_sft_weight_adds_the_chosen_answers_loss_and_keeps_them_likely(tiny_
 def test_dpo_sft_weight_is_validated_in_the_run_and_the_round_config():
     from fedlora.protocol.messages import ProtocolError, RoundConfig
 
-    assert RunConfig.from_mapping({"dpo-sft-weight": 1.0}).dpo_sft_weight == 1.0
+    dpo = {"objective": "dpo"}
+    assert RunConfig.from_mapping(dpo | {"dpo-sft-weight": 1.0}).dpo_sft_weight == 1.0
     with pytest.raises(ConfigError, match="dpo-sft-weight"):
-        RunConfig.from_mapping({"dpo-sft-weight": -1.0})
+        RunConfig.from_mapping(dpo | {"dpo-sft-weight": -1.0})
+    with pytest.raises(ConfigError, match='applies to objective = "dpo" only'):
+        RunConfig.from_mapping({"dpo-sft-weight": 0.5})  # the default objective is sft
     from fedlora.server.app import round_config
 
     rc = round_config(RunConfig.from_mapping({"objective": "dpo", "dpo-sft-weight": 0.5}))

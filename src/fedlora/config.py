@@ -152,6 +152,11 @@ class RunConfig:
             raise ConfigError(f"objective={self.objective!r}: use one of {OBJECTIVES}")
         if self.dpo_beta <= 0:
             raise ConfigError(f"dpo-beta={self.dpo_beta}: must be > 0, e.g. 0.1")
+        if self.dpo_sft_weight > 0 and self.objective != "dpo":
+            raise ConfigError(
+                f'dpo-sft-weight={self.dpo_sft_weight} applies to objective = "dpo" only '
+                f'(this run\'s is {self.objective!r}): set objective = "dpo" or remove it'
+            )
         if self.lr_schedule not in SCHEDULES:
             raise ConfigError(f"lr-schedule={self.lr_schedule!r}: use one of {SCHEDULES}")
         if self.local_epochs == 0 and self.warmup_steps > self.local_steps:
