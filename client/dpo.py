@@ -96,19 +96,20 @@ def train_dpo(
             step_loss = 0.0
             for _ in range(options.grad_accum):
                 batch = next(batches)
+                # each row's response tokens; the chosen rows come first
+                row_tokens = (batch["labels"][:, 1:] != IGNORE).sum(1)
                 with low_precision():
                     chosen, rejected, ref_c, ref_r = pair_logps(model, batch)
                     loss, _, _ = dpo_loss(chosen, rejected, ref_c, ref_r, beta)
                     if sft_weight > 0:
-                        half = batch["labels"].shape[0] // 2  # the chosen rows come first
-                        own = int((batch["labels"][:half, 1:] != IGNORE).sum())
+                        own = int(row_tokens[: len(chosen)].sum())
                         loss = loss + sft_weight * sft_loss(chosen, own)
                 if not math.isfinite(loss.item()):
                     raise FloatingPointError(f"DPO loss became {loss.item()} at step {step}")
                 (loss / options.grad_accum).backward()
                 step_loss += loss.item() / options.grad_accum
                 tokens += batch["tokens"]
-                scored += int((batch["labels"][:, 1:] != IGNORE).sum())
+                scored += int(row_tokens.sum())
             if options.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, options.max_grad_norm)
             optimizer.step()
