@@ -7,7 +7,8 @@ import pytest
 from flwr.app import RecordDict
 
 from fedlora.client import node as node_mod
-from fedlora.client.app import PERSONAL, run_round
+from fedlora.client.adapter_state import PERSONAL
+from fedlora.client.app import run_round
 from fedlora.lora import LoraSettings, adapter_shapes, initial_adapter
 from fedlora.protocol.adapter import is_lora_name
 from fedlora.protocol.messages import (

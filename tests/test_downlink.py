@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from flwr.app import RecordDict
 
-from fedlora.client.app import RoundRefused, load_adapter, run_round
+from fedlora.client.adapter_state import RoundRefused, load_adapter
+from fedlora.client.app import run_round
 from fedlora.client.node import NodeSettings, warm_model
 from fedlora.lora import LoraSettings, adapter_shapes, initial_adapter
 from fedlora.protocol.adapter import restrict, spec_of

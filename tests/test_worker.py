@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 from flwr.app import Context, Message, Metadata, RecordDict
 
-from fedlora.client.app import PERSONAL, WORKER_DOWN, make_client_app
+from fedlora.client.adapter_state import PERSONAL
+from fedlora.client.app import WORKER_DOWN, make_client_app
 from fedlora.client.worker import prepare_socket, start_worker, status
 from fedlora.errors import ConfigError, FedloraError
 from fedlora.lora import LoraSettings, adapter_shapes, initial_adapter
