@@ -87,12 +87,26 @@ def _token_text(value: Any) -> str | None:
     return None
 
 
-def _as_id_list(value: Any) -> list[int]:
+def _as_id_list(value: Any, where: str) -> list[int]:
+    """Token ids saved as one int or a list of ints; anything else is a bad export."""
     if value is None:
         return []
-    if isinstance(value, list):
-        return [int(v) for v in value]
-    return [int(value)]
+    values = value if isinstance(value, list) else [value]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+        raise FedloraError(
+            f"{where} is {value!r}, not a token id or a list of them: re-export the model"
+        )
+    return list(values)
+
+
+def _config_int(config: dict[str, Any], key: str, where: Path) -> int:
+    """A size from config.json (0 when absent); anything but a non-negative int is refused."""
+    value = config.get(key)
+    if value is None:
+        return 0
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise FedloraError(f"{where} '{key}' is {value!r}, not a size: re-export the model")
+    return value
 
 
 def _compile_chat_template(source: str) -> jinja2.Template:
@@ -220,9 +234,14 @@ class EdgeModel:
         return tokens
 
     def _eos_ids(self) -> list[int]:
-        ids = _as_id_list(self.generation_config.get("eos_token_id"))
+        ids = _as_id_list(
+            self.generation_config.get("eos_token_id"),
+            f"{self.model_dir / 'generation_config.json'} 'eos_token_id'",
+        )
         if not ids:
-            ids = _as_id_list(self.config.get("eos_token_id"))
+            ids = _as_id_list(
+                self.config.get("eos_token_id"), f"{self.model_dir / 'config.json'} 'eos_token_id'"
+            )
         if not ids:
             eos = self._template_vars.get("eos_token")
             token_id = self.tokenizer.token_to_id(eos) if eos else None
@@ -236,14 +255,12 @@ class EdgeModel:
 
     def _read_past_specs(self) -> list[tuple[str, str, tuple[int, int], type]]:
         """(input name, output name, (kv_heads, head_dim), dtype) per past_key_values input."""
-        heads_default = int(
-            self.config.get("num_key_value_heads") or self.config.get("num_attention_heads") or 0
-        )
-        head_dim_default = int(self.config.get("head_dim") or 0)
-        if not head_dim_default and self.config.get("num_attention_heads"):
-            head_dim_default = int(self.config["hidden_size"]) // int(
-                self.config["num_attention_heads"]
-            )
+        where = self.model_dir / "config.json"
+        attention_heads = _config_int(self.config, "num_attention_heads", where)
+        heads_default = _config_int(self.config, "num_key_value_heads", where) or attention_heads
+        head_dim_default = _config_int(self.config, "head_dim", where)
+        if not head_dim_default and attention_heads:
+            head_dim_default = _config_int(self.config, "hidden_size", where) // attention_heads
         specs: list[tuple[str, str, tuple[int, int], type]] = []
         for node in self.session.get_inputs():
             match = _PAST_NAME.match(node.name)

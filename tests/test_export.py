@@ -197,6 +197,40 @@ def test_edge_model_kv_cache_matches_full_recompute_and_stops_at_eos(
     assert stopped == cached[: cached.index(cached[-1]) + 1]
 
 
+@pytest.mark.parametrize(
+    ("file", "key", "value"),
+    [
+        ("generation_config.json", "eos_token_id", "two"),
+        ("generation_config.json", "eos_token_id", [2, 1.5]),
+        ("config.json", "eos_token_id", True),
+        ("config.json", "num_key_value_heads", "4"),
+        ("config.json", "hidden_size", -64),
+    ],
+)
+def test_a_bundle_with_a_bad_id_or_size_is_refused_naming_its_file_and_key(
+    exported: ExportReport, tmp_path: Path, file: str, key: str, value: object
+) -> None:
+    # Prepare: a copy of the bundle whose json file holds a value of the wrong kind
+    import shutil
+
+    from fedlora.export.runtime import EdgeModel
+
+    bundle = shutil.copytree(exported.onnx_dir, tmp_path / "bundle")
+    saved = json.loads((bundle / file).read_text()) if (bundle / file).is_file() else {}
+    saved[key] = value
+    if key in ("hidden_size",):  # head_dim from hidden_size only when head_dim is absent
+        saved.pop("head_dim", None)
+    if file == "config.json" and key == "eos_token_id":  # reached only without the other
+        gen = json.loads((bundle / "generation_config.json").read_text())
+        gen.pop("eos_token_id", None)
+        (bundle / "generation_config.json").write_text(json.dumps(gen))
+    (bundle / file).write_text(json.dumps(saved))
+
+    # Execute / Assert: a one-line FedloraError, not a ValueError or TypeError from int()
+    with pytest.raises(FedloraError, match=rf"{file} '{key}' is .*re-export the model"):
+        EdgeModel(bundle)
+
+
 def test_edge_runtime_runs_without_torch_or_transformers(exported: ExportReport) -> None:
     # Prepare
     script = textwrap.dedent("""
