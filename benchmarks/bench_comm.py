@@ -148,7 +148,10 @@ def print_measured(
         f"over the rounds; accuracy on {scored} held-out reviews, the mean over the config's "
         f"seeds: intervals in compare.md)\n"
     )
-    print("| method | secure | accuracy | vs FedIT | up | down | full model / (up + down) | s |")
+    print(
+        "| method | secure | accuracy | vs FedIT | up | down | full model / (up + down) "
+        "| wall s, all seeds |"
+    )
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(
