@@ -173,6 +173,8 @@ def test_a_corrupted_quantized_model_stops_the_export_with_its_numbers(
     assert "x fp32's" in text  # the answer perplexity gate caught it
     assert "int8" in text and "FAILED" in text and "fp32: label accuracy" in text
     assert "answer perplexity" in text and "greedy agreement" in text
+    assert "leave int8 out (--quantize none" in text  # what to do next
+    assert "--gate int8.max-accuracy-drop=N" in text
     assert not (tmp_path / "bundle" / "model-card.json").exists()  # nothing ships
 
 
