@@ -16,17 +16,17 @@ from __future__ import annotations
 import argparse
 import time
 
-from fedlora.export.gates import task_items
+from fedlora.export.gates import best_option, task_items
 from fedlora.export.runtime import EdgeModel
 from fedlora.server.central import central_examples
 
 
 def correct(model: EdgeModel, items: list) -> list[bool]:
-    out = []
-    for item in items:
-        logps = model.continuation_logprobs(item.context, item.options)
-        out.append(max(range(len(logps)), key=lambda j: sum(logps[j])) == item.gold)
-    return out
+    """Per review: does ``model`` pick the gold label, as the gates score it."""
+    return [
+        best_option(model.continuation_logprobs(item.context, item.options)) == item.gold
+        for item in items
+    ]
 
 
 def main() -> None:

@@ -199,6 +199,11 @@ def degenerate(text: str, tokens: Sequence[int]) -> bool:
     return False
 
 
+def best_option(logps: Sequence[Sequence[float]]) -> int:
+    """The candidate answer a model picks: the highest total log-probability of its tokens."""
+    return max(range(len(logps)), key=lambda j: sum(logps[j]))
+
+
 def measure(
     model: Any,
     items: Sequence[TaskItem],
@@ -218,7 +223,7 @@ def measure(
         scored += len(gold)
         tokens: list[int] | None = None
         if labelled:
-            correct += max(range(len(logps)), key=lambda j: sum(logps[j])) == item.gold
+            correct += best_option(logps) == item.gold
         else:
             limit = min(max_new_tokens * 4, len(item.options[0]) + 8)
             tokens = model.generate_ids(item.context, limit)

@@ -209,14 +209,14 @@ def _quantized(
             )
         )
     text = describe(ref, report.gates)
-    if not all(g.passed for g in report.gates):
-        failed = ", ".join(g.variant for g in report.gates if not g.passed)
+    failed = [g.variant for g in report.gates if not g.passed]
+    if failed:
         raise GateError(
             f"a quantized export failed its task gate:\n{text}\n"
             f"{report.onnx_dir} (fp32) passed parity and stays, as do the variants' folders, but "
-            f"no model card is written. To go on: leave {failed} out (--quantize none, or "
-            f"another variant), compute in fp32 (--accuracy-level 1: slower), score more "
+            f"no model card is written. To go on: leave {' and '.join(failed)} out (--quantize "
+            f"none, or another variant), compute in fp32 (--accuracy-level 1: slower), score more "
             f"held-out examples (--eval-samples), or accept the loss by name (--gate "
-            f"{failed.split(',')[0]}.max-accuracy-drop=N)"
+            f"{failed[0]}.max-accuracy-drop=N)"
         )
     log.info("Task gates on %d held-out examples:\n%s", ref.n, text)

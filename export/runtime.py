@@ -87,12 +87,17 @@ def _token_text(value: Any) -> str | None:
     return None
 
 
+def _is_count(value: Any) -> bool:
+    """A non-negative int as JSON gives it (``true`` is not 1 here)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def _as_id_list(value: Any, where: str) -> list[int]:
     """Token ids saved as one int or a list of ints; anything else is a bad export."""
     if value is None:
         return []
     values = value if isinstance(value, list) else [value]
-    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+    if not all(map(_is_count, values)):
         raise FedloraError(
             f"{where} is {value!r}, not a token id or a list of them: re-export the model"
         )
@@ -104,7 +109,7 @@ def _config_int(config: dict[str, Any], key: str, where: Path) -> int:
     value = config.get(key)
     if value is None:
         return 0
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+    if not _is_count(value):
         raise FedloraError(f"{where} '{key}' is {value!r}, not a size: re-export the model")
     return value
 

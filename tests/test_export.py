@@ -218,7 +218,7 @@ def test_a_bundle_with_a_bad_id_or_size_is_refused_naming_its_file_and_key(
     bundle = shutil.copytree(exported.onnx_dir, tmp_path / "bundle")
     saved = json.loads((bundle / file).read_text()) if (bundle / file).is_file() else {}
     saved[key] = value
-    if key in ("hidden_size",):  # head_dim from hidden_size only when head_dim is absent
+    if key == "hidden_size":  # head_dim from hidden_size only when head_dim is absent
         saved.pop("head_dim", None)
     if file == "config.json" and key == "eos_token_id":  # reached only without the other
         gen = json.loads((bundle / "generation_config.json").read_text())
